@@ -124,7 +124,10 @@ impl PioDevice for Cmos {
         match offset {
             0 => self.index = b & 0x7f, // bit 7 is the NMI mask
             _ => {
-                if self.clock_reg(self.index).is_none() && self.index != REG_C && self.index != REG_D {
+                if self.clock_reg(self.index).is_none()
+                    && self.index != REG_C
+                    && self.index != REG_D
+                {
                     self.nvram[self.index as usize] = b;
                 }
             }

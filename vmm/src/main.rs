@@ -1,1 +1,47 @@
-fn main() {}
+//! minivmm: a small KVM virtual machine monitor with a QEMU-style command
+//! line, QMP, and live migration (precopy, postcopy, COLO).
+
+mod boot;
+mod cli;
+mod control;
+mod cpu;
+mod memory;
+mod mptable;
+mod term;
+mod vcpu;
+mod vm;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let action = match cli::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("minivmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match action {
+        cli::Action::Help => {
+            print!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        cli::Action::Version => {
+            println!("minivmm {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        cli::Action::Run(c) => c,
+    };
+    match control::run(*config) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("minivmm: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::from(1)
+        }
+    }
+}

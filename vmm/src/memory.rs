@@ -1,0 +1,160 @@
+//! Guest physical memory: layout, allocation and KVM memslots.
+//!
+//! RAM starts at guest-physical 0. Below 4 GiB it stops at the start of the
+//! 32-bit device hole (3 GiB by default, `-machine max-ram-below-4g=` as in
+//! QEMU); the rest continues at 4 GiB. Each range is one anonymous private
+//! mapping and one KVM memslot. Dirty pages are the union of KVM's dirty log
+//! and vm-memory's bitmap of the VMM's own writes.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Guest memory with a bitmap of VMM writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Guest page size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Default start of the 32-bit device hole.
+pub const DEFAULT_HOLE_START: u64 = 3 << 30;
+/// RAM above the hole starts here.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+/// Smallest RAM size we accept (the boot structures and kernel live below 32 MiB).
+pub const MIN_RAM: u64 = 32 << 20;
+
+/// Errors of the memory module.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size is not usable.
+    #[error("memory size {0} bytes: {1}")]
+    Size(u64, &'static str),
+    /// mmap of guest RAM failed.
+    #[error("cannot allocate guest memory")]
+    Alloc(#[source] vm_memory::mmap::FromRangesError),
+    /// KVM refused a memslot.
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {0}")]
+    Memslot(u32, #[source] kvm_ioctls::Error),
+    /// Reading the dirty log failed.
+    #[error("KVM_GET_DIRTY_LOG for slot {0}")]
+    DirtyLog(u32, #[source] kvm_ioctls::Error),
+}
+
+/// Where RAM lives in guest-physical space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemLayout {
+    /// Total RAM in bytes.
+    pub size: u64,
+    /// RAM ranges `(gpa, len)`, one memslot each.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl MemLayout {
+    /// Layout for `size` bytes of RAM with the device hole starting at `hole_start`.
+    pub fn new(size: u64, hole_start: u64) -> Result<Self, MemoryError> {
+        if size < MIN_RAM {
+            return Err(MemoryError::Size(size, "at least 32 MiB is needed"));
+        }
+        if size % PAGE_SIZE != 0 {
+            return Err(MemoryError::Size(size, "not a multiple of 4 KiB"));
+        }
+        if hole_start < MIN_RAM || hole_start > HIGH_RAM_START || hole_start % (2 << 20) != 0 {
+            return Err(MemoryError::Size(
+                hole_start,
+                "hole start must be a 2 MiB multiple in [32 MiB, 4 GiB]",
+            ));
+        }
+        let low = size.min(hole_start);
+        let mut ranges = vec![(0, low)];
+        if size > low {
+            ranges.push((HIGH_RAM_START, size - low));
+        }
+        Ok(Self { size, ranges })
+    }
+
+    /// End of the RAM range that starts at 0.
+    pub fn low_end(&self) -> u64 {
+        self.ranges[0].1
+    }
+
+    /// Map the RAM.
+    pub fn allocate(&self) -> Result<GuestMemoryMmap, MemoryError> {
+        let ranges: Vec<(GuestAddress, usize)> = self
+            .ranges
+            .iter()
+            .map(|&(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Alloc)
+    }
+}
+
+/// Register every RAM range with KVM, optionally with dirty logging.
+pub fn set_memslots(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Size(region.len(), "region has no host mapping"))?;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the VM
+        // keeps alive (in an Arc) for as long as the VM fd exists; the slot
+        // describes exactly that mapping.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| MemoryError::Memslot(slot, e))?;
+    }
+    Ok(())
+}
+
+/// A dirty-page bitmap per region (bit n = page n of the region), the union
+/// of KVM's log (which the ioctl clears) and the VMM's own writes (cleared here).
+pub fn take_dirty_bitmaps(
+    vm: &VmFd,
+    mem: &Arc<GuestMemoryMmap>,
+) -> Result<Vec<Vec<u64>>, MemoryError> {
+    let mut out = Vec::with_capacity(mem.num_regions());
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let mut bits = vm
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|e| MemoryError::DirtyLog(slot, e))?;
+        let vmm_bits: &AtomicBitmap = (**region).bitmap();
+        let pages = region.len() / PAGE_SIZE;
+        for page in 0..pages {
+            if vmm_bits.is_addr_set((page * PAGE_SIZE) as usize) {
+                bits[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+        vmm_bits.reset();
+        out.push(bits);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts() {
+        let l = MemLayout::new(128 << 20, DEFAULT_HOLE_START).unwrap();
+        assert_eq!(l.ranges, vec![(0, 128 << 20)]);
+        let l = MemLayout::new(4 << 30, DEFAULT_HOLE_START).unwrap();
+        assert_eq!(l.ranges, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
+        let l = MemLayout::new(1536 << 20, 1 << 30).unwrap();
+        assert_eq!(l.ranges, vec![(0, 1 << 30), (4 << 30, 512 << 20)]);
+        assert!(MemLayout::new(1 << 20, DEFAULT_HOLE_START).is_err());
+        assert!(MemLayout::new((64 << 20) + 1, DEFAULT_HOLE_START).is_err());
+        assert!(MemLayout::new(64 << 20, 5 << 30).is_err());
+    }
+}

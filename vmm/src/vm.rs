@@ -1,0 +1,430 @@
+//! The virtual machine: KVM VM fd, in-kernel irqchip and PIT, guest memory,
+//! devices, vCPU threads, and the machine state that reset and migration
+//! save and load.
+//!
+//! Run state is owned by the control thread, which calls [`Vm::pause`] and
+//! [`Vm::resume`]. While paused, the guest clock is frozen (KVM_GET_CLOCK
+//! at pause, KVM_SET_CLOCK at resume), as QEMU does, so a stopped guest does
+//! not see time jump.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootSpec};
+use crate::cpu::{self, CpuModel, VcpuState};
+use crate::memory::{self, GuestMemoryMmap, MemLayout};
+use crate::mptable;
+use crate::vcpu::{VcpuContext, VcpuError, VcpuEvent, VcpuHandle};
+use devices::cmos::{Cmos, CmosState, CMOS_BASE};
+use devices::i8042::{I8042, I8042_BASE};
+use devices::serial::{SerialOut, SerialPort, SerialPortState, COM1_BASE, COM1_IRQ};
+use devices::PioBus;
+
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors building or driving the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0} failed")]
+    Ioctl(&'static str, #[source] kvm_ioctls::Error),
+    /// Memory setup.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// CPU setup.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// vCPU thread.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Device setup or state.
+    #[error("device {0}: {1}")]
+    Device(&'static str, String),
+    /// A saved machine state that does not fit this VM.
+    #[error("machine state: {0}")]
+    State(String),
+}
+
+/// Static shape of the VM: what both ends of a migration must agree on.
+#[derive(Clone, Debug)]
+pub struct VmShape {
+    /// Memory layout.
+    pub layout: MemLayout,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// CPU model.
+    pub cpu: CpuModel,
+}
+
+/// The state of the whole machine except RAM.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct MachineState {
+    /// Every vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// Master PIC, slave PIC, IOAPIC.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The PIT.
+    pub pit: kvm_pit_state2,
+    /// The KVM clock (guest nanoseconds).
+    pub clock: kvm_clock_data,
+    /// COM1.
+    pub serial: SerialPortState,
+    /// CMOS.
+    pub cmos: CmosState,
+}
+
+/// A running (or paused) VM.
+pub struct Vm {
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+    mem: Arc<GuestMemoryMmap>,
+    shape: VmShape,
+    boot: BootSpec,
+    serial: Arc<Mutex<SerialPort>>,
+    cmos: Arc<Mutex<Cmos>>,
+    /// Written by the i8042 when the guest asks for a reset.
+    pub reset_evt: EventFd,
+    _serial_irq: EventFd,
+    vcpus: Vec<VcpuHandle>,
+    initial: Option<MachineState>,
+    running: bool,
+    frozen_clock: Option<kvm_clock_data>,
+}
+
+impl Vm {
+    /// Build a VM, load the kernel, and park its vCPUs.
+    pub fn new(
+        shape: VmShape,
+        boot: BootSpec,
+        serial_out: SerialOut,
+        notify: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+    ) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(|e| VmError::Ioctl("KVM_SET_TSS_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
+
+        let mem = Arc::new(shape.layout.allocate()?);
+        memory::set_memslots(&fd, &mem, false)?;
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Device("serial", e.to_string()))?;
+        fd.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| VmError::Ioctl("KVM_IRQFD", e))?;
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Device("i8042", e.to_string()))?;
+        let serial = Arc::new(Mutex::new(
+            SerialPort::new(&serial_irq, serial_out)
+                .map_err(|e| VmError::Device("serial", e.to_string()))?,
+        ));
+        let cmos = Arc::new(Mutex::new(Cmos::new()));
+        let i8042 = I8042::new(&reset_evt).map_err(|e| VmError::Device("i8042", e.to_string()))?;
+        let mut bus = PioBus::new();
+        let dev_err = |e: devices::bus::BusError| VmError::Device("bus", e.to_string());
+        bus.insert(COM1_BASE, 8, serial.clone()).map_err(dev_err)?;
+        bus.insert(I8042_BASE, 5, Arc::new(Mutex::new(i8042)))
+            .map_err(dev_err)?;
+        bus.insert(CMOS_BASE, 2, cmos.clone()).map_err(dev_err)?;
+        let bus = Arc::new(bus);
+
+        let entry = Self::load_images(&mem, &shape, &boot)?;
+
+        let mut vcpu_fds = Vec::new();
+        for id in 0..shape.vcpus {
+            let v = fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
+            let cpuid = shape.cpu.cpuid(&kvm, id, shape.vcpus)?;
+            v.set_cpuid2(&cpuid)
+                .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
+            cpu::setup_lapic(&v)?;
+            cpu::setup_boot_vcpu(&v, id == 0, entry.entry)?;
+            vcpu_fds.push(v);
+        }
+        let msr_list = Arc::new(cpu::migratable_msrs(&kvm, &vcpu_fds[0])?);
+        let mut vcpus = Vec::new();
+        for (id, v) in vcpu_fds.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                bus: bus.clone(),
+                mem: mem.clone(),
+                notify: notify.clone(),
+                msr_list: msr_list.clone(),
+            };
+            vcpus.push(VcpuHandle::spawn(id as u8, v, ctx)?);
+        }
+
+        let mut vm = Self {
+            kvm,
+            fd: Arc::new(fd),
+            mem,
+            shape,
+            boot,
+            serial,
+            cmos,
+            reset_evt,
+            _serial_irq: serial_irq,
+            vcpus,
+            initial: None,
+            running: false,
+            frozen_clock: None,
+        };
+        vm.initial = Some(vm.save_state()?);
+        Ok(vm)
+    }
+
+    fn load_images(
+        mem: &GuestMemoryMmap,
+        shape: &VmShape,
+        boot: &BootSpec,
+    ) -> Result<boot::BootEntry, VmError> {
+        let entry = boot::load(mem, &shape.layout, boot)?;
+        mptable::write(mem, shape.vcpus)?;
+        cpu::write_boot_tables(mem)?;
+        Ok(entry)
+    }
+
+    /// The VM's shape.
+    pub fn shape(&self) -> &VmShape {
+        &self.shape
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+
+    /// The KVM VM fd.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The serial port.
+    pub fn serial(&self) -> &Arc<Mutex<SerialPort>> {
+        &self.serial
+    }
+
+    /// Are the vCPUs running?
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Stop all vCPUs and freeze the guest clock. Idempotent.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if !self.running {
+            return Ok(());
+        }
+        let acks = self
+            .vcpus
+            .iter()
+            .map(|v| v.request_pause())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (v, ack) in self.vcpus.iter().zip(acks) {
+            ack.recv().map_err(|_| VcpuError::Gone(v.id()))?;
+        }
+        self.running = false;
+        let clock = self
+            .fd
+            .get_clock()
+            .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?;
+        self.frozen_clock = Some(clock);
+        Ok(())
+    }
+
+    /// Let all vCPUs run, unfreezing the clock. Idempotent.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.running {
+            return Ok(());
+        }
+        if let Some(clock) = self.frozen_clock.take() {
+            let c = kvm_clock_data {
+                clock: clock.clock,
+                ..Default::default()
+            };
+            self.fd
+                .set_clock(&c)
+                .map_err(|e| VmError::Ioctl("KVM_SET_CLOCK", e))?;
+        }
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Save everything but RAM. The VM must be paused.
+    pub fn save_state(&mut self) -> Result<MachineState, VmError> {
+        if self.running {
+            return Err(VmError::State("cannot save a running VM".into()));
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(|e| VmError::Ioctl("KVM_GET_IRQCHIP", e))?;
+            irqchips.push(chip);
+        }
+        let pit = self
+            .fd
+            .get_pit2()
+            .map_err(|e| VmError::Ioctl("KVM_GET_PIT2", e))?;
+        let clock = match self.frozen_clock {
+            Some(c) => c,
+            None => self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?,
+        };
+        Ok(MachineState {
+            vcpus,
+            irqchips,
+            pit,
+            clock,
+            serial: devices::bus::lock(&self.serial).save(),
+            cmos: devices::bus::lock(&self.cmos).save(),
+        })
+    }
+
+    /// Load a machine state. The VM must be paused; it stays paused with the
+    /// saved clock frozen until [`Vm::resume`].
+    pub fn restore_state(&mut self, st: &MachineState) -> Result<(), VmError> {
+        if self.running {
+            return Err(VmError::State("cannot restore into a running VM".into()));
+        }
+        if st.vcpus.len() != self.vcpus.len() {
+            return Err(VmError::State(format!(
+                "{} vCPUs saved, this VM has {}",
+                st.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        if st.irqchips.len() != 3 {
+            return Err(VmError::State(format!(
+                "{} irqchips saved, want 3",
+                st.irqchips.len()
+            )));
+        }
+        for chip in &st.irqchips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::Ioctl("KVM_SET_IRQCHIP", e))?;
+        }
+        self.fd
+            .set_pit2(&st.pit)
+            .map_err(|e| VmError::Ioctl("KVM_SET_PIT2", e))?;
+        for (v, s) in self.vcpus.iter().zip(&st.vcpus) {
+            if s.id != v.id() {
+                return Err(VmError::State(format!(
+                    "vCPU {} state given to vCPU {}",
+                    s.id,
+                    v.id()
+                )));
+            }
+            v.restore(s.clone())?;
+        }
+        devices::bus::lock(&self.serial)
+            .restore(&st.serial)
+            .map_err(|e| VmError::Device("serial", e.to_string()))?;
+        devices::bus::lock(&self.cmos)
+            .restore(&st.cmos)
+            .map_err(|e| VmError::Device("cmos", e))?;
+        self.frozen_clock = Some(st.clock);
+        Ok(())
+    }
+
+    /// Reset the machine: reload the kernel and initrd and put every device
+    /// and vCPU back in its power-on state. Keeps the run state.
+    pub fn reset(&mut self) -> Result<(), VmError> {
+        let was_running = self.running;
+        self.pause()?;
+        Self::load_images(&self.mem, &self.shape, &self.boot)?;
+        let mut initial = self
+            .initial
+            .clone()
+            .ok_or_else(|| VmError::State("no power-on state".into()))?;
+        // Time keeps going across a reset.
+        initial.clock = self
+            .fd
+            .get_clock()
+            .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?;
+        self.restore_state(&initial)?;
+        if was_running {
+            self.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Drop all RAM contents (back to unpopulated zero pages), e.g. before
+    /// an incoming migration fills it.
+    pub fn discard_ram(&self) -> Result<(), VmError> {
+        for region in self.mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmError::State(format!("region without mapping: {e}")))?;
+            // SAFETY: `host..host+len` is exactly one anonymous private
+            // mapping owned by `self.mem`; MADV_DONTNEED only drops its
+            // contents (reads then see zeros), never the mapping.
+            let r =
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTNEED) };
+            if r != 0 {
+                return Err(VmError::State(format!(
+                    "madvise(DONTNEED): {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            (**region).bitmap().reset();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Stop and join the vCPU threads before the memory goes away.
+        self.vcpus.clear();
+    }
+}
