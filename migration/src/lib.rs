@@ -1,1 +1,14 @@
-//! placeholder
+//! Live migration engines for minivmm, free of KVM code.
+//!
+//! Guest RAM is seen through [`ram::GuestRam`] (pages to read, write and
+//! track) and the rest of the machine as opaque device blobs through
+//! [`precopy::Machine`] and [`precopy::IncomingMachine`]; the VMM implements
+//! those traits. The crate owns the stream format ([`stream`]), the
+//! transports ([`transport`]), the status and statistics QMP reports
+//! ([`status`]) and the engines ([`precopy`]).
+
+pub mod precopy;
+pub mod ram;
+pub mod status;
+pub mod stream;
+pub mod transport;

@@ -1,0 +1,864 @@
+//! Precopy live migration: the source's rounds and the destination's loader.
+//!
+//! Source (one migration thread, plus a return-path reader thread):
+//!
+//! ```text
+//! header, CONFIGURATION, [OPEN_RETURN_PATH]
+//! START "ram" (block list, EOS)
+//! PART "ram" ... one per round: pages dirty since the previous sync
+//!      until (dirty bytes / bandwidth) <= downtime-limit
+//! -- guest stopped --
+//! END "ram" (last dirty pages)   FULL device sections   EOF
+//! <- SHUT(0) from the destination: it loaded everything (return path only)
+//! ```
+//!
+//! Destination (incoming thread): reads sections until EOF, placing pages as
+//! they come and keeping device state aside; only after EOF are devices
+//! loaded, so a truncated or corrupt stream never leaves a half-loaded guest
+//! running. It then answers SHUT(0), or ERROR_DESC + SHUT(1) on failure.
+//!
+//! On any failure the source resumes its guest if it had stopped it.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ram::{
+    Bitmap, DirectPlacer, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter,
+};
+use crate::status::{Capabilities, Parameters, Shared, Status};
+use crate::stream::{self, cmd, rp, section, DeviceBlob, Reader, StreamError, Writer, PAGE_SIZE};
+use crate::transport::{self, Channel, Uri};
+
+/// Section id of RAM.
+pub const RAM_SECTION_ID: u32 = 1;
+/// Version of the RAM section.
+pub const RAM_SECTION_VERSION: u32 = 4;
+const RAM_IDSTR: &str = "ram";
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Connecting or listening.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    /// The stream was malformed or the channel broke.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// Guest RAM access.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// RAM records.
+    #[error(transparent)]
+    Records(#[from] RamRecordError),
+    /// The two sides' machines differ.
+    #[error("configuration mismatch: {0}")]
+    Config(String),
+    /// The VMM could not stop, save, load or resume the machine.
+    #[error("machine: {0}")]
+    Machine(String),
+    /// The destination reported a failure.
+    #[error("destination failed: {0}")]
+    Destination(String),
+    /// The peer went away.
+    #[error("connection to the {0} was lost")]
+    PeerLost(&'static str),
+    /// Cancelled by the user.
+    #[error("migration cancelled")]
+    Cancelled,
+}
+
+/// What both sides must agree on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// Machine type.
+    pub machine: String,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// CPU model name.
+    pub cpu: String,
+    /// RAM blocks.
+    pub blocks: Vec<crate::ram::RamBlock>,
+    /// Page size.
+    pub page_size: u32,
+}
+
+impl MachineConfig {
+    /// Explain how `other` (the source's) differs from `self` (ours).
+    pub fn check_source(&self, src: &MachineConfig) -> Result<(), String> {
+        if src.machine != self.machine {
+            return Err(format!(
+                "source machine '{}', destination '{}'",
+                src.machine, self.machine
+            ));
+        }
+        if src.page_size != self.page_size {
+            return Err(format!(
+                "source page size {}, destination {}",
+                src.page_size, self.page_size
+            ));
+        }
+        if src.vcpus != self.vcpus {
+            return Err(format!(
+                "source has {} vCPUs, destination {} (-smp)",
+                src.vcpus, self.vcpus
+            ));
+        }
+        if src.cpu != self.cpu {
+            return Err(format!(
+                "source CPU model '{}', destination '{}' (-cpu)",
+                src.cpu, self.cpu
+            ));
+        }
+        let total = |c: &MachineConfig| c.blocks.iter().map(|b| b.size).sum::<u64>();
+        if src.blocks != self.blocks {
+            return Err(format!(
+                "source memory {} MiB in blocks {:?}, destination {} MiB in {:?} (-m, -machine max-ram-below-4g)",
+                total(src) >> 20,
+                src.blocks.iter().map(|b| (&b.name, b.size)).collect::<Vec<_>>(),
+                total(self) >> 20,
+                self.blocks.iter().map(|b| (&b.name, b.size)).collect::<Vec<_>>()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The source VMM's side of the machine.
+pub trait Machine: Send {
+    /// Stop the vCPUs for the final round; returns whether they were running.
+    fn stop(&mut self) -> Result<bool, String>;
+    /// Run the vCPUs again after a failed migration.
+    fn resume(&mut self) -> Result<(), String>;
+    /// The state of every device, vCPUs included (the VM is stopped).
+    fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String>;
+}
+
+/// The destination VMM's side of the machine.
+pub trait IncomingMachine: Send {
+    /// Load all device state (the VM is stopped and RAM complete).
+    fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String>;
+}
+
+/// What the engine tells the VMM as it goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// New status.
+    Status(Status),
+    /// A dirty-log sync (QEMU's MIGRATION_PASS), counting from 1.
+    Pass(u64),
+}
+
+/// Callback for [`Event`]s.
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// Everything an outgoing migration needs.
+pub struct Outgoing {
+    /// Where to.
+    pub uri: Uri,
+    /// Our machine's configuration (sent in the header).
+    pub config: MachineConfig,
+    /// Guest RAM.
+    pub ram: Arc<dyn GuestRam>,
+    /// Stop/save/resume.
+    pub machine: Box<dyn Machine>,
+    /// Parameters at start.
+    pub params: Parameters,
+    /// Capabilities at start.
+    pub caps: Capabilities,
+    /// Status and statistics.
+    pub shared: Arc<Shared>,
+    /// Event callback.
+    pub events: EventSink,
+}
+
+fn set_status(shared: &Shared, events: &EventSink, s: Status) {
+    {
+        let mut i = shared.info();
+        if i.status == s {
+            return;
+        }
+        i.status = s;
+    }
+    events(Event::Status(s));
+}
+
+/// Paces writes to a byte rate.
+struct Throttle {
+    rate: u64,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl Throttle {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            window_start: Instant::now(),
+            window_bytes: 0,
+        }
+    }
+
+    fn account(&mut self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.window_bytes += bytes;
+        let due = Duration::from_secs_f64(self.window_bytes as f64 / self.rate as f64);
+        let spent = self.window_start.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+        if self.window_start.elapsed() > Duration::from_millis(100) {
+            self.window_start = Instant::now();
+            self.window_bytes = 0;
+        }
+    }
+}
+
+/// Source side: runs to completion, failure or cancel. Returns the final status.
+pub fn run_outgoing(mut o: Outgoing) -> Status {
+    {
+        let mut i = o.shared.info();
+        *i = crate::status::Info {
+            started: Some(Instant::now()),
+            ..Default::default()
+        };
+        i.ram.total = o.ram.blocks().iter().map(|b| b.size).sum();
+    }
+    set_status(&o.shared, &o.events, Status::Setup);
+    let mut stopped = None;
+    let result = outgoing(&mut o, &mut stopped);
+    let _ = o.ram.stop_dirty_log();
+    let status = match result {
+        Ok(()) => Status::Completed,
+        Err(e) => {
+            if let Some(true) = stopped {
+                if let Err(re) = o.machine.resume() {
+                    eprintln!("minivmm: migration failed and the guest could not be resumed: {re}");
+                }
+            }
+            let cancelled = o.shared.cancelled();
+            let mut i = o.shared.info();
+            i.error_desc = Some(if cancelled {
+                "migration cancelled".to_string()
+            } else {
+                e.to_string()
+            });
+            if cancelled {
+                Status::Cancelled
+            } else {
+                Status::Failed
+            }
+        }
+    };
+    {
+        let mut i = o.shared.info();
+        i.total_time_ms = i.started.map(|s| s.elapsed().as_millis() as u64);
+    }
+    *o.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    set_status(&o.shared, &o.events, status);
+    status
+}
+
+/// Reads return-path messages into a channel until the peer closes.
+fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> Receiver<Result<(u16, Vec<u8>), StreamError>> {
+    let (tx, rx) = channel();
+    std::thread::Builder::new()
+        .name("mig-return".into())
+        .spawn(move || {
+            let mut r = Reader::new(BufReader::new(reader));
+            loop {
+                let m = stream::read_rp(&mut r);
+                let end = m.is_err();
+                if tx.send(m).is_err() || end {
+                    break;
+                }
+            }
+        })
+        .ok();
+    rx
+}
+
+/// Turn a return-path message into an error, if it reports one.
+fn rp_error(kind: u16, data: &[u8], last_desc: &mut Option<String>) -> Option<MigrationError> {
+    match kind {
+        rp::ERROR_DESC => {
+            *last_desc = Some(String::from_utf8_lossy(data).into_owned());
+            None
+        }
+        rp::SHUT if data.len() == 4 && data != [0, 0, 0, 0] => Some(MigrationError::Destination(
+            last_desc
+                .take()
+                .unwrap_or_else(|| "the destination reported an error".into()),
+        )),
+        _ => None,
+    }
+}
+
+fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), MigrationError> {
+    let start = Instant::now();
+    let mut chan: Channel = transport::connect(&o.uri)?;
+    *o.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
+    if o.shared.cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
+    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, writer));
+    stream::write_header(&mut w)?;
+    let cfg = serde_json::to_vec(&o.config).map_err(|e| MigrationError::Config(e.to_string()))?;
+    stream::write_config(&mut w, &cfg)?;
+    let rp_rx = if chan.duplex {
+        w.command(cmd::OPEN_RETURN_PATH, &[])?;
+        let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+        Some(spawn_rp_reader(reader))
+    } else {
+        None
+    };
+    let mut last_desc = None;
+    let check_rp = |rx: &Option<Receiver<Result<(u16, Vec<u8>), StreamError>>>,
+                    last_desc: &mut Option<String>|
+     -> Result<(), MigrationError> {
+        if let Some(rx) = rx {
+            while let Ok(m) = rx.try_recv() {
+                match m {
+                    Ok((k, d)) => {
+                        if let Some(e) = rp_error(k, &d, last_desc) {
+                            return Err(e);
+                        }
+                    }
+                    Err(_) => return Err(MigrationError::PeerLost("destination")),
+                }
+            }
+        }
+        Ok(())
+    };
+
+    let ram = o.ram.clone();
+    let blocks = ram.blocks().to_vec();
+    ram.start_dirty_log()?;
+    let mut dirty: Vec<Bitmap> = blocks.iter().map(|b| Bitmap::full(b.pages())).collect();
+    let mut rw = RamWriter::new();
+    w.u8(section::START)?;
+    w.be32(RAM_SECTION_ID)?;
+    w.idstr(RAM_IDSTR)?;
+    w.be32(0)?;
+    w.be32(RAM_SECTION_VERSION)?;
+    rw.write_block_list(&mut w, &blocks)?;
+    rw.write_eos(&mut w)?;
+    w.footer(RAM_SECTION_ID)?;
+    w.flush()?;
+    o.shared.info().setup_time_ms = start.elapsed().as_millis() as u64;
+    set_status(&o.shared, &o.events, Status::Active);
+
+    let mut throttle = Throttle::new(o.params.max_bandwidth);
+    let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
+    let mut pass = 0u64;
+    loop {
+        if o.shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        check_rp(&rp_rx, &mut last_desc)?;
+        ram.sync_dirty_log(&mut dirty)?;
+        pass += 1;
+        let remaining: u64 = dirty.iter().map(Bitmap::count).sum();
+        let remaining_bytes = remaining * PAGE_SIZE as u64;
+        let bw = if o.params.max_bandwidth > 0 && bandwidth > 0.0 {
+            bandwidth.min(o.params.max_bandwidth as f64)
+        } else {
+            bandwidth
+        };
+        let expected_ms = if bw > 0.0 {
+            (remaining_bytes as f64 / bw * 1000.0) as u64
+        } else {
+            u64::MAX
+        };
+        {
+            let mut i = o.shared.info();
+            i.ram.dirty_sync_count = pass;
+            i.ram.remaining = remaining_bytes;
+            i.expected_downtime_ms = (expected_ms != u64::MAX).then_some(expected_ms);
+        }
+        (o.events)(Event::Pass(pass));
+        if pass > 1 && (remaining == 0 || expected_ms <= o.params.downtime_limit_ms) {
+            break;
+        }
+        // One round: every page dirty at the sync.
+        let round_start = Instant::now();
+        let round_bytes_start = w.offset();
+        w.u8(section::PART)?;
+        w.be32(RAM_SECTION_ID)?;
+        rw.new_section();
+        let mut sent = 0u64;
+        for (b, bm) in dirty.iter_mut().enumerate() {
+            let mut p = 0;
+            while let Some(page) = bm.next_set(p) {
+                bm.test_and_clear(page);
+                let before = w.offset();
+                rw.send_page(&mut w, &*ram, b, page)??;
+                throttle.account(w.offset() - before);
+                sent += 1;
+                p = page + 1;
+                if sent % 4096 == 0 {
+                    if o.shared.cancelled() {
+                        return Err(MigrationError::Cancelled);
+                    }
+                    let mut i = o.shared.info();
+                    i.ram.transferred = w.offset();
+                    i.ram.remaining = remaining_bytes.saturating_sub(sent * PAGE_SIZE as u64);
+                    i.ram.duplicate = rw.zero_pages;
+                    i.ram.normal = rw.normal_pages;
+                }
+            }
+        }
+        rw.write_eos(&mut w)?;
+        w.footer(RAM_SECTION_ID)?;
+        w.flush()?;
+        let secs = round_start.elapsed().as_secs_f64().max(1e-6);
+        bandwidth = (w.offset() - round_bytes_start) as f64 / secs;
+        let mut i = o.shared.info();
+        i.ram.transferred = w.offset();
+        i.ram.duplicate = rw.zero_pages;
+        i.ram.normal = rw.normal_pages;
+        i.ram.mbps = bandwidth * 8.0 / 1e6;
+        i.ram.dirty_pages_rate = (remaining as f64 / secs) as u64;
+    }
+
+    if o.caps.pause_before_switchover {
+        set_status(&o.shared, &o.events, Status::PreSwitchover);
+        o.shared.wait_switchover();
+        if o.shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+    }
+
+    // Stop and copy.
+    let stop_start = Instant::now();
+    *stopped = Some(o.machine.stop().map_err(MigrationError::Machine)?);
+    ram.sync_dirty_log(&mut dirty)?;
+    o.shared.info().ram.dirty_sync_count = pass + 1;
+    (o.events)(Event::Pass(pass + 1));
+    w.u8(section::END)?;
+    w.be32(RAM_SECTION_ID)?;
+    rw.new_section();
+    for (b, bm) in dirty.iter_mut().enumerate() {
+        let mut p = 0;
+        while let Some(page) = bm.next_set(p) {
+            bm.test_and_clear(page);
+            rw.send_page(&mut w, &*ram, b, page)??;
+            p = page + 1;
+        }
+    }
+    rw.write_eos(&mut w)?;
+    w.footer(RAM_SECTION_ID)?;
+    let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
+    for (i, d) in devices.iter().enumerate() {
+        stream::write_device(&mut w, RAM_SECTION_ID + 1 + i as u32, d)?;
+    }
+    w.u8(section::EOF)?;
+    w.flush()?;
+    {
+        let mut i = o.shared.info();
+        i.ram.transferred = w.offset();
+        i.ram.remaining = 0;
+        i.ram.duplicate = rw.zero_pages;
+        i.ram.normal = rw.normal_pages;
+    }
+    drop(w);
+    chan.finish().map_err(MigrationError::Machine)?;
+
+    // Wait for the destination's verdict.
+    if let Some(rx) = &rp_rx {
+        loop {
+            if o.shared.cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok((rp::SHUT, d))) if d == [0, 0, 0, 0] => break,
+                Ok(Ok((k, d))) => {
+                    if let Some(e) = rp_error(k, &d, &mut last_desc) {
+                        return Err(e);
+                    }
+                }
+                Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::PeerLost("destination"));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+    o.shared.info().downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
+    Ok(())
+}
+
+/// Everything an incoming migration needs.
+pub struct Incoming {
+    /// Our configuration, to check the source's against.
+    pub config: MachineConfig,
+    /// Guest RAM (empty).
+    pub ram: Arc<dyn GuestRam>,
+    /// Loads device state.
+    pub machine: Box<dyn IncomingMachine>,
+    /// Status.
+    pub shared: Arc<Shared>,
+    /// Events.
+    pub events: EventSink,
+}
+
+/// Destination side: read one migration from `chan`. Returns the final status.
+pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
+    {
+        let mut i = inc.shared.info();
+        *i = crate::status::Info {
+            started: Some(Instant::now()),
+            ..Default::default()
+        };
+        i.ram.total = inc.ram.blocks().iter().map(|b| b.size).sum();
+    }
+    set_status(&inc.shared, &inc.events, Status::Active);
+    let mut rp_writer: Option<Box<dyn Write + Send>> = None;
+    let result = incoming(&mut inc, &mut chan, &mut rp_writer);
+    let status = match result {
+        Ok(()) => {
+            if let Some(w) = rp_writer.as_mut() {
+                let _ = stream::write_rp(w, rp::SHUT, &0u32.to_be_bytes());
+            }
+            Status::Completed
+        }
+        Err(e) => {
+            let desc = e.to_string();
+            if let Some(w) = rp_writer.as_mut() {
+                let _ = stream::write_rp(w, rp::ERROR_DESC, desc.as_bytes());
+                let _ = stream::write_rp(w, rp::SHUT, &1u32.to_be_bytes());
+            }
+            inc.shared.info().error_desc = Some(desc);
+            Status::Failed
+        }
+    };
+    {
+        let mut i = inc.shared.info();
+        i.total_time_ms = i.started.map(|s| s.elapsed().as_millis() as u64);
+    }
+    set_status(&inc.shared, &inc.events, status);
+    status
+}
+
+fn incoming(
+    inc: &mut Incoming,
+    chan: &mut Channel,
+    rp_writer: &mut Option<Box<dyn Write + Send>>,
+) -> Result<(), MigrationError> {
+    let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+    let mut r = Reader::new(BufReader::with_capacity(1 << 20, reader));
+    stream::read_header(&mut r)?;
+    let at = r.offset();
+    let cfg = stream::read_config(&mut r)?;
+    let src: MachineConfig = serde_json::from_slice(&cfg)
+        .map_err(|e| StreamError::invalid(at, format!("configuration is not valid: {e}")))?;
+    inc.config
+        .check_source(&src)
+        .map_err(MigrationError::Config)?;
+
+    let ram = inc.ram.clone();
+    let mut rr = RamReader::new(ram.blocks().to_vec());
+    let mut placer = DirectPlacer(&*ram);
+    let mut ram_started = false;
+    let mut ram_ended = false;
+    let mut devices: Vec<DeviceBlob> = Vec::new();
+    loop {
+        let at = r.offset();
+        let t = r.u8("section type")?;
+        match t {
+            section::START | section::PART | section::END => {
+                let id = r.be32("section id")?;
+                if t == section::START {
+                    let name = r.idstr("section name")?;
+                    let _instance = r.be32("section instance")?;
+                    let version = r.be32("section version")?;
+                    if name != RAM_IDSTR || id != RAM_SECTION_ID {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!("unknown iterative section '{name}' (id {id})"),
+                        )
+                        .into());
+                    }
+                    if version != RAM_SECTION_VERSION {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!(
+                                "RAM section version {version}, expected {RAM_SECTION_VERSION}"
+                            ),
+                        )
+                        .into());
+                    }
+                    if ram_started {
+                        return Err(StreamError::invalid(at, "second RAM START section").into());
+                    }
+                    ram_started = true;
+                    rr.new_section();
+                    rr.read_block_list(&mut r)?;
+                } else {
+                    if !ram_started || id != RAM_SECTION_ID {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!("section part for unknown section id {id}"),
+                        )
+                        .into());
+                    }
+                    if ram_ended {
+                        return Err(
+                            StreamError::invalid(at, "RAM section data after its END").into()
+                        );
+                    }
+                    rr.new_section();
+                }
+                rr.read_records(&mut r, &mut placer as &mut dyn PagePlacer)?;
+                r.footer(id)?;
+                if t == section::END {
+                    ram_ended = true;
+                }
+            }
+            section::FULL => {
+                let id = r.be32("section id")?;
+                let blob = stream::read_device_body(&mut r, id)?;
+                if devices
+                    .iter()
+                    .any(|d| d.name == blob.name && d.instance == blob.instance)
+                {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!(
+                            "device '{}' instance {} sent twice",
+                            blob.name, blob.instance
+                        ),
+                    )
+                    .into());
+                }
+                devices.push(blob);
+            }
+            section::COMMAND => {
+                let c = r.be16("command")?;
+                let len = r.be16("command length")?;
+                let data = r.vec(len as usize, "command data")?;
+                match c {
+                    cmd::OPEN_RETURN_PATH => {
+                        if !chan.duplex {
+                            return Err(StreamError::invalid(
+                                at,
+                                "OPEN_RETURN_PATH on a one-way channel",
+                            )
+                            .into());
+                        }
+                        *rp_writer = Some(std::mem::replace(
+                            &mut chan.writer,
+                            Box::new(std::io::sink()),
+                        ));
+                    }
+                    cmd::PING => {
+                        if data.len() != 4 {
+                            return Err(StreamError::invalid(at, "PING needs 4 bytes").into());
+                        }
+                        if let Some(w) = rp_writer.as_mut() {
+                            stream::write_rp(w, rp::PONG, &data).map_err(|e| StreamError::Io {
+                                offset: at,
+                                source: e,
+                            })?;
+                        }
+                    }
+                    other => {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!("unexpected command {other} in a precopy stream"),
+                        )
+                        .into());
+                    }
+                }
+            }
+            section::EOF => break,
+            other => {
+                return Err(
+                    StreamError::invalid(at, format!("unknown section type {other:#04x}")).into(),
+                )
+            }
+        }
+    }
+    if !ram_ended {
+        return Err(
+            StreamError::invalid(r.offset(), "stream ended without the final RAM section").into(),
+        );
+    }
+    inc.machine
+        .load_devices(devices)
+        .map_err(MigrationError::Machine)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ram::tests::VecRam;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    struct Src {
+        stopped: Arc<AtomicBool>,
+        resumed: Arc<AtomicBool>,
+    }
+    impl Machine for Src {
+        fn stop(&mut self) -> Result<bool, String> {
+            self.stopped.store(true, Ordering::SeqCst);
+            Ok(true)
+        }
+        fn resume(&mut self) -> Result<(), String> {
+            self.resumed.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String> {
+            Ok(vec![DeviceBlob {
+                name: "cpu".into(),
+                instance: 0,
+                version: 1,
+                data: b"regs".to_vec(),
+            }])
+        }
+    }
+    struct Dst(Arc<Mutex<Vec<DeviceBlob>>>);
+    impl IncomingMachine for Dst {
+        fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+            *self.0.lock().unwrap() = blobs;
+            Ok(())
+        }
+    }
+
+    fn config(ram: &VecRam) -> MachineConfig {
+        MachineConfig {
+            machine: "minivmm".into(),
+            vcpus: 1,
+            cpu: "minivmm64".into(),
+            blocks: ram.blocks.clone(),
+            page_size: 4096,
+        }
+    }
+
+    /// A source that keeps dirtying pages while it migrates; the destination
+    /// must end up with exactly the source's memory at the stop.
+    #[test]
+    fn live_migration_over_unix_socket() {
+        let dir = std::env::temp_dir().join(format!("mig-precopy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let uri = Uri::Unix(sock.clone());
+        let listener = transport::Listener::bind(&uri).unwrap();
+
+        let src = Arc::new(VecRam::new(&[256 * 4096, 64 * 4096]));
+        for p in 0..256 {
+            src.guest_write(0, p, (p % 7) as u8);
+        }
+        let dst = Arc::new(VecRam::new(&[256 * 4096, 64 * 4096]));
+        let loaded = Arc::new(Mutex::new(Vec::new()));
+        let dshared = Arc::new(Shared::default());
+        let inc = Incoming {
+            config: config(&dst),
+            ram: dst.clone(),
+            machine: Box::new(Dst(loaded.clone())),
+            shared: dshared.clone(),
+            events: Arc::new(|_| {}),
+        };
+        let dthread = std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap()));
+
+        let stopped = Arc::new(AtomicBool::new(false));
+        let writer_src = src.clone();
+        let writer_stop = stopped.clone();
+        let guest = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !writer_stop.load(Ordering::SeqCst) {
+                writer_src.guest_write(0, n % 256, (n % 251) as u8);
+                n += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        let p2 = passes.clone();
+        let shared = Arc::new(Shared::default());
+        let out = Outgoing {
+            uri,
+            config: config(&src),
+            ram: src.clone(),
+            machine: Box::new(Src {
+                stopped: stopped.clone(),
+                resumed: Arc::new(AtomicBool::new(false)),
+            }),
+            params: Parameters {
+                downtime_limit_ms: 50,
+                ..Default::default()
+            },
+            caps: Capabilities::default(),
+            shared: shared.clone(),
+            events: Arc::new(move |e| p2.lock().unwrap().push(e)),
+        };
+        assert_eq!(
+            run_outgoing(out),
+            Status::Completed,
+            "{:?}",
+            shared.info().error_desc
+        );
+        guest.join().unwrap();
+        assert_eq!(dthread.join().unwrap(), Status::Completed);
+        for b in 0..2 {
+            assert!(
+                *src.data[b].lock().unwrap() == *dst.data[b].lock().unwrap(),
+                "block {b} differs"
+            );
+        }
+        assert_eq!(loaded.lock().unwrap()[0].data, b"regs");
+        let ev = passes.lock().unwrap();
+        assert!(ev.contains(&Event::Pass(1)) && ev.contains(&Event::Status(Status::Completed)));
+        let info = shared.info().to_json();
+        assert_eq!(info["status"], "completed");
+        assert!(info["ram"]["normal"].as_u64().unwrap() >= 256);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A destination with a different memory size refuses the stream, and the
+    /// source reports the destination's reason and resumes its guest.
+    #[test]
+    fn config_mismatch_fails_both_sides_and_source_resumes() {
+        let dir = std::env::temp_dir().join(format!("mig-mismatch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = Uri::Unix(dir.join("s"));
+        let listener = transport::Listener::bind(&uri).unwrap();
+        let dst = Arc::new(VecRam::new(&[128 * 4096]));
+        let inc = Incoming {
+            config: config(&dst),
+            ram: dst.clone(),
+            machine: Box::new(Dst(Arc::new(Mutex::new(Vec::new())))),
+            shared: Arc::new(Shared::default()),
+            events: Arc::new(|_| {}),
+        };
+        let dthread = std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap()));
+        let src = Arc::new(VecRam::new(&[64 * 4096]));
+        let shared = Arc::new(Shared::default());
+        let resumed = Arc::new(AtomicBool::new(false));
+        let out = Outgoing {
+            uri,
+            config: config(&src),
+            ram: src.clone(),
+            machine: Box::new(Src {
+                stopped: Arc::new(AtomicBool::new(false)),
+                resumed: resumed.clone(),
+            }),
+            params: Parameters::default(),
+            caps: Capabilities::default(),
+            shared: shared.clone(),
+            events: Arc::new(|_| {}),
+        };
+        assert_eq!(run_outgoing(out), Status::Failed);
+        assert_eq!(dthread.join().unwrap(), Status::Failed);
+        let desc = shared.info().error_desc.clone().unwrap();
+        assert!(desc.contains("memory") || desc.contains("lost"), "{desc}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,642 @@
+//! Guest RAM as the migration engines see it, dirty bitmaps, and the RAM
+//! records of the stream.
+//!
+//! The VMM implements [`GuestRam`] over its memory and KVM's dirty log; the
+//! tests here implement it over plain vectors. Pages are addressed as
+//! (block index, page index in block).
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::stream::{ram_flag, Reader, StreamError, Writer, PAGE_SIZE};
+
+/// One contiguous RAM block (one memslot in the VMM).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamBlock {
+    /// Name in the stream, e.g. "ram-low".
+    pub name: String,
+    /// Size in bytes (a multiple of the page size).
+    pub size: u64,
+}
+
+impl RamBlock {
+    /// Pages in the block.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE as u64
+    }
+}
+
+/// Errors from the RAM backend.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    /// A page outside the block.
+    #[error("page {page} is outside block {block}")]
+    OutOfRange {
+        /// Block index.
+        block: usize,
+        /// Page index.
+        page: u64,
+    },
+    /// The dirty log could not be read or switched.
+    #[error("dirty log")]
+    DirtyLog(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Placing a page failed (e.g. userfaultfd).
+    #[error("placing page {page} of block {block}")]
+    Place {
+        /// Block index.
+        block: usize,
+        /// Page index.
+        page: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Guest RAM with dirty tracking.
+pub trait GuestRam: Send + Sync {
+    /// The blocks, in stream order.
+    fn blocks(&self) -> &[RamBlock];
+    /// Copy a page into `buf` (PAGE_SIZE bytes).
+    fn read_page(&self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), RamError>;
+    /// Store a page received from the stream.
+    fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError>;
+    /// Make a page all zeros (cheaply if it already is).
+    fn zero_page(&self, block: usize, page: u64) -> Result<(), RamError>;
+    /// Start logging guest and VMM writes.
+    fn start_dirty_log(&self) -> Result<(), RamError>;
+    /// OR the pages written since the previous call into `bitmaps` (one per
+    /// block) and reset the log.
+    fn sync_dirty_log(&self, bitmaps: &mut [Bitmap]) -> Result<(), RamError>;
+    /// Stop logging.
+    fn stop_dirty_log(&self) -> Result<(), RamError>;
+}
+
+/// A page bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bitmap {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl Bitmap {
+    /// `len` clear bits.
+    pub fn new(len: u64) -> Self {
+        Self {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
+    }
+
+    /// `len` set bits.
+    pub fn full(len: u64) -> Self {
+        let mut b = Self::new(len);
+        b.set_all();
+        b
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// No bits at all?
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Set every bit.
+    pub fn set_all(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = !0);
+        let extra = self.len % 64;
+        if extra != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last = (1 << extra) - 1;
+            }
+        }
+    }
+
+    /// Set bit `i`.
+    pub fn set(&mut self, i: u64) {
+        if i < self.len {
+            self.words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+
+    /// Clear bit `i`; returns whether it was set.
+    pub fn test_and_clear(&mut self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        let m = 1 << (i % 64);
+        let was = *w & m != 0;
+        *w &= !m;
+        was
+    }
+
+    /// Is bit `i` set?
+    pub fn get(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Set bits.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// OR raw 64-bit words (bit n of word k = page 64k+n) into this bitmap.
+    pub fn or_words(&mut self, words: &[u64]) {
+        for (d, s) in self.words.iter_mut().zip(words) {
+            *d |= *s;
+        }
+        self.set_all_tail_clean();
+    }
+
+    fn set_all_tail_clean(&mut self) {
+        let extra = self.len % 64;
+        if extra != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1 << extra) - 1;
+            }
+        }
+    }
+
+    /// The first set bit at or after `from`.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.len {
+            return None;
+        }
+        let mut wi = (from / 64) as usize;
+        let mut w = self.words[wi] & (!0u64 << (from % 64));
+        loop {
+            if w != 0 {
+                let i = wi as u64 * 64 + u64::from(w.trailing_zeros());
+                return (i < self.len).then_some(i);
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return None;
+            }
+            w = self.words[wi];
+        }
+    }
+
+    /// Ranges `(start, len)` of consecutive set bits.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some(s) = self.next_set(i) {
+            let mut e = s + 1;
+            while e < self.len && self.get(e) {
+                e += 1;
+            }
+            out.push((s, e - s));
+            i = e;
+        }
+        out
+    }
+}
+
+/// Writes RAM records, tracking the CONTINUE state and counters.
+#[derive(Default)]
+pub struct RamWriter {
+    last_block: Option<usize>,
+    buf: Vec<u8>,
+    /// Zero pages sent.
+    pub zero_pages: u64,
+    /// Full pages sent.
+    pub normal_pages: u64,
+}
+
+impl RamWriter {
+    /// A writer with a page buffer.
+    pub fn new() -> Self {
+        Self {
+            buf: vec![0; PAGE_SIZE],
+            ..Default::default()
+        }
+    }
+
+    /// Forget the CONTINUE state (at the start of every section).
+    pub fn new_section(&mut self) {
+        self.last_block = None;
+    }
+
+    /// The START section's block list.
+    pub fn write_block_list<W: Write>(
+        &mut self,
+        w: &mut Writer<W>,
+        blocks: &[RamBlock],
+    ) -> Result<(), StreamError> {
+        let total: u64 = blocks.iter().map(|b| b.size).sum();
+        w.be64(total | ram_flag::MEM_SIZE)?;
+        for b in blocks {
+            w.idstr(&b.name)?;
+            w.be64(b.size)?;
+        }
+        Ok(())
+    }
+
+    /// Read one page from `ram` and write it as a ZERO or PAGE record.
+    pub fn send_page<W: Write>(
+        &mut self,
+        w: &mut Writer<W>,
+        ram: &dyn GuestRam,
+        block: usize,
+        page: u64,
+    ) -> Result<Result<(), RamError>, StreamError> {
+        if let Err(e) = ram.read_page(block, page, &mut self.buf) {
+            return Ok(Err(e));
+        }
+        let zero = crate::stream::is_zero(&self.buf);
+        let mut hdr = page * PAGE_SIZE as u64 | if zero { ram_flag::ZERO } else { ram_flag::PAGE };
+        let cont = self.last_block == Some(block);
+        if cont {
+            hdr |= ram_flag::CONTINUE;
+        }
+        w.be64(hdr)?;
+        if !cont {
+            w.idstr(&ram.blocks()[block].name)?;
+            self.last_block = Some(block);
+        }
+        if zero {
+            w.u8(0)?;
+            self.zero_pages += 1;
+        } else {
+            w.bytes(&self.buf)?;
+            self.normal_pages += 1;
+        }
+        Ok(Ok(()))
+    }
+
+    /// End the section's records.
+    pub fn write_eos<W: Write>(&mut self, w: &mut Writer<W>) -> Result<(), StreamError> {
+        w.be64(ram_flag::EOS)
+    }
+}
+
+/// Where received pages go.
+pub trait PagePlacer {
+    /// A full page arrived.
+    fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError>;
+    /// A zero page arrived.
+    fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError>;
+}
+
+/// Places pages straight into guest RAM (precopy).
+pub struct DirectPlacer<'a>(pub &'a dyn GuestRam);
+
+impl PagePlacer for DirectPlacer<'_> {
+    fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+        self.0.write_page(block, page, data)
+    }
+    fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
+        self.0.zero_page(block, page)
+    }
+}
+
+/// Errors reading RAM records.
+#[derive(Debug, thiserror::Error)]
+pub enum RamRecordError {
+    /// The stream itself is bad.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The page could not be stored.
+    #[error("at stream offset {offset}")]
+    Place {
+        /// Where.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: RamError,
+    },
+}
+
+/// Parses RAM records against the destination's blocks.
+pub struct RamReader {
+    blocks: Vec<RamBlock>,
+    last_block: Option<usize>,
+    page: Vec<u8>,
+    /// Pages received (PAGE or ZERO).
+    pub pages: u64,
+}
+
+impl RamReader {
+    /// A reader for these blocks.
+    pub fn new(blocks: Vec<RamBlock>) -> Self {
+        Self {
+            blocks,
+            last_block: None,
+            page: vec![0; PAGE_SIZE],
+            pages: 0,
+        }
+    }
+
+    /// Read and check the START section's block list.
+    pub fn read_block_list<R: Read>(&mut self, r: &mut Reader<R>) -> Result<(), StreamError> {
+        let at = r.offset();
+        let v = r.be64("RAM size record")?;
+        if v & ram_flag::MASK != ram_flag::MEM_SIZE {
+            return Err(StreamError::invalid(
+                at,
+                format!(
+                    "expected RAM MEM_SIZE record, found flags {:#x}",
+                    v & ram_flag::MASK
+                ),
+            ));
+        }
+        let total = v & !ram_flag::MASK;
+        let ours: u64 = self.blocks.iter().map(|b| b.size).sum();
+        if total != ours {
+            return Err(StreamError::invalid(
+                at,
+                format!("RAM size mismatch: source has {total} bytes, destination {ours}"),
+            ));
+        }
+        let mut seen = 0;
+        while seen < total {
+            let at = r.offset();
+            let name = r.idstr("RAM block name")?;
+            let size = r.be64("RAM block size")?;
+            match self.blocks.iter().find(|b| b.name == name) {
+                Some(b) if b.size == size => {}
+                Some(b) => {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!(
+                            "RAM block '{name}' is {size} bytes at the source, {} here",
+                            b.size
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!("unknown RAM block '{name}'"),
+                    ))
+                }
+            }
+            seen += size;
+        }
+        if seen != total {
+            return Err(StreamError::invalid(
+                r.offset(),
+                "RAM block sizes do not add up to the total",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Start of a section: CONTINUE may not refer back across sections.
+    pub fn new_section(&mut self) {
+        self.last_block = None;
+    }
+
+    /// Read records up to and including EOS, handing pages to `placer`.
+    pub fn read_records<R: Read>(
+        &mut self,
+        r: &mut Reader<R>,
+        placer: &mut dyn PagePlacer,
+    ) -> Result<(), RamRecordError> {
+        loop {
+            let at = r.offset();
+            let v = r.be64("RAM record")?;
+            let flags = v & ram_flag::MASK;
+            let addr = v & !ram_flag::MASK;
+            if flags & ram_flag::EOS != 0 {
+                if flags != ram_flag::EOS || addr != 0 {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!("malformed RAM EOS record {v:#x}"),
+                    )
+                    .into());
+                }
+                return Ok(());
+            }
+            let kind = flags & !ram_flag::CONTINUE;
+            if kind != ram_flag::PAGE && kind != ram_flag::ZERO {
+                return Err(StreamError::invalid(
+                    at,
+                    format!("unknown RAM record flags {flags:#x}"),
+                )
+                .into());
+            }
+            let block = if flags & ram_flag::CONTINUE != 0 {
+                self.last_block.ok_or_else(|| {
+                    StreamError::invalid(at, "RAM record CONTINUE without a preceding block")
+                })?
+            } else {
+                let name = r.idstr("RAM block name")?;
+                let b = self
+                    .blocks
+                    .iter()
+                    .position(|b| b.name == name)
+                    .ok_or_else(|| {
+                        StreamError::invalid(at, format!("RAM record for unknown block '{name}'"))
+                    })?;
+                self.last_block = Some(b);
+                b
+            };
+            let page = addr / PAGE_SIZE as u64;
+            if addr % PAGE_SIZE as u64 != 0 || page >= self.blocks[block].pages() {
+                return Err(StreamError::invalid(
+                    at,
+                    format!(
+                        "RAM page offset {addr:#x} outside block '{}' ({} bytes)",
+                        self.blocks[block].name, self.blocks[block].size
+                    ),
+                )
+                .into());
+            }
+            if kind == ram_flag::PAGE {
+                r.read_exact(&mut self.page, "RAM page data")?;
+                placer
+                    .place_page(block, page, &self.page)
+                    .map_err(|source| RamRecordError::Place { offset: at, source })?;
+            } else {
+                let fill_at = r.offset();
+                let fill = r.u8("zero page fill byte")?;
+                if fill != 0 {
+                    return Err(StreamError::invalid(
+                        fill_at,
+                        format!("zero page fill byte is {fill:#x}, must be 0"),
+                    )
+                    .into());
+                }
+                placer
+                    .place_zero(block, page)
+                    .map_err(|source| RamRecordError::Place { offset: at, source })?;
+            }
+            self.pages += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Plain-memory RAM for tests: blocks of bytes plus a write log.
+    pub struct VecRam {
+        pub blocks: Vec<RamBlock>,
+        pub data: Vec<Mutex<Vec<u8>>>,
+        pub dirty: Mutex<Vec<Bitmap>>,
+    }
+
+    impl VecRam {
+        pub fn new(sizes: &[u64]) -> Self {
+            let blocks: Vec<RamBlock> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| RamBlock {
+                    name: format!("ram{i}"),
+                    size: s,
+                })
+                .collect();
+            let data = sizes
+                .iter()
+                .map(|&s| Mutex::new(vec![0u8; s as usize]))
+                .collect();
+            let dirty = Mutex::new(blocks.iter().map(|b| Bitmap::new(b.pages())).collect());
+            Self {
+                blocks,
+                data,
+                dirty,
+            }
+        }
+
+        /// Guest write: change memory and log it.
+        pub fn guest_write(&self, block: usize, page: u64, byte: u8) {
+            let mut d = self.data[block].lock().unwrap();
+            let o = page as usize * PAGE_SIZE;
+            d[o..o + PAGE_SIZE].fill(byte);
+            self.dirty.lock().unwrap()[block].set(page);
+        }
+    }
+
+    impl GuestRam for VecRam {
+        fn blocks(&self) -> &[RamBlock] {
+            &self.blocks
+        }
+        fn read_page(&self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), RamError> {
+            let d = self.data[block].lock().unwrap();
+            let o = page as usize * PAGE_SIZE;
+            buf.copy_from_slice(
+                d.get(o..o + PAGE_SIZE)
+                    .ok_or(RamError::OutOfRange { block, page })?,
+            );
+            Ok(())
+        }
+        fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+            let mut d = self.data[block].lock().unwrap();
+            let o = page as usize * PAGE_SIZE;
+            d.get_mut(o..o + PAGE_SIZE)
+                .ok_or(RamError::OutOfRange { block, page })?
+                .copy_from_slice(data);
+            Ok(())
+        }
+        fn zero_page(&self, block: usize, page: u64) -> Result<(), RamError> {
+            self.write_page(block, page, &[0u8; PAGE_SIZE])
+        }
+        fn start_dirty_log(&self) -> Result<(), RamError> {
+            Ok(())
+        }
+        fn sync_dirty_log(&self, bitmaps: &mut [Bitmap]) -> Result<(), RamError> {
+            let mut d = self.dirty.lock().unwrap();
+            for (out, log) in bitmaps.iter_mut().zip(d.iter_mut()) {
+                for p in 0..log.len() {
+                    if log.test_and_clear(p) {
+                        out.set(p);
+                    }
+                }
+            }
+            Ok(())
+        }
+        fn stop_dirty_log(&self) -> Result<(), RamError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn bitmap_ops() {
+        let mut b = Bitmap::new(130);
+        assert_eq!(b.next_set(0), None);
+        b.set(3);
+        b.set(4);
+        b.set(129);
+        assert_eq!(b.count(), 3);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_set(5), Some(129));
+        assert_eq!(b.ranges(), vec![(3, 2), (129, 1)]);
+        assert!(b.test_and_clear(3));
+        assert!(!b.test_and_clear(3));
+        let f = Bitmap::full(130);
+        assert_eq!(f.count(), 130);
+        b.or_words(&[!0, !0, !0]);
+        assert_eq!(b.count(), 130);
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_bad_offsets() {
+        let src = VecRam::new(&[8 * PAGE_SIZE as u64, 4 * PAGE_SIZE as u64]);
+        src.guest_write(0, 1, 0xaa);
+        src.guest_write(1, 3, 0x55);
+        let mut w = Writer::new(Vec::new());
+        let mut rw = RamWriter::new();
+        rw.write_block_list(&mut w, &src.blocks).unwrap();
+        for (b, p) in [(0, 0), (0, 1), (1, 3), (1, 2)] {
+            rw.send_page(&mut w, &src, b, p).unwrap().unwrap();
+        }
+        rw.write_eos(&mut w).unwrap();
+        assert_eq!((rw.zero_pages, rw.normal_pages), (2, 2));
+        let bytes = w.get_mut().clone();
+
+        let dst = VecRam::new(&[8 * PAGE_SIZE as u64, 4 * PAGE_SIZE as u64]);
+        dst.guest_write(1, 2, 0x11); // stale data that a ZERO record must clear
+        let mut rr = RamReader::new(dst.blocks.clone());
+        let mut r = Reader::new(&bytes[..]);
+        rr.read_block_list(&mut r).unwrap();
+        rr.read_records(&mut r, &mut DirectPlacer(&dst)).unwrap();
+        for b in 0..2 {
+            assert_eq!(*src.data[b].lock().unwrap(), *dst.data[b].lock().unwrap());
+        }
+
+        // Wrong sizes are refused.
+        let other = VecRam::new(&[16 * PAGE_SIZE as u64]);
+        let mut rr = RamReader::new(other.blocks.clone());
+        let e = rr
+            .read_block_list(&mut Reader::new(&bytes[..]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RAM size mismatch"), "{e}");
+
+        // A page beyond the block is refused with its offset.
+        let mut w = Writer::new(Vec::new());
+        w.be64(100 * PAGE_SIZE as u64 | ram_flag::ZERO).unwrap();
+        w.idstr("ram1").unwrap();
+        w.u8(0).unwrap();
+        let bytes = w.get_mut().clone();
+        let mut rr = RamReader::new(dst.blocks.clone());
+        let e = rr
+            .read_records(&mut Reader::new(&bytes[..]), &mut DirectPlacer(&dst))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("outside block 'ram1'") && e.contains("offset 0"),
+            "{e}"
+        );
+        // CONTINUE with no block.
+        let mut w = Writer::new(Vec::new());
+        w.be64(ram_flag::PAGE | ram_flag::CONTINUE).unwrap();
+        let bytes = w.get_mut().clone();
+        rr.new_section();
+        let e = rr
+            .read_records(&mut Reader::new(&bytes[..]), &mut DirectPlacer(&dst))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CONTINUE"), "{e}");
+    }
+}

@@ -1,0 +1,355 @@
+//! Migration status, capabilities, parameters and statistics: the state
+//! that `query-migrate` and friends report and that the engines update.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::transport::Closer;
+
+/// `MigrationStatus`, QEMU's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// No migration yet.
+    None,
+    /// Connecting, header, first setup.
+    Setup,
+    /// Precopy rounds.
+    Active,
+    /// Waiting for `migrate-continue`.
+    PreSwitchover,
+    /// The destination runs; pages still arrive.
+    PostcopyActive,
+    /// COLO checkpointing.
+    Colo,
+    /// Done.
+    Completed,
+    /// Failed.
+    Failed,
+    /// Cancel requested.
+    Cancelling,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl Status {
+    /// The QMP string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::PreSwitchover => "pre-switchover",
+            Self::PostcopyActive => "postcopy-active",
+            Self::Colo => "colo",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Has the migration ended?
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::None | Self::Completed | Self::Failed | Self::Cancelled
+        )
+    }
+}
+
+/// Migration capabilities (`migrate-set-capabilities`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Emit MIGRATION and MIGRATION_PASS events.
+    pub events: bool,
+    /// Allow switching to postcopy.
+    pub postcopy_ram: bool,
+    /// Enter COLO after the first migration.
+    pub x_colo: bool,
+    /// Use a return path (always on for socket transports here).
+    pub return_path: bool,
+    /// Stop at pre-switchover until `migrate-continue`.
+    pub pause_before_switchover: bool,
+    /// Throttle the vCPUs when rounds do not converge.
+    pub auto_converge: bool,
+    /// Measure vCPU time blocked on postcopy faults.
+    pub postcopy_blocktime: bool,
+}
+
+impl Capabilities {
+    /// Set one by its QMP name (aliases included).
+    pub fn set(&mut self, name: &str, on: bool) -> Result<(), String> {
+        let slot = match name {
+            "events" => &mut self.events,
+            "postcopy-ram" | "x-postcopy-ram" => &mut self.postcopy_ram,
+            "x-colo" => &mut self.x_colo,
+            "return-path" => &mut self.return_path,
+            "pause-before-switchover" => &mut self.pause_before_switchover,
+            "auto-converge" => &mut self.auto_converge,
+            "postcopy-blocktime" => &mut self.postcopy_blocktime,
+            _ => {
+                return Err(format!(
+                    "Parameter 'capability' does not accept value '{name}'"
+                ))
+            }
+        };
+        *slot = on;
+        Ok(())
+    }
+
+    /// `query-migrate-capabilities` reply.
+    pub fn to_json(&self) -> Value {
+        let c = |n: &str, s: bool| json!({"capability": n, "state": s});
+        json!([
+            c("events", self.events),
+            c("postcopy-ram", self.postcopy_ram),
+            c("x-colo", self.x_colo),
+            c("return-path", self.return_path),
+            c("pause-before-switchover", self.pause_before_switchover),
+            c("auto-converge", self.auto_converge),
+            c("postcopy-blocktime", self.postcopy_blocktime),
+        ])
+    }
+}
+
+/// Migration parameters (`migrate-set-parameters`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parameters {
+    /// Longest acceptable stop, ms.
+    pub downtime_limit_ms: u64,
+    /// Bytes per second on the wire (0 = unlimited).
+    pub max_bandwidth: u64,
+    /// Background bandwidth during postcopy (0 = unlimited).
+    pub max_postcopy_bandwidth: u64,
+    /// COLO checkpoint period, ms.
+    pub x_checkpoint_delay_ms: u64,
+    /// Auto-converge: first throttle, percent.
+    pub cpu_throttle_initial: u8,
+    /// Auto-converge: throttle step, percent.
+    pub cpu_throttle_increment: u8,
+    /// Auto-converge: most throttle, percent.
+    pub max_cpu_throttle: u8,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        Self {
+            downtime_limit_ms: 300,
+            max_bandwidth: 128 << 20,
+            max_postcopy_bandwidth: 0,
+            x_checkpoint_delay_ms: 20_000,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            max_cpu_throttle: 99,
+        }
+    }
+}
+
+impl Parameters {
+    /// `query-migrate-parameters` reply.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "downtime-limit": self.downtime_limit_ms,
+            "max-bandwidth": self.max_bandwidth,
+            "max-postcopy-bandwidth": self.max_postcopy_bandwidth,
+            "x-checkpoint-delay": self.x_checkpoint_delay_ms,
+            "cpu-throttle-initial": self.cpu_throttle_initial,
+            "cpu-throttle-increment": self.cpu_throttle_increment,
+            "max-cpu-throttle": self.max_cpu_throttle,
+        })
+    }
+}
+
+/// RAM statistics (`MigrationStats`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RamStats {
+    /// Bytes sent.
+    pub transferred: u64,
+    /// Bytes of dirty pages still to send.
+    pub remaining: u64,
+    /// RAM size.
+    pub total: u64,
+    /// Zero pages sent.
+    pub duplicate: u64,
+    /// Full pages sent.
+    pub normal: u64,
+    /// Dirty-log syncs.
+    pub dirty_sync_count: u64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_pages_rate: u64,
+    /// Throughput of the last round, Mbit/s.
+    pub mbps: f64,
+    /// Pages requested by the postcopy destination.
+    pub postcopy_requests: u64,
+}
+
+/// What `query-migrate` shows.
+#[derive(Clone, Debug)]
+pub struct Info {
+    /// Status.
+    pub status: Status,
+    /// When the migration started.
+    pub started: Option<Instant>,
+    /// Set once it ended: total time, ms.
+    pub total_time_ms: Option<u64>,
+    /// Setup time, ms.
+    pub setup_time_ms: u64,
+    /// Measured stop time, ms (after completion).
+    pub downtime_ms: Option<u64>,
+    /// Estimated stop time if we stopped now, ms.
+    pub expected_downtime_ms: Option<u64>,
+    /// RAM counters.
+    pub ram: RamStats,
+    /// Why it failed.
+    pub error_desc: Option<String>,
+    /// Extra JSON members (e.g. COLO checkpoint statistics).
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Default for Info {
+    fn default() -> Self {
+        Self {
+            status: Status::None,
+            started: None,
+            total_time_ms: None,
+            setup_time_ms: 0,
+            downtime_ms: None,
+            expected_downtime_ms: None,
+            ram: RamStats::default(),
+            error_desc: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+impl Info {
+    /// The `query-migrate` reply.
+    pub fn to_json(&self) -> Value {
+        if self.status == Status::None {
+            return json!({});
+        }
+        let mut m = serde_json::Map::new();
+        m.insert("status".into(), json!(self.status.as_str()));
+        let total = self
+            .total_time_ms
+            .or_else(|| self.started.map(|s| s.elapsed().as_millis() as u64));
+        if let Some(t) = total {
+            m.insert("total-time".into(), json!(t));
+        }
+        m.insert("setup-time".into(), json!(self.setup_time_ms));
+        if let Some(d) = self.downtime_ms {
+            m.insert("downtime".into(), json!(d));
+        }
+        if let (Some(e), false) = (self.expected_downtime_ms, self.status.is_final()) {
+            m.insert("expected-downtime".into(), json!(e));
+        }
+        if self.status != Status::Setup {
+            let r = &self.ram;
+            m.insert(
+                "ram".into(),
+                json!({
+                    "transferred": r.transferred,
+                    "remaining": r.remaining,
+                    "total": r.total,
+                    "duplicate": r.duplicate,
+                    "normal": r.normal,
+                    "normal-bytes": r.normal * crate::stream::PAGE_SIZE as u64,
+                    "mbps": r.mbps,
+                    "dirty-sync-count": r.dirty_sync_count,
+                    "dirty-pages-rate": r.dirty_pages_rate,
+                    "postcopy-requests": r.postcopy_requests,
+                    "page-size": crate::stream::PAGE_SIZE,
+                }),
+            );
+        }
+        if let Some(e) = &self.error_desc {
+            m.insert("error-desc".into(), json!(e));
+        }
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        Value::Object(m)
+    }
+}
+
+/// State shared between an engine thread and the control thread.
+#[derive(Default)]
+pub struct Shared {
+    /// What query-migrate shows.
+    pub info: Mutex<Info>,
+    /// Cancel requested.
+    pub cancel: AtomicBool,
+    /// Switch to postcopy requested.
+    pub start_postcopy: AtomicBool,
+    /// Closes the channel (cancel).
+    pub closer: Mutex<Option<Closer>>,
+    continue_flag: Mutex<bool>,
+    continue_cv: Condvar,
+}
+
+impl Shared {
+    /// Lock the info (a poisoned lock still holds valid data).
+    pub fn info(&self) -> std::sync::MutexGuard<'_, Info> {
+        self.info.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Request cancellation and unblock the channel.
+    pub fn request_cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(c) = self
+            .closer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.close();
+        }
+        self.release_switchover();
+    }
+
+    /// Cancel requested?
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// `migrate-continue`: leave pre-switchover.
+    pub fn release_switchover(&self) {
+        *self.continue_flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.continue_cv.notify_all();
+    }
+
+    /// Block until `migrate-continue` or cancel.
+    pub fn wait_switchover(&self) {
+        let mut g = self.continue_flag.lock().unwrap_or_else(|e| e.into_inner());
+        while !*g {
+            g = self.continue_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        *g = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_and_info() {
+        let mut c = Capabilities::default();
+        c.set("x-postcopy-ram", true).unwrap();
+        assert!(c.postcopy_ram);
+        assert!(c.set("xbzrle2", true).unwrap_err().contains("xbzrle2"));
+        let mut i = Info::default();
+        assert_eq!(i.to_json(), json!({}));
+        i.status = Status::Completed;
+        i.total_time_ms = Some(5);
+        i.downtime_ms = Some(1);
+        let j = i.to_json();
+        assert_eq!(j["status"], "completed");
+        assert_eq!(j["downtime"], 1);
+        assert_eq!(j["ram"]["page-size"], 4096);
+        assert!(j.get("expected-downtime").is_none());
+    }
+}

@@ -1,0 +1,398 @@
+//! Migration URIs and the byte channels behind them.
+//!
+//! | URI | outgoing | incoming | return path |
+//! |---|---|---|---|
+//! | `tcp:HOST:PORT` | connect | listen, accept one | yes |
+//! | `unix:PATH` | connect | listen, accept one | yes |
+//! | `exec:CMD` | `sh -c CMD`, stream to its stdin | `sh -c CMD`, stream from its stdout | no |
+//! | `file:PATH` | create/truncate PATH | read PATH | no |
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// A parsed migration URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Uri {
+    /// `tcp:HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+    /// `exec:CMD`.
+    Exec(String),
+    /// `file:PATH`.
+    File(PathBuf),
+}
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The URI is not one we support.
+    #[error(
+        "unsupported migration URI '{0}' (use tcp:HOST:PORT, unix:PATH, exec:CMD or file:PATH)"
+    )]
+    BadUri(String),
+    /// Connecting, listening, spawning or opening failed.
+    #[error("{what} '{uri}'")]
+    Io {
+        /// What we tried.
+        what: &'static str,
+        /// Where.
+        uri: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Uri {
+    /// Parse a URI.
+    pub fn parse(s: &str) -> Result<Self, TransportError> {
+        let bad = || TransportError::BadUri(s.to_string());
+        let (scheme, rest) = s.split_once(':').ok_or_else(bad)?;
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        match scheme {
+            "tcp" => {
+                let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+                port.parse::<u16>().map_err(|_| bad())?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let host = if host.is_empty() || host == "0" {
+                    "0.0.0.0"
+                } else {
+                    host
+                };
+                let addr = if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                Ok(Self::Tcp(addr))
+            }
+            "unix" => Ok(Self::Unix(rest.into())),
+            "exec" => Ok(Self::Exec(rest.into())),
+            "file" => Ok(Self::File(rest.into())),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Does this transport carry a return path?
+    pub fn duplex(&self) -> bool {
+        matches!(self, Self::Tcp(_) | Self::Unix(_))
+    }
+}
+
+/// Closes a channel from another thread (cancel, failover).
+#[derive(Clone)]
+pub enum Closer {
+    /// A TCP socket.
+    Tcp(Arc<TcpStream>),
+    /// A unix socket.
+    Unix(Arc<UnixStream>),
+    /// A child process.
+    Child(Arc<Mutex<Child>>),
+    /// Nothing to close (files).
+    Nothing,
+}
+
+impl Closer {
+    /// Shut the channel down so that blocked reads and writes return.
+    pub fn close(&self) {
+        match self {
+            Self::Tcp(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Self::Unix(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Self::Child(c) => {
+                if let Ok(mut c) = c.lock() {
+                    let _ = c.kill();
+                }
+            }
+            Self::Nothing => {}
+        }
+    }
+}
+
+/// One end of a migration: the main stream plus, for sockets, the other direction.
+pub struct Channel {
+    /// Main stream (outgoing: write; incoming: read). For incoming, `reader`.
+    pub reader: Box<dyn Read + Send>,
+    /// Outgoing: the main stream; incoming: the return path.
+    pub writer: Box<dyn Write + Send>,
+    /// Does `reader`/`writer` go both ways (return path available)?
+    pub duplex: bool,
+    /// Shuts the channel down.
+    pub closer: Closer,
+    child: Option<Arc<Mutex<Child>>>,
+}
+
+impl Channel {
+    /// Wait for an exec child to finish; its failure is an error.
+    pub fn finish(&mut self) -> Result<(), String> {
+        if let Some(c) = self.child.take() {
+            let status = c
+                .lock()
+                .map_err(|_| "child lock poisoned".to_string())?
+                .wait()
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("exec command ended with {status}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn io<'a>(what: &'static str, uri: &'a Uri) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
+    move |source| TransportError::Io {
+        what,
+        uri: format!("{uri:?}"),
+        source,
+    }
+}
+
+fn socket_channel<S>(
+    s: S,
+    closer: impl FnOnce(Arc<S>) -> Closer,
+    duplicate: impl Fn(&S) -> std::io::Result<S>,
+) -> std::io::Result<Channel>
+where
+    S: Read + Write + Send + 'static,
+{
+    let r = duplicate(&s)?;
+    let c = duplicate(&s)?;
+    Ok(Channel {
+        reader: Box::new(r),
+        writer: Box::new(s),
+        duplex: true,
+        closer: closer(Arc::new(c)),
+        child: None,
+    })
+}
+
+/// Open the outgoing side.
+pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
+    match uri {
+        Uri::Tcp(addr) => {
+            let s = TcpStream::connect(addr).map_err(io("cannot connect to", uri))?;
+            let _ = s.set_nodelay(true);
+            socket_channel(s, Closer::Tcp, TcpStream::try_clone)
+                .map_err(io("cannot use socket", uri))
+        }
+        Uri::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(io("cannot connect to", uri))?;
+            socket_channel(s, Closer::Unix, UnixStream::try_clone)
+                .map_err(io("cannot use socket", uri))
+        }
+        Uri::Exec(cmd) => {
+            let mut child = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(io("cannot run", uri))?;
+            let stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| TransportError::BadUri(cmd.clone()))?;
+            let child = Arc::new(Mutex::new(child));
+            Ok(Channel {
+                reader: Box::new(std::io::empty()),
+                writer: Box::new(stdin),
+                duplex: false,
+                closer: Closer::Child(child.clone()),
+                child: Some(child),
+            })
+        }
+        Uri::File(path) => {
+            let f = std::fs::File::create(path).map_err(io("cannot create", uri))?;
+            Ok(Channel {
+                reader: Box::new(std::io::empty()),
+                writer: Box::new(f),
+                duplex: false,
+                closer: Closer::Nothing,
+                child: None,
+            })
+        }
+    }
+}
+
+/// The incoming side, bound at start-up so that a source can connect at once.
+pub enum Listener {
+    /// Bound TCP socket.
+    Tcp(TcpListener, Uri),
+    /// Bound unix socket (removed on drop).
+    Unix(UnixListener, PathBuf, Uri),
+    /// Command to run when accepting.
+    Exec(String, Uri),
+    /// File to read when accepting.
+    File(PathBuf, Uri),
+}
+
+impl Listener {
+    /// Bind (sockets) or just remember (exec, file).
+    pub fn bind(uri: &Uri) -> Result<Self, TransportError> {
+        Ok(match uri {
+            Uri::Tcp(addr) => Self::Tcp(
+                TcpListener::bind(addr).map_err(io("cannot listen on", uri))?,
+                uri.clone(),
+            ),
+            Uri::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                Self::Unix(
+                    UnixListener::bind(path).map_err(io("cannot listen on", uri))?,
+                    path.clone(),
+                    uri.clone(),
+                )
+            }
+            Uri::Exec(cmd) => Self::Exec(cmd.clone(), uri.clone()),
+            Uri::File(path) => {
+                std::fs::metadata(path).map_err(io("cannot read", uri))?;
+                Self::File(path.clone(), uri.clone())
+            }
+        })
+    }
+
+    /// The actual TCP address (useful with port 0).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Tcp(l, _) => l.local_addr().ok(),
+            _ => None,
+        }
+    }
+
+    /// Wait for the source and return the channel (reader = stream, writer = return path).
+    pub fn accept(&self) -> Result<Channel, TransportError> {
+        match self {
+            Self::Tcp(l, uri) => {
+                let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
+                let _ = s.set_nodelay(true);
+                let w = s.try_clone().map_err(io("cannot use socket", uri))?;
+                let c = s.try_clone().map_err(io("cannot use socket", uri))?;
+                Ok(Channel {
+                    reader: Box::new(s),
+                    writer: Box::new(w),
+                    duplex: true,
+                    closer: Closer::Tcp(Arc::new(c)),
+                    child: None,
+                })
+            }
+            Self::Unix(l, _, uri) => {
+                let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
+                let w = s.try_clone().map_err(io("cannot use socket", uri))?;
+                let c = s.try_clone().map_err(io("cannot use socket", uri))?;
+                Ok(Channel {
+                    reader: Box::new(s),
+                    writer: Box::new(w),
+                    duplex: true,
+                    closer: Closer::Unix(Arc::new(c)),
+                    child: None,
+                })
+            }
+            Self::Exec(cmd, uri) => {
+                let mut child = Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(io("cannot run", uri))?;
+                let out = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| TransportError::BadUri(cmd.clone()))?;
+                let child = Arc::new(Mutex::new(child));
+                Ok(Channel {
+                    reader: Box::new(out),
+                    writer: Box::new(std::io::sink()),
+                    duplex: false,
+                    closer: Closer::Child(child.clone()),
+                    child: Some(child),
+                })
+            }
+            Self::File(path, uri) => {
+                let f = std::fs::File::open(path).map_err(io("cannot read", uri))?;
+                Ok(Channel {
+                    reader: Box::new(f),
+                    writer: Box::new(std::io::sink()),
+                    duplex: false,
+                    closer: Closer::Nothing,
+                    child: None,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, path, _) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_uris() {
+        assert_eq!(
+            Uri::parse("tcp:127.0.0.1:4444").unwrap(),
+            Uri::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            Uri::parse("tcp:0:4444").unwrap(),
+            Uri::Tcp("0.0.0.0:4444".into())
+        );
+        assert_eq!(
+            Uri::parse("tcp:[::1]:4444").unwrap(),
+            Uri::Tcp("[::1]:4444".into())
+        );
+        assert_eq!(
+            Uri::parse("unix:/tmp/x").unwrap(),
+            Uri::Unix("/tmp/x".into())
+        );
+        assert_eq!(
+            Uri::parse("exec:cat > f").unwrap(),
+            Uri::Exec("cat > f".into())
+        );
+        assert_eq!(
+            Uri::parse("file:/tmp/f").unwrap(),
+            Uri::File("/tmp/f".into())
+        );
+        for bad in [
+            "tcp:host",
+            "tcp:h:99999",
+            "fd:3",
+            "rdma:x:1",
+            "nothing",
+            "unix:",
+        ] {
+            assert!(Uri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exec_and_file_round_trip() {
+        let dir = std::env::temp_dir().join(format!("mig-transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("s");
+        let uri = Uri::parse(&format!("exec:cat > {}", f.display())).unwrap();
+        let mut c = connect(&uri).unwrap();
+        c.writer.write_all(b"hello").unwrap();
+        drop(std::mem::replace(&mut c.writer, Box::new(std::io::sink())));
+        c.finish().unwrap();
+        let l = Listener::bind(&Uri::parse(&format!("file:{}", f.display())).unwrap()).unwrap();
+        let mut s = String::new();
+        l.accept().unwrap().reader.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "hello");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
