@@ -1,21 +1,36 @@
-//! The control thread: one mio event loop over stdin, the reset eventfd,
-//! termination signals, vCPU events and (later) QMP and migration.
+//! The control thread: one mio event loop that owns the [`Vm`] and its run
+//! state, serves QMP, and coordinates migrations.
 //!
-//! It owns the [`Vm`] and its run state; every other thread reports to it
-//! through a channel plus a mio `Waker`.
+//! Sources on the loop: QMP listeners and clients (tokens from
+//! [`QMP_TOKENS`] up), stdin for `-serial stdio`, the i8042 reset eventfd,
+//! a signalfd for SIGINT/SIGTERM/SIGHUP, and a `Waker` through which vCPU
+//! threads and migration threads post [`CtlMsg`]s.
+//!
+//! A migration thread never touches the `Vm`: it asks the control thread
+//! to stop, save, load or resume the machine ([`MachineRequest`]) and waits
+//! for the answer, so QMP stays responsive during a migration and run-state
+//! changes (and their QMP events) happen in one place.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use qmp::{Command, ErrorClass, QmpError};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress};
+
+use migration::precopy::{self, Event as MigEvent, IncomingMachine, Machine};
+use migration::status::{Capabilities, Parameters, Shared, Status};
+use migration::stream::DeviceBlob;
+use migration::transport::{Listener, Uri};
 
 use crate::boot::BootSpec;
-use crate::cli::{Config, SerialSpec};
-use crate::cpu::CpuModel;
+use crate::cli::{Config, Incoming, SerialSpec};
 use crate::memory::MemLayout;
+use crate::migrate::{self, KvmRam};
 use crate::term::{RawStdout, RawTerminal};
 use crate::vcpu::{self, VcpuEvent};
 use crate::vm::{Vm, VmError, VmShape};
@@ -25,6 +40,8 @@ const WAKER: Token = Token(0);
 const STDIN: Token = Token(1);
 const RESET: Token = Token(2);
 const SIGNALS: Token = Token(3);
+/// First token of the QMP server.
+pub const QMP_TOKENS: usize = 16;
 
 /// Errors that end minivmm.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +55,134 @@ pub enum ControlError {
     /// The event loop failed.
     #[error("event loop")]
     Poll(#[source] std::io::Error),
-    /// A file named on the command line.
+    /// A file or socket named on the command line.
     #[error("{0}")]
     File(String, #[source] std::io::Error),
+    /// QMP setup.
+    #[error("QMP")]
+    Qmp(#[source] qmp::ServerError),
+    /// A bad `-qmp` value.
+    #[error("-qmp")]
+    QmpSpec(#[source] qmp::ListenSpecError),
+    /// A bad `-incoming` value.
+    #[error("-incoming")]
+    Incoming(#[source] migration::transport::TransportError),
     /// The guest hit something KVM cannot run.
     #[error("guest stopped: vCPU {0}: {1}")]
     Guest(u8, String),
+    /// The incoming migration failed.
+    #[error("incoming migration failed: {0}")]
+    IncomingFailed(String),
+}
+
+/// What a migration thread asks of the machine.
+pub enum MachineRequest {
+    /// Stop for the final round; reply: was it running?
+    Stop(Sender<Result<bool, String>>),
+    /// Resume after a failed migration.
+    Resume(Sender<Result<(), String>>),
+    /// Save all device state.
+    Save(Sender<Result<Vec<DeviceBlob>, String>>),
+    /// Load all device state (incoming).
+    Load(Vec<DeviceBlob>, Sender<Result<(), String>>),
+}
+
+/// Messages to the control thread.
+pub enum CtlMsg {
+    /// From a vCPU thread.
+    Vcpu(VcpuEvent),
+    /// From a migration thread.
+    Machine(MachineRequest),
+    /// Migration progress; `incoming` tells which side.
+    Migration {
+        /// Destination side?
+        incoming: bool,
+        /// What happened.
+        event: MigEvent,
+    },
+}
+
+/// Posts messages to the control thread and wakes it.
+#[derive(Clone)]
+pub struct CtlSender {
+    tx: Arc<Mutex<Sender<CtlMsg>>>,
+    waker: Arc<Waker>,
+}
+
+impl CtlSender {
+    fn send(&self, m: CtlMsg) {
+        if let Ok(tx) = self.tx.lock() {
+            let _ = tx.send(m);
+        }
+        let _ = self.waker.wake();
+    }
+
+    fn request<T>(
+        &self,
+        make: impl FnOnce(Sender<Result<T, String>>) -> MachineRequest,
+    ) -> Result<T, String> {
+        let (tx, rx) = channel();
+        self.send(CtlMsg::Machine(make(tx)));
+        rx.recv()
+            .map_err(|_| "the VMM is shutting down".to_string())?
+    }
+}
+
+/// The machine as a migration thread sees it.
+struct ProxyMachine(CtlSender);
+
+impl Machine for ProxyMachine {
+    fn stop(&mut self) -> Result<bool, String> {
+        self.0.request(MachineRequest::Stop)
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.0.request(MachineRequest::Resume)
+    }
+    fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String> {
+        self.0.request(MachineRequest::Save)
+    }
+}
+
+impl IncomingMachine for ProxyMachine {
+    fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        self.0.request(|tx| MachineRequest::Load(blobs, tx))
+    }
+}
+
+/// QEMU's run states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Created with -S, never started.
+    Prelaunch,
+    /// Running.
+    Running,
+    /// Stopped by the user.
+    Paused,
+    /// Waiting for an incoming migration.
+    InMigrate,
+    /// Stopped for a migration's final round.
+    FinishMigrate,
+    /// Stopped after a successful outgoing migration.
+    PostMigrate,
+    /// The guest powered off.
+    Shutdown,
+    /// KVM could not run the guest.
+    InternalError,
+}
+
+impl RunState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Prelaunch => "prelaunch",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::InMigrate => "inmigrate",
+            Self::FinishMigrate => "finish-migrate",
+            Self::PostMigrate => "postmigrate",
+            Self::Shutdown => "shutdown",
+            Self::InternalError => "internal-error",
+        }
+    }
 }
 
 /// A blocked-signals signalfd for SIGINT, SIGTERM, SIGHUP.
@@ -128,15 +267,14 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
 
     let mut poll = Poll::new().map_err(ControlError::Poll)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ControlError::Poll)?);
-    let (ev_tx, ev_rx) = channel::<VcpuEvent>();
-    let notify_waker = waker.clone();
-    let ev_tx = std::sync::Mutex::new(ev_tx);
-    let notify: Arc<dyn Fn(VcpuEvent) + Send + Sync> = Arc::new(move |ev| {
-        if let Ok(tx) = ev_tx.lock() {
-            let _ = tx.send(ev);
-        }
-        let _ = notify_waker.wake();
-    });
+    let (tx, rx) = channel::<CtlMsg>();
+    let ctl_tx = CtlSender {
+        tx: Arc::new(Mutex::new(tx)),
+        waker,
+    };
+    let vcpu_tx = ctl_tx.clone();
+    let notify: Arc<dyn Fn(VcpuEvent) + Send + Sync> =
+        Arc::new(move |ev| vcpu_tx.send(CtlMsg::Vcpu(ev)));
 
     let shape = VmShape {
         layout: MemLayout::new(config.mem_size, config.hole_start)?,
@@ -149,20 +287,57 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         cmdline: guest_cmdline(&config),
     };
     let vm = Vm::new(shape, boot, serial_output(&config.serial)?, notify)?;
-    if let Some(p) = &config.pidfile {
+
+    let mut server = qmp::Server::new(poll.registry(), QMP_TOKENS).map_err(ControlError::Qmp)?;
+    for spec in &config.qmp {
+        let spec = qmp::ListenSpec::parse(spec).map_err(ControlError::QmpSpec)?;
+        server.listen(&spec).map_err(ControlError::Qmp)?;
+    }
+    let events = server.event_sender();
+
+    let mut ctl = Control {
+        vm,
+        runstate: if config.start_paused {
+            RunState::Prelaunch
+        } else {
+            RunState::Running
+        },
+        ctl_tx,
+        rx,
+        events,
+        caps: Capabilities::default(),
+        params: Parameters::default(),
+        outgoing: None,
+        incoming: None,
+        mig: Arc::new(Shared::default()),
+        incoming_mig: Arc::new(Shared::default()),
+        was_running_before_migration: false,
+        quit: false,
+        exit: None,
+        stdin_open: false,
+        config,
+    };
+    match ctl.config.incoming.clone() {
+        Some(Incoming::Uri(uri)) => ctl.start_incoming(&uri, true).map_err(|e| {
+            ControlError::Incoming(match e {
+                IncomingStartError::Transport(t) => t,
+                IncomingStartError::Other(s) => migration::transport::TransportError::BadUri(s),
+            })
+        })?,
+        Some(Incoming::Defer) => {
+            ctl.vm.discard_ram()?;
+            ctl.runstate = RunState::InMigrate;
+        }
+        None => {}
+    }
+    if let Some(p) = &ctl.config.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| ControlError::File(format!("cannot write pidfile {}", p.display()), e))?;
     }
 
-    let _term = (config.serial == SerialSpec::Stdio)
+    let _term = (ctl.config.serial == SerialSpec::Stdio)
         .then(RawTerminal::enable)
         .flatten();
-    let mut ctl = Control {
-        vm,
-        config,
-        ev_rx,
-        stdin_open: false,
-    };
     let reg = poll.registry();
     reg.register(
         &mut SourceFd(&ctl.vm.reset_evt.as_raw_fd()),
@@ -183,76 +358,287 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
             .register(&mut SourceFd(&fd), STDIN, Interest::READABLE)
             .is_ok();
     }
-    if !ctl.config.start_paused {
+    if ctl.runstate == RunState::Running {
         ctl.vm.resume()?;
     }
 
-    let mut events = Events::with_capacity(64);
-    loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+    let mut poll_events = Events::with_capacity(64);
+    let result = loop {
+        if let Err(e) = poll.poll(&mut poll_events, None) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(ControlError::Poll(e));
+            break Err(ControlError::Poll(e));
         }
-        for ev in events.iter() {
-            let outcome = match ev.token() {
-                WAKER => ctl.vcpu_events()?,
-                STDIN => ctl.stdin(&poll)?,
+        let mut failed = None;
+        for ev in poll_events.iter() {
+            let r = match ev.token() {
+                WAKER => ctl.messages(),
+                STDIN => {
+                    ctl.stdin(&poll);
+                    Ok(())
+                }
                 RESET => {
                     let _ = ctl.vm.reset_evt.read();
-                    ctl.guest_reset()?
+                    ctl.guest_reset()
                 }
-                SIGNALS => match signals.read() {
-                    Some(sig) => {
+                SIGNALS => {
+                    if let Some(sig) = signals.read() {
                         eprintln!("minivmm: terminating on signal {sig}");
-                        Some(0)
+                        ctl.shutdown_event("host-signal", false);
+                        ctl.exit = Some(0);
                     }
-                    None => None,
-                },
-                _ => None,
+                    Ok(())
+                }
+                t if server.owns(t) => {
+                    server.handle_event(ev, &mut |cmd| ctl.execute(cmd));
+                    Ok(())
+                }
+                _ => Ok(()),
             };
-            if let Some(code) = outcome {
-                let _ = ctl.vm.pause();
-                devices::bus::lock(ctl.vm.serial()).flush();
-                return Ok(code);
+            if let Err(e) = r {
+                failed = Some(e);
+                break;
             }
         }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+        if ctl.quit {
+            ctl.exit = Some(0);
+        }
+        if let Some(code) = ctl.exit {
+            break Ok(code);
+        }
+    };
+    server.flush_blocking(std::time::Duration::from_secs(2));
+    if let Some(s) = &ctl.outgoing {
+        s.request_cancel();
     }
+    let _ = ctl.vm.pause();
+    devices::bus::lock(ctl.vm.serial()).flush();
+    result
+}
+
+enum IncomingStartError {
+    Transport(migration::transport::TransportError),
+    Other(String),
 }
 
 struct Control {
     vm: Vm,
     config: Config,
-    ev_rx: Receiver<VcpuEvent>,
+    runstate: RunState,
+    ctl_tx: CtlSender,
+    rx: Receiver<CtlMsg>,
+    events: qmp::EventSender,
+    caps: Capabilities,
+    params: Parameters,
+    /// The running outgoing migration.
+    outgoing: Option<Arc<Shared>>,
+    /// The running incoming migration.
+    incoming: Option<Arc<Shared>>,
+    /// The last outgoing migration's state (query-migrate on the source).
+    mig: Arc<Shared>,
+    /// The last incoming migration's state (query-migrate on the destination).
+    incoming_mig: Arc<Shared>,
+    was_running_before_migration: bool,
+    quit: bool,
+    exit: Option<u8>,
     stdin_open: bool,
 }
 
+fn generic(desc: impl Into<String>) -> QmpError {
+    QmpError::new(ErrorClass::GenericError, desc)
+}
+
 impl Control {
-    fn vcpu_events(&mut self) -> Result<Option<u8>, ControlError> {
-        while let Ok(ev) = self.ev_rx.try_recv() {
-            match ev {
-                VcpuEvent::Reset(_) => {
-                    if let Some(code) = self.guest_reset()? {
-                        return Ok(Some(code));
-                    }
+    fn set_runstate(&mut self, s: RunState) {
+        self.runstate = s;
+    }
+
+    fn stop_vm(&mut self, to: RunState) -> Result<(), VmError> {
+        let was = self.vm.is_running();
+        self.vm.pause()?;
+        self.set_runstate(to);
+        if was {
+            self.events.send("STOP", None);
+        }
+        Ok(())
+    }
+
+    fn start_vm(&mut self) -> Result<(), VmError> {
+        self.vm.resume()?;
+        self.set_runstate(RunState::Running);
+        self.events.send("RESUME", None);
+        Ok(())
+    }
+
+    fn shutdown_event(&self, reason: &str, guest: bool) {
+        self.events
+            .send("SHUTDOWN", Some(json!({"guest": guest, "reason": reason})));
+    }
+
+    fn messages(&mut self) -> Result<(), ControlError> {
+        while let Ok(m) = self.rx.try_recv() {
+            match m {
+                CtlMsg::Vcpu(VcpuEvent::Reset(_)) => self.guest_reset()?,
+                CtlMsg::Vcpu(VcpuEvent::Shutdown(_)) => {
+                    self.shutdown_event("guest-shutdown", true);
+                    self.set_runstate(RunState::Shutdown);
+                    self.exit = Some(0);
                 }
-                VcpuEvent::Shutdown(_) => return Ok(Some(0)),
-                VcpuEvent::Fatal(id, msg) => return Err(ControlError::Guest(id, msg)),
+                CtlMsg::Vcpu(VcpuEvent::Fatal(id, msg)) => {
+                    self.set_runstate(RunState::InternalError);
+                    return Err(ControlError::Guest(id, msg));
+                }
+                CtlMsg::Machine(req) => self.machine_request(req),
+                CtlMsg::Migration { incoming, event } => self.migration_event(incoming, event)?,
             }
         }
-        Ok(None)
+        Ok(())
     }
 
-    fn guest_reset(&mut self) -> Result<Option<u8>, ControlError> {
+    fn machine_request(&mut self, req: MachineRequest) {
+        match req {
+            MachineRequest::Stop(reply) => {
+                let was = self.vm.is_running();
+                self.was_running_before_migration = was;
+                let r = self
+                    .stop_vm(RunState::FinishMigrate)
+                    .map(|_| was)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            MachineRequest::Resume(reply) => {
+                let r = if self.was_running_before_migration {
+                    self.start_vm().map_err(|e| e.to_string())
+                } else {
+                    self.set_runstate(RunState::Paused);
+                    Ok(())
+                };
+                let _ = reply.send(r);
+            }
+            MachineRequest::Save(reply) => {
+                let r = self
+                    .vm
+                    .save_state()
+                    .map_err(|e| e.to_string())
+                    .and_then(|st| migrate::to_blobs(&st, self.was_running_before_migration));
+                let _ = reply.send(r);
+            }
+            MachineRequest::Load(blobs, reply) => {
+                let r = self.load_incoming(blobs);
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn load_incoming(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        let (st, running) = migrate::from_blobs(blobs, self.vm.shape())?;
+        self.vm.restore_state(&st).map_err(|e| e.to_string())?;
+        if running && !self.config.start_paused {
+            self.start_vm().map_err(|e| e.to_string())?;
+        } else {
+            self.set_runstate(RunState::Paused);
+        }
+        Ok(())
+    }
+
+    fn migration_event(&mut self, incoming: bool, event: MigEvent) -> Result<(), ControlError> {
+        match event {
+            MigEvent::Status(s) => {
+                if self.caps.events {
+                    self.events
+                        .send("MIGRATION", Some(json!({"status": s.as_str()})));
+                }
+                if s.is_final() {
+                    if incoming {
+                        self.incoming = None;
+                        if s != Status::Completed {
+                            let desc = self
+                                .incoming_mig
+                                .info()
+                                .error_desc
+                                .clone()
+                                .unwrap_or_default();
+                            eprintln!("minivmm: incoming migration failed: {desc}");
+                            return Err(ControlError::IncomingFailed(desc));
+                        }
+                    } else {
+                        self.outgoing = None;
+                        if s == Status::Completed {
+                            self.set_runstate(RunState::PostMigrate);
+                        }
+                    }
+                }
+            }
+            MigEvent::Pass(n) => {
+                if self.caps.events && !incoming {
+                    self.events.send("MIGRATION_PASS", Some(json!({"pass": n})));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mig_events(&self, incoming: bool) -> precopy::EventSink {
+        let tx = self.ctl_tx.clone();
+        Arc::new(move |event| tx.send(CtlMsg::Migration { incoming, event }))
+    }
+
+    fn start_incoming(&mut self, uri: &str, at_startup: bool) -> Result<(), IncomingStartError> {
+        let uri = Uri::parse(uri).map_err(IncomingStartError::Transport)?;
+        let listener = Listener::bind(&uri).map_err(IncomingStartError::Transport)?;
+        self.vm
+            .discard_ram()
+            .map_err(|e| IncomingStartError::Other(e.to_string()))?;
+        self.set_runstate(RunState::InMigrate);
+        let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
+        let shared = Arc::new(Shared::default());
+        shared.info().status = Status::Setup;
+        self.incoming_mig = shared.clone();
+        self.incoming = Some(shared.clone());
+        let inc = precopy::Incoming {
+            config: migrate::machine_config(self.vm.shape(), &ram),
+            ram,
+            machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
+            shared,
+            events: self.mig_events(true),
+        };
+        let _ = at_startup;
+        let events = inc.events.clone();
+        std::thread::Builder::new()
+            .name("mig-incoming".into())
+            .spawn(move || match listener.accept() {
+                Ok(chan) => {
+                    precopy::run_incoming(inc, chan);
+                }
+                Err(e) => {
+                    inc.shared.info().error_desc = Some(e.to_string());
+                    inc.shared.info().status = Status::Failed;
+                    events(MigEvent::Status(Status::Failed));
+                }
+            })
+            .map_err(|e| IncomingStartError::Other(e.to_string()))?;
+        Ok(())
+    }
+
+    fn guest_reset(&mut self) -> Result<(), ControlError> {
         if self.config.no_reboot {
-            return Ok(Some(0));
+            self.shutdown_event("guest-reset", true);
+            self.exit = Some(0);
+            return Ok(());
         }
         self.vm.reset()?;
-        Ok(None)
+        self.events.send(
+            "RESET",
+            Some(json!({"guest": true, "reason": "guest-reset"})),
+        );
+        Ok(())
     }
 
-    fn stdin(&mut self, poll: &Poll) -> Result<Option<u8>, ControlError> {
+    fn stdin(&mut self, poll: &Poll) {
         let mut buf = [0u8; 256];
         match std::io::stdin().lock().read(&mut buf) {
             Ok(0) | Err(_) => {
@@ -264,11 +650,318 @@ impl Control {
             }
             Ok(n) => devices::bus::lock(self.vm.serial()).queue_input(&buf[..n]),
         }
-        Ok(None)
+    }
+
+    fn migration_active(&self) -> bool {
+        self.outgoing.is_some() || self.incoming.is_some()
+    }
+
+    fn pmemsave(&self, val: u64, size: u64, filename: &str) -> Result<(), QmpError> {
+        let mem = self.vm.memory();
+        let layout = &self.vm.shape().layout;
+        let end = val
+            .checked_add(size)
+            .ok_or_else(|| generic("Invalid parameter 'size'"))?;
+        if !layout.ranges.iter().any(|&(s, l)| val >= s && end <= s + l) {
+            return Err(generic(format!(
+                "pmemsave: [{val:#x}, {end:#x}) is not inside one guest RAM range {:?}",
+                layout
+                    .ranges
+                    .iter()
+                    .map(|&(s, l)| format!("[{s:#x}, {:#x})", s + l))
+                    .collect::<Vec<_>>()
+            )));
+        }
+        let mut f = std::fs::File::create(filename)
+            .map_err(|e| generic(format!("Could not open '{filename}': {e}")))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut addr = val;
+        while addr < end {
+            let n = ((end - addr) as usize).min(buf.len());
+            mem.read_slice(&mut buf[..n], GuestAddress(addr))
+                .map_err(|e| generic(format!("pmemsave: reading {addr:#x}: {e}")))?;
+            f.write_all(&buf[..n])
+                .map_err(|e| generic(format!("writing '{filename}': {e}")))?;
+            addr += n as u64;
+        }
+        Ok(())
+    }
+
+    fn hmp(&mut self, line: &str) -> Result<Value, QmpError> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let out = match words.as_slice() {
+            ["info", "status"] => format!(
+                "VM status: {}\r\n",
+                match self.runstate {
+                    RunState::Running => "running".to_string(),
+                    RunState::Paused | RunState::Prelaunch => "paused".to_string(),
+                    s => format!("paused ({})", s.as_str()),
+                }
+            ),
+            ["info", "version"] => format!("{} (minivmm)\r\n", env!("CARGO_PKG_VERSION")),
+            ["info", "name"] => format!("{}\r\n", self.config.name.clone().unwrap_or_default()),
+            ["info", "migrate"] => {
+                let j = self.query_migrate();
+                let mut s = String::new();
+                if let Some(st) = j.get("status").and_then(Value::as_str) {
+                    s += &format!("Migration status: {st}\r\n");
+                }
+                for k in ["total-time", "setup-time", "downtime", "expected-downtime"] {
+                    if let Some(v) = j.get(k) {
+                        s += &format!("{k}: {v} ms\r\n");
+                    }
+                }
+                if let Some(ram) = j.get("ram").and_then(Value::as_object) {
+                    for (k, v) in ram {
+                        s += &format!("{k}: {v}\r\n");
+                    }
+                }
+                if let Some(e) = j.get("error-desc").and_then(Value::as_str) {
+                    s += &format!("error: {e}\r\n");
+                }
+                s
+            }
+            ["info", "cpus"] => (0..self.vm.shape().vcpus)
+                .map(|i| {
+                    format!(
+                        "{}CPU #{i}: thread_id={}\r\n",
+                        if i == 0 { "* " } else { "  " },
+                        std::process::id()
+                    )
+                })
+                .collect(),
+            ["stop"] => {
+                self.execute(Command::Stop)?;
+                String::new()
+            }
+            ["cont" | "c"] => {
+                self.execute(Command::Cont)?;
+                String::new()
+            }
+            [] => String::new(),
+            [cmd, ..] => format!("unknown command: '{cmd}'\r\n"),
+        };
+        Ok(json!(out))
+    }
+
+    fn query_migrate(&self) -> Value {
+        // The destination shows its incoming migration, the source its outgoing.
+        if self.incoming.is_some() || self.mig.info().status == Status::None {
+            let j = self.incoming_mig.info().to_json();
+            if j.as_object().is_some_and(|o| !o.is_empty()) {
+                return j;
+            }
+        }
+        self.mig.info().to_json()
+    }
+
+    fn execute(&mut self, cmd: Command) -> Result<Value, QmpError> {
+        let vm_err = |e: VmError| generic(e.to_string());
+        match cmd {
+            Command::QueryStatus => Ok(json!({
+                "running": self.runstate == RunState::Running,
+                "status": self.runstate.as_str(),
+            })),
+            Command::QueryName => Ok(match &self.config.name {
+                Some(n) => json!({"name": n}),
+                None => json!({}),
+            }),
+            Command::Stop => {
+                if self.runstate == RunState::InMigrate {
+                    // QEMU: stop during inmigrate keeps the guest paused after migration.
+                    self.config.start_paused = true;
+                    return Ok(json!({}));
+                }
+                if self.vm.is_running() {
+                    self.stop_vm(RunState::Paused).map_err(vm_err)?;
+                } else if self.runstate == RunState::Prelaunch {
+                    self.set_runstate(RunState::Paused);
+                }
+                Ok(json!({}))
+            }
+            Command::Cont => match self.runstate {
+                RunState::InMigrate => Err(generic("Guest is waiting for an incoming migration")),
+                RunState::FinishMigrate => Err(generic("Migration is not finalized yet")),
+                RunState::InternalError | RunState::Shutdown => Err(generic(format!(
+                    "Resetting the Virtual Machine is required (state {})",
+                    self.runstate.as_str()
+                ))),
+                RunState::Running => Ok(json!({})),
+                _ => {
+                    self.start_vm().map_err(vm_err)?;
+                    Ok(json!({}))
+                }
+            },
+            Command::Quit => {
+                self.shutdown_event("host-qmp-quit", false);
+                self.quit = true;
+                Ok(json!({}))
+            }
+            Command::SystemReset => {
+                self.vm.reset().map_err(vm_err)?;
+                self.events.send("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
+                Ok(json!({}))
+            }
+            Command::SystemPowerdown => Err(generic(
+                "system_powerdown needs ACPI, which minivmm does not emulate; use quit, or poweroff/reboot inside the guest",
+            )),
+            Command::QueryCpusFast => Ok(Value::Array(
+                (0..self.vm.shape().vcpus)
+                    .map(|i| {
+                        json!({
+                            "cpu-index": i,
+                            "qom-path": format!("/machine/unattached/device[{i}]"),
+                            "thread-id": std::process::id(),
+                            "target": "x86_64",
+                            "props": {"core-id": 0, "thread-id": 0, "socket-id": i},
+                        })
+                    })
+                    .collect(),
+            )),
+            Command::Pmemsave(a) => {
+                self.pmemsave(a.val, a.size, &a.filename)?;
+                Ok(json!({}))
+            }
+            Command::Memsave(_) => Err(generic("memsave is not supported; use pmemsave with a guest-physical address")),
+            Command::HumanMonitorCommand(a) => self.hmp(&a.command_line),
+            Command::Migrate(a) => self.migrate(&a.uri, a.resume),
+            Command::MigrateIncoming(a) => {
+                if self.config.incoming != Some(Incoming::Defer) {
+                    return Err(generic("The incoming migration has already been started; use -incoming defer"));
+                }
+                if self.incoming.is_some() || self.runstate != RunState::InMigrate {
+                    return Err(generic("The incoming migration has already been started"));
+                }
+                let _ = a.exit_on_error;
+                self.start_incoming(&a.uri, false).map_err(|e| match e {
+                    IncomingStartError::Transport(t) => generic(error_chain(&t)),
+                    IncomingStartError::Other(s) => generic(s),
+                })?;
+                Ok(json!({}))
+            }
+            Command::MigrateCancel => {
+                if let Some(s) = &self.outgoing {
+                    let status = s.info().status;
+                    if !status.is_final() && status != Status::Cancelling {
+                        s.info().status = Status::Cancelling;
+                        if self.caps.events {
+                            self.events.send("MIGRATION", Some(json!({"status": "cancelling"})));
+                        }
+                        s.request_cancel();
+                    }
+                }
+                Ok(json!({}))
+            }
+            Command::MigrateContinue(_) => match &self.outgoing {
+                Some(s) if s.info().status == Status::PreSwitchover => {
+                    s.release_switchover();
+                    Ok(json!({}))
+                }
+                _ => Err(generic("Migration not in pre-switchover state")),
+            },
+            Command::MigrateSetCapabilities(a) => {
+                if self.migration_active() {
+                    return Err(generic("There's a migration process in progress"));
+                }
+                let mut caps = self.caps;
+                for c in a.capabilities {
+                    caps.set(c.capability.as_str(), c.state).map_err(generic)?;
+                }
+                self.caps = caps;
+                Ok(json!({}))
+            }
+            Command::QueryMigrateCapabilities => Ok(self.caps.to_json()),
+            Command::MigrateSetParameters(p) => {
+                let mut n = self.params;
+                if let Some(v) = p.downtime_limit {
+                    n.downtime_limit_ms = v;
+                }
+                if let Some(v) = p.max_bandwidth {
+                    n.max_bandwidth = v;
+                }
+                if let Some(v) = p.x_checkpoint_delay {
+                    n.x_checkpoint_delay_ms = u64::from(v);
+                }
+                if let Some(v) = p.max_postcopy_bandwidth {
+                    n.max_postcopy_bandwidth = v;
+                }
+                if let Some(v) = p.cpu_throttle_initial {
+                    n.cpu_throttle_initial = v;
+                }
+                if let Some(v) = p.cpu_throttle_increment {
+                    n.cpu_throttle_increment = v;
+                }
+                if let Some(v) = p.max_cpu_throttle {
+                    n.max_cpu_throttle = v;
+                }
+                self.params = n;
+                Ok(json!({}))
+            }
+            Command::QueryMigrateParameters => Ok(self.params.to_json()),
+            Command::QueryMigrate => Ok(self.query_migrate()),
+            Command::MigrateStartPostcopy => {
+                if !self.caps.postcopy_ram {
+                    return Err(generic("Enable postcopy with migrate_set_capability before the start of migration"));
+                }
+                match &self.outgoing {
+                    Some(_) => Err(generic("postcopy switch-over is not implemented yet in minivmm; the migration continues as precopy")),
+                    None => Ok(json!({})),
+                }
+            }
+            Command::XColoLostHeartbeat => Err(generic("VM is not in COLO mode")),
+            Command::QueryColoStatus => Ok(json!({"mode": "none", "last-mode": "none", "reason": "none"})),
+            Command::QmpCapabilities(_) | Command::QueryVersion | Command::QueryCommands => {
+                Err(generic("handled by the QMP server"))
+            }
+        }
+    }
+
+    fn migrate(&mut self, uri: &str, resume: bool) -> Result<Value, QmpError> {
+        if resume {
+            return Err(generic("postcopy recovery (resume) is not supported"));
+        }
+        if self.outgoing.is_some() {
+            return Err(generic("There's a migration process in progress"));
+        }
+        if self.incoming.is_some() || self.runstate == RunState::InMigrate {
+            return Err(generic("Guest is waiting for an incoming migration"));
+        }
+        if self.caps.x_colo {
+            return Err(generic("x-colo is not implemented yet in minivmm"));
+        }
+        let uri = Uri::parse(uri).map_err(|e| generic(e.to_string()))?;
+        let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
+        let shared = Arc::new(Shared::default());
+        shared.info().status = Status::Setup;
+        self.mig = shared.clone();
+        self.outgoing = Some(shared.clone());
+        self.was_running_before_migration = self.vm.is_running();
+        let out = precopy::Outgoing {
+            uri,
+            config: migrate::machine_config(self.vm.shape(), &ram),
+            ram,
+            machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
+            params: self.params,
+            caps: self.caps,
+            shared,
+            events: self.mig_events(false),
+        };
+        std::thread::Builder::new()
+            .name("mig-outgoing".into())
+            .spawn(move || {
+                precopy::run_outgoing(out);
+            })
+            .map_err(|e| generic(format!("cannot start the migration thread: {e}")))?;
+        Ok(json!({}))
     }
 }
 
-#[allow(dead_code)]
-fn _model_name(m: CpuModel) -> &'static str {
-    m.name()
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s += &format!(": {c}");
+        src = c.source();
+    }
+    s
 }

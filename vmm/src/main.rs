@@ -6,6 +6,7 @@ mod cli;
 mod control;
 mod cpu;
 mod memory;
+mod migrate;
 mod mptable;
 mod term;
 mod vcpu;

@@ -1,0 +1,218 @@
+//! Glue between the VM and the `migration` crate: guest RAM with KVM's dirty
+//! log as a [`GuestRam`], and the machine state as device blobs.
+//!
+//! Device sections, each JSON, version-checked on load:
+//!
+//! | name | instance | content |
+//! |---|---|---|
+//! | `cpu` | vCPU index | registers, sregs, xsave, xcrs, debug regs, LAPIC, MSRs, events, mp state |
+//! | `irqchip` | 0 | master PIC, slave PIC, IOAPIC |
+//! | `pit` | 0 | i8254 channels |
+//! | `kvmclock` | 0 | guest clock (ns) |
+//! | `serial` | 0 | 8250 registers and unread input |
+//! | `cmos` | 0 | RTC index and NVRAM |
+//! | `globalstate` | 0 | whether the source guest was running |
+
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use migration::ram::{Bitmap, GuestRam, RamBlock, RamError};
+use migration::stream::DeviceBlob;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::{self, GuestMemoryMmap, PAGE_SIZE};
+use crate::vm::{MachineState, VmShape};
+
+/// Version of every device section we write.
+pub const DEVICE_VERSION: u32 = 1;
+
+/// Guest RAM for the migration engines.
+pub struct KvmRam {
+    fd: Arc<VmFd>,
+    mem: Arc<GuestMemoryMmap>,
+    blocks: Vec<RamBlock>,
+    starts: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl KvmRam {
+    /// RAM of `mem`, with dirty logging through `fd`.
+    pub fn new(fd: Arc<VmFd>, mem: Arc<GuestMemoryMmap>) -> Self {
+        let mut blocks = Vec::new();
+        let mut starts = Vec::new();
+        for (i, r) in mem.iter().enumerate() {
+            let name = if i == 0 {
+                "pc.ram".to_string()
+            } else {
+                format!("pc.ram.{i}")
+            };
+            blocks.push(RamBlock {
+                name,
+                size: r.len(),
+            });
+            starts.push(r.start_addr().0);
+        }
+        Self {
+            fd,
+            mem,
+            blocks,
+            starts,
+        }
+    }
+
+    fn gpa(&self, block: usize, page: u64) -> Result<GuestAddress, RamError> {
+        match (self.starts.get(block), self.blocks.get(block)) {
+            (Some(s), Some(b)) if page < b.pages() => Ok(GuestAddress(s + page * PAGE_SIZE)),
+            _ => Err(RamError::OutOfRange { block, page }),
+        }
+    }
+}
+
+impl GuestRam for KvmRam {
+    fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    fn read_page(&self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), RamError> {
+        let gpa = self.gpa(block, page)?;
+        self.mem
+            .read_slice(buf, gpa)
+            .map_err(|_| RamError::OutOfRange { block, page })
+    }
+
+    fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+        let gpa = self.gpa(block, page)?;
+        self.mem
+            .write_slice(data, gpa)
+            .map_err(|_| RamError::OutOfRange { block, page })
+    }
+
+    fn zero_page(&self, block: usize, page: u64) -> Result<(), RamError> {
+        let gpa = self.gpa(block, page)?;
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        self.mem
+            .read_slice(&mut buf, gpa)
+            .map_err(|_| RamError::OutOfRange { block, page })?;
+        if migration::stream::is_zero(&buf) {
+            return Ok(());
+        }
+        self.write_page(block, page, &[0u8; PAGE_SIZE as usize])
+    }
+
+    fn start_dirty_log(&self) -> Result<(), RamError> {
+        memory::set_memslots(&self.fd, &self.mem, true)
+            .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
+        // Start from a clean log.
+        memory::take_dirty_bitmaps(&self.fd, &self.mem)
+            .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
+        Ok(())
+    }
+
+    fn sync_dirty_log(&self, bitmaps: &mut [Bitmap]) -> Result<(), RamError> {
+        let logs = memory::take_dirty_bitmaps(&self.fd, &self.mem)
+            .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
+        for (bm, words) in bitmaps.iter_mut().zip(logs) {
+            bm.or_words(&words);
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) -> Result<(), RamError> {
+        memory::set_memslots(&self.fd, &self.mem, false)
+            .map_err(|e| RamError::DirtyLog(Box::new(e)))
+    }
+}
+
+/// The `globalstate` section.
+#[derive(Serialize, Deserialize)]
+struct GlobalState {
+    running: bool,
+}
+
+fn blob<T: Serialize>(name: &str, instance: u32, v: &T) -> Result<DeviceBlob, String> {
+    Ok(DeviceBlob {
+        name: name.into(),
+        instance,
+        version: DEVICE_VERSION,
+        data: serde_json::to_vec(v).map_err(|e| format!("encoding {name}: {e}"))?,
+    })
+}
+
+/// Machine state to device blobs.
+pub fn to_blobs(st: &MachineState, running: bool) -> Result<Vec<DeviceBlob>, String> {
+    let mut out = Vec::new();
+    for v in &st.vcpus {
+        out.push(blob("cpu", u32::from(v.id), v)?);
+    }
+    out.push(blob("irqchip", 0, &st.irqchips)?);
+    out.push(blob("pit", 0, &st.pit)?);
+    out.push(blob("kvmclock", 0, &st.clock)?);
+    out.push(blob("serial", 0, &st.serial)?);
+    out.push(blob("cmos", 0, &st.cmos)?);
+    out.push(blob("globalstate", 0, &GlobalState { running })?);
+    Ok(out)
+}
+
+fn take<T: for<'de> Deserialize<'de>>(
+    blobs: &mut Vec<DeviceBlob>,
+    name: &str,
+    instance: u32,
+) -> Result<T, String> {
+    let i = blobs
+        .iter()
+        .position(|b| b.name == name && b.instance == instance)
+        .ok_or_else(|| {
+            format!("device state '{name}' instance {instance} is missing from the stream")
+        })?;
+    let b = blobs.swap_remove(i);
+    if b.version != DEVICE_VERSION {
+        return Err(format!(
+            "device state '{name}' has version {}, this minivmm reads {DEVICE_VERSION}",
+            b.version
+        ));
+    }
+    serde_json::from_slice(&b.data)
+        .map_err(|e| format!("device state '{name}' instance {instance} is corrupt: {e}"))
+}
+
+/// Device blobs to machine state; also says whether the source was running.
+pub fn from_blobs(
+    mut blobs: Vec<DeviceBlob>,
+    shape: &VmShape,
+) -> Result<(MachineState, bool), String> {
+    let mut vcpus = Vec::new();
+    for id in 0..shape.vcpus {
+        vcpus.push(take(&mut blobs, "cpu", u32::from(id))?);
+    }
+    let st = MachineState {
+        vcpus,
+        irqchips: take(&mut blobs, "irqchip", 0)?,
+        pit: take(&mut blobs, "pit", 0)?,
+        clock: take(&mut blobs, "kvmclock", 0)?,
+        serial: take(&mut blobs, "serial", 0)?,
+        cmos: take(&mut blobs, "cmos", 0)?,
+    };
+    let g: GlobalState = take(&mut blobs, "globalstate", 0)?;
+    if let Some(b) = blobs.first() {
+        return Err(format!(
+            "unknown device state '{}' instance {} in the stream",
+            b.name, b.instance
+        ));
+    }
+    Ok((st, g.running))
+}
+
+/// The configuration both sides must share.
+pub fn machine_config(shape: &VmShape, ram: &KvmRam) -> migration::precopy::MachineConfig {
+    migration::precopy::MachineConfig {
+        machine: "minivmm-pc".into(),
+        vcpus: u32::from(shape.vcpus),
+        cpu: shape.cpu.name().into(),
+        blocks: ram.blocks().to_vec(),
+        page_size: PAGE_SIZE as u32,
+    }
+}
