@@ -1,1 +1,582 @@
-//! e2e harness
+//! End-to-end harness: starts real `minivmm` processes on real guests,
+//! reads their serial consoles, drives them over QMP, and cleans up.
+//!
+//! Every process a test starts is killed when its [`Vmm`] is dropped, and
+//! also when the test runner itself dies (PR_SET_PDEATHSIG); every socket
+//! and file lives in a [`WorkDir`] removed on drop.
+//!
+//! Paths come from the environment when set: `MINIVMM_BIN` (default
+//! `target/release/minivmm`, else `target/debug/minivmm`), `MINIVMM_KERNEL`
+//! and `MINIVMM_INITRD` (default `guest-images/out/vmlinux` and
+//! `guest-images/out/initramfs.cpio`).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub use qmp::Client;
+use serde_json::{json, Value};
+
+/// How long a guest may take to boot on this slow nested host.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Default QMP timeout.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The minivmm binary under test.
+pub fn minivmm_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MINIVMM_BIN") {
+        return p.into();
+    }
+    let release = root().join("target/release/minivmm");
+    if release.exists() {
+        return release;
+    }
+    root().join("target/debug/minivmm")
+}
+
+/// Guest kernel.
+pub fn kernel() -> PathBuf {
+    std::env::var("MINIVMM_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("guest-images/out/vmlinux"))
+}
+
+/// Guest initramfs (the workload alone).
+pub fn initrd() -> PathBuf {
+    std::env::var("MINIVMM_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("guest-images/out/initramfs.cpio"))
+}
+
+/// True when /dev/kvm exists. Without it, VM tests skip and say so; with it,
+/// they must pass.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        assert!(
+            kernel().exists(),
+            "guest kernel {} missing: run guest-images/build.sh",
+            kernel().display()
+        );
+        assert!(
+            minivmm_bin().exists(),
+            "minivmm binary {} missing: build it first",
+            minivmm_bin().display()
+        );
+        true
+    } else {
+        println!("SKIP {test}: /dev/kvm is absent on this machine");
+        false
+    }
+}
+
+static DIR_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A scratch directory removed on drop (short path: unix sockets need < 108 bytes).
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    /// A fresh directory.
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "mvmm-{name}-{}-{}",
+            std::process::id(),
+            DIR_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create work dir");
+        Self(p)
+    }
+
+    /// A path inside.
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Text captured from a child's stdout or stderr, line by line.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<(Mutex<String>, Condvar)>);
+
+impl Capture {
+    fn spawn_reader(&self, r: impl std::io::Read + Send + 'static, echo: Option<String>) {
+        let c = self.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(r);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let s = String::from_utf8_lossy(&line).replace('\r', "");
+                        if let Some(tag) = &echo {
+                            if s.contains("PASS")
+                                || s.contains("GUEST")
+                                || s.contains("CORRUPT")
+                                || s.contains("minivmm")
+                            {
+                                eprint!("[{tag}] {s}");
+                            }
+                        }
+                        let (m, cv) = &*c.0;
+                        m.lock().unwrap_or_else(|e| e.into_inner()).push_str(&s);
+                        cv.notify_all();
+                    }
+                }
+            }
+        });
+    }
+
+    /// Everything so far.
+    pub fn text(&self) -> String {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Wait until a line satisfying `pred` appears after byte `from`;
+    /// returns the line and the offset after it.
+    pub fn wait_line(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<(String, usize)> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.0;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mut off = from.min(g.len());
+            for line in g[off..].split_inclusive('\n') {
+                off += line.len();
+                if line.ends_with('\n') && pred(line.trim_end()) {
+                    return Some((line.trim_end().to_string(), off));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// How to start one minivmm.
+#[derive(Clone)]
+pub struct VmmBuilder {
+    name: String,
+    mem: String,
+    smp: u8,
+    append: String,
+    extra: Vec<String>,
+    qmp: bool,
+    serial_stdin: bool,
+}
+
+impl VmmBuilder {
+    /// The default guest: 128 MiB, 1 vCPU, a 16 MiB workload at 16 MiB/s.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            mem: "128M".into(),
+            smp: 1,
+            append: "console=ttyS0 workload.mem=16 workload.rate=16".into(),
+            extra: Vec::new(),
+            qmp: true,
+            serial_stdin: false,
+        }
+    }
+
+    /// `-m`.
+    pub fn mem(mut self, m: &str) -> Self {
+        self.mem = m.into();
+        self
+    }
+
+    /// `-smp`.
+    pub fn smp(mut self, n: u8) -> Self {
+        self.smp = n;
+        self
+    }
+
+    /// Replace the kernel command line.
+    pub fn append(mut self, a: &str) -> Self {
+        self.append = a.into();
+        self
+    }
+
+    /// More arguments.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.into());
+        self
+    }
+
+    /// `-incoming URI`.
+    pub fn incoming(self, uri: &str) -> Self {
+        self.arg("-incoming").arg(uri)
+    }
+
+    /// Keep stdin as a pipe (to type on the serial console).
+    pub fn with_stdin(mut self) -> Self {
+        self.serial_stdin = true;
+        self
+    }
+
+    /// No `-qmp`.
+    pub fn without_qmp(mut self) -> Self {
+        self.qmp = false;
+        self
+    }
+
+    /// The argument list (without the binary).
+    pub fn args(&self, dir: &WorkDir) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "-kernel".into(),
+            kernel().display().to_string(),
+            "-initrd".into(),
+            initrd().display().to_string(),
+            "-append".into(),
+            self.append.clone(),
+            "-m".into(),
+            self.mem.clone(),
+            "-smp".into(),
+            self.smp.to_string(),
+            "-serial".into(),
+            "stdio".into(),
+        ];
+        if self.qmp {
+            a.push("-qmp".into());
+            a.push(format!(
+                "unix:{},server=on,wait=off",
+                dir.path(&format!("{}.qmp", self.name)).display()
+            ));
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+
+    /// Start it.
+    pub fn spawn(self) -> Vmm {
+        let dir = WorkDir::new(&self.name);
+        let args = self.args(&dir);
+        let mut cmd = Command::new(minivmm_bin());
+        cmd.args(&args)
+            .stdin(if self.serial_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; the closure runs in the child
+        // between fork and exec and touches nothing else.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", minivmm_bin().display()));
+        let serial = Capture::default();
+        let stderr = Capture::default();
+        if let Some(o) = child.stdout.take() {
+            serial.spawn_reader(
+                o,
+                std::env::var("MINIVMM_TEST_ECHO")
+                    .ok()
+                    .map(|_| self.name.clone()),
+            );
+        }
+        if let Some(e) = child.stderr.take() {
+            stderr.spawn_reader(e, None);
+        }
+        let qmp_path = self.qmp.then(|| dir.path(&format!("{}.qmp", self.name)));
+        Vmm {
+            name: self.name,
+            child: Some(child),
+            serial,
+            stderr,
+            qmp_path,
+            dir,
+            status: None,
+        }
+    }
+}
+
+/// A running minivmm process.
+pub struct Vmm {
+    /// Name used in messages and file names.
+    pub name: String,
+    child: Option<Child>,
+    /// The guest's serial console.
+    pub serial: Capture,
+    /// minivmm's stderr.
+    pub stderr: Capture,
+    qmp_path: Option<PathBuf>,
+    /// Its scratch directory.
+    pub dir: WorkDir,
+    status: Option<ExitStatus>,
+}
+
+impl Vmm {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// The QMP socket path.
+    pub fn qmp_path(&self) -> PathBuf {
+        self.qmp_path.clone().expect("started without -qmp")
+    }
+
+    /// A negotiated QMP connection (waits for the socket to appear).
+    pub fn qmp(&mut self) -> Client {
+        let path = self.qmp_path();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect_unix(&path, QMP_TIMEOUT) {
+                Ok(c) => return c,
+                Err(e) => {
+                    if let Some(st) = self.try_exit() {
+                        panic!(
+                            "{} exited ({st}) before QMP was up; stderr:\n{}",
+                            self.name,
+                            self.stderr.text()
+                        );
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{}: QMP socket never came up: {e}",
+                        self.name
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Wait for a serial line containing `needle`.
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_serial_after(0, needle, timeout).0
+    }
+
+    /// Wait for a serial line containing `needle` after byte `from`.
+    pub fn wait_serial_after(
+        &self,
+        from: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> (String, usize) {
+        match self.serial.wait_line(from, timeout, |l| l.contains(needle)) {
+            Some(x) => x,
+            None => panic!(
+                "{}: no serial line with '{needle}' within {timeout:?}\n--- serial (tail) ---\n{}\n--- stderr ---\n{}",
+                self.name,
+                tail(&self.serial.text(), 3000),
+                self.stderr.text()
+            ),
+        }
+    }
+
+    /// Wait until the guest has printed `PASS n` for some n > `after`; returns n.
+    pub fn wait_pass_beyond(&self, after: u64, timeout: Duration) -> u64 {
+        let (line, _) = match self.serial.wait_line(0, timeout, |l| pass_number(l).is_some_and(|n| n > after)) {
+            Some(x) => x,
+            None => panic!(
+                "{}: no PASS beyond {after} within {timeout:?}\n--- serial (tail) ---\n{}\n--- stderr ---\n{}",
+                self.name,
+                tail(&self.serial.text(), 3000),
+                self.stderr.text()
+            ),
+        };
+        pass_number(&line).unwrap_or(0)
+    }
+
+    /// The PASS numbers printed so far, in order.
+    pub fn passes(&self) -> Vec<u64> {
+        self.serial.text().lines().filter_map(pass_number).collect()
+    }
+
+    /// Fail if the guest reported memory corruption.
+    pub fn assert_no_corrupt(&self) {
+        let text = self.serial.text();
+        let bad: Vec<&str> = text.lines().filter(|l| l.contains("CORRUPT")).collect();
+        assert!(
+            bad.is_empty(),
+            "{}: guest integrity check failed:\n{}",
+            self.name,
+            bad.join("\n")
+        );
+    }
+
+    fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    self.status = Some(s);
+                }
+            }
+        }
+        self.status
+    }
+
+    /// Has the process ended?
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.try_exit()
+    }
+
+    /// Wait for the process to end.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_exit() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}\n--- serial (tail) ---\n{}\n--- stderr ---\n{}",
+                self.name,
+                tail(&self.serial.text(), 2000),
+                self.stderr.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL it.
+    pub fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            if let Ok(s) = c.wait() {
+                self.status = Some(s);
+            }
+        }
+    }
+
+    /// Write to the guest's serial console (needs [`VmmBuilder::with_stdin`]).
+    pub fn type_serial(&mut self, s: &str) {
+        use std::io::Write;
+        let stdin = self
+            .child
+            .as_mut()
+            .and_then(|c| c.stdin.as_mut())
+            .expect("started without stdin");
+        stdin.write_all(s.as_bytes()).expect("write serial");
+        stdin.flush().expect("flush serial");
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Last `n` bytes of `s`.
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// `PASS k ms=...` → k.
+pub fn pass_number(line: &str) -> Option<u64> {
+    let rest = &line[line.find("PASS ")? + 5..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Wait for `query-migrate` to reach one of `states`; returns the reply.
+pub fn wait_migration(c: &mut Client, states: &[&str], timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = c
+            .execute("query-migrate", json!({}))
+            .expect("query-migrate");
+        if let Some(s) = r.get("status").and_then(Value::as_str) {
+            if states.contains(&s) {
+                return r;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration did not reach {states:?} within {timeout:?}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `query-status` → status string.
+pub fn run_state(c: &mut Client) -> String {
+    c.execute("query-status", json!({})).expect("query-status")["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Save a booted guest once per (builder args) and return the snapshot
+/// path, so that scenarios start from `-incoming file:` instead of booting
+/// (a boot costs 10-35 s here). The snapshot is keyed by the minivmm
+/// binary, the images and the arguments, and shared between test processes
+/// through a lock file. The saved guest has printed `PASS 2`.
+pub fn snapshot(b: &VmmBuilder) -> PathBuf {
+    let dir = root().join("target/e2e-snapshots");
+    std::fs::create_dir_all(&dir).expect("snapshot dir");
+    let mut h = DefaultHasher::new();
+    for p in [minivmm_bin(), kernel(), initrd()] {
+        let m = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        (p.display().to_string(), m.len(), m.modified().ok()).hash(&mut h);
+    }
+    (&b.mem, b.smp, &b.append).hash(&mut h);
+    let path = dir.join(format!("{:016x}.qevm", h.finish()));
+    let lock = std::fs::File::create(dir.join("lock")).expect("lock file");
+    // SAFETY: flock on a valid fd; released when `lock` is closed.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if !path.exists() {
+        let mut vm = b.clone().spawn();
+        vm.wait_serial("GUEST-READY", BOOT_TIMEOUT);
+        vm.wait_pass_beyond(1, BOOT_TIMEOUT);
+        vm.assert_no_corrupt();
+        let mut c = vm.qmp();
+        let tmp = path.with_extension("tmp");
+        c.execute("migrate", json!({"uri": format!("file:{}", tmp.display())}))
+            .expect("migrate to file");
+        let r = wait_migration(&mut c, &["completed", "failed"], Duration::from_secs(120));
+        assert_eq!(r["status"], "completed", "saving the snapshot failed: {r}");
+        std::fs::rename(&tmp, &path).expect("rename snapshot");
+    }
+    path
+}
