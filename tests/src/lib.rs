@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-pub use qmp::Client;
+pub use qmp::{Client, ClientError};
 use serde_json::{json, Value};
 
 /// How long a guest may take to boot on this slow nested host.
@@ -60,6 +60,38 @@ pub fn initrd() -> PathBuf {
     std::env::var("MINIVMM_INITRD")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root().join("guest-images/out/initramfs.cpio"))
+}
+
+/// The busybox initramfs (an interactive shell on ttyS0): `MINIVMM_INITRD_BUSYBOX`,
+/// default `guest-images/out/initramfs-busybox.cpio`.
+pub fn busybox_initrd() -> PathBuf {
+    std::env::var("MINIVMM_INITRD_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("guest-images/out/initramfs-busybox.cpio"))
+}
+
+/// A program installed by `./setup.sh` into the project's virtualenv
+/// (`.venv/bin/NAME`), e.g. `qmp-shell`. Panics with a hint when missing:
+/// setup installs it, so its absence is a failure, not a reason to skip.
+pub fn venv_tool(name: &str) -> PathBuf {
+    let p = root().join(".venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run ./setup.sh (it installs qemu.qmp into .venv)",
+        p.display()
+    );
+    p
+}
+
+/// The path of a program on `PATH`. Panics with a hint when missing (setup
+/// installs it).
+pub fn system_tool(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed: run ./setup.sh"))
 }
 
 /// True when /dev/kvm exists. Without it, VM tests skip and say so; with it,
@@ -193,6 +225,7 @@ pub struct VmmBuilder {
     extra: Vec<String>,
     qmp: bool,
     serial_stdin: bool,
+    initrd: Option<PathBuf>,
 }
 
 impl VmmBuilder {
@@ -206,7 +239,14 @@ impl VmmBuilder {
             extra: Vec::new(),
             qmp: true,
             serial_stdin: false,
+            initrd: None,
         }
+    }
+
+    /// Boot this initramfs instead of [`initrd()`] (e.g. [`busybox_initrd()`]).
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
     }
 
     /// `-m`.
@@ -256,7 +296,11 @@ impl VmmBuilder {
             "-kernel".into(),
             kernel().display().to_string(),
             "-initrd".into(),
-            initrd().display().to_string(),
+            self.initrd
+                .clone()
+                .unwrap_or_else(initrd)
+                .display()
+                .to_string(),
             "-append".into(),
             self.append.clone(),
             "-m".into(),
@@ -556,7 +600,11 @@ pub fn snapshot(b: &VmmBuilder) -> PathBuf {
     let dir = root().join("target/e2e-snapshots");
     std::fs::create_dir_all(&dir).expect("snapshot dir");
     let mut h = DefaultHasher::new();
-    for p in [minivmm_bin(), kernel(), initrd()] {
+    for p in [
+        minivmm_bin(),
+        kernel(),
+        b.initrd.clone().unwrap_or_else(initrd),
+    ] {
         let m = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         (p.display().to_string(), m.len(), m.modified().ok()).hash(&mut h);
     }
@@ -579,4 +627,146 @@ pub fn snapshot(b: &VmmBuilder) -> PathBuf {
         std::fs::rename(&tmp, &path).expect("rename snapshot");
     }
     path
+}
+
+/// What a short-lived minivmm run printed and how it ended.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+/// Run minivmm with exactly `args` (nothing added, stdin from /dev/null) and
+/// wait for it to end; it is killed (and the test fails) after `timeout`.
+pub fn run_minivmm(args: &[&str], timeout: Duration) -> RunOutput {
+    run_program(&minivmm_bin(), args, None, timeout)
+}
+
+/// Run `program` with `args`, feeding `stdin` (or /dev/null), and wait for it
+/// to end; it is killed (and the test fails) after `timeout`.
+pub fn run_program(
+    program: &Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> RunOutput {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; the closure runs in the child
+    // between fork and exec and touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    if let (Some(mut w), Some(data)) = (child.stdin.take(), stdin) {
+        let data = data.to_vec();
+        // A writer thread, so a program that does not read cannot block us.
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = w.write_all(&data);
+        });
+    }
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} {args:?} did not end within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                program.display(),
+                out.join().unwrap_or_default(),
+                err.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    RunOutput {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Number of open file descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+}
+
+/// The first word of every 4 KiB page of the guest workload's buffer
+/// (guest-images/workload: `PAGE_MAGIC`).
+pub const PAGE_MAGIC: u64 = 0x4d56_4d4d_574c_4b44;
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// If `page` (4096 bytes) holds exactly the workload's pattern for some page
+/// index and pass, returns `(index, pass)`. See guest-images/README.md,
+/// "Page pattern".
+pub fn workload_page(page: &[u8]) -> Option<(u64, u64)> {
+    if page.len() != 4096 {
+        return None;
+    }
+    let word = |w: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&page[w * 8..w * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    if word(0) != PAGE_MAGIC {
+        return None;
+    }
+    let (i, k) = (word(1), word(2));
+    let mut sum: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in 4..512 {
+        let v = word(w);
+        if v != splitmix64((i << 32) ^ (k << 12) ^ w as u64) {
+            return None;
+        }
+        sum = (sum ^ v).wrapping_mul(0x0100_0000_01b3);
+    }
+    (word(3) == sum).then_some((i, k))
+}
+
+/// Every page of a memory dump that holds the workload's pattern, as
+/// `(byte offset in the dump, page index, pass)`.
+pub fn scan_workload_pages(dump: &[u8]) -> Vec<(usize, u64, u64)> {
+    dump.chunks_exact(4096)
+        .enumerate()
+        .filter_map(|(n, p)| workload_page(p).map(|(i, k)| (n * 4096, i, k)))
+        .collect()
 }

@@ -1,0 +1,371 @@
+//! Booting the guest (issue 2): what a user sees on the serial console and
+//! from the process, with 1 and 2 vCPUs, RAM above the 32-bit hole, guest
+//! reboot with and without `-no-reboot`, serial input, and the command line's
+//! error messages.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tests::*;
+
+/// Deadline for a whole boot plus a few workload passes.
+const PASSES_TIMEOUT: Duration = Duration::from_secs(300);
+/// Deadline for a command-line error (no guest ever runs).
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `GUEST-READY cpus=N mem=M ms=T` → N.
+fn ready_cpus(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("cpus="))
+        .and_then(|n| n.parse().ok())
+}
+
+/// The guest prints PASS 1, 2, 3 in order, without CORRUPT.
+fn assert_three_passes(vm: &Vmm) {
+    vm.wait_pass_beyond(2, PASSES_TIMEOUT);
+    let passes = vm.passes();
+    assert_eq!(
+        &passes[..3],
+        &[1, 2, 3],
+        "{}: PASS lines out of order: {passes:?}",
+        vm.name
+    );
+    vm.assert_no_corrupt();
+}
+
+/// One vCPU: the kernel boots, the workload sees 1 CPU and completes three
+/// passes; with `workload.passes=3` it then reboots the guest, and under
+/// `-no-reboot` minivmm ends with status 0 (QMP saw SHUTDOWN).
+#[test]
+fn one_vcpu_boots_and_no_reboot_exits_zero() {
+    if !kvm_available("one_vcpu_boots_and_no_reboot_exits_zero") {
+        return;
+    }
+    let mut vm = VmmBuilder::new("boot1")
+        .smp(1)
+        .append("console=ttyS0 workload.mem=16 workload.rate=16 workload.passes=3")
+        .arg("-no-reboot")
+        .spawn();
+    let mut q = vm.qmp();
+    let ready = vm.wait_serial("GUEST-READY", BOOT_TIMEOUT);
+    assert_eq!(ready_cpus(&ready), Some(1), "{ready}");
+    assert!(
+        vm.serial.text().contains("Linux version"),
+        "the kernel's boot messages are not on the console"
+    );
+    assert_three_passes(&vm);
+    vm.wait_serial("DONE passes=3", PASSES_TIMEOUT);
+    let st = vm.wait_exit(PASSES_TIMEOUT);
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "minivmm -no-reboot after a guest reboot: {st}\nstderr:\n{}",
+        vm.stderr.text()
+    );
+    let ev = q
+        .wait_event("SHUTDOWN", |_| true, QMP_TIMEOUT)
+        .expect("SHUTDOWN event before the exit");
+    assert_eq!(ev["data"]["guest"], true, "{ev}");
+    assert_eq!(ev["data"]["reason"], "guest-reset", "{ev}");
+    assert!(
+        !vm.stderr.text().contains("panicked"),
+        "{}",
+        vm.stderr.text()
+    );
+}
+
+/// Two vCPUs: the workload sees 2 CPUs and passes; without `-no-reboot` a
+/// guest reboot resets the VM: a RESET event, the guest boots a second time,
+/// and the process keeps running.
+#[test]
+fn two_vcpus_boot_and_guest_reboot_resets() {
+    if !kvm_available("two_vcpus_boot_and_guest_reboot_resets") {
+        return;
+    }
+    let mut vm = VmmBuilder::new("boot2")
+        .smp(2)
+        .append("console=ttyS0 workload.mem=16 workload.rate=16 workload.passes=3")
+        .spawn();
+    let mut q = vm.qmp();
+    let (ready, _) = vm.wait_serial_after(0, "GUEST-READY", BOOT_TIMEOUT);
+    assert_eq!(ready_cpus(&ready), Some(2), "{ready}");
+    assert_three_passes(&vm);
+    let (_, after_done) = vm.wait_serial_after(0, "DONE passes=3", PASSES_TIMEOUT);
+    let ev = q
+        .wait_event("RESET", |_| true, PASSES_TIMEOUT)
+        .expect("RESET event after the guest's reboot");
+    assert_eq!(ev["data"]["guest"], true, "{ev}");
+    let (again, _) = vm.wait_serial_after(after_done, "GUEST-READY", BOOT_TIMEOUT);
+    assert_eq!(ready_cpus(&again), Some(2), "{again}");
+    assert!(vm.exited().is_none(), "minivmm ended after a guest reboot");
+    assert_eq!(run_state(&mut q), "running");
+    vm.assert_no_corrupt();
+}
+
+/// RAM that crosses the 32-bit hole: `-machine max-ram-below-4g=1G -m 1536M`
+/// gives 1 GiB below the hole and 512 MiB at 4 GiB (the same layout as a
+/// 4 GiB guest with the default 3 GiB hole, at a third of the boot cost:
+/// the emulated kernel initialises every page it is given). The guest
+/// allocates its user pages from the high zone, so the workload's pages
+/// must show up in a `pmemsave` of [4 GiB, 4 GiB + 512 MiB), holding exactly
+/// the pattern the guest wrote. A `pmemsave` across the hole is refused.
+#[test]
+fn ram_above_4g_holds_workload_pages() {
+    if !kvm_available("ram_above_4g_holds_workload_pages") {
+        return;
+    }
+    const HIGH: u64 = 1 << 32;
+    const HIGH_LEN: u64 = 512 << 20;
+    let mut vm = VmmBuilder::new("high")
+        .mem("1536M")
+        .arg("-machine")
+        .arg("max-ram-below-4g=1G")
+        .spawn();
+    let mut q = vm.qmp();
+    vm.wait_serial("GUEST-READY", BOOT_TIMEOUT);
+    vm.wait_pass_beyond(1, PASSES_TIMEOUT);
+    vm.assert_no_corrupt();
+    let text = vm.serial.text();
+    assert!(
+        text.contains("[mem 0x0000000100000000-0x000000011fffffff] usable"),
+        "the guest's e820 map lacks RAM at [4 GiB, 4.5 GiB):\n{}",
+        tail(&text, 4000)
+    );
+
+    q.execute("stop", json!({})).expect("stop");
+    let dump = vm.dir.path("high.pmem");
+    q.execute(
+        "pmemsave",
+        json!({"val": HIGH, "size": HIGH_LEN, "filename": dump.display().to_string()}),
+    )
+    .expect("pmemsave of the RAM above 4 GiB");
+    let data = std::fs::read(&dump).expect("read the dump");
+    assert_eq!(data.len() as u64, HIGH_LEN);
+    let pages = scan_workload_pages(&data);
+    let _ = std::fs::remove_file(&dump);
+    let mut indices: Vec<u64> = pages.iter().map(|&(_, i, _)| i).collect();
+    indices.sort_unstable();
+    indices.dedup();
+    // 16 MiB workload = 4096 pages; with the VM stopped every page holds the
+    // previous or the current pass (only the one being written can be torn).
+    assert!(
+        indices.len() >= 1024,
+        "only {} of the workload's 4096 pages found above 4 GiB (passes seen: {:?})",
+        indices.len(),
+        vm.passes()
+    );
+    assert_eq!(indices.len(), pages.len(), "a workload page appears twice");
+    assert!(indices.iter().all(|&i| i < 4096), "page index out of range");
+    let last = *vm.passes().last().expect("a PASS line");
+    assert!(
+        pages.iter().all(|&(_, _, k)| k == last || k == last + 1),
+        "pages above 4 GiB hold passes other than {last}/{}",
+        last + 1
+    );
+
+    // [1 GiB - 4 KiB, 1 GiB + 4 KiB) runs into the hole: refused, no file.
+    let across = vm.dir.path("across.pmem");
+    let err = q
+        .execute(
+            "pmemsave",
+            json!({"val": (1u64 << 30) - 4096, "size": 8192, "filename": across.display().to_string()}),
+        )
+        .expect_err("pmemsave across the hole must fail");
+    match &err {
+        ClientError::Qmp { class, desc } => {
+            assert_eq!(class, "GenericError", "{err}");
+            assert!(
+                desc.contains("0x3ffff000") && desc.contains("RAM"),
+                "the error does not say which range is wrong: {desc}"
+            );
+        }
+        e => panic!("expected a QMP error, got {e}"),
+    }
+    assert!(!across.exists(), "a failed pmemsave left a file behind");
+    // Inside the hole: refused too. The VM is unharmed and runs on.
+    assert!(q
+        .execute(
+            "pmemsave",
+            json!({"val": 3u64 << 30, "size": 4096, "filename": across.display().to_string()}),
+        )
+        .is_err());
+    q.execute("cont", json!({})).expect("cont");
+    let before = *vm.passes().last().unwrap_or(&0);
+    vm.wait_pass_beyond(before, PASSES_TIMEOUT);
+    vm.assert_no_corrupt();
+}
+
+/// With the busybox initramfs, what is typed on minivmm's stdin reaches the
+/// guest's shell on ttyS0 and its answer comes back.
+#[test]
+fn serial_input_reaches_busybox_shell() {
+    if !kvm_available("serial_input_reaches_busybox_shell") {
+        return;
+    }
+    let bb = busybox_initrd();
+    assert!(
+        bb.exists(),
+        "{} missing: run guest-images/build.sh",
+        bb.display()
+    );
+    let mut vm = VmmBuilder::new("bbox")
+        .initrd(&bb)
+        .append("console=ttyS0")
+        .without_qmp()
+        .with_stdin()
+        .spawn();
+    let (_, after) = vm.wait_serial_after(0, "BUSYBOX-READY", BOOT_TIMEOUT);
+    // The shell may still be starting: repeat the command until it answers.
+    // The echo of the typed line holds "hello-$((6*7))", only the shell's
+    // output holds "hello-42".
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    loop {
+        vm.type_serial("echo hello-$((6*7))\n");
+        if vm
+            .serial
+            .wait_line(after, Duration::from_secs(10), |l| {
+                l.trim_end().ends_with("hello-42")
+            })
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shell never answered\n--- serial ---\n{}",
+            tail(&vm.serial.text(), 3000)
+        );
+    }
+}
+
+/// Asserts a one-line error on stderr, a non-zero exit and no panic.
+fn assert_cli_error(args: &[&str], expect: &[&str]) {
+    let out = run_minivmm(args, CLI_TIMEOUT);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(!out.status.success(), "minivmm {args:?} succeeded: {out:?}");
+    assert!(
+        out.status.code().is_some(),
+        "minivmm {args:?} died of a signal: {out:?}"
+    );
+    assert!(
+        !out.stderr.contains("panicked"),
+        "minivmm {args:?} panicked:\n{}",
+        out.stderr
+    );
+    assert_eq!(
+        lines.len(),
+        1,
+        "minivmm {args:?}: expected a one-line error, got:\n{}",
+        out.stderr
+    );
+    assert!(lines[0].starts_with("minivmm: "), "{}", lines[0]);
+    for e in expect {
+        assert!(
+            lines[0].contains(e),
+            "minivmm {args:?}: the error does not mention '{e}': {}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn cli_missing_kernel() {
+    assert_cli_error(&["-m", "128"], &["-kernel"]);
+}
+
+#[test]
+fn cli_nonexistent_kernel() {
+    let dir = WorkDir::new("cli");
+    let k = dir.path("no-such-vmlinux");
+    let k = k.to_str().unwrap();
+    assert_cli_error(&["-kernel", k], &[k, "No such file"]);
+}
+
+#[test]
+fn cli_kernel_that_is_not_a_kernel() {
+    if !kvm_available("cli_kernel_that_is_not_a_kernel") {
+        return;
+    }
+    let dir = WorkDir::new("cli");
+    let k = dir.path("garbage");
+    std::fs::write(&k, b"this is not a kernel\n").unwrap();
+    let k = k.to_str().unwrap();
+    assert_cli_error(&["-kernel", k, "-serial", "none"], &[k]);
+}
+
+#[test]
+fn cli_kernel_is_a_directory() {
+    if !kvm_available("cli_kernel_is_a_directory") {
+        return;
+    }
+    let dir = WorkDir::new("cli");
+    let k = dir.path("a-directory");
+    std::fs::create_dir(&k).unwrap();
+    let k = k.to_str().unwrap();
+    assert_cli_error(&["-kernel", k, "-serial", "none"], &[k]);
+}
+
+#[test]
+fn cli_bad_memory_size() {
+    let k = kernel();
+    let k = k.to_str().unwrap();
+    assert_cli_error(&["-kernel", k, "-m", "1X"], &["-m", "1X"]);
+    assert_cli_error(&["-kernel", k, "-m", "lots"], &["-m", "lots"]);
+}
+
+#[test]
+fn cli_zero_cpus() {
+    let k = kernel();
+    assert_cli_error(&["-kernel", k.to_str().unwrap(), "-smp", "0"], &["-smp"]);
+}
+
+#[test]
+fn cli_unknown_option_is_named() {
+    let k = kernel();
+    assert_cli_error(
+        &["-kernel", k.to_str().unwrap(), "-device", "foo"],
+        &["-device"],
+    );
+}
+
+#[test]
+fn cli_display_other_than_none() {
+    let k = kernel();
+    assert_cli_error(
+        &["-kernel", k.to_str().unwrap(), "-display", "gtk"],
+        &["-display", "gtk"],
+    );
+}
+
+#[test]
+fn cli_option_without_value() {
+    assert_cli_error(&["-kernel"], &["-kernel"]);
+}
+
+#[test]
+fn cli_help_and_version() {
+    let out = run_minivmm(&["--help"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{out:?}");
+    for o in [
+        "-kernel",
+        "-initrd",
+        "-append",
+        "-m ",
+        "-smp",
+        "-qmp",
+        "-incoming",
+    ] {
+        assert!(out.stdout.contains(o), "--help does not mention {o}");
+    }
+    let out = run_minivmm(&["--version"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout.starts_with("minivmm ") && out.stdout.trim().split(' ').count() == 2,
+        "--version: {:?}",
+        out.stdout
+    );
+}
