@@ -227,7 +227,7 @@ trap cleanup EXIT
 
 main() {
     ensure_packages "$LINUX_PKG" flex bison bc libelf-dev busybox-static cpio \
-        gcc make libc6-dev xz-utils patch
+        gcc make libc6-dev xz-utils patch lz4
     mkdir -p "$OUT"
 
     ensure_kernel
