@@ -123,9 +123,9 @@ fn verify_and_write(page: &mut [u64; PAGE_WORDS], i: u64, old: Option<u64>, new:
     let mut bad = None;
     match old {
         None => {
-            for w in DATA_START..PAGE_WORDS {
+            for (w, slot) in page.iter_mut().enumerate().skip(DATA_START) {
                 let v = splitmix64(new_seed ^ w as u64);
-                page[w] = v;
+                *slot = v;
                 new_sum = checksum_step(new_sum, v);
             }
         }
@@ -133,14 +133,14 @@ fn verify_and_write(page: &mut [u64; PAGE_WORDS], i: u64, old: Option<u64>, new:
             let old_seed = page_seed(i, old);
             let mut old_sum = CHECKSUM_INIT;
             let mut first_bad = 0usize;
-            for w in DATA_START..PAGE_WORDS {
+            for (w, slot) in page.iter_mut().enumerate().skip(DATA_START) {
                 let want = splitmix64(old_seed ^ w as u64);
                 old_sum = checksum_step(old_sum, want);
-                if page[w] != want && first_bad == 0 {
+                if *slot != want && first_bad == 0 {
                     first_bad = w;
                 }
                 let v = splitmix64(new_seed ^ w as u64);
-                page[w] = v;
+                *slot = v;
                 new_sum = checksum_step(new_sum, v);
             }
             if page[3] != old_sum && first_bad == 0 {
@@ -499,9 +499,8 @@ impl Input {
             if b == b'\n' || b == b'\r' {
                 if !self.overflow {
                     let c = Self::parse(&self.buf[..self.len]);
-                    if matches!(cmd, Cmd::None) {
-                        cmd = c;
-                    } else if matches!(c, Cmd::Reboot) {
+                    // first command wins, except that reboot beats status
+                    if matches!(cmd, Cmd::None) || matches!(c, Cmd::Reboot) {
                         cmd = c;
                     }
                 }
