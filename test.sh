@@ -21,5 +21,5 @@ cargo build --release --workspace
 if [ $# -eq 0 ]; then
     set -- --workspace
 fi
-cargo test --release "$@" -- --test-threads=2
+cargo test --release --no-fail-fast "$@" -- --test-threads=2
 echo "test.sh: all tests passed in $((SECONDS - start)) s"

@@ -286,6 +286,28 @@ fn cli_nonexistent_kernel() {
 }
 
 #[test]
+fn cli_nonexistent_initrd() {
+    if !kvm_available("cli_nonexistent_initrd") {
+        return;
+    }
+    let dir = WorkDir::new("cli");
+    let i = dir.path("no-such-initrd");
+    let i = i.to_str().unwrap();
+    let k = kernel();
+    assert_cli_error(
+        &[
+            "-kernel",
+            k.to_str().unwrap(),
+            "-initrd",
+            i,
+            "-serial",
+            "none",
+        ],
+        &[i, "No such file"],
+    );
+}
+
+#[test]
 fn cli_kernel_that_is_not_a_kernel() {
     if !kvm_available("cli_kernel_that_is_not_a_kernel") {
         return;
