@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,7 +147,7 @@ impl Drop for WorkDir {
 
 /// Text captured from a child's stdout or stderr, line by line.
 #[derive(Clone, Default)]
-pub struct Capture(Arc<(Mutex<String>, Condvar)>);
+pub struct Capture(Arc<(Mutex<String>, Condvar)>, Arc<AtomicBool>);
 
 impl Capture {
     fn spawn_reader(&self, r: impl std::io::Read + Send + 'static, echo: Option<String>) {
@@ -158,7 +158,15 @@ impl Capture {
             loop {
                 line.clear();
                 match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => {
+                        // End of stream (the process exited): wake waiters
+                        // so they fail now instead of at their deadline.
+                        let (m, cv) = &*c.0;
+                        let _g = m.lock().unwrap_or_else(|e| e.into_inner());
+                        c.1.store(true, Ordering::SeqCst);
+                        cv.notify_all();
+                        break;
+                    }
                     Ok(_) => {
                         let s = String::from_utf8_lossy(&line).replace('\r', "");
                         if let Some(tag) = &echo {
@@ -184,8 +192,14 @@ impl Capture {
         self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// True once the stream has ended (the process closed it or exited).
+    pub fn is_closed(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
+    }
+
     /// Wait until a line satisfying `pred` appears after byte `from`;
-    /// returns the line and the offset after it.
+    /// returns the line and the offset after it. `None` at the deadline, or
+    /// as soon as the stream has ended without such a line.
     pub fn wait_line(
         &self,
         from: usize,
@@ -204,7 +218,7 @@ impl Capture {
                 }
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.is_closed() {
                 return None;
             }
             g = cv
@@ -423,6 +437,14 @@ impl Vmm {
         }
     }
 
+    fn console_state(&self) -> &'static str {
+        if self.serial.is_closed() {
+            " (the console closed: minivmm exited)"
+        } else {
+            ""
+        }
+    }
+
     /// Wait for a serial line containing `needle`.
     pub fn wait_serial(&self, needle: &str, timeout: Duration) -> String {
         self.wait_serial_after(0, needle, timeout).0
@@ -438,8 +460,9 @@ impl Vmm {
         match self.serial.wait_line(from, timeout, |l| l.contains(needle)) {
             Some(x) => x,
             None => panic!(
-                "{}: no serial line with '{needle}' within {timeout:?}\n--- serial (tail) ---\n{}\n--- stderr ---\n{}",
+                "{}: no serial line with '{needle}' within {timeout:?}{}\n--- serial (tail) ---\n{}\n--- stderr ---\n{}",
                 self.name,
+                self.console_state(),
                 tail(&self.serial.text(), 3000),
                 self.stderr.text()
             ),
@@ -451,8 +474,9 @@ impl Vmm {
         let (line, _) = match self.serial.wait_line(0, timeout, |l| pass_number(l).is_some_and(|n| n > after)) {
             Some(x) => x,
             None => panic!(
-                "{}: no PASS beyond {after} within {timeout:?}\n--- serial (tail) ---\n{}\n--- stderr ---\n{}",
+                "{}: no PASS beyond {after} within {timeout:?}{}\n--- serial (tail) ---\n{}\n--- stderr ---\n{}",
                 self.name,
+                self.console_state(),
                 tail(&self.serial.text(), 3000),
                 self.stderr.text()
             ),

@@ -391,8 +391,8 @@ fn events_only_after_negotiation() {
     assert_eq!(r, json!({"return": {}, "id": 1}));
     b.execute("cont", json!({})).expect("cont");
     for c in [&mut late, &mut b] {
-        let ev = c.wait_event("RESUME", |_| true, QMP_TIMEOUT).unwrap();
-        assert!(ev.get("data").is_none() || ev["data"].is_object(), "{ev}");
+        c.wait_event("RESUME", |_| true, QMP_TIMEOUT)
+            .expect("RESUME on both clients");
     }
 }
 
@@ -655,8 +655,6 @@ fn several_listeners_unix_and_tcp() {
     for c in [&mut u, &mut t, &mut u2] {
         c.wait_event("STOP", |_| true, QMP_TIMEOUT).expect("STOP");
     }
-    drop(vm);
-    // minivmm removes nothing it did not create; the socket file is gone with the dir.
 }
 
 /// Lines `(QEMU) {...}` of qmp-shell's output, as JSON.
