@@ -219,6 +219,51 @@ impl Throttle {
     }
 }
 
+/// Most pages in one RAM section: the receiver stages a section and places
+/// it only after its checksum verifies.
+pub const SECTION_PAGES: u64 = 256;
+/// Most pages a receiver accepts in one section.
+pub const MAX_SECTION_PAGES: usize = 1024;
+
+/// Send every page set in `dirty` (clearing it) as PART sections of at most
+/// [`SECTION_PAGES`] pages. `progress(offset, writer, bytes)` runs after each page.
+fn send_dirty<W: Write>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+    ram: &dyn GuestRam,
+    dirty: &mut [Bitmap],
+    progress: &mut dyn FnMut(u64, &RamWriter, u64) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    let mut in_section = 0u64;
+    for (b, bm) in dirty.iter_mut().enumerate() {
+        let mut p = 0;
+        while let Some(page) = bm.next_set(p) {
+            bm.test_and_clear(page);
+            if in_section == 0 {
+                w.begin_section();
+                w.u8(section::PART)?;
+                w.be32(RAM_SECTION_ID)?;
+                rw.new_section();
+            }
+            let before = w.offset();
+            rw.send_page(w, ram, b, page)??;
+            in_section += 1;
+            if in_section == SECTION_PAGES {
+                rw.write_eos(w)?;
+                w.footer(RAM_SECTION_ID)?;
+                in_section = 0;
+            }
+            progress(w.offset(), rw, w.offset() - before)?;
+            p = page + 1;
+        }
+    }
+    if in_section > 0 {
+        rw.write_eos(w)?;
+        w.footer(RAM_SECTION_ID)?;
+    }
+    Ok(())
+}
+
 /// Source side: runs to completion, failure or cancel. Returns the final status.
 pub fn run_outgoing(mut o: Outgoing) -> Status {
     {
@@ -265,7 +310,10 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
 }
 
 /// Reads return-path messages into a channel until the peer closes.
-fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> Receiver<Result<(u16, Vec<u8>), StreamError>> {
+/// Messages from the return-path reader thread.
+type RpReceiver = Receiver<Result<(u16, Vec<u8>), StreamError>>;
+
+fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> RpReceiver {
     let (tx, rx) = channel();
     std::thread::Builder::new()
         .name("mig-return".into())
@@ -319,29 +367,29 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
         None
     };
     let mut last_desc = None;
-    let check_rp = |rx: &Option<Receiver<Result<(u16, Vec<u8>), StreamError>>>,
-                    last_desc: &mut Option<String>|
-     -> Result<(), MigrationError> {
-        if let Some(rx) = rx {
-            while let Ok(m) = rx.try_recv() {
-                match m {
-                    Ok((k, d)) => {
-                        if let Some(e) = rp_error(k, &d, last_desc) {
-                            return Err(e);
+    let check_rp =
+        |rx: &Option<RpReceiver>, last_desc: &mut Option<String>| -> Result<(), MigrationError> {
+            if let Some(rx) = rx {
+                while let Ok(m) = rx.try_recv() {
+                    match m {
+                        Ok((k, d)) => {
+                            if let Some(e) = rp_error(k, &d, last_desc) {
+                                return Err(e);
+                            }
                         }
+                        Err(_) => return Err(MigrationError::PeerLost("destination")),
                     }
-                    Err(_) => return Err(MigrationError::PeerLost("destination")),
                 }
             }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
 
     let ram = o.ram.clone();
     let blocks = ram.blocks().to_vec();
     ram.start_dirty_log()?;
     let mut dirty: Vec<Bitmap> = blocks.iter().map(|b| Bitmap::full(b.pages())).collect();
     let mut rw = RamWriter::new();
+    w.begin_section();
     w.u8(section::START)?;
     w.be32(RAM_SECTION_ID)?;
     w.idstr(RAM_IDSTR)?;
@@ -389,33 +437,23 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
         // One round: every page dirty at the sync.
         let round_start = Instant::now();
         let round_bytes_start = w.offset();
-        w.u8(section::PART)?;
-        w.be32(RAM_SECTION_ID)?;
-        rw.new_section();
         let mut sent = 0u64;
-        for (b, bm) in dirty.iter_mut().enumerate() {
-            let mut p = 0;
-            while let Some(page) = bm.next_set(p) {
-                bm.test_and_clear(page);
-                let before = w.offset();
-                rw.send_page(&mut w, &*ram, b, page)??;
-                throttle.account(w.offset() - before);
-                sent += 1;
-                p = page + 1;
-                if sent % 4096 == 0 {
-                    if o.shared.cancelled() {
-                        return Err(MigrationError::Cancelled);
-                    }
-                    let mut i = o.shared.info();
-                    i.ram.transferred = w.offset();
-                    i.ram.remaining = remaining_bytes.saturating_sub(sent * PAGE_SIZE as u64);
-                    i.ram.duplicate = rw.zero_pages;
-                    i.ram.normal = rw.normal_pages;
+        let shared = o.shared.clone();
+        send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |w, rw, n| {
+            throttle.account(n);
+            sent += 1;
+            if sent.is_multiple_of(4096) {
+                if shared.cancelled() {
+                    return Err(MigrationError::Cancelled);
                 }
+                let mut i = shared.info();
+                i.ram.transferred = w;
+                i.ram.remaining = remaining_bytes.saturating_sub(sent * PAGE_SIZE as u64);
+                i.ram.duplicate = rw.zero_pages;
+                i.ram.normal = rw.normal_pages;
             }
-        }
-        rw.write_eos(&mut w)?;
-        w.footer(RAM_SECTION_ID)?;
+            Ok(())
+        })?;
         w.flush()?;
         let secs = round_start.elapsed().as_secs_f64().max(1e-6);
         bandwidth = (w.offset() - round_bytes_start) as f64 / secs;
@@ -441,17 +479,11 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
     ram.sync_dirty_log(&mut dirty)?;
     o.shared.info().ram.dirty_sync_count = pass + 1;
     (o.events)(Event::Pass(pass + 1));
+    send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |_, _, _| Ok(()))?;
+    w.begin_section();
     w.u8(section::END)?;
     w.be32(RAM_SECTION_ID)?;
     rw.new_section();
-    for (b, bm) in dirty.iter_mut().enumerate() {
-        let mut p = 0;
-        while let Some(page) = bm.next_set(p) {
-            bm.test_and_clear(page);
-            rw.send_page(&mut w, &*ram, b, page)??;
-            p = page + 1;
-        }
-    }
     rw.write_eos(&mut w)?;
     w.footer(RAM_SECTION_ID)?;
     let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
@@ -568,7 +600,9 @@ fn incoming(
     let mut ram_started = false;
     let mut ram_ended = false;
     let mut devices: Vec<DeviceBlob> = Vec::new();
+    let mut staging = crate::ram::StagingPlacer::new(MAX_SECTION_PAGES);
     loop {
+        r.begin_section();
         let at = r.offset();
         let t = r.u8("section type")?;
         match t {
@@ -615,11 +649,19 @@ fn incoming(
                     }
                     rr.new_section();
                 }
-                rr.read_records(&mut r, &mut placer as &mut dyn PagePlacer)?;
+                staging.clear();
+                rr.read_records(&mut r, &mut staging)?;
                 r.footer(id)?;
+                staging
+                    .commit(&mut placer as &mut dyn PagePlacer)
+                    .map_err(|source| RamRecordError::Place { offset: at, source })?;
                 if t == section::END {
                     ram_ended = true;
                 }
+                let mut i = inc.shared.info();
+                i.ram.transferred = r.offset();
+                i.ram.duplicate = rr.zero_pages;
+                i.ram.normal = rr.pages - rr.zero_pages;
             }
             section::FULL => {
                 let id = r.be32("section id")?;
@@ -799,14 +841,21 @@ mod tests {
             shared: shared.clone(),
             events: Arc::new(move |e| p2.lock().unwrap().push(e)),
         };
+        let st = run_outgoing(out);
+        guest.join().unwrap();
         assert_eq!(
-            run_outgoing(out),
+            st,
+            Status::Completed,
+            "{:?} / {:?}",
+            shared.info().error_desc,
+            dshared.info().error_desc
+        );
+        assert_eq!(
+            dthread.join().unwrap(),
             Status::Completed,
             "{:?}",
-            shared.info().error_desc
+            dshared.info().error_desc
         );
-        guest.join().unwrap();
-        assert_eq!(dthread.join().unwrap(), Status::Completed);
         for b in 0..2 {
             assert!(
                 *src.data[b].lock().unwrap() == *dst.data[b].lock().unwrap(),

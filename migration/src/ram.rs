@@ -251,7 +251,8 @@ impl RamWriter {
             return Ok(Err(e));
         }
         let zero = crate::stream::is_zero(&self.buf);
-        let mut hdr = page * PAGE_SIZE as u64 | if zero { ram_flag::ZERO } else { ram_flag::PAGE };
+        let mut hdr =
+            (page * PAGE_SIZE as u64) | if zero { ram_flag::ZERO } else { ram_flag::PAGE };
         let cont = self.last_block == Some(block);
         if cont {
             hdr |= ram_flag::CONTINUE;
@@ -297,6 +298,69 @@ impl PagePlacer for DirectPlacer<'_> {
     }
 }
 
+/// Holds one section's pages until its checksum has been verified.
+pub struct StagingPlacer {
+    data: Vec<u8>,
+    entries: Vec<(usize, u64, bool)>,
+    limit: usize,
+}
+
+impl StagingPlacer {
+    /// Room for at most `limit` pages per section.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            data: Vec::new(),
+            entries: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Forget staged pages.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.entries.clear();
+    }
+
+    fn push(&mut self, block: usize, page: u64, data: Option<&[u8]>) -> Result<(), RamError> {
+        if self.entries.len() >= self.limit {
+            return Err(RamError::Place {
+                block,
+                page,
+                source: format!("more than {} pages in one section", self.limit).into(),
+            });
+        }
+        self.entries.push((block, page, data.is_none()));
+        if let Some(d) = data {
+            self.data.extend_from_slice(d);
+        }
+        Ok(())
+    }
+
+    /// Hand the staged pages to `placer`, in order.
+    pub fn commit(&mut self, placer: &mut dyn PagePlacer) -> Result<(), RamError> {
+        let mut off = 0;
+        for &(block, page, zero) in &self.entries {
+            if zero {
+                placer.place_zero(block, page)?;
+            } else {
+                placer.place_page(block, page, &self.data[off..off + PAGE_SIZE])?;
+                off += PAGE_SIZE;
+            }
+        }
+        self.clear();
+        Ok(())
+    }
+}
+
+impl PagePlacer for StagingPlacer {
+    fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+        self.push(block, page, Some(data))
+    }
+    fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
+        self.push(block, page, None)
+    }
+}
+
 /// Errors reading RAM records.
 #[derive(Debug, thiserror::Error)]
 pub enum RamRecordError {
@@ -321,6 +385,8 @@ pub struct RamReader {
     page: Vec<u8>,
     /// Pages received (PAGE or ZERO).
     pub pages: u64,
+    /// Of those, ZERO records.
+    pub zero_pages: u64,
 }
 
 impl RamReader {
@@ -331,6 +397,7 @@ impl RamReader {
             last_block: None,
             page: vec![0; PAGE_SIZE],
             pages: 0,
+            zero_pages: 0,
         }
     }
 
@@ -440,7 +507,7 @@ impl RamReader {
                 b
             };
             let page = addr / PAGE_SIZE as u64;
-            if addr % PAGE_SIZE as u64 != 0 || page >= self.blocks[block].pages() {
+            if !addr.is_multiple_of(PAGE_SIZE as u64) || page >= self.blocks[block].pages() {
                 return Err(StreamError::invalid(
                     at,
                     format!(
@@ -468,6 +535,7 @@ impl RamReader {
                 placer
                     .place_zero(block, page)
                     .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                self.zero_pages += 1;
             }
             self.pages += 1;
         }
@@ -615,7 +683,7 @@ pub(crate) mod tests {
 
         // A page beyond the block is refused with its offset.
         let mut w = Writer::new(Vec::new());
-        w.be64(100 * PAGE_SIZE as u64 | ram_flag::ZERO).unwrap();
+        w.be64((100 * PAGE_SIZE as u64) | ram_flag::ZERO).unwrap();
         w.idstr("ram1").unwrap();
         w.u8(0).unwrap();
         let bytes = w.get_mut().clone();

@@ -91,6 +91,8 @@ pub struct BootEntry {
     pub entry: u64,
 }
 
+// The field is read as bytes, through ByteValued, when written to guest memory.
+#[allow(dead_code)]
 #[derive(Clone, Copy, Default)]
 struct BootParamsWrapper(boot_params);
 // SAFETY: boot_params is a plain-old-data C struct (integers and arrays of

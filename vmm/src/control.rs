@@ -482,8 +482,8 @@ impl Control {
     fn messages(&mut self) -> Result<(), ControlError> {
         while let Ok(m) = self.rx.try_recv() {
             match m {
-                CtlMsg::Vcpu(VcpuEvent::Reset(_)) => self.guest_reset()?,
-                CtlMsg::Vcpu(VcpuEvent::Shutdown(_)) => {
+                CtlMsg::Vcpu(VcpuEvent::Reset) => self.guest_reset()?,
+                CtlMsg::Vcpu(VcpuEvent::Shutdown) => {
                     self.shutdown_event("guest-shutdown", true);
                     self.set_runstate(RunState::Shutdown);
                     self.exit = Some(0);
@@ -694,7 +694,7 @@ impl Control {
                 "VM status: {}\r\n",
                 match self.runstate {
                     RunState::Running => "running".to_string(),
-                    RunState::Paused | RunState::Prelaunch => "paused".to_string(),
+                    RunState::Paused => "paused".to_string(),
                     s => format!("paused ({})", s.as_str()),
                 }
             ),
@@ -956,7 +956,8 @@ impl Control {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// `e` and its sources on one line, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

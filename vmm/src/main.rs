@@ -36,12 +36,7 @@ fn main() -> ExitCode {
     match control::run(*config) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("minivmm: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                eprintln!("  caused by: {s}");
-                src = s.source();
-            }
+            eprintln!("minivmm: {}", control::error_chain(&e));
             ExitCode::from(1)
         }
     }

@@ -57,10 +57,11 @@ impl MemLayout {
         if size < MIN_RAM {
             return Err(MemoryError::Size(size, "at least 32 MiB is needed"));
         }
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::Size(size, "not a multiple of 4 KiB"));
         }
-        if hole_start < MIN_RAM || hole_start > HIGH_RAM_START || hole_start % (2 << 20) != 0 {
+        if !(MIN_RAM..=HIGH_RAM_START).contains(&hole_start) || !hole_start.is_multiple_of(2 << 20)
+        {
             return Err(MemoryError::Size(
                 hole_start,
                 "hole start must be a 2 MiB multiple in [32 MiB, 4 GiB]",

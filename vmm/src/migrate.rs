@@ -35,10 +35,6 @@ pub struct KvmRam {
     starts: Vec<u64>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Msg(String);
-
 impl KvmRam {
     /// RAM of `mem`, with dirty logging through `fd`.
     pub fn new(fd: Arc<VmFd>, mem: Arc<GuestMemoryMmap>) -> Self {

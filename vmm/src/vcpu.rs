@@ -37,9 +37,9 @@ use devices::PioBus;
 #[derive(Debug)]
 pub enum VcpuEvent {
     /// The guest asked for a reset (triple fault or KVM system event).
-    Reset(u8),
+    Reset,
     /// The guest asked to power off.
-    Shutdown(u8),
+    Shutdown,
     /// KVM cannot run this vCPU any more; the message says why, with registers.
     Fatal(u8, String),
 }
@@ -235,15 +235,15 @@ fn run_once(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext) -> bool {
         Ok(VcpuExit::MmioWrite(..)) => {}
         Ok(VcpuExit::Hlt) => {}
         Ok(VcpuExit::Shutdown) => {
-            (ctx.notify)(VcpuEvent::Reset(id));
+            (ctx.notify)(VcpuEvent::Reset);
             return false;
         }
         Ok(VcpuExit::SystemEvent(kind, _)) => {
             const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
             if kind == KVM_SYSTEM_EVENT_SHUTDOWN {
-                (ctx.notify)(VcpuEvent::Shutdown(id));
+                (ctx.notify)(VcpuEvent::Shutdown);
             } else {
-                (ctx.notify)(VcpuEvent::Reset(id));
+                (ctx.notify)(VcpuEvent::Reset);
             }
             return false;
         }

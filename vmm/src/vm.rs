@@ -92,7 +92,6 @@ pub struct MachineState {
 
 /// A running (or paused) VM.
 pub struct Vm {
-    kvm: Kvm,
     fd: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
     shape: VmShape,
@@ -181,7 +180,6 @@ impl Vm {
         }
 
         let mut vm = Self {
-            kvm,
             fd: Arc::new(fd),
             mem,
             shape,
@@ -223,11 +221,6 @@ impl Vm {
     /// The KVM VM fd.
     pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
-    }
-
-    /// The KVM system fd.
-    pub fn kvm(&self) -> &Kvm {
-        &self.kvm
     }
 
     /// The serial port.
