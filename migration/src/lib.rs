@@ -12,3 +12,15 @@ pub mod ram;
 pub mod status;
 pub mod stream;
 pub mod transport;
+
+/// `e` and its sources on one line, joined with ": " (for `error-desc`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

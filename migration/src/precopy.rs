@@ -291,7 +291,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
             i.error_desc = Some(if cancelled {
                 "migration cancelled".to_string()
             } else {
-                e.to_string()
+                crate::error_chain(&e)
             });
             if cancelled {
                 Status::Cancelled
@@ -384,146 +384,177 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
             Ok(())
         };
 
-    let ram = o.ram.clone();
-    let blocks = ram.blocks().to_vec();
-    ram.start_dirty_log()?;
-    let mut dirty: Vec<Bitmap> = blocks.iter().map(|b| Bitmap::full(b.pages())).collect();
-    let mut rw = RamWriter::new();
-    w.begin_section();
-    w.u8(section::START)?;
-    w.be32(RAM_SECTION_ID)?;
-    w.idstr(RAM_IDSTR)?;
-    w.be32(0)?;
-    w.be32(RAM_SECTION_VERSION)?;
-    rw.write_block_list(&mut w, &blocks)?;
-    rw.write_eos(&mut w)?;
-    w.footer(RAM_SECTION_ID)?;
-    w.flush()?;
-    o.shared.info().setup_time_ms = start.elapsed().as_millis() as u64;
-    set_status(&o.shared, &o.events, Status::Active);
-
-    let mut throttle = Throttle::new(o.params.max_bandwidth);
-    let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
-    let mut pass = 0u64;
-    loop {
-        if o.shared.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        check_rp(&rp_rx, &mut last_desc)?;
-        ram.sync_dirty_log(&mut dirty)?;
-        pass += 1;
-        let remaining: u64 = dirty.iter().map(Bitmap::count).sum();
-        let remaining_bytes = remaining * PAGE_SIZE as u64;
-        let bw = if o.params.max_bandwidth > 0 && bandwidth > 0.0 {
-            bandwidth.min(o.params.max_bandwidth as f64)
-        } else {
-            bandwidth
-        };
-        let expected_ms = if bw > 0.0 {
-            (remaining_bytes as f64 / bw * 1000.0) as u64
-        } else {
-            u64::MAX
-        };
-        {
-            let mut i = o.shared.info();
-            i.ram.dirty_sync_count = pass;
-            i.ram.remaining = remaining_bytes;
-            i.expected_downtime_ms = (expected_ms != u64::MAX).then_some(expected_ms);
-        }
-        (o.events)(Event::Pass(pass));
-        if pass > 1 && (remaining == 0 || expected_ms <= o.params.downtime_limit_ms) {
-            break;
-        }
-        // One round: every page dirty at the sync.
-        let round_start = Instant::now();
-        let round_bytes_start = w.offset();
-        let mut sent = 0u64;
-        let shared = o.shared.clone();
-        send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |w, rw, n| {
-            throttle.account(n);
-            sent += 1;
-            if sent.is_multiple_of(4096) {
-                if shared.cancelled() {
-                    return Err(MigrationError::Cancelled);
-                }
-                let mut i = shared.info();
-                i.ram.transferred = w;
-                i.ram.remaining = remaining_bytes.saturating_sub(sent * PAGE_SIZE as u64);
-                i.ram.duplicate = rw.zero_pages;
-                i.ram.normal = rw.normal_pages;
-            }
-            Ok(())
-        })?;
+    let result = (|| {
+        let ram = o.ram.clone();
+        let blocks = ram.blocks().to_vec();
+        ram.start_dirty_log()?;
+        let mut dirty: Vec<Bitmap> = blocks.iter().map(|b| Bitmap::full(b.pages())).collect();
+        let mut rw = RamWriter::new();
+        w.begin_section();
+        w.u8(section::START)?;
+        w.be32(RAM_SECTION_ID)?;
+        w.idstr(RAM_IDSTR)?;
+        w.be32(0)?;
+        w.be32(RAM_SECTION_VERSION)?;
+        rw.write_block_list(&mut w, &blocks)?;
+        rw.write_eos(&mut w)?;
+        w.footer(RAM_SECTION_ID)?;
         w.flush()?;
-        let secs = round_start.elapsed().as_secs_f64().max(1e-6);
-        bandwidth = (w.offset() - round_bytes_start) as f64 / secs;
-        let mut i = o.shared.info();
-        i.ram.transferred = w.offset();
-        i.ram.duplicate = rw.zero_pages;
-        i.ram.normal = rw.normal_pages;
-        i.ram.mbps = bandwidth * 8.0 / 1e6;
-        i.ram.dirty_pages_rate = (remaining as f64 / secs) as u64;
-    }
+        o.shared.info().setup_time_ms = start.elapsed().as_millis() as u64;
+        set_status(&o.shared, &o.events, Status::Active);
 
-    if o.caps.pause_before_switchover {
-        set_status(&o.shared, &o.events, Status::PreSwitchover);
-        o.shared.wait_switchover();
-        if o.shared.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-    }
-
-    // Stop and copy.
-    let stop_start = Instant::now();
-    *stopped = Some(o.machine.stop().map_err(MigrationError::Machine)?);
-    ram.sync_dirty_log(&mut dirty)?;
-    o.shared.info().ram.dirty_sync_count = pass + 1;
-    (o.events)(Event::Pass(pass + 1));
-    send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |_, _, _| Ok(()))?;
-    w.begin_section();
-    w.u8(section::END)?;
-    w.be32(RAM_SECTION_ID)?;
-    rw.new_section();
-    rw.write_eos(&mut w)?;
-    w.footer(RAM_SECTION_ID)?;
-    let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
-    for (i, d) in devices.iter().enumerate() {
-        stream::write_device(&mut w, RAM_SECTION_ID + 1 + i as u32, d)?;
-    }
-    w.u8(section::EOF)?;
-    w.flush()?;
-    {
-        let mut i = o.shared.info();
-        i.ram.transferred = w.offset();
-        i.ram.remaining = 0;
-        i.ram.duplicate = rw.zero_pages;
-        i.ram.normal = rw.normal_pages;
-    }
-    drop(w);
-    chan.finish().map_err(MigrationError::Machine)?;
-
-    // Wait for the destination's verdict.
-    if let Some(rx) = &rp_rx {
+        let mut throttle = Throttle::new(o.params.max_bandwidth);
+        let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
+        let mut pass = 0u64;
         loop {
             if o.shared.cancelled() {
                 return Err(MigrationError::Cancelled);
             }
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(Ok((rp::SHUT, d))) if d == [0, 0, 0, 0] => break,
-                Ok(Ok((k, d))) => {
-                    if let Some(e) = rp_error(k, &d, &mut last_desc) {
-                        return Err(e);
+            check_rp(&rp_rx, &mut last_desc)?;
+            ram.sync_dirty_log(&mut dirty)?;
+            pass += 1;
+            let remaining: u64 = dirty.iter().map(Bitmap::count).sum();
+            let remaining_bytes = remaining * PAGE_SIZE as u64;
+            let bw = if o.params.max_bandwidth > 0 && bandwidth > 0.0 {
+                bandwidth.min(o.params.max_bandwidth as f64)
+            } else {
+                bandwidth
+            };
+            let expected_ms = if bw > 0.0 {
+                (remaining_bytes as f64 / bw * 1000.0) as u64
+            } else {
+                u64::MAX
+            };
+            {
+                let mut i = o.shared.info();
+                i.ram.dirty_sync_count = pass;
+                i.ram.remaining = remaining_bytes;
+                i.expected_downtime_ms = (expected_ms != u64::MAX).then_some(expected_ms);
+            }
+            (o.events)(Event::Pass(pass));
+            if pass > 1 && (remaining == 0 || expected_ms <= o.params.downtime_limit_ms) {
+                break;
+            }
+            // One round: every page dirty at the sync.
+            let round_start = Instant::now();
+            let round_bytes_start = w.offset();
+            let mut sent = 0u64;
+            let shared = o.shared.clone();
+            send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |w, rw, n| {
+                throttle.account(n);
+                sent += 1;
+                if sent.is_multiple_of(4096) {
+                    if shared.cancelled() {
+                        return Err(MigrationError::Cancelled);
                     }
+                    let mut i = shared.info();
+                    i.ram.transferred = w;
+                    i.ram.remaining = remaining_bytes.saturating_sub(sent * PAGE_SIZE as u64);
+                    i.ram.duplicate = rw.zero_pages;
+                    i.ram.normal = rw.normal_pages;
                 }
-                Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MigrationError::PeerLost("destination"));
+                Ok(())
+            })?;
+            w.flush()?;
+            let secs = round_start.elapsed().as_secs_f64().max(1e-6);
+            bandwidth = (w.offset() - round_bytes_start) as f64 / secs;
+            let mut i = o.shared.info();
+            i.ram.transferred = w.offset();
+            i.ram.duplicate = rw.zero_pages;
+            i.ram.normal = rw.normal_pages;
+            i.ram.mbps = bandwidth * 8.0 / 1e6;
+            i.ram.dirty_pages_rate = (remaining as f64 / secs) as u64;
+        }
+
+        // Stop and copy (with pause-before-switchover, the guest stays stopped
+        // in pre-switchover until migrate-continue, as in QEMU).
+        let stop_start = Instant::now();
+        *stopped = Some(o.machine.stop().map_err(MigrationError::Machine)?);
+        if o.caps.pause_before_switchover {
+            set_status(&o.shared, &o.events, Status::PreSwitchover);
+            o.shared.wait_switchover();
+            if o.shared.cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            set_status(&o.shared, &o.events, Status::Device);
+        }
+        ram.sync_dirty_log(&mut dirty)?;
+        o.shared.info().ram.dirty_sync_count = pass + 1;
+        (o.events)(Event::Pass(pass + 1));
+        send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |_, _, _| Ok(()))?;
+        w.begin_section();
+        w.u8(section::END)?;
+        w.be32(RAM_SECTION_ID)?;
+        rw.new_section();
+        rw.write_eos(&mut w)?;
+        w.footer(RAM_SECTION_ID)?;
+        let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
+        for (i, d) in devices.iter().enumerate() {
+            stream::write_device(&mut w, RAM_SECTION_ID + 1 + i as u32, d)?;
+        }
+        w.u8(section::EOF)?;
+        w.flush()?;
+        {
+            let mut i = o.shared.info();
+            i.ram.transferred = w.offset();
+            i.ram.remaining = 0;
+            i.ram.duplicate = rw.zero_pages;
+            i.ram.normal = rw.normal_pages;
+        }
+        drop(w);
+        chan.finish().map_err(MigrationError::Machine)?;
+
+        // Wait for the destination's verdict.
+        if let Some(rx) = &rp_rx {
+            loop {
+                if o.shared.cancelled() {
+                    return Err(MigrationError::Cancelled);
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(Ok((rp::SHUT, d))) if d == [0, 0, 0, 0] => break,
+                    Ok(Ok((k, d))) => {
+                        if let Some(e) = rp_error(k, &d, &mut last_desc) {
+                            return Err(e);
+                        }
+                    }
+                    Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
+                        return Err(MigrationError::PeerLost("destination"));
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
             }
         }
+        o.shared.info().downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
+        Ok(())
+    })();
+    match result {
+        // A broken connection is usually the destination giving up: if it
+        // said why on the return path, report that instead of EPIPE.
+        Err(e @ (MigrationError::Stream(StreamError::Io { .. }) | MigrationError::PeerLost(_))) => {
+            Err(destination_reason(&rp_rx, &mut last_desc).unwrap_or(e))
+        }
+        r => r,
     }
-    o.shared.info().downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
-    Ok(())
+}
+
+/// The destination's error from the return path, waiting briefly for it.
+fn destination_reason(
+    rx: &Option<RpReceiver>,
+    last_desc: &mut Option<String>,
+) -> Option<MigrationError> {
+    let rx = rx.as_ref()?;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match rx.recv_timeout(left) {
+            Ok(Ok((k, d))) => {
+                if let Some(e) = rp_error(k, &d, last_desc) {
+                    return Some(e);
+                }
+            }
+            _ => return last_desc.take().map(MigrationError::Destination),
+        }
+    }
 }
 
 /// Everything an incoming migration needs.
@@ -561,7 +592,7 @@ pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
             Status::Completed
         }
         Err(e) => {
-            let desc = e.to_string();
+            let desc = crate::error_chain(&e);
             if let Some(w) = rp_writer.as_mut() {
                 let _ = stream::write_rp(w, rp::ERROR_DESC, desc.as_bytes());
                 let _ = stream::write_rp(w, rp::SHUT, &1u32.to_be_bytes());

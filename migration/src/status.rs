@@ -20,6 +20,8 @@ pub enum Status {
     Active,
     /// Waiting for `migrate-continue`.
     PreSwitchover,
+    /// Sending the final RAM and device state after `migrate-continue`.
+    Device,
     /// The destination runs; pages still arrive.
     PostcopyActive,
     /// COLO checkpointing.
@@ -42,6 +44,7 @@ impl Status {
             Self::Setup => "setup",
             Self::Active => "active",
             Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
             Self::PostcopyActive => "postcopy-active",
             Self::Colo => "colo",
             Self::Completed => "completed",

@@ -27,6 +27,17 @@ pub enum Uri {
     File(PathBuf),
 }
 
+impl std::fmt::Display for Uri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Exec(c) => write!(f, "exec:{c}"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -152,7 +163,7 @@ impl Channel {
 fn io<'a>(what: &'static str, uri: &'a Uri) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
     move |source| TransportError::Io {
         what,
-        uri: format!("{uri:?}"),
+        uri: uri.to_string(),
         source,
     }
 }

@@ -794,3 +794,130 @@ pub fn scan_workload_pages(dump: &[u8]) -> Vec<(usize, u64, u64)> {
         .filter_map(|(n, p)| workload_page(p).map(|(i, k)| (n * 4096, i, k)))
         .collect()
 }
+
+/// What a [`Relay`] does to the migration stream (source to destination).
+#[derive(Clone, Copy, Debug)]
+pub enum Tamper {
+    /// Pass everything through.
+    None,
+    /// XOR byte `at` of the stream with 0x40.
+    Flip {
+        /// Stream offset.
+        at: u64,
+    },
+    /// Close both connections after `at` bytes.
+    Truncate {
+        /// Bytes passed before closing.
+        at: u64,
+    },
+    /// Insert 64 bytes of 0xa5 before byte `at`.
+    Garbage {
+        /// Stream offset.
+        at: u64,
+    },
+}
+
+/// A TCP relay between a migration source and destination that can damage
+/// the stream on the way; the return path is passed through untouched.
+/// Its threads end when either side closes.
+pub struct Relay {
+    /// Port the source connects to (127.0.0.1).
+    pub port: u16,
+    /// Bytes passed from source to destination so far.
+    pub forwarded: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    /// Relay one connection to `127.0.0.1:dst_port`.
+    pub fn start(dst_port: u16, tamper: Tamper) -> Relay {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+        let port = l.local_addr().expect("relay addr").port();
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let fwd = forwarded.clone();
+        std::thread::spawn(move || {
+            let Ok((src, _)) = l.accept() else { return };
+            let Ok(dst) = TcpStream::connect(("127.0.0.1", dst_port)) else {
+                return;
+            };
+            let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            // Return path: destination to source, untouched.
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut d2, &mut s2);
+                let _ = s2.shutdown(Shutdown::Write);
+            });
+            let (mut src, mut dst) = (src, dst);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut off: u64 = 0;
+            loop {
+                let n = match src.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let chunk = &mut buf[..n];
+                let end = off + n as u64;
+                let ok = match tamper {
+                    Tamper::None => dst.write_all(chunk).is_ok(),
+                    Tamper::Flip { at } => {
+                        if (off..end).contains(&at) {
+                            chunk[(at - off) as usize] ^= 0x40;
+                        }
+                        dst.write_all(chunk).is_ok()
+                    }
+                    Tamper::Truncate { at } => {
+                        if end >= at {
+                            let _ = dst.write_all(&chunk[..(at - off) as usize]);
+                            break;
+                        }
+                        dst.write_all(chunk).is_ok()
+                    }
+                    Tamper::Garbage { at } => {
+                        if (off..end).contains(&at) {
+                            let k = (at - off) as usize;
+                            dst.write_all(&chunk[..k]).is_ok()
+                                && dst.write_all(&[0xa5; 64]).is_ok()
+                                && dst.write_all(&chunk[k..]).is_ok()
+                        } else {
+                            dst.write_all(chunk).is_ok()
+                        }
+                    }
+                };
+                off = end;
+                fwd.store(off as usize, Ordering::Relaxed);
+                if !ok {
+                    break;
+                }
+            }
+            let _ = dst.shutdown(Shutdown::Both);
+            let _ = src.shutdown(Shutdown::Both);
+        });
+        Relay { port, forwarded }
+    }
+}
+
+/// Save `size` bytes of guest RAM from guest-physical 0 with `pmemsave`
+/// into the VM's work directory and read it back.
+pub fn pmem_dump(vm: &mut Vmm, c: &mut Client, size: u64, name: &str) -> Vec<u8> {
+    let path = vm.dir.path(name);
+    c.execute(
+        "pmemsave",
+        json!({"val": 0, "size": size, "filename": path.display().to_string()}),
+    )
+    .expect("pmemsave");
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(data.len() as u64, size, "pmemsave size");
+    data
+}
+
+/// Indices of the 4 KiB pages that differ between two dumps.
+pub fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
+    assert_eq!(a.len(), b.len(), "dumps of different sizes");
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i)
+        .collect()
+}

@@ -55,3 +55,456 @@ fn live_tcp_dirtying_guest() {
     src.assert_no_corrupt();
     dst.assert_no_corrupt();
 }
+
+/// Source guest restored from the shared snapshot and running again.
+fn running_source(name: &str) -> Vmm {
+    let snap = snapshot(&base());
+    let src = VmmBuilder::new(name)
+        .smp(2)
+        .incoming(&format!("file:{}", snap.display()))
+        .spawn();
+    src.wait_pass_beyond(2, BOOT_TIMEOUT);
+    src
+}
+
+/// A destination for `base()` guests waiting on `uri` (its QMP answers, so
+/// it is listening).
+fn destination(name: &str, uri: &str) -> Vmm {
+    let mut d = base_named(name).incoming(uri).spawn();
+    let _ = d.qmp();
+    d
+}
+
+fn base_named(name: &str) -> VmmBuilder {
+    VmmBuilder::new(name).smp(2)
+}
+
+/// Migrate and wait for a final state; returns query-migrate.
+fn migrate(c: &mut Client, uri: &str) -> serde_json::Value {
+    c.execute("migrate", json!({ "uri": uri }))
+        .expect("migrate");
+    wait_migration(c, &["completed", "failed", "cancelled"], MIG_TIMEOUT)
+}
+
+/// The source failed (or was cancelled) and its guest goes on unharmed.
+fn assert_source_survived(src: &mut Vmm, sq: &mut Client) {
+    assert_eq!(run_state(sq), "running");
+    let last = src.passes().last().copied().unwrap_or(0);
+    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.assert_no_corrupt();
+}
+
+/// The kvmclock MSRs (0x4b564d00 wall clock, 0x4b564d01 system time) of
+/// every vCPU in a saved migration stream: the `msrs` lists of its `cpu`
+/// device sections are `[index u32 LE, reserved, data u64 LE]` entries.
+fn kvmclock_msrs(stream: &[u8]) -> Vec<(u32, u64)> {
+    let key = b"\"msrs\":";
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(p) = stream[i..].windows(key.len()).position(|w| w == key) {
+        let start = i + p + key.len();
+        let mut de =
+            serde_json::Deserializer::from_slice(&stream[start..]).into_iter::<Vec<Vec<u8>>>();
+        if let Some(Ok(entries)) = de.next() {
+            for e in entries.iter().filter(|e| e.len() == 16) {
+                let index = u32::from_le_bytes(e[0..4].try_into().unwrap());
+                let data = u64::from_le_bytes(e[8..16].try_into().unwrap());
+                if index == 0x4b56_4d00 || index == 0x4b56_4d01 {
+                    out.push((index, data));
+                }
+            }
+        }
+        i = start;
+    }
+    out
+}
+
+/// Over unix, into a destination started with `-S`: both sides end paused;
+/// their whole RAM must be identical except the kvmclock areas that KVM
+/// rewrites when the destination restores the clock MSRs (the wall-clock
+/// structure and the vCPUs' pvclock structures: KVM writes them itself on
+/// KVM_SET_MSRS / the first entry, with the destination host's TSC values).
+/// Then `cont` and the guest goes on.
+#[test]
+fn unix_to_paused_destination_memory_identical() {
+    if !kvm_available("unix_to_paused_destination_memory_identical") {
+        return;
+    }
+    let mut src = running_source("src");
+    let sock = src.dir.path("mig.sock");
+    let uri = format!("unix:{}", sock.display());
+    let mut dst = base_named("dst").arg("-S").incoming(&uri).spawn();
+    let mut dq = dst.qmp();
+    let mut sq = src.qmp();
+    let r = migrate(&mut sq, &uri);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(run_state(&mut sq), "postmigrate");
+    let dr = wait_migration(&mut dq, &["completed"], MIG_TIMEOUT);
+    assert!(dr["ram"]["transferred"].as_u64().unwrap_or(0) > 0, "{dr}");
+    assert_eq!(run_state(&mut dq), "paused");
+
+    let size = 128 << 20;
+    let a = pmem_dump(&mut src, &mut sq, size, "src.mem");
+    let b = pmem_dump(&mut dst, &mut dq, size, "dst.mem");
+    let diff = differing_pages(&a, &b);
+    // The workload's buffer must be there, identical.
+    assert!(
+        scan_workload_pages(&a).len() >= 4000,
+        "workload pages not found in the dump"
+    );
+    if !diff.is_empty() {
+        // Which pages may differ: those the kvmclock MSRs point at.
+        let file = src.dir.path("state.qevm");
+        let r = migrate(&mut sq, &format!("file:{}", file.display()));
+        assert_eq!(r["status"], "completed", "{r}");
+        let msrs = kvmclock_msrs(&std::fs::read(&file).expect("saved state"));
+        assert!(!msrs.is_empty(), "no kvmclock MSRs in the saved vCPU state");
+        let allowed: Vec<usize> = msrs
+            .iter()
+            .map(|(_, v)| ((v & !1) / 4096) as usize)
+            .collect();
+        for p in &diff {
+            assert!(
+                allowed.contains(p),
+                "page {p:#x} (gpa {:#x}) differs and holds no kvmclock structure (those are at pages {allowed:x?}); first bytes src {:02x?} dst {:02x?}",
+                p * 4096,
+                &a[p * 4096..p * 4096 + 32],
+                &b[p * 4096..p * 4096 + 32]
+            );
+        }
+        eprintln!("pages differing (kvmclock areas, rewritten by KVM): {diff:x?}");
+    }
+    dq.execute("cont", json!({})).unwrap();
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst.assert_no_corrupt();
+    src.assert_no_corrupt();
+}
+
+/// `exec:` both ways through a file: the source writes with `cat >`, a new
+/// process restores with `cat`.
+#[test]
+fn exec_and_file_save_restore() {
+    if !kvm_available("exec_and_file_save_restore") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    let file = src.dir.path("via-exec.qevm");
+    let r = migrate(&mut sq, &format!("exec:cat > {}", file.display()));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(run_state(&mut sq), "postmigrate");
+    let last = src.passes().last().copied().unwrap_or(0);
+    let dst = destination("dst", &format!("exec:cat {}", file.display()));
+    dst.wait_pass_beyond(last, BOOT_TIMEOUT);
+    dst.assert_no_corrupt();
+    assert!(!dst.serial.text().contains("GUEST-READY"));
+
+    // file: from the restored guest, then a third process from that file.
+    let mut dst = dst;
+    let mut dq = dst.qmp();
+    let file2 = dst.dir.path("saved.qevm");
+    let r = migrate(&mut dq, &format!("file:{}", file2.display()));
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = dst.passes().last().copied().unwrap_or(0);
+    let third = destination("third", &format!("file:{}", file2.display()));
+    third.wait_pass_beyond(last, BOOT_TIMEOUT);
+    third.assert_no_corrupt();
+}
+
+/// A to B to C over TCP with `-incoming defer` + `migrate-incoming`.
+#[test]
+fn chain_a_b_c_with_deferred_incoming() {
+    if !kvm_available("chain_a_b_c_with_deferred_incoming") {
+        return;
+    }
+    let mut a = running_source("a");
+    let mut b = destination("b", "defer");
+    let mut c = destination("c", "defer");
+    let mut aq = a.qmp();
+    let mut bq = b.qmp();
+    let mut cq = c.qmp();
+    assert_eq!(run_state(&mut bq), "inmigrate");
+    let pb = free_port();
+    bq.execute(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{pb}")}),
+    )
+    .unwrap();
+    let r = migrate(&mut aq, &format!("tcp:127.0.0.1:{pb}"));
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = a.passes().last().copied().unwrap_or(0);
+    b.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    let pc = free_port();
+    cq.execute(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{pc}")}),
+    )
+    .unwrap();
+    let r = migrate(&mut bq, &format!("tcp:127.0.0.1:{pc}"));
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = b.passes().last().copied().unwrap_or(0);
+    c.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    assert_eq!(run_state(&mut cq), "running");
+    for v in [&a, &b, &c] {
+        v.assert_no_corrupt();
+    }
+    // Each hop continues the numbering: no pass is repeated on the next host.
+    let (pa, pb_, pc_) = (a.passes(), b.passes(), c.passes());
+    assert!(
+        pb_[0] > *pa.first().unwrap() && pc_[0] > pb_[0],
+        "{pa:?} {pb_:?} {pc_:?}"
+    );
+}
+
+/// Nothing listens at the destination: `failed` at once, guest unharmed.
+#[test]
+fn no_listener_fails_fast_and_source_keeps_running() {
+    if !kvm_available("no_listener_fails_fast_and_source_keeps_running") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{}", free_port()));
+    assert_eq!(r["status"], "failed", "{r}");
+    let desc = r["error-desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("refused"), "{r}");
+    assert_source_survived(&mut src, &mut sq);
+}
+
+/// The destination dies during the rounds: the source fails with a reason
+/// and keeps its guest; a second migration to a fresh destination works.
+#[test]
+fn destination_killed_mid_migration_then_retry() {
+    if !kvm_available("destination_killed_mid_migration_then_retry") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    let port = free_port();
+    let mut dst = destination("dst", &format!("tcp:127.0.0.1:{port}"));
+    let _ = dst.qmp();
+    // 1 MB/s: the 16 MiB/s guest never converges, so we catch it in the rounds.
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1_000_000}),
+    )
+    .unwrap();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    wait_migration(&mut sq, &["active"], MIG_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(1500));
+    dst.kill();
+    let r = wait_migration(&mut sq, &["failed"], MIG_TIMEOUT);
+    assert!(
+        r["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
+        "{r}"
+    );
+    assert_source_survived(&mut src, &mut sq);
+
+    sq.execute("migrate-set-parameters", json!({"max-bandwidth": 0}))
+        .unwrap();
+    let port = free_port();
+    let dst2 = destination("dst2", &format!("tcp:127.0.0.1:{port}"));
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{port}"));
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst2.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst2.assert_no_corrupt();
+}
+
+/// `migrate_cancel` right after `migrate` (setup), during the rounds of a
+/// migration that cannot converge, and after completion (harmless).
+#[test]
+fn cancel_in_setup_rounds_and_after_completion() {
+    if !kvm_available("cancel_in_setup_rounds_and_after_completion") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    sq.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    )
+    .unwrap();
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1_000_000, "downtime-limit": 1}),
+    )
+    .unwrap();
+
+    // In setup: cancel before the first round has started.
+    let port = free_port();
+    let mut d1 = destination("d1", &format!("tcp:127.0.0.1:{port}"));
+    let _ = d1.qmp();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.execute("migrate_cancel", json!({})).unwrap();
+    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    let st = d1.wait_exit(MIG_TIMEOUT);
+    assert!(
+        !st.success(),
+        "the destination must leave inmigrate with an error"
+    );
+    assert_source_survived(&mut src, &mut sq);
+
+    // During the rounds: it never converges at 1 MB/s; expected-downtime says so.
+    let port = free_port();
+    let mut d2 = destination("d2", &format!("tcp:127.0.0.1:{port}"));
+    let _ = d2.qmp();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.wait_event(
+        "MIGRATION_PASS",
+        |e| e["data"]["pass"].as_u64() >= Some(2),
+        MIG_TIMEOUT,
+    )
+    .unwrap();
+    let r = sq.execute("query-migrate", json!({})).unwrap();
+    assert_eq!(r["status"], "active", "{r}");
+    assert!(r["expected-downtime"].as_u64().unwrap_or(0) > 1, "{r}");
+    sq.execute("migrate-cancel", json!({})).unwrap();
+    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    sq.wait_event(
+        "MIGRATION",
+        |e| e["data"]["status"] == "cancelled",
+        MIG_TIMEOUT,
+    )
+    .unwrap();
+    let st = d2.wait_exit(MIG_TIMEOUT);
+    assert!(!st.success());
+    assert!(
+        d2.stderr.text().contains("incoming migration failed"),
+        "{}",
+        d2.stderr.text()
+    );
+    assert_source_survived(&mut src, &mut sq);
+
+    // After completion: harmless.
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 0, "downtime-limit": 300}),
+    )
+    .unwrap();
+    let port = free_port();
+    let d3 = destination("d3", &format!("tcp:127.0.0.1:{port}"));
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{port}"));
+    assert_eq!(r["status"], "completed", "{r}");
+    sq.execute("migrate_cancel", json!({})).unwrap();
+    let r = sq.execute("query-migrate", json!({})).unwrap();
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = src.passes().last().copied().unwrap_or(0);
+    d3.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    d3.assert_no_corrupt();
+}
+
+/// A relay damages the stream; the destination names what is wrong and
+/// never runs the guest; the source fails and keeps its guest.
+fn damaged_stream(tamper: Tamper, dst_mem: &str, expect: &[&str]) {
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    let port = free_port();
+    let mut dst = base_named("dst")
+        .mem(dst_mem)
+        .incoming(&format!("tcp:127.0.0.1:{port}"))
+        .spawn();
+    let _ = dst.qmp();
+    let relay = Relay::start(port, tamper);
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{}", relay.port));
+    assert_eq!(r["status"], "failed", "{r}");
+    let st = dst.wait_exit(MIG_TIMEOUT);
+    assert!(!st.success());
+    let err = dst.stderr.text();
+    assert!(
+        expect.iter().any(|e| err.contains(e)),
+        "destination error should mention one of {expect:?}:\n{err}"
+    );
+    assert!(
+        dst.passes().is_empty(),
+        "the destination ran a half-loaded guest"
+    );
+    assert_source_survived(&mut src, &mut sq);
+    eprintln!(
+        "{tamper:?}: source: {} / destination: {}",
+        r["error-desc"],
+        err.trim()
+    );
+}
+
+#[test]
+fn flipped_byte_in_ram_is_refused() {
+    if !kvm_available("flipped_byte_in_ram_is_refused") {
+        return;
+    }
+    damaged_stream(Tamper::Flip { at: 3 << 20 }, "128M", &["checksum mismatch"]);
+}
+
+#[test]
+fn truncated_stream_is_refused() {
+    if !kvm_available("truncated_stream_is_refused") {
+        return;
+    }
+    damaged_stream(Tamper::Truncate { at: 2 << 20 }, "128M", &["truncated"]);
+}
+
+#[test]
+fn injected_garbage_is_refused() {
+    if !kvm_available("injected_garbage_is_refused") {
+        return;
+    }
+    damaged_stream(
+        Tamper::Garbage { at: 1 << 20 },
+        "128M",
+        &["checksum mismatch", "invalid stream"],
+    );
+}
+
+#[test]
+fn wrong_magic_is_refused() {
+    if !kvm_available("wrong_magic_is_refused") {
+        return;
+    }
+    damaged_stream(Tamper::Flip { at: 1 }, "128M", &["bad magic"]);
+}
+
+#[test]
+fn memory_size_mismatch_is_refused() {
+    if !kvm_available("memory_size_mismatch_is_refused") {
+        return;
+    }
+    damaged_stream(Tamper::None, "256M", &["memory", "RAM"]);
+}
+
+/// `pause-before-switchover`: the source stops in `pre-switchover` until
+/// `migrate-continue`.
+#[test]
+fn pause_before_switchover_then_continue() {
+    if !kvm_available("pause_before_switchover_then_continue") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    sq.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    )
+    .unwrap();
+    let port = free_port();
+    let dst = destination("dst", &format!("tcp:127.0.0.1:{port}"));
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    wait_migration(&mut sq, &["pre-switchover"], MIG_TIMEOUT);
+    assert_eq!(run_state(&mut sq), "finish-migrate");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = sq.execute("query-migrate", json!({})).unwrap();
+    assert_eq!(r["status"], "pre-switchover", "{r}");
+    sq.execute("migrate-continue", json!({"state": "pre-switchover"}))
+        .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst.assert_no_corrupt();
+}

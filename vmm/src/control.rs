@@ -507,12 +507,12 @@ impl Control {
                 let r = self
                     .stop_vm(RunState::FinishMigrate)
                     .map(|_| was)
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| error_chain(&e));
                 let _ = reply.send(r);
             }
             MachineRequest::Resume(reply) => {
                 let r = if self.was_running_before_migration {
-                    self.start_vm().map_err(|e| e.to_string())
+                    self.start_vm().map_err(|e| error_chain(&e))
                 } else {
                     self.set_runstate(RunState::Paused);
                     Ok(())
@@ -523,7 +523,7 @@ impl Control {
                 let r = self
                     .vm
                     .save_state()
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| error_chain(&e))
                     .and_then(|st| migrate::to_blobs(&st, self.was_running_before_migration));
                 let _ = reply.send(r);
             }
@@ -536,9 +536,9 @@ impl Control {
 
     fn load_incoming(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
         let (st, running) = migrate::from_blobs(blobs, self.vm.shape())?;
-        self.vm.restore_state(&st).map_err(|e| e.to_string())?;
+        self.vm.restore_state(&st).map_err(|e| error_chain(&e))?;
         if running && !self.config.start_paused {
-            self.start_vm().map_err(|e| e.to_string())?;
+            self.start_vm().map_err(|e| error_chain(&e))?;
         } else {
             self.set_runstate(RunState::Paused);
         }
@@ -615,7 +615,7 @@ impl Control {
                     precopy::run_incoming(inc, chan);
                 }
                 Err(e) => {
-                    inc.shared.info().error_desc = Some(e.to_string());
+                    inc.shared.info().error_desc = Some(error_chain(&e));
                     inc.shared.info().status = Status::Failed;
                     events(MigEvent::Status(Status::Failed));
                 }
@@ -756,7 +756,7 @@ impl Control {
     }
 
     fn execute(&mut self, cmd: Command) -> Result<Value, QmpError> {
-        let vm_err = |e: VmError| generic(e.to_string());
+        let vm_err = |e: VmError| generic(error_chain(&e));
         match cmd {
             Command::QueryStatus => Ok(json!({
                 "running": self.runstate == RunState::Running,
