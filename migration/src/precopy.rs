@@ -20,15 +20,15 @@
 //! On any failure the source resumes its guest if it had stopped it.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ram::{
-    Bitmap, DirectPlacer, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter,
-};
+use crate::postcopy::{dest_package, send_rp, DestPostcopy, RpWriter, TrackingPlacer};
+use crate::ram::{Bitmap, GuestRam, RamError, RamReader, RamRecordError, RamWriter};
 use crate::status::{Capabilities, Parameters, Shared, Status};
 use crate::stream::{self, cmd, rp, section, DeviceBlob, Reader, StreamError, Writer, PAGE_SIZE};
 use crate::transport::{self, Channel, Uri};
@@ -63,6 +63,9 @@ pub enum MigrationError {
     /// The destination reported a failure.
     #[error("destination failed: {0}")]
     Destination(String),
+    /// Postcopy.
+    #[error(transparent)]
+    Postcopy(Box<crate::postcopy::PostcopyError>),
     /// The peer went away.
     #[error("connection to the {0} was lost")]
     PeerLost(&'static str),
@@ -139,8 +142,16 @@ pub trait Machine: Send {
 
 /// The destination VMM's side of the machine.
 pub trait IncomingMachine: Send {
-    /// Load all device state (the VM is stopped and RAM complete).
+    /// Load all device state (the VM is stopped; in postcopy RAM is still
+    /// arriving) and start the guest unless it is to stay paused.
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String>;
+    /// Is the postcopy-ram capability set here (asked at POSTCOPY_ADVISE)?
+    fn postcopy_enabled(&mut self) -> bool {
+        false
+    }
+    /// Postcopy failed after the switch: stop the guest for good (its RAM
+    /// is incomplete) and say why.
+    fn abandon(&mut self, _why: &str) {}
 }
 
 /// What the engine tells the VMM as it goes.
@@ -175,7 +186,7 @@ pub struct Outgoing {
     pub events: EventSink,
 }
 
-fn set_status(shared: &Shared, events: &EventSink, s: Status) {
+pub(crate) fn set_status(shared: &Shared, events: &EventSink, s: Status) {
     {
         let mut i = shared.info();
         if i.status == s {
@@ -187,14 +198,14 @@ fn set_status(shared: &Shared, events: &EventSink, s: Status) {
 }
 
 /// Paces writes to a byte rate.
-struct Throttle {
+pub(crate) struct Throttle {
     rate: u64,
     window_start: Instant,
     window_bytes: u64,
 }
 
 impl Throttle {
-    fn new(rate: u64) -> Self {
+    pub(crate) fn new(rate: u64) -> Self {
         Self {
             rate,
             window_start: Instant::now(),
@@ -202,7 +213,7 @@ impl Throttle {
         }
     }
 
-    fn account(&mut self, bytes: u64) {
+    pub(crate) fn account(&mut self, bytes: u64) {
         if self.rate == 0 {
             return;
         }
@@ -225,20 +236,24 @@ pub const SECTION_PAGES: u64 = 256;
 /// Most pages a receiver accepts in one section.
 pub const MAX_SECTION_PAGES: usize = 1024;
 
-/// Send every page set in `dirty` (clearing it) as PART sections of at most
-/// [`SECTION_PAGES`] pages. `progress(offset, writer, bytes)` runs after each page.
+/// Send every page set in `dirty` (clearing it, and setting it in `sent`)
+/// as PART sections of at most [`SECTION_PAGES`] pages.
+/// `progress(offset, writer, bytes)` runs after each page; when it returns
+/// `false` the round stops early (the switch to postcopy).
 fn send_dirty<W: Write>(
     w: &mut Writer<W>,
     rw: &mut RamWriter,
     ram: &dyn GuestRam,
     dirty: &mut [Bitmap],
-    progress: &mut dyn FnMut(u64, &RamWriter, u64) -> Result<(), MigrationError>,
+    sent: &mut [Bitmap],
+    progress: &mut dyn FnMut(u64, &RamWriter, u64) -> Result<bool, MigrationError>,
 ) -> Result<(), MigrationError> {
     let mut in_section = 0u64;
-    for (b, bm) in dirty.iter_mut().enumerate() {
+    'blocks: for (b, bm) in dirty.iter_mut().enumerate() {
         let mut p = 0;
         while let Some(page) = bm.next_set(p) {
             bm.test_and_clear(page);
+            sent[b].set(page);
             if in_section == 0 {
                 w.begin_section();
                 w.u8(section::PART)?;
@@ -253,8 +268,10 @@ fn send_dirty<W: Write>(
                 w.footer(RAM_SECTION_ID)?;
                 in_section = 0;
             }
-            progress(w.offset(), rw, w.offset() - before)?;
             p = page + 1;
+            if !progress(w.offset(), rw, w.offset() - before)? {
+                break 'blocks;
+            }
         }
     }
     if in_section > 0 {
@@ -276,12 +293,18 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
     }
     set_status(&o.shared, &o.events, Status::Setup);
     let mut stopped = None;
-    let result = outgoing(&mut o, &mut stopped);
+    let run_sent = AtomicBool::new(false);
+    let result = outgoing(&mut o, &mut stopped, &run_sent);
     let _ = o.ram.stop_dirty_log();
     let status = match result {
         Ok(()) => Status::Completed,
         Err(e) => {
-            if let Some(true) = stopped {
+            if run_sent.load(Ordering::SeqCst) {
+                // The destination may be running the guest: resuming ours
+                // would fork it. It stays stopped; the user decides.
+                o.shared.info().postcopy_after_run = true;
+                eprintln!("minivmm: postcopy failed after the destination started the guest; the guest stays stopped here");
+            } else if let Some(true) = stopped {
                 if let Err(re) = o.machine.resume() {
                     eprintln!("minivmm: migration failed and the guest could not be resumed: {re}");
                 }
@@ -311,7 +334,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
 
 /// Reads return-path messages into a channel until the peer closes.
 /// Messages from the return-path reader thread.
-type RpReceiver = Receiver<Result<(u16, Vec<u8>), StreamError>>;
+pub(crate) type RpReceiver = Receiver<Result<(u16, Vec<u8>), StreamError>>;
 
 fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> RpReceiver {
     let (tx, rx) = channel();
@@ -332,7 +355,11 @@ fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> RpReceiver {
 }
 
 /// Turn a return-path message into an error, if it reports one.
-fn rp_error(kind: u16, data: &[u8], last_desc: &mut Option<String>) -> Option<MigrationError> {
+pub(crate) fn rp_error(
+    kind: u16,
+    data: &[u8],
+    last_desc: &mut Option<String>,
+) -> Option<MigrationError> {
     match kind {
         rp::ERROR_DESC => {
             *last_desc = Some(String::from_utf8_lossy(data).into_owned());
@@ -347,7 +374,11 @@ fn rp_error(kind: u16, data: &[u8], last_desc: &mut Option<String>) -> Option<Mi
     }
 }
 
-fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), MigrationError> {
+fn outgoing(
+    o: &mut Outgoing,
+    stopped: &mut Option<bool>,
+    run_sent: &AtomicBool,
+) -> Result<(), MigrationError> {
     let start = Instant::now();
     let mut chan: Channel = transport::connect(&o.uri)?;
     *o.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
@@ -367,6 +398,15 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
         None
     };
     let mut last_desc = None;
+    if o.caps.postcopy_ram {
+        let rx = rp_rx.as_ref().ok_or_else(|| {
+            crate::postcopy::PostcopyError::Refused(format!(
+                "postcopy needs a return path; '{}' has none (use tcp: or unix:)",
+                o.uri
+            ))
+        })?;
+        crate::postcopy::advise_source(&mut w, rx, &mut last_desc)?;
+    }
     let check_rp =
         |rx: &Option<RpReceiver>, last_desc: &mut Option<String>| -> Result<(), MigrationError> {
             if let Some(rx) = rx {
@@ -389,6 +429,9 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
         let blocks = ram.blocks().to_vec();
         ram.start_dirty_log()?;
         let mut dirty: Vec<Bitmap> = blocks.iter().map(|b| Bitmap::full(b.pages())).collect();
+        let mut sent: Vec<Bitmap> = blocks.iter().map(|b| Bitmap::new(b.pages())).collect();
+        let want_postcopy = o.caps.postcopy_ram;
+        let postcopy = move |sh: &Shared| want_postcopy && sh.start_postcopy.load(Ordering::SeqCst);
         let mut rw = RamWriter::new();
         w.begin_section();
         w.u8(section::START)?;
@@ -435,26 +478,40 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
             if pass > 1 && (remaining == 0 || expected_ms <= o.params.downtime_limit_ms) {
                 break;
             }
+            if postcopy(&o.shared) {
+                break;
+            }
             // One round: every page dirty at the sync.
             let round_start = Instant::now();
             let round_bytes_start = w.offset();
-            let mut sent = 0u64;
+            let mut sent_now = 0u64;
             let shared = o.shared.clone();
-            send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |w, rw, n| {
-                throttle.account(n);
-                sent += 1;
-                if sent.is_multiple_of(4096) {
-                    if shared.cancelled() {
-                        return Err(MigrationError::Cancelled);
+            send_dirty(
+                &mut w,
+                &mut rw,
+                &*ram,
+                &mut dirty,
+                &mut sent,
+                &mut |w, rw, n| {
+                    throttle.account(n);
+                    sent_now += 1;
+                    if postcopy(&shared) {
+                        return Ok(false);
                     }
-                    let mut i = shared.info();
-                    i.ram.transferred = w;
-                    i.ram.remaining = remaining_bytes.saturating_sub(sent * PAGE_SIZE as u64);
-                    i.ram.duplicate = rw.zero_pages;
-                    i.ram.normal = rw.normal_pages;
-                }
-                Ok(())
-            })?;
+                    if sent_now.is_multiple_of(4096) {
+                        if shared.cancelled() {
+                            return Err(MigrationError::Cancelled);
+                        }
+                        let mut i = shared.info();
+                        i.ram.transferred = w;
+                        i.ram.remaining =
+                            remaining_bytes.saturating_sub(sent_now * PAGE_SIZE as u64);
+                        i.ram.duplicate = rw.zero_pages;
+                        i.ram.normal = rw.normal_pages;
+                    }
+                    Ok(true)
+                },
+            )?;
             w.flush()?;
             let secs = round_start.elapsed().as_secs_f64().max(1e-6);
             bandwidth = (w.offset() - round_bytes_start) as f64 / secs;
@@ -470,6 +527,29 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
         // in pre-switchover until migrate-continue, as in QEMU).
         let stop_start = Instant::now();
         *stopped = Some(o.machine.stop().map_err(MigrationError::Machine)?);
+        if let (true, Some(rx)) = (postcopy(&o.shared), &rp_rx) {
+            ram.sync_dirty_log(&mut dirty)?;
+            o.shared.info().ram.dirty_sync_count = pass + 1;
+            (o.events)(Event::Pass(pass + 1));
+            let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
+            return crate::postcopy::run_source(
+                crate::postcopy::SourcePhase {
+                    w: &mut w,
+                    rw: &mut rw,
+                    ram: &*ram,
+                    dirty: &mut dirty,
+                    sent: &sent,
+                    rx,
+                    shared: &o.shared,
+                    events: &o.events,
+                    params: &o.params,
+                    last_desc: &mut last_desc,
+                    stop_start,
+                },
+                &devices,
+                run_sent,
+            );
+        }
         if o.caps.pause_before_switchover {
             set_status(&o.shared, &o.events, Status::PreSwitchover);
             o.shared.wait_switchover();
@@ -481,7 +561,14 @@ fn outgoing(o: &mut Outgoing, stopped: &mut Option<bool>) -> Result<(), Migratio
         ram.sync_dirty_log(&mut dirty)?;
         o.shared.info().ram.dirty_sync_count = pass + 1;
         (o.events)(Event::Pass(pass + 1));
-        send_dirty(&mut w, &mut rw, &*ram, &mut dirty, &mut |_, _, _| Ok(()))?;
+        send_dirty(
+            &mut w,
+            &mut rw,
+            &*ram,
+            &mut dirty,
+            &mut sent,
+            &mut |_, _, _| Ok(true),
+        )?;
         w.begin_section();
         w.u8(section::END)?;
         w.be32(RAM_SECTION_ID)?;
@@ -582,20 +669,20 @@ pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
         i.ram.total = inc.ram.blocks().iter().map(|b| b.size).sum();
     }
     set_status(&inc.shared, &inc.events, Status::Active);
-    let mut rp_writer: Option<Box<dyn Write + Send>> = None;
+    let mut rp_writer: Option<RpWriter> = None;
     let result = incoming(&mut inc, &mut chan, &mut rp_writer);
     let status = match result {
         Ok(()) => {
-            if let Some(w) = rp_writer.as_mut() {
-                let _ = stream::write_rp(w, rp::SHUT, &0u32.to_be_bytes());
+            if let Some(w) = &rp_writer {
+                let _ = send_rp(w, rp::SHUT, &0u32.to_be_bytes());
             }
             Status::Completed
         }
         Err(e) => {
             let desc = crate::error_chain(&e);
-            if let Some(w) = rp_writer.as_mut() {
-                let _ = stream::write_rp(w, rp::ERROR_DESC, desc.as_bytes());
-                let _ = stream::write_rp(w, rp::SHUT, &1u32.to_be_bytes());
+            if let Some(w) = &rp_writer {
+                let _ = send_rp(w, rp::ERROR_DESC, desc.as_bytes());
+                let _ = send_rp(w, rp::SHUT, &1u32.to_be_bytes());
             }
             inc.shared.info().error_desc = Some(desc);
             Status::Failed
@@ -612,7 +699,7 @@ pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
 fn incoming(
     inc: &mut Incoming,
     chan: &mut Channel,
-    rp_writer: &mut Option<Box<dyn Write + Send>>,
+    rp_writer: &mut Option<RpWriter>,
 ) -> Result<(), MigrationError> {
     let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
     let mut r = Reader::new(BufReader::with_capacity(1 << 20, reader));
@@ -627,7 +714,7 @@ fn incoming(
 
     let ram = inc.ram.clone();
     let mut rr = RamReader::new(ram.blocks().to_vec());
-    let mut placer = DirectPlacer(&*ram);
+    let mut post: Option<Arc<DestPostcopy>> = None;
     let mut ram_started = false;
     let mut ram_ended = false;
     let mut devices: Vec<DeviceBlob> = Vec::new();
@@ -684,7 +771,10 @@ fn incoming(
                 rr.read_records(&mut r, &mut staging)?;
                 r.footer(id)?;
                 staging
-                    .commit(&mut placer as &mut dyn PagePlacer)
+                    .commit(&mut TrackingPlacer {
+                        ram: &*ram,
+                        post: post.as_deref(),
+                    })
                     .map_err(|source| RamRecordError::Place { offset: at, source })?;
                 if t == section::END {
                     ram_ended = true;
@@ -725,17 +815,68 @@ fn incoming(
                             )
                             .into());
                         }
-                        *rp_writer = Some(std::mem::replace(
+                        *rp_writer = Some(Arc::new(Mutex::new(std::mem::replace(
                             &mut chan.writer,
                             Box::new(std::io::sink()),
-                        ));
+                        ))));
+                    }
+                    cmd::POSTCOPY_ADVISE => {
+                        let rp = rp_writer.clone().ok_or_else(|| {
+                            StreamError::invalid(at, "POSTCOPY_ADVISE without a return path")
+                        })?;
+                        if post.is_some() || ram_started {
+                            return Err(StreamError::invalid(
+                                at,
+                                "POSTCOPY_ADVISE after RAM or twice",
+                            )
+                            .into());
+                        }
+                        let enabled = inc.machine.postcopy_enabled();
+                        post = Some(Arc::new(DestPostcopy::advise(
+                            ram.clone(),
+                            enabled,
+                            &data,
+                            rp,
+                        )?));
+                    }
+                    cmd::POSTCOPY_RAM_DISCARD => {
+                        let p = post.as_ref().ok_or_else(|| {
+                            StreamError::invalid(at, "POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE")
+                        })?;
+                        p.discard(&data)?;
+                    }
+                    cmd::PACKAGED => {
+                        let p = post.clone().ok_or_else(|| {
+                            StreamError::invalid(at, "PACKAGED without POSTCOPY_ADVISE")
+                        })?;
+                        let len = <[u8; 4]>::try_from(&data[..])
+                            .map(u32::from_be_bytes)
+                            .map_err(|_| {
+                                StreamError::invalid(at, "PACKAGED needs a 4-byte length")
+                            })?;
+                        if len > crate::postcopy::MAX_PACKAGE {
+                            return Err(StreamError::invalid(
+                                at,
+                                format!("package of {len} bytes (limit 64 MiB)"),
+                            )
+                            .into());
+                        }
+                        if !ram_started {
+                            return Err(StreamError::invalid(
+                                at,
+                                "PACKAGED before the RAM section",
+                            )
+                            .into());
+                        }
+                        let pkg = r.vec(len as usize, "package")?;
+                        return dest_package(inc, chan.closer.clone(), p, pkg, r, rr);
                     }
                     cmd::PING => {
                         if data.len() != 4 {
                             return Err(StreamError::invalid(at, "PING needs 4 bytes").into());
                         }
-                        if let Some(w) = rp_writer.as_mut() {
-                            stream::write_rp(w, rp::PONG, &data).map_err(|e| StreamError::Io {
+                        if let Some(w) = rp_writer.as_ref() {
+                            send_rp(w, rp::PONG, &data).map_err(|e| StreamError::Io {
                                 offset: at,
                                 source: e,
                             })?;

@@ -71,6 +71,68 @@ pub trait GuestRam: Send + Sync {
     fn sync_dirty_log(&self, bitmaps: &mut [Bitmap]) -> Result<(), RamError>;
     /// Stop logging.
     fn stop_dirty_log(&self) -> Result<(), RamError>;
+    /// Host address and length of a block's anonymous mapping, for
+    /// userfaultfd on a postcopy destination; `None` if RAM is not mapped
+    /// that way (postcopy is then refused at advise).
+    fn host_mapping(&self, _block: usize) -> Option<(*mut u8, usize)> {
+        None
+    }
+}
+
+/// A page bitmap several threads update (postcopy's received/requested).
+pub struct AtomicBitmap {
+    words: Vec<std::sync::atomic::AtomicU64>,
+    len: u64,
+}
+
+impl AtomicBitmap {
+    /// `len` clear bits.
+    pub fn new(len: u64) -> Self {
+        Self {
+            words: (0..len.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            len,
+        }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// No bits at all?
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Is bit `i` set?
+    pub fn test(&self, i: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        i < self.len && self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Set bit `i`; returns whether it was already set.
+    pub fn test_and_set(&self, i: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let m = 1u64 << (i % 64);
+        self.words[(i / 64) as usize].fetch_or(m, Ordering::AcqRel) & m != 0
+    }
+
+    /// Clear bit `i`.
+    pub fn clear(&self, i: u64) {
+        use std::sync::atomic::Ordering;
+        self.words[(i / 64) as usize].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum()
+    }
 }
 
 /// A page bitmap.
@@ -180,6 +242,13 @@ impl Bitmap {
                 return None;
             }
             w = self.words[wi];
+        }
+    }
+
+    /// Keep only the bits also set in `other` (same length).
+    pub fn and_with(&mut self, other: &Bitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= *b;
         }
     }
 

@@ -210,6 +210,8 @@ pub struct Info {
     pub error_desc: Option<String>,
     /// Extra JSON members (e.g. COLO checkpoint statistics).
     pub extra: serde_json::Map<String, Value>,
+    /// Postcopy failed after the destination may have started the guest.
+    pub postcopy_after_run: bool,
 }
 
 impl Default for Info {
@@ -224,6 +226,7 @@ impl Default for Info {
             ram: RamStats::default(),
             error_desc: None,
             extra: serde_json::Map::new(),
+            postcopy_after_run: false,
         }
     }
 }

@@ -240,6 +240,7 @@ pub struct VmmBuilder {
     qmp: bool,
     serial_stdin: bool,
     initrd: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl VmmBuilder {
@@ -254,6 +255,7 @@ impl VmmBuilder {
             qmp: true,
             serial_stdin: false,
             initrd: None,
+            env: Vec::new(),
         }
     }
 
@@ -295,6 +297,12 @@ impl VmmBuilder {
     /// Keep stdin as a pipe (to type on the serial console).
     pub fn with_stdin(mut self) -> Self {
         self.serial_stdin = true;
+        self
+    }
+
+    /// An environment variable for the process.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
         self
     }
 
@@ -341,6 +349,7 @@ impl VmmBuilder {
         let args = self.args(&dir);
         let mut cmd = Command::new(minivmm_bin());
         cmd.args(&args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(if self.serial_stdin {
                 Stdio::piped()
             } else {
@@ -825,6 +834,7 @@ pub struct Relay {
     pub port: u16,
     /// Bytes passed from source to destination so far.
     pub forwarded: Arc<AtomicUsize>,
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl Relay {
@@ -836,11 +846,17 @@ impl Relay {
         let port = l.local_addr().expect("relay addr").port();
         let forwarded = Arc::new(AtomicUsize::new(0));
         let fwd = forwarded.clone();
+        let sockets = Arc::new(Mutex::new(Vec::new()));
+        let socks = sockets.clone();
         std::thread::spawn(move || {
             let Ok((src, _)) = l.accept() else { return };
             let Ok(dst) = TcpStream::connect(("127.0.0.1", dst_port)) else {
                 return;
             };
+            if let (Ok(a), Ok(b), Ok(mut v)) = (src.try_clone(), dst.try_clone(), socks.lock()) {
+                v.push(a);
+                v.push(b);
+            }
             let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
             // Return path: destination to source, untouched.
             std::thread::spawn(move || {
@@ -892,7 +908,20 @@ impl Relay {
             let _ = dst.shutdown(Shutdown::Both);
             let _ = src.shutdown(Shutdown::Both);
         });
-        Relay { port, forwarded }
+        Relay {
+            port,
+            forwarded,
+            sockets,
+        }
+    }
+
+    /// Cut both connections now (a link failure).
+    pub fn cut(&self) {
+        if let Ok(v) = self.sockets.lock() {
+            for s in v.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 }
 

@@ -85,6 +85,10 @@ pub enum MachineRequest {
     Save(Sender<Result<Vec<DeviceBlob>, String>>),
     /// Load all device state (incoming).
     Load(Vec<DeviceBlob>, Sender<Result<(), String>>),
+    /// Is postcopy-ram set (incoming advise)?
+    PostcopyEnabled(Sender<Result<bool, String>>),
+    /// Postcopy failed on the destination: stop the guest for good.
+    Abandon(String, Sender<Result<(), String>>),
 }
 
 /// Messages to the control thread.
@@ -146,6 +150,21 @@ impl Machine for ProxyMachine {
 impl IncomingMachine for ProxyMachine {
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
         self.0.request(|tx| MachineRequest::Load(blobs, tx))
+    }
+    fn postcopy_enabled(&mut self) -> bool {
+        self.0
+            .request(MachineRequest::PostcopyEnabled)
+            .unwrap_or(false)
+    }
+    fn abandon(&mut self, why: &str) {
+        // Bounded: if the control thread itself waits on a missing page,
+        // the caller releases userfaultfd next, which unblocks it.
+        let (tx, rx) = channel();
+        self.0.send(CtlMsg::Machine(MachineRequest::Abandon(
+            why.to_string(),
+            tx,
+        )));
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
     }
 }
 
@@ -308,6 +327,8 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         caps: Capabilities::default(),
         params: Parameters::default(),
         outgoing: None,
+        outgoing_postcopy: false,
+        guest_incomplete: false,
         incoming: None,
         mig: Arc::new(Shared::default()),
         incoming_mig: Arc::new(Shared::default()),
@@ -436,6 +457,11 @@ struct Control {
     params: Parameters,
     /// The running outgoing migration.
     outgoing: Option<Arc<Shared>>,
+    /// The running outgoing migration was started with postcopy-ram.
+    outgoing_postcopy: bool,
+    /// Postcopy failed after this destination started the guest: its RAM
+    /// is incomplete and it must not run again.
+    guest_incomplete: bool,
     /// The running incoming migration.
     incoming: Option<Arc<Shared>>,
     /// The last outgoing migration's state (query-migrate on the source).
@@ -531,6 +557,20 @@ impl Control {
                 let r = self.load_incoming(blobs);
                 let _ = reply.send(r);
             }
+            MachineRequest::PostcopyEnabled(reply) => {
+                let _ = reply.send(Ok(self.caps.postcopy_ram));
+            }
+            MachineRequest::Abandon(why, reply) => {
+                eprintln!("minivmm: postcopy failed, the guest is stopped: {why}");
+                self.guest_incomplete = true;
+                let r = if self.vm.is_running() {
+                    self.stop_vm(RunState::Paused).map_err(|e| error_chain(&e))
+                } else {
+                    self.set_runstate(RunState::Paused);
+                    Ok(())
+                };
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -562,12 +602,19 @@ impl Control {
                                 .error_desc
                                 .clone()
                                 .unwrap_or_default();
+                            if self.guest_incomplete {
+                                // Postcopy broke after the switch: stay up,
+                                // paused, so the user can inspect it; `cont`
+                                // is refused.
+                                eprintln!("minivmm: incoming postcopy migration failed: {desc}");
+                                return Ok(());
+                            }
                             eprintln!("minivmm: incoming migration failed: {desc}");
                             return Err(ControlError::IncomingFailed(desc));
                         }
                     } else {
                         self.outgoing = None;
-                        if s == Status::Completed {
+                        if s == Status::Completed || self.mig.info().postcopy_after_run {
                             self.set_runstate(RunState::PostMigrate);
                         }
                     }
@@ -652,8 +699,14 @@ impl Control {
         }
     }
 
+    /// A migration is under way (an incoming one only once its source has
+    /// connected: before that, capabilities may still be set, as in QEMU).
     fn migration_active(&self) -> bool {
-        self.outgoing.is_some() || self.incoming.is_some()
+        self.outgoing.is_some()
+            || self
+                .incoming
+                .as_ref()
+                .is_some_and(|s| s.info().status != Status::Setup)
     }
 
     fn pmemsave(&self, val: u64, size: u64, filename: &str) -> Result<(), QmpError> {
@@ -779,6 +832,9 @@ impl Control {
                 }
                 Ok(json!({}))
             }
+            Command::Cont if self.guest_incomplete => Err(generic(
+                "The guest's memory is incomplete after a failed postcopy migration; it cannot run here",
+            )),
             Command::Cont => match self.runstate {
                 RunState::InMigrate => Err(generic("Guest is waiting for an incoming migration")),
                 RunState::FinishMigrate => Err(generic("Migration is not finalized yet")),
@@ -900,12 +956,18 @@ impl Control {
             Command::QueryMigrateParameters => Ok(self.params.to_json()),
             Command::QueryMigrate => Ok(self.query_migrate()),
             Command::MigrateStartPostcopy => {
-                if !self.caps.postcopy_ram {
-                    return Err(generic("Enable postcopy with migrate_set_capability before the start of migration"));
-                }
                 match &self.outgoing {
-                    Some(_) => Err(generic("postcopy switch-over is not implemented yet in minivmm; the migration continues as precopy")),
-                    None => Ok(json!({})),
+                    Some(s) => {
+                        if !self.outgoing_postcopy {
+                            return Err(generic("Enable postcopy with migrate_set_capability before the start of migration"));
+                        }
+                        s.start_postcopy
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        Ok(json!({}))
+                    }
+                    // After the end (or before any migration): nothing to switch.
+                    None if self.mig.info().status != Status::None => Ok(json!({})),
+                    None => Err(generic("Postcopy must be started after migration has been started")),
                 }
             }
             Command::XColoLostHeartbeat => Err(generic("VM is not in COLO mode")),
@@ -935,6 +997,7 @@ impl Control {
         shared.info().status = Status::Setup;
         self.mig = shared.clone();
         self.outgoing = Some(shared.clone());
+        self.outgoing_postcopy = self.caps.postcopy_ram;
         self.was_running_before_migration = self.vm.is_running();
         let out = precopy::Outgoing {
             uri,

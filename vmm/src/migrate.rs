@@ -121,6 +121,11 @@ impl GuestRam for KvmRam {
         memory::set_memslots(&self.fd, &self.mem, false)
             .map_err(|e| RamError::DirtyLog(Box::new(e)))
     }
+
+    fn host_mapping(&self, block: usize) -> Option<(*mut u8, usize)> {
+        let r = self.mem.iter().nth(block)?;
+        Some((r.as_ptr(), r.len() as usize))
+    }
 }
 
 /// The `globalstate` section.

@@ -1,0 +1,1135 @@
+//! Postcopy: the destination runs the guest before all of its RAM has
+//! arrived, and fetches the pages it touches on demand.
+//!
+//! This module owns both halves of the switch and of the phase after it:
+//! the source's discard set, package and request-driven page sender, and the
+//! destination's userfaultfd, page states (missing, requested, received),
+//! fault thread and listen thread. The precopy engine ([`crate::precopy`])
+//! runs the rounds before the switch and calls in here.
+//!
+//! ```text
+//! source                                         destination
+//! header, CONFIGURATION, OPEN_RETURN_PATH
+//! POSTCOPY_ADVISE (be64 page size, be64 page size)
+//! PING 1                                  ---->  capability set? userfaultfd usable?
+//!                                         <----  PONG 1          (or ERROR_DESC + SHUT 1)
+//! START, PART ... (precopy rounds; the destination notes every page it receives)
+//! ---- migrate-start-postcopy: source stops the guest, syncs the dirty log ----
+//! POSTCOPY_RAM_DISCARD ...                ---->  pages sent before and dirtied since are
+//!                                                dropped (MADV_DONTNEED), no longer received
+//! PACKAGED (be32 n) + n bytes:
+//!   LISTEN                                       every missing page dropped, RAM registered
+//!                                                with userfaultfd, fault + listen threads run
+//!   FULL ... (device state)
+//!   RUN                                          devices loaded, guest started
+//!   PING 2                                <----  PONG 2          (end of the downtime)
+//!   EOF
+//! PART ... requested pages first, then the background scan
+//!                                         <----  REQ_PAGES_ID / REQ_PAGES (be64 offset,
+//!                                                be32 length[, u8 len, block name])
+//! END, EOF                                ---->  every page received: userfaultfd released
+//!                                         <----  SHUT 0
+//! ```
+//!
+//! Each page crosses the wire once after the switch: the source clears a
+//! page's dirty bit when it queues it, and ignores requests for pages it no
+//! longer holds as dirty (they are already on their way). The destination
+//! places each page once with `UFFDIO_COPY`/`UFFDIO_ZEROPAGE`, which also wakes
+//! any vCPU (or VMM thread) waiting on it.
+//!
+//! After RUN, the guest exists on the destination only: if the connection
+//! breaks, the source keeps its copy stopped (resuming it would fork the
+//! guest) and the destination stops its vCPUs instead of letting them wait
+//! on a page that can never arrive.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::TryRecvError;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use userfaultfd::{Event as UffdEvent, IoctlFlags, Uffd, UffdBuilder};
+
+use crate::precopy::{
+    rp_error, set_status, EventSink, MigrationError, RpReceiver, Throttle, RAM_SECTION_ID,
+};
+use crate::ram::{
+    AtomicBitmap, Bitmap, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter,
+    StagingPlacer,
+};
+use crate::status::{Parameters, Shared, Status};
+use crate::stream::{self, cmd, rp, section, Reader, StreamError, Writer, PAGE_SIZE};
+
+/// Pages per RAM section after the switch: small, so that a requested page
+/// never waits behind much background data.
+const POSTCOPY_SECTION_PAGES: u64 = 64;
+/// Largest PACKAGED payload we accept.
+pub const MAX_PACKAGE: u32 = 64 << 20;
+/// Environment variable that makes the destination's userfaultfd check fail
+/// (for tests of the advise error path).
+pub const NO_UFFD_ENV: &str = "MINIVMM_TEST_NO_USERFAULTFD";
+/// PING value answered once the destination's guest has been started.
+const PING_RUNNING: u32 = 2;
+/// PING value of the advise handshake.
+const PING_ADVISE: u32 = 1;
+
+/// Postcopy-specific failures.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// userfaultfd cannot be used here.
+    #[error("userfaultfd is unavailable: {0}")]
+    NoUserfaultfd(String),
+    /// A userfaultfd operation failed.
+    #[error("userfaultfd {what} failed at {addr:#x}")]
+    Uffd {
+        /// The operation.
+        what: &'static str,
+        /// Host address.
+        addr: usize,
+        /// Why.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// madvise failed.
+    #[error("dropping pages at {addr:#x} (+{len:#x}) failed")]
+    Discard {
+        /// Host address.
+        addr: usize,
+        /// Length.
+        len: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The destination refused postcopy.
+    #[error("{0}")]
+    Refused(String),
+    /// A protocol violation.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl From<PostcopyError> for MigrationError {
+    fn from(e: PostcopyError) -> Self {
+        MigrationError::Postcopy(Box::new(e))
+    }
+}
+
+// ---------------------------------------------------------------- source
+
+/// Source: send POSTCOPY_ADVISE and wait until the destination accepted it.
+pub(crate) fn advise_source<W: Write>(
+    w: &mut Writer<W>,
+    rx: &RpReceiver,
+    last_desc: &mut Option<String>,
+) -> Result<(), MigrationError> {
+    let mut data = Vec::with_capacity(16);
+    data.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
+    data.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
+    w.command(cmd::POSTCOPY_ADVISE, &data)?;
+    w.command(cmd::PING, &PING_ADVISE.to_be_bytes())?;
+    w.flush()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .ok_or(MigrationError::PeerLost("destination"))?;
+        match rx.recv_timeout(left) {
+            Ok(Ok((rp::PONG, d))) if d == PING_ADVISE.to_be_bytes() => return Ok(()),
+            Ok(Ok((k, d))) => {
+                if let Some(e) = rp_error(k, &d, last_desc) {
+                    return Err(e);
+                }
+            }
+            _ => {
+                return Err(last_desc
+                    .take()
+                    .map(MigrationError::Destination)
+                    .unwrap_or(MigrationError::PeerLost("destination")))
+            }
+        }
+    }
+}
+
+/// What the source's postcopy phase needs from the precopy engine.
+pub(crate) struct SourcePhase<'a, W: Write> {
+    /// The main stream.
+    pub w: &'a mut Writer<W>,
+    /// RAM record state.
+    pub rw: &'a mut RamWriter,
+    /// Guest RAM.
+    pub ram: &'a dyn GuestRam,
+    /// Pages still to send (synced with the dirty log after the stop).
+    pub dirty: &'a mut [Bitmap],
+    /// Pages sent at least once during the rounds.
+    pub sent: &'a [Bitmap],
+    /// Return-path messages.
+    pub rx: &'a RpReceiver,
+    /// Status.
+    pub shared: &'a Arc<Shared>,
+    /// Events.
+    pub events: &'a EventSink,
+    /// Parameters.
+    pub params: &'a Parameters,
+    /// Destination error text seen on the return path.
+    pub last_desc: &'a mut Option<String>,
+    /// When the guest was stopped.
+    pub stop_start: Instant,
+}
+
+/// Source: the discard set, as POSTCOPY_RAM_DISCARD commands.
+fn send_discards<W: Write>(p: &mut SourcePhase<'_, W>) -> Result<u64, MigrationError> {
+    let mut total = 0;
+    for (b, (dirty, sent)) in p.dirty.iter().zip(p.sent).enumerate() {
+        let mut both = dirty.clone();
+        both.and_with(sent);
+        let ranges = both.ranges();
+        let name = &p.ram.blocks()[b].name;
+        for chunk in ranges.chunks(2048) {
+            let mut data = vec![0u8, name.len() as u8];
+            data.extend_from_slice(name.as_bytes());
+            for &(start, len) in chunk {
+                data.extend_from_slice(&(start * PAGE_SIZE as u64).to_be_bytes());
+                data.extend_from_slice(&(len * PAGE_SIZE as u64).to_be_bytes());
+                total += len;
+            }
+            p.w.command(cmd::POSTCOPY_RAM_DISCARD, &data)?;
+        }
+    }
+    Ok(total)
+}
+
+/// Source: the device package (LISTEN, device sections, RUN, PING 2, EOF).
+fn send_package<W: Write>(
+    w: &mut Writer<W>,
+    devices: &[stream::DeviceBlob],
+) -> Result<(), MigrationError> {
+    let mut pw = Writer::new(Vec::new());
+    pw.command(cmd::POSTCOPY_LISTEN, &[])?;
+    for (i, d) in devices.iter().enumerate() {
+        stream::write_device(&mut pw, RAM_SECTION_ID + 1 + i as u32, d)?;
+    }
+    pw.command(cmd::POSTCOPY_RUN, &[])?;
+    pw.command(cmd::PING, &PING_RUNNING.to_be_bytes())?;
+    pw.u8(section::EOF)?;
+    let pkg = std::mem::take(pw.get_mut());
+    let len = u32::try_from(pkg.len())
+        .ok()
+        .filter(|&l| l <= MAX_PACKAGE)
+        .ok_or_else(|| StreamError::invalid(w.offset(), "device package over 64 MiB"))?;
+    w.command(cmd::PACKAGED, &len.to_be_bytes())?;
+    w.bytes(&pkg)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Parse a page request: `(block, first page, pages)`.
+fn parse_request(
+    kind: u16,
+    d: &[u8],
+    ram: &dyn GuestRam,
+    last_block: &mut Option<usize>,
+) -> Result<(usize, u64, u64), PostcopyError> {
+    let bad = |why: &str| PostcopyError::Protocol(format!("bad page request: {why}"));
+    if d.len() < 12 {
+        return Err(bad("shorter than 12 bytes"));
+    }
+    let start = u64::from_be_bytes(d[0..8].try_into().map_err(|_| bad("offset"))?);
+    let len = u32::from_be_bytes(d[8..12].try_into().map_err(|_| bad("length"))?);
+    let block = if kind == rp::REQ_PAGES_ID {
+        let n = *d.get(12).ok_or_else(|| bad("missing block name"))? as usize;
+        let name = d
+            .get(13..13 + n)
+            .ok_or_else(|| bad("block name cut short"))?;
+        let b = ram
+            .blocks()
+            .iter()
+            .position(|b| b.name.as_bytes() == name)
+            .ok_or_else(|| {
+                bad(&format!(
+                    "unknown block '{}'",
+                    String::from_utf8_lossy(name)
+                ))
+            })?;
+        *last_block = Some(b);
+        b
+    } else {
+        last_block.ok_or_else(|| bad("REQ_PAGES before any REQ_PAGES_ID"))?
+    };
+    let ps = PAGE_SIZE as u64;
+    let pages = ram.blocks()[block].pages();
+    if !start.is_multiple_of(ps) || len == 0 || start / ps + u64::from(len).div_ceil(ps) > pages {
+        return Err(bad(&format!(
+            "range {start:#x}+{len:#x} outside block {block}"
+        )));
+    }
+    Ok((block, start / ps, u64::from(len).div_ceil(ps)))
+}
+
+/// Source: after the rounds (guest stopped, dirty log synced), send the
+/// discard set and the device package, then every remaining page,
+/// requested ones first. `run_sent` is set once the destination may have
+/// started the guest: from then on the source must not resume it.
+pub(crate) fn run_source<W: Write>(
+    mut p: SourcePhase<'_, W>,
+    devices: &[stream::DeviceBlob],
+    run_sent: &AtomicBool,
+) -> Result<(), MigrationError> {
+    set_status(p.shared, p.events, Status::PostcopyActive);
+    send_discards(&mut p)?;
+    send_package(p.w, devices)?;
+    run_sent.store(true, Ordering::SeqCst);
+
+    let mut throttle = Throttle::new(p.params.max_postcopy_bandwidth);
+    let nblocks = p.dirty.len();
+    let mut cursor = (0usize, 0u64);
+    let mut in_section = 0u64;
+    let mut urgent: Vec<(usize, u64)> = Vec::new();
+    let mut req_block = None;
+    let mut requests = 0u64;
+    let mut sent_pages = 0u64;
+    let mut remaining: u64 = p.dirty.iter().map(Bitmap::count).sum();
+    let mut running = false;
+
+    // Close the open section, if any, and push it out.
+    fn close<W: Write>(
+        w: &mut Writer<W>,
+        rw: &mut RamWriter,
+        in_section: &mut u64,
+    ) -> Result<(), MigrationError> {
+        if *in_section > 0 {
+            rw.write_eos(w)?;
+            w.footer(RAM_SECTION_ID)?;
+            w.flush()?;
+            *in_section = 0;
+        }
+        Ok(())
+    }
+    fn open<W: Write>(
+        w: &mut Writer<W>,
+        rw: &mut RamWriter,
+        in_section: &mut u64,
+    ) -> Result<(), MigrationError> {
+        if *in_section == 0 {
+            w.begin_section();
+            w.u8(section::PART)?;
+            w.be32(RAM_SECTION_ID)?;
+            rw.new_section();
+        }
+        Ok(())
+    }
+
+    loop {
+        if p.shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        // Requests and replies from the destination.
+        loop {
+            match p.rx.try_recv() {
+                Ok(Ok((rp::PONG, d))) if d == PING_RUNNING.to_be_bytes() => {
+                    running = true;
+                    p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
+                }
+                Ok(Ok((k @ (rp::REQ_PAGES | rp::REQ_PAGES_ID), d))) => {
+                    let (b, first, n) = parse_request(k, &d, p.ram, &mut req_block)?;
+                    requests += 1;
+                    for pg in first..first + n {
+                        if p.dirty[b].test_and_clear(pg) {
+                            urgent.push((b, pg));
+                        }
+                    }
+                }
+                Ok(Ok((k, d))) => {
+                    if let Some(e) = rp_error(k, &d, p.last_desc) {
+                        return Err(e);
+                    }
+                }
+                Ok(Err(_)) | Err(TryRecvError::Disconnected) => {
+                    return Err(MigrationError::PeerLost("destination"))
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if !urgent.is_empty() {
+            close(p.w, p.rw, &mut in_section)?;
+            open(p.w, p.rw, &mut in_section)?;
+            for &(b, pg) in &urgent {
+                p.rw.send_page(p.w, p.ram, b, pg)??;
+                in_section += 1;
+            }
+            sent_pages += urgent.len() as u64;
+            remaining -= urgent.len() as u64;
+            let &(b, pg) = urgent.last().unwrap_or(&(0, 0));
+            cursor = (b, pg + 1);
+            urgent.clear();
+            close(p.w, p.rw, &mut in_section)?;
+            p.shared.info().ram.postcopy_requests = requests;
+            continue;
+        }
+        // Background: the next dirty page from the cursor, wrapping around.
+        let mut next = None;
+        for k in 0..=nblocks {
+            let b = (cursor.0 + k) % nblocks;
+            let from = if k == 0 { cursor.1 } else { 0 };
+            if let Some(pg) = p.dirty[b].next_set(from) {
+                next = Some((b, pg));
+                break;
+            }
+        }
+        let Some((b, pg)) = next else { break };
+        p.dirty[b].test_and_clear(pg);
+        open(p.w, p.rw, &mut in_section)?;
+        let before = p.w.offset();
+        p.rw.send_page(p.w, p.ram, b, pg)??;
+        throttle.account(p.w.offset() - before);
+        in_section += 1;
+        sent_pages += 1;
+        remaining -= 1;
+        cursor = (b, pg + 1);
+        if in_section == POSTCOPY_SECTION_PAGES {
+            close(p.w, p.rw, &mut in_section)?;
+        }
+        if sent_pages.is_multiple_of(256) {
+            let mut i = p.shared.info();
+            i.ram.transferred = p.w.offset();
+            i.ram.remaining = remaining * PAGE_SIZE as u64;
+            i.ram.duplicate = p.rw.zero_pages;
+            i.ram.normal = p.rw.normal_pages;
+            i.ram.postcopy_requests = requests;
+        }
+    }
+    close(p.w, p.rw, &mut in_section)?;
+    p.w.begin_section();
+    p.w.u8(section::END)?;
+    p.w.be32(RAM_SECTION_ID)?;
+    p.rw.new_section();
+    p.rw.write_eos(p.w)?;
+    p.w.footer(RAM_SECTION_ID)?;
+    p.w.u8(section::EOF)?;
+    p.w.flush()?;
+    {
+        let mut i = p.shared.info();
+        i.ram.transferred = p.w.offset();
+        i.ram.remaining = 0;
+        i.ram.duplicate = p.rw.zero_pages;
+        i.ram.normal = p.rw.normal_pages;
+        i.ram.postcopy_requests = requests;
+    }
+    // Wait for the destination to confirm it has every page.
+    loop {
+        if p.shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        match p.rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ok((rp::SHUT, d))) if d == [0, 0, 0, 0] => break,
+            Ok(Ok((rp::PONG, d))) if d == PING_RUNNING.to_be_bytes() => {
+                running = true;
+                p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
+            }
+            Ok(Ok((rp::REQ_PAGES | rp::REQ_PAGES_ID, _))) => {
+                // Late requests for pages already on their way.
+                requests += 1;
+            }
+            Ok(Ok((k, d))) => {
+                if let Some(e) = rp_error(k, &d, p.last_desc) {
+                    return Err(e);
+                }
+            }
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::PeerLost("destination"))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+    if !running {
+        p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
+    }
+    p.shared.info().ram.postcopy_requests = requests;
+    Ok(())
+}
+
+// ----------------------------------------------------------- destination
+
+/// The destination's return path, shared by the incoming and fault threads.
+pub type RpWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Send one return-path message.
+pub fn send_rp(w: &RpWriter, kind: u16, data: &[u8]) -> std::io::Result<()> {
+    let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
+    stream::write_rp(&mut *g, kind, data)
+}
+
+/// Fault-service statistics.
+#[derive(Default)]
+struct FaultStats {
+    /// Faults read from userfaultfd.
+    faults: u64,
+    /// Requests sent to the source.
+    requests: u64,
+    /// Fault read to page placed (and the waiter woken), µs.
+    latencies_us: Vec<u32>,
+}
+
+/// Destination postcopy state, shared by the incoming, listen and fault threads.
+pub struct DestPostcopy {
+    ram: Arc<dyn GuestRam>,
+    maps: Vec<(usize, usize)>,
+    /// Pages present in guest RAM.
+    received: Vec<AtomicBitmap>,
+    /// Pages asked of the source.
+    requested: Vec<AtomicBitmap>,
+    uffd: Uffd,
+    rp: RpWriter,
+    pending: Mutex<HashMap<(usize, u64), Instant>>,
+    stats: Mutex<FaultStats>,
+    stop: vmm_sys_util::eventfd::EventFd,
+    registered: AtomicBool,
+}
+
+// SAFETY: the raw mapping addresses are plain integers here; the memory
+// they name belongs to the VMM's guest RAM, which outlives the migration,
+// and is only touched through userfaultfd ioctls and madvise.
+unsafe impl Send for DestPostcopy {}
+// SAFETY: as above; every mutable field is behind a Mutex or atomic.
+unsafe impl Sync for DestPostcopy {}
+
+impl DestPostcopy {
+    /// POSTCOPY_ADVISE on the destination: can we do postcopy at all?
+    pub fn advise(
+        ram: Arc<dyn GuestRam>,
+        enabled: bool,
+        data: &[u8],
+        rp: RpWriter,
+    ) -> Result<Self, PostcopyError> {
+        if !enabled {
+            return Err(PostcopyError::Refused(
+                "the postcopy-ram capability is not set on the destination \
+                 (migrate-set-capabilities on both sides before migrate)"
+                    .into(),
+            ));
+        }
+        if data.len() != 16
+            || data[0..8] != (PAGE_SIZE as u64).to_be_bytes()
+            || data[8..16] != (PAGE_SIZE as u64).to_be_bytes()
+        {
+            return Err(PostcopyError::Refused(format!(
+                "POSTCOPY_ADVISE with page sizes {data:02x?}, expected 4 KiB"
+            )));
+        }
+        if std::env::var_os(NO_UFFD_ENV).is_some() {
+            return Err(PostcopyError::NoUserfaultfd(format!(
+                "disabled by {NO_UFFD_ENV} in the destination's environment"
+            )));
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // KVM's own accesses to guest RAM (kernel mode) must fault too.
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| PostcopyError::NoUserfaultfd(crate::error_chain(&e)))?;
+        let mut maps = Vec::new();
+        for (b, blk) in ram.blocks().iter().enumerate() {
+            let (addr, len) = ram.host_mapping(b).ok_or_else(|| {
+                PostcopyError::NoUserfaultfd(format!(
+                    "RAM block '{}' is not mapped for it",
+                    blk.name
+                ))
+            })?;
+            maps.push((addr as usize, len));
+        }
+        // Check that registering works and offers what we need.
+        let (a, l) = *maps
+            .first()
+            .ok_or_else(|| PostcopyError::Refused("no RAM".into()))?;
+        let ioctls = uffd
+            .register(a as *mut libc::c_void, l)
+            .map_err(|e| PostcopyError::NoUserfaultfd(crate::error_chain(&e)))?;
+        let _ = uffd.unregister(a as *mut libc::c_void, l);
+        let need = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
+        if !ioctls.contains(need) {
+            return Err(PostcopyError::NoUserfaultfd(format!(
+                "the kernel offers {ioctls:?} on guest RAM, need COPY, ZEROPAGE and WAKE"
+            )));
+        }
+        let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| PostcopyError::NoUserfaultfd(format!("eventfd: {e}")))?;
+        Ok(Self {
+            received: ram
+                .blocks()
+                .iter()
+                .map(|b| AtomicBitmap::new(b.pages()))
+                .collect(),
+            requested: ram
+                .blocks()
+                .iter()
+                .map(|b| AtomicBitmap::new(b.pages()))
+                .collect(),
+            ram,
+            maps,
+            uffd,
+            rp,
+            pending: Mutex::new(HashMap::new()),
+            stats: Mutex::new(FaultStats::default()),
+            stop,
+            registered: AtomicBool::new(false),
+        })
+    }
+
+    fn addr(&self, block: usize, page: u64) -> usize {
+        self.maps[block].0 + (page as usize) * PAGE_SIZE
+    }
+
+    /// Note a page placed during the precopy phase.
+    pub fn mark_received(&self, block: usize, page: u64) {
+        if let Some(b) = self.received.get(block) {
+            b.test_and_set(page);
+        }
+    }
+
+    fn madvise_dontneed(&self, block: usize, first: u64, n: u64) -> Result<(), PostcopyError> {
+        let addr = self.addr(block, first);
+        let len = n as usize * PAGE_SIZE;
+        // SAFETY: the range lies inside the block's mapping (checked by the
+        // caller against the block size); MADV_DONTNEED on private anonymous
+        // memory only drops its pages, which read back as missing.
+        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(PostcopyError::Discard {
+                addr,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// POSTCOPY_RAM_DISCARD: drop the listed pages.
+    pub fn discard(&self, data: &[u8]) -> Result<u64, PostcopyError> {
+        let bad = |why: String| PostcopyError::Protocol(format!("bad discard command: {why}"));
+        if data.len() < 2 || data[0] != 0 {
+            return Err(bad("missing version 0".into()));
+        }
+        let n = data[1] as usize;
+        let name = data
+            .get(2..2 + n)
+            .ok_or_else(|| bad("name cut short".into()))?;
+        let block = self
+            .ram
+            .blocks()
+            .iter()
+            .position(|b| b.name.as_bytes() == name)
+            .ok_or_else(|| bad(format!("unknown block '{}'", String::from_utf8_lossy(name))))?;
+        let pairs = &data[2 + n..];
+        if !pairs.len().is_multiple_of(16) {
+            return Err(bad("ranges not 16-byte pairs".into()));
+        }
+        let ps = PAGE_SIZE as u64;
+        let pages = self.ram.blocks()[block].pages();
+        let mut total = 0;
+        for pair in pairs.chunks_exact(16) {
+            let start = u64::from_be_bytes(pair[0..8].try_into().unwrap_or_default());
+            let len = u64::from_be_bytes(pair[8..16].try_into().unwrap_or_default());
+            if !start.is_multiple_of(ps) || !len.is_multiple_of(ps) || (start + len) / ps > pages {
+                return Err(bad(format!(
+                    "range {start:#x}+{len:#x} outside block '{}'",
+                    self.ram.blocks()[block].name
+                )));
+            }
+            self.madvise_dontneed(block, start / ps, len / ps)?;
+            for pg in start / ps..(start + len) / ps {
+                self.received[block].clear(pg);
+            }
+            total += len / ps;
+        }
+        Ok(total)
+    }
+
+    /// POSTCOPY_LISTEN: drop every page not received, register RAM with
+    /// userfaultfd and start the fault thread.
+    pub fn listen(self: &Arc<Self>) -> Result<std::thread::JoinHandle<()>, PostcopyError> {
+        for (b, rec) in self.received.iter().enumerate() {
+            let mut pg = 0;
+            while pg < rec.len() {
+                if rec.test(pg) {
+                    pg += 1;
+                    continue;
+                }
+                let start = pg;
+                while pg < rec.len() && !rec.test(pg) {
+                    pg += 1;
+                }
+                self.madvise_dontneed(b, start, pg - start)?;
+            }
+        }
+        for &(a, l) in &self.maps {
+            self.uffd
+                .register(a as *mut libc::c_void, l)
+                .map_err(|source| PostcopyError::Uffd {
+                    what: "register",
+                    addr: a,
+                    source,
+                })?;
+        }
+        self.registered.store(true, Ordering::SeqCst);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("postcopy-fault".into())
+            .spawn(move || me.fault_loop())
+            .map_err(|e| {
+                PostcopyError::NoUserfaultfd(format!("cannot start the fault thread: {e}"))
+            })
+    }
+
+    /// The fault thread: read faults, ask the source for missing pages.
+    fn fault_loop(&self) {
+        let mut last_block = None;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a valid array of two pollfd for the call's duration.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            loop {
+                match self.uffd.read_event() {
+                    Ok(Some(UffdEvent::Pagefault { addr, .. })) => {
+                        let at = Instant::now();
+                        if self.on_fault(addr as usize, at, &mut last_block).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    fn on_fault(
+        &self,
+        addr: usize,
+        at: Instant,
+        last_block: &mut Option<usize>,
+    ) -> Result<(), std::io::Error> {
+        let Some(block) = self
+            .maps
+            .iter()
+            .position(|&(a, l)| addr >= a && addr < a + l)
+        else {
+            return Ok(());
+        };
+        let page = ((addr - self.maps[block].0) / PAGE_SIZE) as u64;
+        let paddr = self.addr(block, page);
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).faults += 1;
+        if self.received[block].test(page) {
+            // Received as a zero page that was never populated, or placed
+            // between the fault and now: make it present and wake the waiter.
+            self.zero_or_wake(paddr);
+            return Ok(());
+        }
+        if self.requested[block].test_and_set(page) {
+            return Ok(()); // already asked; its arrival wakes every waiter
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((block, page), at);
+        if self.received[block].test(page) {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(block, page));
+            self.zero_or_wake(paddr);
+            return Ok(());
+        }
+        let mut data = Vec::with_capacity(13 + 32);
+        data.extend_from_slice(&(page * PAGE_SIZE as u64).to_be_bytes());
+        data.extend_from_slice(&(PAGE_SIZE as u32).to_be_bytes());
+        let kind = if *last_block == Some(block) {
+            rp::REQ_PAGES
+        } else {
+            let name = &self.ram.blocks()[block].name;
+            data.push(name.len() as u8);
+            data.extend_from_slice(name.as_bytes());
+            *last_block = Some(block);
+            rp::REQ_PAGES_ID
+        };
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests += 1;
+        send_rp(&self.rp, kind, &data)
+    }
+
+    fn zero_or_wake(&self, paddr: usize) {
+        // SAFETY: paddr is a page-aligned address inside a registered block.
+        let r = unsafe {
+            self.uffd
+                .zeropage(paddr as *mut libc::c_void, PAGE_SIZE, true)
+        };
+        if r.is_err() {
+            let _ = self.uffd.wake(paddr as *mut libc::c_void, PAGE_SIZE);
+        }
+    }
+
+    /// The listen thread: read the rest of the stream, placing pages
+    /// atomically, until EOF.
+    pub fn listen_loop<R: Read>(
+        &self,
+        r: &mut Reader<R>,
+        rr: &mut RamReader,
+        shared: &Shared,
+    ) -> Result<(), MigrationError> {
+        let mut staging = StagingPlacer::new(crate::precopy::MAX_SECTION_PAGES);
+        let mut ended = false;
+        loop {
+            r.begin_section();
+            let at = r.offset();
+            let t = r.u8("section type")?;
+            match t {
+                section::PART | section::END => {
+                    let id = r.be32("section id")?;
+                    if id != RAM_SECTION_ID || ended {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!("unexpected RAM section (id {id}) in postcopy"),
+                        )
+                        .into());
+                    }
+                    rr.new_section();
+                    staging.clear();
+                    rr.read_records(r, &mut staging)?;
+                    r.footer(id)?;
+                    staging
+                        .commit(&mut UffdPlacer(self))
+                        .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                    ended = t == section::END;
+                    let mut i = shared.info();
+                    i.ram.transferred = r.offset();
+                    i.ram.duplicate = rr.zero_pages;
+                    i.ram.normal = rr.pages - rr.zero_pages;
+                }
+                section::EOF if ended => return Ok(()),
+                other => {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!("unexpected section type {other:#04x} in postcopy"),
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// Every page there? Then release userfaultfd.
+    pub fn finish(&self) -> Result<(), PostcopyError> {
+        for (b, rec) in self.received.iter().enumerate() {
+            let missing = rec.len() - rec.count();
+            if missing > 0 {
+                return Err(PostcopyError::Protocol(format!(
+                    "the stream ended with {missing} pages of block '{}' never sent",
+                    self.ram.blocks()[b].name
+                )));
+            }
+        }
+        self.release();
+        Ok(())
+    }
+
+    /// Stop the fault thread and unregister guest RAM (pending faults are
+    /// then served by the kernel).
+    pub fn release(&self) {
+        let _ = self.stop.write(1);
+        if self.registered.swap(false, Ordering::SeqCst) {
+            for &(a, l) in &self.maps {
+                let _ = self.uffd.unregister(a as *mut libc::c_void, l);
+            }
+        }
+    }
+
+    /// Fault statistics for query-migrate: `(faults, requests, p50 µs, p99 µs, max µs)`.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut l = st.latencies_us.clone();
+        l.sort_unstable();
+        let pct = |p: f64| -> u32 {
+            if l.is_empty() {
+                0
+            } else {
+                l[((l.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        json!({
+            "faults": st.faults,
+            "requests": st.requests,
+            "serviced": l.len(),
+            "latency-p50-us": pct(0.5),
+            "latency-p99-us": pct(0.99),
+            "latency-max-us": l.last().copied().unwrap_or(0),
+        })
+    }
+}
+
+/// Places pages with userfaultfd, exactly once each.
+struct UffdPlacer<'a>(&'a DestPostcopy);
+
+impl UffdPlacer<'_> {
+    fn placed(&self, block: usize, page: u64) {
+        let d = self.0;
+        d.received[block].test_and_set(page);
+        if let Some(t) = d
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(block, page))
+        {
+            let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            d.stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .latencies_us
+                .push(us);
+        }
+    }
+
+    fn check(&self, block: usize, page: u64) -> Result<usize, RamError> {
+        let d = self.0;
+        if block >= d.maps.len() || page >= d.received[block].len() {
+            return Err(RamError::OutOfRange { block, page });
+        }
+        if d.received[block].test(page) {
+            return Err(RamError::Place {
+                block,
+                page,
+                source: "page sent twice in postcopy".into(),
+            });
+        }
+        Ok(d.addr(block, page))
+    }
+}
+
+impl PagePlacer for UffdPlacer<'_> {
+    fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+        let addr = self.check(block, page)?;
+        // SAFETY: data is PAGE_SIZE readable bytes; addr is a page of a
+        // registered block; UFFDIO_COPY fills it atomically and wakes waiters.
+        unsafe {
+            self.0.uffd.copy(
+                data.as_ptr().cast(),
+                addr as *mut libc::c_void,
+                PAGE_SIZE,
+                true,
+            )
+        }
+        .map_err(|e| RamError::Place {
+            block,
+            page,
+            source: Box::new(e),
+        })?;
+        self.placed(block, page);
+        Ok(())
+    }
+
+    fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
+        let addr = self.check(block, page)?;
+        // SAFETY: addr is a page of a registered block.
+        unsafe {
+            self.0
+                .uffd
+                .zeropage(addr as *mut libc::c_void, PAGE_SIZE, true)
+        }
+        .map_err(|e| RamError::Place {
+            block,
+            page,
+            source: Box::new(e),
+        })?;
+        self.placed(block, page);
+        Ok(())
+    }
+}
+
+/// Records every page the precopy phase places (for LISTEN).
+pub struct TrackingPlacer<'a> {
+    /// Where pages go.
+    pub ram: &'a dyn GuestRam,
+    /// Postcopy state, once advised.
+    pub post: Option<&'a DestPostcopy>,
+}
+
+impl PagePlacer for TrackingPlacer<'_> {
+    fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+        self.ram.write_page(block, page, data)?;
+        if let Some(p) = self.post {
+            p.mark_received(block, page);
+        }
+        Ok(())
+    }
+    fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
+        self.ram.zero_page(block, page)?;
+        if let Some(p) = self.post {
+            p.mark_received(block, page);
+        }
+        Ok(())
+    }
+}
+
+/// Destination: a PACKAGED command arrived (the switch). Runs LISTEN (hands
+/// the main stream to the listen thread), loads the devices at RUN, then
+/// waits until the listen thread has every page. On failure the guest is
+/// stopped before userfaultfd is released.
+pub(crate) fn dest_package<R: Read + Send + 'static>(
+    inc: &mut crate::precopy::Incoming,
+    closer: crate::transport::Closer,
+    post: Arc<DestPostcopy>,
+    pkg: Vec<u8>,
+    r: Reader<R>,
+    rr: RamReader,
+) -> Result<(), MigrationError> {
+    let mut pr = Reader::new(&pkg[..]);
+    let mut devices: Vec<stream::DeviceBlob> = Vec::new();
+    let mut main = Some((r, rr));
+    let mut listen: Option<std::thread::JoinHandle<Result<(), MigrationError>>> = None;
+    let mut fault: Option<std::thread::JoinHandle<()>> = None;
+    let mut ran = false;
+    let res = (|| -> Result<(), MigrationError> {
+        loop {
+            pr.begin_section();
+            let at = pr.offset();
+            match pr.u8("package section type")? {
+                section::COMMAND => {
+                    let c = pr.be16("command")?;
+                    let len = pr.be16("command length")?;
+                    let data = pr.vec(len as usize, "command data")?;
+                    match c {
+                        cmd::POSTCOPY_LISTEN => {
+                            let Some((mut r, mut rr)) = main.take() else {
+                                return Err(
+                                    StreamError::invalid(at, "second POSTCOPY_LISTEN").into()
+                                );
+                            };
+                            fault = Some(post.listen()?);
+                            set_status(&inc.shared, &inc.events, Status::PostcopyActive);
+                            let (p, shared) = (post.clone(), inc.shared.clone());
+                            listen = Some(
+                                std::thread::Builder::new()
+                                    .name("postcopy-listen".into())
+                                    .spawn(move || p.listen_loop(&mut r, &mut rr, &shared))
+                                    .map_err(|e| {
+                                        PostcopyError::Protocol(format!(
+                                            "cannot start the listen thread: {e}"
+                                        ))
+                                    })?,
+                            );
+                        }
+                        cmd::POSTCOPY_RUN => {
+                            if listen.is_none() || ran {
+                                return Err(StreamError::invalid(
+                                    at,
+                                    "POSTCOPY_RUN before LISTEN or twice",
+                                )
+                                .into());
+                            }
+                            inc.machine
+                                .load_devices(std::mem::take(&mut devices))
+                                .map_err(MigrationError::Machine)?;
+                            ran = true;
+                        }
+                        cmd::PING => {
+                            send_rp(&post.rp, rp::PONG, &data).map_err(|e| StreamError::Io {
+                                offset: at,
+                                source: e,
+                            })?;
+                        }
+                        other => {
+                            return Err(StreamError::invalid(
+                                at,
+                                format!("unexpected command {other} in the postcopy package"),
+                            )
+                            .into())
+                        }
+                    }
+                }
+                section::FULL => {
+                    let id = pr.be32("section id")?;
+                    let blob = stream::read_device_body(&mut pr, id)?;
+                    if devices
+                        .iter()
+                        .any(|d| d.name == blob.name && d.instance == blob.instance)
+                    {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!(
+                                "device '{}' instance {} sent twice",
+                                blob.name, blob.instance
+                            ),
+                        )
+                        .into());
+                    }
+                    devices.push(blob);
+                }
+                section::EOF => return Ok(()),
+                other => {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!("unexpected section type {other:#04x} in the postcopy package"),
+                    )
+                    .into())
+                }
+            }
+        }
+    })();
+    if res.is_err() {
+        // Unblock the listen thread's read.
+        closer.close();
+    }
+    let listened = match listen {
+        Some(h) => h.join().unwrap_or_else(|_| {
+            Err(PostcopyError::Protocol("the listen thread panicked".into()).into())
+        }),
+        None => Err(PostcopyError::Protocol("the package had no POSTCOPY_LISTEN".into()).into()),
+    };
+    let result = res.and(listened).and_then(|()| {
+        if !ran {
+            return Err(PostcopyError::Protocol("the package had no POSTCOPY_RUN".into()).into());
+        }
+        post.finish().map_err(MigrationError::from)
+    });
+    if let Err(e) = &result {
+        // Stop the vCPUs before releasing userfaultfd: released, the pages
+        // that never came would read as zeros.
+        inc.machine.abandon(&crate::error_chain(e));
+        post.release();
+    }
+    if let Some(f) = fault {
+        let _ = f.join();
+    }
+    let stats = post.stats_json();
+    {
+        let mut i = inc.shared.info();
+        i.ram.postcopy_requests = stats["requests"].as_u64().unwrap_or(0);
+        i.extra.insert("x-postcopy-faults".into(), stats);
+    }
+    result
+}

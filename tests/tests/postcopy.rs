@@ -1,0 +1,293 @@
+//! Postcopy migration between two real minivmm processes: userfaultfd on
+//! the destination, page requests over the return path.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::*;
+
+const MIG_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn guest(name: &str) -> VmmBuilder {
+    VmmBuilder::new(name).smp(2)
+}
+
+/// A source restored from the shared boot snapshot, running.
+fn running_source(b: VmmBuilder, snap_of: &VmmBuilder) -> Vmm {
+    let snap = snapshot(snap_of);
+    let src = b.incoming(&format!("file:{}", snap.display())).spawn();
+    src.wait_pass_beyond(2, BOOT_TIMEOUT);
+    src
+}
+
+fn set_caps(c: &mut Client, caps: &[(&str, bool)]) {
+    let caps: Vec<Value> = caps
+        .iter()
+        .map(|(n, s)| json!({"capability": n, "state": s}))
+        .collect();
+    c.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+        .expect("migrate-set-capabilities");
+}
+
+/// A destination listening on a fresh port with postcopy-ram (QMP ready).
+fn postcopy_destination(b: VmmBuilder, alias: bool) -> (Vmm, Client, u16) {
+    let port = free_port();
+    let mut d = b.incoming(&format!("tcp:127.0.0.1:{port}")).spawn();
+    let mut q = d.qmp();
+    let name = if alias {
+        "x-postcopy-ram"
+    } else {
+        "postcopy-ram"
+    };
+    set_caps(&mut q, &[(name, true)]);
+    (d, q, port)
+}
+
+/// The guest went on at the destination: PASS numbers continue past the
+/// source's last one and nobody saw corruption.
+fn assert_continues(src: &Vmm, dst: &Vmm) {
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last + 2, BOOT_TIMEOUT);
+    let d = dst.passes();
+    assert!(
+        d.first().is_some_and(|&f| f <= last + 1),
+        "PASS numbers jump from {last} (source) to {d:?} (destination)"
+    );
+    assert!(!dst.serial.text().contains("GUEST-READY"));
+    src.assert_no_corrupt();
+    dst.assert_no_corrupt();
+}
+
+/// The main scenario: a guest dirtying 16 MiB/s behind a 5 MB/s link never
+/// converges; after `migrate-start-postcopy` it completes, with page
+/// requests served, 2 vCPUs, integrity intact.
+#[test]
+fn non_converging_guest_completes_in_postcopy() {
+    if !kvm_available("non_converging_guest_completes_in_postcopy") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true), ("events", true)]);
+    let caps = sq.execute("query-migrate-capabilities", json!({})).unwrap();
+    assert!(
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["capability"] == "postcopy-ram" && c["state"] == true),
+        "{caps}"
+    );
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 5_000_000, "downtime-limit": 1}),
+    )
+    .unwrap();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.wait_event(
+        "MIGRATION_PASS",
+        |e| e["data"]["pass"].as_u64() >= Some(3),
+        MIG_TIMEOUT,
+    )
+    .unwrap();
+    let r = sq.execute("query-migrate", json!({})).unwrap();
+    assert_eq!(r["status"], "active", "still in precopy: {r}");
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    sq.wait_event(
+        "MIGRATION",
+        |e| e["data"]["status"] == "postcopy-active",
+        MIG_TIMEOUT,
+    )
+    .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
+    assert!(r["downtime"].is_u64(), "{r}");
+    assert_eq!(run_state(&mut sq), "postmigrate");
+    let dr = wait_migration(&mut dq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(dr["status"], "completed", "{dr}");
+    assert_eq!(run_state(&mut dq), "running");
+    eprintln!("source: {r}\ndestination: {dr}");
+    assert_continues(&src, &dst);
+}
+
+/// `migrate_start_postcopy` (the alias) right after `migrate`, with the
+/// `x-postcopy-ram` alias on the destination: almost everything arrives
+/// after the switch.
+#[test]
+fn start_postcopy_immediately_after_migrate() {
+    if !kvm_available("start_postcopy_immediately_after_migrate") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, mut dq, port) = postcopy_destination(guest("dst"), true);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("x-postcopy-ram", true)]);
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.execute("migrate_start_postcopy", json!({})).unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "completed", "{r}");
+    let dr = wait_migration(&mut dq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(dr["status"], "completed", "{dr}");
+    assert_continues(&src, &dst);
+}
+
+/// After a (precopy) completion, `migrate-start-postcopy` is harmless.
+#[test]
+fn start_postcopy_after_completion_is_harmless() {
+    if !kvm_available("start_postcopy_after_completion_is_harmless") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, _dq, port) = postcopy_destination(guest("dst"), false);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "completed", "{r}");
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    assert_eq!(
+        sq.execute("query-migrate", json!({})).unwrap()["status"],
+        "completed"
+    );
+    assert_continues(&src, &dst);
+}
+
+/// The capability on the source only: refused at advise, before any
+/// switch; the source keeps running.
+#[test]
+fn capability_only_on_source_is_refused_early() {
+    if !kvm_available("capability_only_on_source_is_refused_early") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let port = free_port();
+    let mut dst = guest("dst")
+        .incoming(&format!("tcp:127.0.0.1:{port}"))
+        .spawn();
+    let _ = dst.qmp();
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "failed", "{r}");
+    let desc = r["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        desc.contains("postcopy-ram capability is not set on the destination"),
+        "{r}"
+    );
+    assert_eq!(r["ram"]["transferred"].as_u64().unwrap_or(0), 0, "{r}");
+    assert_eq!(run_state(&mut sq), "running");
+    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    let last = src.passes().last().copied().unwrap_or(0);
+    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.assert_no_corrupt();
+}
+
+/// A destination whose userfaultfd check fails (simulated): the migration
+/// fails in setup and the source keeps running.
+#[test]
+fn destination_without_userfaultfd_fails_in_setup() {
+    if !kvm_available("destination_without_userfaultfd_fails_in_setup") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (mut dst, _dq, port) =
+        postcopy_destination(guest("dst").env("MINIVMM_TEST_NO_USERFAULTFD", "1"), false);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["error-desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("userfaultfd is unavailable")),
+        "{r}"
+    );
+    assert_eq!(run_state(&mut sq), "running");
+    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    let last = src.passes().last().copied().unwrap_or(0);
+    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.assert_no_corrupt();
+}
+
+/// The link breaks during postcopy: both sides fail with a reason; the
+/// source does not resume (the destination already ran the guest); the
+/// destination stops its guest rather than leave vCPUs waiting forever,
+/// and refuses `cont`.
+#[test]
+fn connection_lost_during_postcopy() {
+    if !kvm_available("connection_lost_during_postcopy") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (mut dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    let relay = Relay::start(port, Tamper::None);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    // Slow background transfer after the switch keeps postcopy going.
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 1_000_000}),
+    )
+    .unwrap();
+    sq.execute(
+        "migrate",
+        json!({"uri": format!("tcp:127.0.0.1:{}", relay.port)}),
+    )
+    .unwrap();
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    wait_migration(&mut sq, &["postcopy-active"], MIG_TIMEOUT);
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last, BOOT_TIMEOUT);
+    relay.cut();
+    let r = wait_migration(&mut sq, &["failed", "completed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
+        "{r}"
+    );
+    let st = run_state(&mut sq);
+    assert_ne!(
+        st, "running",
+        "the source resumed a guest the destination ran"
+    );
+    let dr = wait_migration(&mut dq, &["failed", "completed"], MIG_TIMEOUT);
+    assert_eq!(dr["status"], "failed", "{dr}");
+    assert_eq!(run_state(&mut dq), "paused");
+    let e = dq.execute("cont", json!({})).unwrap_err().to_string();
+    assert!(e.contains("incomplete"), "{e}");
+    assert!(
+        dst.exited().is_none(),
+        "the destination should stay up, paused"
+    );
+    // Neither side saw corruption before the cut.
+    src.assert_no_corrupt();
+    dst.assert_no_corrupt();
+}
+
+/// A 4 GiB guest (two RAM blocks, across the 32-bit hole) in postcopy.
+#[test]
+fn four_gib_guest_postcopy() {
+    if !kvm_available("four_gib_guest_postcopy") {
+        return;
+    }
+    let big = |n: &str| VmmBuilder::new(n).smp(2).mem("4G");
+    let mut src = running_source(big("src"), &big("big"));
+    let (dst, _dq, port) = postcopy_destination(big("dst"), false);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["ram"]["total"], 4u64 << 30, "{r}");
+    assert_continues(&src, &dst);
+}
