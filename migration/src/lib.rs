@@ -5,8 +5,9 @@
 //! [`precopy::Machine`] and [`precopy::IncomingMachine`]; the VMM implements
 //! those traits. The crate owns the stream format ([`stream`]), the
 //! transports ([`transport`]), the status and statistics QMP reports
-//! ([`status`]) and the engines ([`precopy`], [`postcopy`]).
+//! ([`status`]) and the engines ([`precopy`], [`postcopy`], [`colo`]).
 
+pub mod colo;
 pub mod postcopy;
 pub mod precopy;
 pub mod ram;

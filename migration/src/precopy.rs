@@ -66,6 +66,9 @@ pub enum MigrationError {
     /// Postcopy.
     #[error(transparent)]
     Postcopy(Box<crate::postcopy::PostcopyError>),
+    /// COLO.
+    #[error(transparent)]
+    Colo(Box<crate::colo::ColoError>),
     /// The peer went away.
     #[error("connection to the {0} was lost")]
     PeerLost(&'static str),
@@ -138,6 +141,16 @@ pub trait Machine: Send {
     fn resume(&mut self) -> Result<(), String>;
     /// The state of every device, vCPUs included (the VM is stopped).
     fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String>;
+    /// COLO output commit: hold the guest's console output from now on
+    /// (`true`), or release everything held and stop holding (`false`).
+    fn hold_output(&mut self, _hold: bool) -> Result<(), String> {
+        Err("this machine cannot hold its output (COLO)".into())
+    }
+    /// COLO: release the output held so far (the guest is stopped and the
+    /// secondary has loaded a checkpoint covering it).
+    fn release_output(&mut self) -> Result<(), String> {
+        Err("this machine cannot hold its output (COLO)".into())
+    }
 }
 
 /// The destination VMM's side of the machine.
@@ -145,9 +158,17 @@ pub trait IncomingMachine: Send {
     /// Load all device state (the VM is stopped; in postcopy RAM is still
     /// arriving) and start the guest unless it is to stay paused.
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String>;
-    /// Is the postcopy-ram capability set here (asked at POSTCOPY_ADVISE)?
-    fn postcopy_enabled(&mut self) -> bool {
-        false
+    /// This side's capabilities now (asked at POSTCOPY_ADVISE, ENABLE_COLO).
+    fn capabilities(&mut self) -> Capabilities {
+        Capabilities::default()
+    }
+    /// COLO secondary: load a checkpoint's device state, guest kept paused.
+    fn colo_load(&mut self, _blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        Err("COLO is not supported by this machine".into())
+    }
+    /// COLO secondary failover: run the guest from the last checkpoint.
+    fn colo_takeover(&mut self) -> Result<(), String> {
+        Err("COLO is not supported by this machine".into())
     }
     /// Postcopy failed after the switch: stop the guest for good (its RAM
     /// is incomplete) and say why.
@@ -161,6 +182,8 @@ pub enum Event {
     Status(Status),
     /// A dirty-log sync (QEMU's MIGRATION_PASS), counting from 1.
     Pass(u64),
+    /// COLO ended on this side (QEMU's COLO_EXIT).
+    ColoExit(crate::colo::ExitReason),
 }
 
 /// Callback for [`Event`]s.
@@ -291,6 +314,9 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
         };
         i.ram.total = o.ram.blocks().iter().map(|b| b.size).sum();
     }
+    o.shared
+        .checkpoint_delay_ms
+        .store(o.params.x_checkpoint_delay_ms, Ordering::SeqCst);
     set_status(&o.shared, &o.events, Status::Setup);
     let mut stopped = None;
     let run_sent = AtomicBool::new(false);
@@ -406,6 +432,23 @@ fn outgoing(
             ))
         })?;
         crate::postcopy::advise_source(&mut w, rx, &mut last_desc)?;
+    }
+    if o.caps.x_colo {
+        if o.caps.postcopy_ram {
+            return Err(MigrationError::Config(
+                "x-colo and postcopy-ram cannot be used together".into(),
+            ));
+        }
+        if rp_rx.is_none() {
+            return Err(MigrationError::Config(format!(
+                "COLO needs a return path; '{}' has none (use tcp: or unix:)",
+                o.uri
+            )));
+        }
+        w.command(cmd::ENABLE_COLO, &[])?;
+        if let Some(rx) = &rp_rx {
+            crate::postcopy::ping_and_wait(&mut w, rx, &mut last_desc, 3)?;
+        }
     }
     let check_rp =
         |rx: &Option<RpReceiver>, last_desc: &mut Option<String>| -> Result<(), MigrationError> {
@@ -532,6 +575,7 @@ fn outgoing(
             o.shared.info().ram.dirty_sync_count = pass + 1;
             (o.events)(Event::Pass(pass + 1));
             let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
+            chan.closer.limit_buffers(crate::postcopy::SOCKET_BUFFER);
             return crate::postcopy::run_source(
                 crate::postcopy::SourcePhase {
                     w: &mut w,
@@ -587,6 +631,20 @@ fn outgoing(
             i.ram.remaining = 0;
             i.ram.duplicate = rw.zero_pages;
             i.ram.normal = rw.normal_pages;
+            i.downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
+        }
+        if let (true, Some(rx)) = (o.caps.x_colo, &rp_rx) {
+            return crate::colo::run_primary(crate::colo::Primary {
+                w: &mut w,
+                rw: &mut rw,
+                ram: &*ram,
+                dirty: &mut dirty,
+                rx,
+                machine: &mut *o.machine,
+                shared: &o.shared,
+                events: &o.events,
+                last_desc: &mut last_desc,
+            });
         }
         drop(w);
         chan.finish().map_err(MigrationError::Machine)?;
@@ -715,6 +773,7 @@ fn incoming(
     let ram = inc.ram.clone();
     let mut rr = RamReader::new(ram.blocks().to_vec());
     let mut post: Option<Arc<DestPostcopy>> = None;
+    let mut colo = false;
     let mut ram_started = false;
     let mut ram_ended = false;
     let mut devices: Vec<DeviceBlob> = Vec::new();
@@ -831,7 +890,7 @@ fn incoming(
                             )
                             .into());
                         }
-                        let enabled = inc.machine.postcopy_enabled();
+                        let enabled = inc.machine.capabilities().postcopy_ram;
                         post = Some(Arc::new(DestPostcopy::advise(
                             ram.clone(),
                             enabled,
@@ -882,6 +941,19 @@ fn incoming(
                             })?;
                         }
                     }
+                    cmd::ENABLE_COLO => {
+                        if rp_writer.is_none() {
+                            return Err(StreamError::invalid(
+                                at,
+                                "ENABLE_COLO without a return path",
+                            )
+                            .into());
+                        }
+                        if !inc.machine.capabilities().x_colo {
+                            return Err(crate::colo::ColoError::NotEnabled.into());
+                        }
+                        colo = true;
+                    }
                     other => {
                         return Err(StreamError::invalid(
                             at,
@@ -903,6 +975,12 @@ fn incoming(
         return Err(
             StreamError::invalid(r.offset(), "stream ended without the final RAM section").into(),
         );
+    }
+    if colo {
+        let rp = rp_writer
+            .clone()
+            .ok_or_else(|| StreamError::invalid(r.offset(), "COLO without a return path"))?;
+        return crate::colo::run_secondary(inc, chan.closer.clone(), r, rr, rp, devices);
     }
     inc.machine
         .load_devices(devices)

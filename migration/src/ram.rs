@@ -245,6 +245,13 @@ impl Bitmap {
         }
     }
 
+    /// Also set the bits set in `other` (same length).
+    pub fn or_with(&mut self, other: &Bitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
     /// Keep only the bits also set in `other` (same length).
     pub fn and_with(&mut self, other: &Bitmap) {
         for (a, b) in self.words.iter_mut().zip(&other.words) {

@@ -1,7 +1,7 @@
 //! Migration status, capabilities, parameters and statistics: the state
 //! that `query-migrate` and friends report and that the engines update.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -292,6 +292,10 @@ pub struct Shared {
     pub start_postcopy: AtomicBool,
     /// Closes the channel (cancel).
     pub closer: Mutex<Option<Closer>>,
+    /// COLO checkpoint period, ms (changes take effect at the next one).
+    pub checkpoint_delay_ms: AtomicU64,
+    failover_flag: Mutex<bool>,
+    failover_cv: Condvar,
     continue_flag: Mutex<bool>,
     continue_cv: Condvar,
 }
@@ -319,6 +323,51 @@ impl Shared {
     /// Cancel requested?
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// The COLO checkpoint period, ms.
+    pub fn checkpoint_delay_ms(&self) -> u64 {
+        self.checkpoint_delay_ms.load(Ordering::SeqCst)
+    }
+
+    /// `x-colo-lost-heartbeat`: end COLO here. With `close`, also shut the
+    /// channel so that a blocked read returns (the secondary).
+    pub fn request_failover(&self, close: bool) {
+        *self.failover_flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.failover_cv.notify_all();
+        if close {
+            if let Some(c) = self
+                .closer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                c.close();
+            }
+        }
+    }
+
+    /// Has failover been requested?
+    pub fn failover_requested(&self) -> bool {
+        *self.failover_flag.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Block until failover is requested.
+    pub fn wait_failover(&self) {
+        let mut g = self.failover_flag.lock().unwrap_or_else(|e| e.into_inner());
+        while !*g {
+            g = self.failover_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Wait up to `d` for a failover request; returns whether one came.
+    pub fn wait_failover_timeout(&self, d: std::time::Duration) -> bool {
+        let g = self.failover_flag.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .failover_cv
+            .wait_timeout_while(g, d, |f| !*f)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
     }
 
     /// `migrate-continue`: leave pre-switchover.

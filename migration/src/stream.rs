@@ -107,6 +107,8 @@ pub mod rp {
     pub const REQ_PAGES: u16 = 4;
     /// minivmm extension: the destination's error text (UTF-8), sent before SHUT(1).
     pub const ERROR_DESC: u16 = 0x4d01;
+    /// minivmm extension: a COLO message from the secondary (`be32`).
+    pub const COLO: u16 = 0x4d02;
 }
 
 /// Longest device-state blob we accept.

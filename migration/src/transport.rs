@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -111,6 +112,30 @@ pub enum Closer {
 }
 
 impl Closer {
+    /// Shrink the socket's kernel buffers (SO_SNDBUF and SO_RCVBUF) to
+    /// about `bytes`, so that little data is in flight ahead of an urgent
+    /// message (postcopy page requests). A no-op for pipes and files.
+    pub fn limit_buffers(&self, bytes: i32) {
+        let fd = match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+            _ => return,
+        };
+        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            // SAFETY: fd is an open socket owned by self; the option value
+            // is a valid c_int of the size passed.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&bytes as *const i32).cast(),
+                    std::mem::size_of::<i32>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+
     /// Shut the channel down so that blocked reads and writes return.
     pub fn close(&self) {
         match self {

@@ -835,6 +835,7 @@ pub struct Relay {
     /// Bytes passed from source to destination so far.
     pub forwarded: Arc<AtomicUsize>,
     sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    tamper: Arc<Mutex<Tamper>>,
 }
 
 impl Relay {
@@ -848,6 +849,8 @@ impl Relay {
         let fwd = forwarded.clone();
         let sockets = Arc::new(Mutex::new(Vec::new()));
         let socks = sockets.clone();
+        let tamper = Arc::new(Mutex::new(tamper));
+        let tamper_now = tamper.clone();
         std::thread::spawn(move || {
             let Ok((src, _)) = l.accept() else { return };
             let Ok(dst) = TcpStream::connect(("127.0.0.1", dst_port)) else {
@@ -873,6 +876,7 @@ impl Relay {
                 };
                 let chunk = &mut buf[..n];
                 let end = off + n as u64;
+                let tamper = *tamper_now.lock().unwrap_or_else(|e| e.into_inner());
                 let ok = match tamper {
                     Tamper::None => dst.write_all(chunk).is_ok(),
                     Tamper::Flip { at } => {
@@ -883,7 +887,7 @@ impl Relay {
                     }
                     Tamper::Truncate { at } => {
                         if end >= at {
-                            let _ = dst.write_all(&chunk[..(at - off) as usize]);
+                            let _ = dst.write_all(&chunk[..at.saturating_sub(off) as usize]);
                             break;
                         }
                         dst.write_all(chunk).is_ok()
@@ -912,7 +916,14 @@ impl Relay {
             port,
             forwarded,
             sockets,
+            tamper,
         }
+    }
+
+    /// Change what the relay does from now on (offsets are absolute stream
+    /// offsets; see [`Relay::forwarded`]).
+    pub fn set_tamper(&self, t: Tamper) {
+        *self.tamper.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
     /// Cut both connections now (a link failure).

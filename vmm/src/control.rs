@@ -31,7 +31,7 @@ use crate::boot::BootSpec;
 use crate::cli::{Config, Incoming, SerialSpec};
 use crate::memory::MemLayout;
 use crate::migrate::{self, KvmRam};
-use crate::term::{RawStdout, RawTerminal};
+use crate::term::{OutputGate, RawStdout, RawTerminal};
 use crate::vcpu::{self, VcpuEvent};
 use crate::vm::{Vm, VmError, VmShape};
 use devices::serial::SerialOut;
@@ -85,10 +85,18 @@ pub enum MachineRequest {
     Save(Sender<Result<Vec<DeviceBlob>, String>>),
     /// Load all device state (incoming).
     Load(Vec<DeviceBlob>, Sender<Result<(), String>>),
-    /// Is postcopy-ram set (incoming advise)?
-    PostcopyEnabled(Sender<Result<bool, String>>),
     /// Postcopy failed on the destination: stop the guest for good.
     Abandon(String, Sender<Result<(), String>>),
+    /// This side's migration capabilities.
+    Caps(Sender<Result<Capabilities, String>>),
+    /// COLO primary: hold (true) or release and pass (false) console output.
+    HoldOutput(bool, Sender<Result<(), String>>),
+    /// COLO primary: release the held console output.
+    ReleaseOutput(Sender<Result<(), String>>),
+    /// COLO secondary: load a checkpoint, guest stays paused.
+    ColoLoad(Vec<DeviceBlob>, Sender<Result<(), String>>),
+    /// COLO secondary: failover, run the guest.
+    ColoTakeover(Sender<Result<(), String>>),
 }
 
 /// Messages to the control thread.
@@ -145,16 +153,26 @@ impl Machine for ProxyMachine {
     fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String> {
         self.0.request(MachineRequest::Save)
     }
+    fn hold_output(&mut self, hold: bool) -> Result<(), String> {
+        self.0.request(|tx| MachineRequest::HoldOutput(hold, tx))
+    }
+    fn release_output(&mut self) -> Result<(), String> {
+        self.0.request(MachineRequest::ReleaseOutput)
+    }
 }
 
 impl IncomingMachine for ProxyMachine {
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
         self.0.request(|tx| MachineRequest::Load(blobs, tx))
     }
-    fn postcopy_enabled(&mut self) -> bool {
-        self.0
-            .request(MachineRequest::PostcopyEnabled)
-            .unwrap_or(false)
+    fn capabilities(&mut self) -> Capabilities {
+        self.0.request(MachineRequest::Caps).unwrap_or_default()
+    }
+    fn colo_load(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        self.0.request(|tx| MachineRequest::ColoLoad(blobs, tx))
+    }
+    fn colo_takeover(&mut self) -> Result<(), String> {
+        self.0.request(MachineRequest::ColoTakeover)
     }
     fn abandon(&mut self, why: &str) {
         // Bounded: if the control thread itself waits on a missing page,
@@ -187,6 +205,8 @@ pub enum RunState {
     Shutdown,
     /// KVM could not run the guest.
     InternalError,
+    /// Stopped for a COLO checkpoint (primary) or kept as the COLO secondary.
+    Colo,
 }
 
 impl RunState {
@@ -200,6 +220,7 @@ impl RunState {
             Self::PostMigrate => "postmigrate",
             Self::Shutdown => "shutdown",
             Self::InternalError => "internal-error",
+            Self::Colo => "colo",
         }
     }
 }
@@ -305,7 +326,8 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         initrd: config.initrd.clone(),
         cmdline: guest_cmdline(&config),
     };
-    let vm = Vm::new(shape, boot, serial_output(&config.serial)?, notify)?;
+    let gate = OutputGate::new(serial_output(&config.serial)?);
+    let vm = Vm::new(shape, boot, Box::new(gate.clone()), notify)?;
 
     let mut server = qmp::Server::new(poll.registry(), QMP_TOKENS).map_err(ControlError::Qmp)?;
     for spec in &config.qmp {
@@ -329,6 +351,10 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         outgoing: None,
         outgoing_postcopy: false,
         guest_incomplete: false,
+        gate,
+        colo_mode: "none",
+        colo_last_mode: "none",
+        colo_reason: "none",
         incoming: None,
         mig: Arc::new(Shared::default()),
         incoming_mig: Arc::new(Shared::default()),
@@ -462,6 +488,14 @@ struct Control {
     /// Postcopy failed after this destination started the guest: its RAM
     /// is incomplete and it must not run again.
     guest_incomplete: bool,
+    /// The guest's console output (held during COLO on the primary).
+    gate: OutputGate,
+    /// COLO mode now: "none", "primary" or "secondary".
+    colo_mode: &'static str,
+    /// The mode before COLO last ended.
+    colo_last_mode: &'static str,
+    /// Why COLO last ended ("none", "request", "error").
+    colo_reason: &'static str,
     /// The running incoming migration.
     incoming: Option<Arc<Shared>>,
     /// The last outgoing migration's state (query-migrate on the source).
@@ -529,15 +563,23 @@ impl Control {
         match req {
             MachineRequest::Stop(reply) => {
                 let was = self.vm.is_running();
-                self.was_running_before_migration = was;
+                let colo = self.colo_mode == "primary";
+                if !colo {
+                    self.was_running_before_migration = was;
+                }
                 let r = self
-                    .stop_vm(RunState::FinishMigrate)
+                    .stop_vm(if colo {
+                        RunState::Colo
+                    } else {
+                        RunState::FinishMigrate
+                    })
                     .map(|_| was)
                     .map_err(|e| error_chain(&e));
                 let _ = reply.send(r);
             }
             MachineRequest::Resume(reply) => {
-                let r = if self.was_running_before_migration {
+                // A COLO primary always runs between checkpoints.
+                let r = if self.was_running_before_migration || self.colo_mode == "primary" {
                     self.start_vm().map_err(|e| error_chain(&e))
                 } else {
                     self.set_runstate(RunState::Paused);
@@ -557,8 +599,34 @@ impl Control {
                 let r = self.load_incoming(blobs);
                 let _ = reply.send(r);
             }
-            MachineRequest::PostcopyEnabled(reply) => {
-                let _ = reply.send(Ok(self.caps.postcopy_ram));
+            MachineRequest::Caps(reply) => {
+                let _ = reply.send(Ok(self.caps));
+            }
+            MachineRequest::HoldOutput(hold, reply) => {
+                let _ = reply.send(
+                    self.gate
+                        .set_hold(hold)
+                        .map_err(|e| format!("console output: {e}")),
+                );
+            }
+            MachineRequest::ReleaseOutput(reply) => {
+                let _ = reply.send(
+                    self.gate
+                        .release()
+                        .map_err(|e| format!("console output: {e}")),
+                );
+            }
+            MachineRequest::ColoLoad(blobs, reply) => {
+                let r = migrate::from_blobs(blobs, self.vm.shape())
+                    .and_then(|(st, _)| self.vm.restore_state(&st).map_err(|e| error_chain(&e)));
+                if r.is_ok() {
+                    self.set_runstate(RunState::Colo);
+                }
+                let _ = reply.send(r);
+            }
+            MachineRequest::ColoTakeover(reply) => {
+                let r = self.start_vm().map_err(|e| error_chain(&e));
+                let _ = reply.send(r);
             }
             MachineRequest::Abandon(why, reply) => {
                 eprintln!("minivmm: postcopy failed, the guest is stopped: {why}");
@@ -588,6 +656,9 @@ impl Control {
     fn migration_event(&mut self, incoming: bool, event: MigEvent) -> Result<(), ControlError> {
         match event {
             MigEvent::Status(s) => {
+                if s == Status::Colo {
+                    self.colo_mode = if incoming { "secondary" } else { "primary" };
+                }
                 if self.caps.events {
                     self.events
                         .send("MIGRATION", Some(json!({"status": s.as_str()})));
@@ -614,7 +685,9 @@ impl Control {
                         }
                     } else {
                         self.outgoing = None;
-                        if s == Status::Completed || self.mig.info().postcopy_after_run {
+                        if self.colo_last_mode == "primary" && s == Status::Completed {
+                            // Left COLO and runs alone.
+                        } else if s == Status::Completed || self.mig.info().postcopy_after_run {
                             self.set_runstate(RunState::PostMigrate);
                         }
                     }
@@ -624,6 +697,20 @@ impl Control {
                 if self.caps.events && !incoming {
                     self.events.send("MIGRATION_PASS", Some(json!({"pass": n})));
                 }
+            }
+            MigEvent::ColoExit(reason) => {
+                let mode = if incoming { "secondary" } else { "primary" };
+                self.colo_last_mode = mode;
+                self.colo_mode = "none";
+                self.colo_reason = reason.as_str();
+                if self.runstate == RunState::Colo {
+                    // The primary runs alone: this copy stays paused.
+                    self.set_runstate(RunState::Paused);
+                }
+                self.events.send(
+                    "COLO_EXIT",
+                    Some(json!({"mode": mode, "reason": reason.as_str()})),
+                );
             }
         }
         Ok(())
@@ -835,6 +922,9 @@ impl Control {
             Command::Cont if self.guest_incomplete => Err(generic(
                 "The guest's memory is incomplete after a failed postcopy migration; it cannot run here",
             )),
+            Command::Cont if self.colo_mode != "none" => Err(generic(
+                "The guest is in COLO; use x-colo-lost-heartbeat to leave COLO",
+            )),
             Command::Cont => match self.runstate {
                 RunState::InMigrate => Err(generic("Guest is waiting for an incoming migration")),
                 RunState::FinishMigrate => Err(generic("Migration is not finalized yet")),
@@ -970,8 +1060,22 @@ impl Control {
                     None => Err(generic("Postcopy must be started after migration has been started")),
                 }
             }
-            Command::XColoLostHeartbeat => Err(generic("VM is not in COLO mode")),
-            Command::QueryColoStatus => Ok(json!({"mode": "none", "last-mode": "none", "reason": "none"})),
+            Command::XColoLostHeartbeat => match self.colo_mode {
+                "primary" => {
+                    self.mig.request_failover(false);
+                    Ok(json!({}))
+                }
+                "secondary" => {
+                    self.incoming_mig.request_failover(true);
+                    Ok(json!({}))
+                }
+                _ => Err(generic("VM is not in COLO mode")),
+            },
+            Command::QueryColoStatus => Ok(json!({
+                "mode": self.colo_mode,
+                "last-mode": self.colo_last_mode,
+                "reason": self.colo_reason,
+            })),
             Command::QmpCapabilities(_) | Command::QueryVersion | Command::QueryCommands => {
                 Err(generic("handled by the QMP server"))
             }
@@ -988,8 +1092,8 @@ impl Control {
         if self.incoming.is_some() || self.runstate == RunState::InMigrate {
             return Err(generic("Guest is waiting for an incoming migration"));
         }
-        if self.caps.x_colo {
-            return Err(generic("x-colo is not implemented yet in minivmm"));
+        if self.caps.x_colo && self.caps.postcopy_ram {
+            return Err(generic("x-colo and postcopy-ram cannot be used together"));
         }
         let uri = Uri::parse(uri).map_err(|e| generic(e.to_string()))?;
         let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));

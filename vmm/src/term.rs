@@ -72,3 +72,67 @@ impl Write for RawStdout {
         Ok(())
     }
 }
+
+/// The guest's console output, which COLO can hold back: while held,
+/// bytes are kept until the checkpoint that covers them is loaded on the
+/// secondary (output commit), then released in order.
+#[derive(Clone)]
+pub struct OutputGate(std::sync::Arc<std::sync::Mutex<GateState>>);
+
+struct GateState {
+    inner: Box<dyn Write + Send>,
+    hold: bool,
+    held: Vec<u8>,
+}
+
+impl OutputGate {
+    /// Pass output through to `inner` until told to hold it.
+    pub fn new(inner: Box<dyn Write + Send>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(GateState {
+            inner,
+            hold: false,
+            held: Vec::new(),
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write out everything held so far.
+    pub fn release(&self) -> std::io::Result<()> {
+        let mut s = self.state();
+        let held = std::mem::take(&mut s.held);
+        s.inner.write_all(&held)?;
+        s.inner.flush()
+    }
+
+    /// Start holding (`true`), or release and pass through again (`false`).
+    pub fn set_hold(&self, hold: bool) -> std::io::Result<()> {
+        if !hold {
+            self.release()?;
+        }
+        self.state().hold = hold;
+        Ok(())
+    }
+}
+
+impl Write for OutputGate {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.state();
+        if s.hold {
+            s.held.extend_from_slice(buf);
+            Ok(buf.len())
+        } else {
+            s.inner.write(buf)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut s = self.state();
+        if s.hold {
+            Ok(())
+        } else {
+            s.inner.flush()
+        }
+    }
+}

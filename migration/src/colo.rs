@@ -1,0 +1,693 @@
+//! COLO: after a first full migration the primary keeps sending periodic
+//! checkpoints (the RAM dirtied since the last one plus all device state)
+//! to a secondary whose guest does not run (periodic mode) until failover.
+//!
+//! This module owns the checkpoint transaction on both sides, the
+//! secondary's RAM cache and the failover paths. The precopy engine
+//! ([`crate::precopy`]) runs the first migration and hands over here.
+//!
+//! ```text
+//! primary (P)                                  secondary (S)
+//! header, config, OPEN_RETURN_PATH, ENABLE_COLO  S checks its x-colo capability
+//! START, PART..., END, FULL..., EOF              first migration; S loads devices, guest paused,
+//!                                                copies RAM into its cache, starts its dirty log
+//!                              <----  COLO 0 checkpoint-ready
+//! P resumes its guest; its serial output is held from now on
+//! every x-checkpoint-delay ms:
+//! be32 1 checkpoint-request    ---->
+//!                              <----  COLO 2 checkpoint-reply
+//! P stops its guest
+//! be32 3 vmstate-send          ---->
+//! PART..., END (dirty RAM)     ---->  pages go to the cache only
+//! be32 4 vmstate-size, be64 n, n bytes (FULL sections, EOF)
+//!                              <----  COLO 5 vmstate-received
+//!                                     S copies the pages P sent and the pages S itself
+//!                                     dirtied from the cache into guest RAM, loads devices
+//!                              <----  COLO 6 vmstate-loaded
+//! P releases the held output, resumes its guest
+//! be32 7 primary-exit (minivmm)  ---->  P left COLO on request; S leaves COLO, stays paused
+//! ```
+//!
+//! COLO messages from P travel raw on the main stream as QEMU sends them;
+//! S answers on the return path as `COLO` messages (type 0x4d02, `be32`).
+//! A checkpoint is applied only once all of it has arrived: one that breaks
+//! off half way leaves guest RAM and device state at the previous one.
+//!
+//! Failover: a broken link or a protocol error stops checkpointing on both
+//! sides, which then wait for `x-colo-lost-heartbeat` (the primary with its
+//! guest stopped and its output held). On the secondary the command resumes
+//! the guest from the last complete checkpoint; on the primary it releases
+//! the output and runs alone.
+
+use std::io::{Read, Write};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::postcopy::{send_rp, RpWriter};
+use crate::precopy::{
+    rp_error, set_status, Event, EventSink, Incoming, Machine, MigrationError, RpReceiver,
+    MAX_SECTION_PAGES, RAM_SECTION_ID,
+};
+use crate::ram::{
+    Bitmap, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter, StagingPlacer,
+};
+use crate::status::{Shared, Status};
+use crate::stream::{self, rp, section, DeviceBlob, Reader, StreamError, Writer, PAGE_SIZE};
+
+/// COLO message values (`be32`).
+pub mod msg {
+    /// S has loaded the first state.
+    pub const CHECKPOINT_READY: u32 = 0;
+    /// P asks for a checkpoint.
+    pub const CHECKPOINT_REQUEST: u32 = 1;
+    /// S agrees.
+    pub const CHECKPOINT_REPLY: u32 = 2;
+    /// RAM and device state follow.
+    pub const VMSTATE_SEND: u32 = 3;
+    /// `be64` size and the device state follow.
+    pub const VMSTATE_SIZE: u32 = 4;
+    /// S has all of the checkpoint.
+    pub const VMSTATE_RECEIVED: u32 = 5;
+    /// S has applied it.
+    pub const VMSTATE_LOADED: u32 = 6;
+    /// minivmm: P leaves COLO on request and runs alone.
+    pub const PRIMARY_EXIT: u32 = 7;
+
+    /// The name QEMU's COLOMessage uses.
+    pub fn name(m: u32) -> &'static str {
+        match m {
+            CHECKPOINT_READY => "checkpoint-ready",
+            CHECKPOINT_REQUEST => "checkpoint-request",
+            CHECKPOINT_REPLY => "checkpoint-reply",
+            VMSTATE_SEND => "vmstate-send",
+            VMSTATE_SIZE => "vmstate-size",
+            VMSTATE_RECEIVED => "vmstate-received",
+            VMSTATE_LOADED => "vmstate-loaded",
+            PRIMARY_EXIT => "primary-exit",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Longest device-state buffer of one checkpoint.
+const MAX_VMSTATE: u64 = 64 << 20;
+/// How long a side waits for its peer's next message before it considers
+/// the link dead.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why COLO ended (QEMU's COLOExitReason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// `x-colo-lost-heartbeat`.
+    Request,
+    /// An error ended it.
+    Error,
+}
+
+impl ExitReason {
+    /// QMP name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// COLO errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ColoError {
+    /// A message out of order or unknown.
+    #[error("Unexpected COLO command {got} ({}), expected {expected} ({})", msg::name(*got), msg::name(*expected))]
+    Unexpected {
+        /// What came.
+        got: u32,
+        /// What the protocol needs now.
+        expected: u32,
+    },
+    /// Nothing came.
+    #[error("no COLO message from the {0} for {1:?}")]
+    Timeout(&'static str, Duration),
+    /// The RAM cache could not be set up.
+    #[error("RAM cache of {0} bytes cannot be mapped")]
+    Cache(usize, #[source] std::io::Error),
+    /// The capability is missing on the secondary.
+    #[error("the x-colo capability is not set on the destination (migrate-set-capabilities on both sides)")]
+    NotEnabled,
+    /// Device state too large.
+    #[error("checkpoint device state of {0} bytes (limit 64 MiB)")]
+    TooLarge(u64),
+}
+
+impl From<ColoError> for MigrationError {
+    fn from(e: ColoError) -> Self {
+        MigrationError::Colo(Box::new(e))
+    }
+}
+
+/// Checkpoint statistics (query-migrate `x-colo`).
+#[derive(Default)]
+struct Stats {
+    count: u64,
+    last_pause_us: u64,
+    total_pause_us: u64,
+    max_pause_us: u64,
+    last_bytes: u64,
+    total_bytes: u64,
+}
+
+impl Stats {
+    fn record(&mut self, pause: Duration, bytes: u64) {
+        let us = pause.as_micros() as u64;
+        self.count += 1;
+        self.last_pause_us = us;
+        self.total_pause_us += us;
+        self.max_pause_us = self.max_pause_us.max(us);
+        self.last_bytes = bytes;
+        self.total_bytes += bytes;
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let avg = |t: u64| {
+            if self.count > 0 {
+                t as f64 / self.count as f64
+            } else {
+                0.0
+            }
+        };
+        json!({
+            "checkpoints": self.count,
+            "last-pause-ms": self.last_pause_us as f64 / 1000.0,
+            "avg-pause-ms": avg(self.total_pause_us) / 1000.0,
+            "max-pause-ms": self.max_pause_us as f64 / 1000.0,
+            "last-bytes": self.last_bytes,
+            "avg-bytes": avg(self.total_bytes),
+        })
+    }
+}
+
+// ---------------------------------------------------------------- primary
+
+/// What the primary's COLO loop needs from the precopy engine.
+pub(crate) struct Primary<'a, W: Write> {
+    /// Main stream (the first migration's EOF already sent).
+    pub w: &'a mut Writer<W>,
+    /// RAM record state.
+    pub rw: &'a mut RamWriter,
+    /// Guest RAM, dirty logging on.
+    pub ram: &'a dyn GuestRam,
+    /// Dirty bitmaps (empty after the first migration).
+    pub dirty: &'a mut [Bitmap],
+    /// Return path.
+    pub rx: &'a RpReceiver,
+    /// Stop, save, resume, output.
+    pub machine: &'a mut dyn Machine,
+    /// Status.
+    pub shared: &'a Arc<Shared>,
+    /// Events.
+    pub events: &'a EventSink,
+    /// Destination error text.
+    pub last_desc: &'a mut Option<String>,
+}
+
+/// Wait for one COLO message from the secondary.
+fn expect_rp(p: &mut Primary<'_, impl Write>, want: u32) -> Result<(), MigrationError> {
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    loop {
+        if p.shared.failover_requested() {
+            return Err(MigrationError::Cancelled);
+        }
+        match p.rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok((rp::COLO, d))) => {
+                let got = <[u8; 4]>::try_from(&d[..])
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if got != want {
+                    return Err(ColoError::Unexpected {
+                        got,
+                        expected: want,
+                    }
+                    .into());
+                }
+                return Ok(());
+            }
+            Ok(Ok((k, d))) => {
+                if let Some(e) = rp_error(k, &d, p.last_desc) {
+                    return Err(e);
+                }
+            }
+            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::PeerLost("secondary"))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if Instant::now() > deadline {
+                    return Err(ColoError::Timeout("secondary", PEER_TIMEOUT).into());
+                }
+            }
+        }
+    }
+}
+
+/// One checkpoint transaction. Returns the pause and the bytes sent.
+fn checkpoint<W: Write>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), MigrationError> {
+    let start_bytes = p.w.offset();
+    p.w.be32(msg::CHECKPOINT_REQUEST)?;
+    p.w.flush()?;
+    expect_rp(p, msg::CHECKPOINT_REPLY)?;
+    let stop = Instant::now();
+    p.machine.stop().map_err(MigrationError::Machine)?;
+    p.w.be32(msg::VMSTATE_SEND)?;
+    p.ram.sync_dirty_log(p.dirty)?;
+    let mut in_section = 0u64;
+    for (b, bm) in p.dirty.iter_mut().enumerate() {
+        let mut pg = 0;
+        while let Some(page) = bm.next_set(pg) {
+            bm.test_and_clear(page);
+            if in_section == 0 {
+                p.w.begin_section();
+                p.w.u8(section::PART)?;
+                p.w.be32(RAM_SECTION_ID)?;
+                p.rw.new_section();
+            }
+            p.rw.send_page(p.w, p.ram, b, page)??;
+            in_section += 1;
+            if in_section == crate::precopy::SECTION_PAGES {
+                p.rw.write_eos(p.w)?;
+                p.w.footer(RAM_SECTION_ID)?;
+                in_section = 0;
+            }
+            pg = page + 1;
+        }
+    }
+    if in_section > 0 {
+        p.rw.write_eos(p.w)?;
+        p.w.footer(RAM_SECTION_ID)?;
+    }
+    p.w.begin_section();
+    p.w.u8(section::END)?;
+    p.w.be32(RAM_SECTION_ID)?;
+    p.rw.new_section();
+    p.rw.write_eos(p.w)?;
+    p.w.footer(RAM_SECTION_ID)?;
+    let devices = p.machine.save_devices().map_err(MigrationError::Machine)?;
+    let blob = device_buffer(&devices)?;
+    p.w.be32(msg::VMSTATE_SIZE)?;
+    p.w.be64(blob.len() as u64)?;
+    p.w.bytes(&blob)?;
+    p.w.flush()?;
+    expect_rp(p, msg::VMSTATE_RECEIVED)?;
+    expect_rp(p, msg::VMSTATE_LOADED)?;
+    // The secondary holds everything up to this stop: what the guest wrote
+    // before it may now leave.
+    p.machine
+        .release_output()
+        .map_err(MigrationError::Machine)?;
+    p.machine.resume().map_err(MigrationError::Machine)?;
+    Ok((stop.elapsed(), p.w.offset() - start_bytes))
+}
+
+/// Device state of one checkpoint as a buffer: FULL sections then EOF.
+fn device_buffer(devices: &[DeviceBlob]) -> Result<Vec<u8>, MigrationError> {
+    let mut b = Writer::new(Vec::new());
+    for (i, d) in devices.iter().enumerate() {
+        stream::write_device(&mut b, RAM_SECTION_ID + 1 + i as u32, d)?;
+    }
+    b.u8(section::EOF)?;
+    Ok(std::mem::take(b.get_mut()))
+}
+
+/// Primary: runs after the first migration's EOF. Returns when COLO ended
+/// by failover (the guest then runs here alone).
+pub(crate) fn run_primary<W: Write>(mut p: Primary<'_, W>) -> Result<(), MigrationError> {
+    p.w.flush()?;
+    let mut stats = Stats::default();
+    // Until the secondary is ready this is an ordinary failed migration.
+    expect_rp(&mut p, msg::CHECKPOINT_READY)?;
+    let ended = (|| -> Result<(), MigrationError> {
+        set_status(p.shared, p.events, Status::Colo);
+        p.machine
+            .hold_output(true)
+            .map_err(MigrationError::Machine)?;
+        p.machine.resume().map_err(MigrationError::Machine)?;
+        loop {
+            let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
+            if p.shared.wait_failover_timeout(delay) {
+                // Leave COLO on request: tell the secondary, run alone.
+                let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
+                return Ok(());
+            }
+            let (pause, bytes) = checkpoint(&mut p)?;
+            stats.record(pause, bytes);
+            let mut i = p.shared.info();
+            i.extra.insert("x-colo".into(), stats.json());
+            i.ram.transferred = p.w.offset();
+            i.ram.duplicate = p.rw.zero_pages;
+            i.ram.normal = p.rw.normal_pages;
+        }
+    })();
+    let reason = match ended {
+        Ok(()) => ExitReason::Request,
+        Err(e) => {
+            // The link or the protocol broke: stop, keep the output held,
+            // and wait for the user to pick the survivor.
+            let desc = crate::error_chain(&e);
+            eprintln!(
+                "minivmm: COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat"
+            );
+            p.shared.info().error_desc = Some(desc);
+            let _ = p.machine.stop();
+            if let Some(c) = p
+                .shared
+                .closer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                c.close();
+            }
+            p.shared.wait_failover();
+            ExitReason::Request
+        }
+    };
+    p.machine
+        .hold_output(false)
+        .map_err(MigrationError::Machine)?;
+    p.machine.resume().map_err(MigrationError::Machine)?;
+    (p.events)(Event::ColoExit(reason));
+    Ok(())
+}
+
+// -------------------------------------------------------------- secondary
+
+/// The secondary's copy of guest RAM as of the last checkpoint, plus the
+/// pages of the checkpoint being received.
+struct RamCache {
+    maps: Vec<(*mut u8, usize)>,
+    /// Pages received in the current checkpoint.
+    received: Vec<Bitmap>,
+}
+
+impl RamCache {
+    fn new(ram: &dyn GuestRam) -> Result<Self, ColoError> {
+        let mut maps = Vec::new();
+        for b in ram.blocks() {
+            let len = b.size as usize;
+            // SAFETY: a fresh private anonymous mapping; the result is checked.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(ColoError::Cache(len, std::io::Error::last_os_error()));
+            }
+            maps.push((p.cast::<u8>(), len));
+        }
+        let mut c = Self {
+            maps,
+            received: ram
+                .blocks()
+                .iter()
+                .map(|b| Bitmap::new(b.pages()))
+                .collect(),
+        };
+        // Start from the guest's RAM after the first migration (zero pages
+        // need no copy: the mapping reads as zeros).
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for (b, blk) in ram.blocks().iter().enumerate() {
+            for pg in 0..blk.pages() {
+                if ram.read_page(b, pg, &mut buf).is_ok() && !stream::is_zero(&buf) {
+                    c.page_mut(b, pg).copy_from_slice(&buf);
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    fn page_mut(&mut self, block: usize, page: u64) -> &mut [u8] {
+        let (p, _) = self.maps[block];
+        // SAFETY: callers check block and page against the block size; the
+        // mapping lives as long as self and is only used through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(p.add(page as usize * PAGE_SIZE), PAGE_SIZE) }
+    }
+
+    fn check(&self, block: usize, page: u64) -> Result<(), RamError> {
+        match self.received.get(block) {
+            Some(b) if page < b.len() => Ok(()),
+            _ => Err(RamError::OutOfRange { block, page }),
+        }
+    }
+
+    /// Copy the checkpoint's pages, and the pages the secondary dirtied
+    /// itself (`own`), from the cache into guest RAM.
+    fn commit(&mut self, ram: &dyn GuestRam, own: &[Bitmap]) -> Result<u64, RamError> {
+        let mut n = 0;
+        for b in 0..self.received.len() {
+            let mut set = self.received[b].clone();
+            if let Some(o) = own.get(b) {
+                set.or_with(o);
+            }
+            let mut pg = 0;
+            while let Some(page) = set.next_set(pg) {
+                let data = self.page_mut(b, page).to_vec();
+                ram.write_page(b, page, &data)?;
+                n += 1;
+                pg = page + 1;
+            }
+            self.received[b] = Bitmap::new(self.received[b].len());
+        }
+        Ok(n)
+    }
+
+    /// Forget a checkpoint that broke off (guest RAM never saw it).
+    fn discard_partial(&mut self) {
+        for b in &mut self.received {
+            *b = Bitmap::new(b.len());
+        }
+    }
+}
+
+impl Drop for RamCache {
+    fn drop(&mut self) {
+        for &(p, len) in &self.maps {
+            // SAFETY: unmapping exactly the mappings made in new().
+            unsafe { libc::munmap(p.cast(), len) };
+        }
+    }
+}
+
+// SAFETY: the raw pointers name mappings owned by the cache, used from one
+// thread at a time (the incoming thread).
+unsafe impl Send for RamCache {}
+
+impl PagePlacer for RamCache {
+    fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+        self.check(block, page)?;
+        self.page_mut(block, page).copy_from_slice(data);
+        self.received[block].set(page);
+        Ok(())
+    }
+    fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
+        self.check(block, page)?;
+        self.page_mut(block, page).fill(0);
+        self.received[block].set(page);
+        Ok(())
+    }
+}
+
+fn send_colo(rp: &RpWriter, m: u32) -> Result<(), MigrationError> {
+    send_rp(rp, rp::COLO, &m.to_be_bytes()).map_err(|e| {
+        MigrationError::Stream(StreamError::Io {
+            offset: 0,
+            source: e,
+        })
+    })
+}
+
+fn read_msg<R: Read>(r: &mut Reader<R>, want: u32) -> Result<(), MigrationError> {
+    let got = r.be32("COLO message")?;
+    if got != want {
+        return Err(ColoError::Unexpected {
+            got,
+            expected: want,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// One checkpoint on the secondary, after checkpoint-request was read.
+fn receive_checkpoint<R: Read>(
+    inc: &mut Incoming,
+    r: &mut Reader<R>,
+    rr: &mut RamReader,
+    rp: &RpWriter,
+    cache: &mut RamCache,
+) -> Result<(), MigrationError> {
+    send_colo(rp, msg::CHECKPOINT_REPLY)?;
+    read_msg(r, msg::VMSTATE_SEND)?;
+    let mut staging = StagingPlacer::new(MAX_SECTION_PAGES);
+    loop {
+        r.begin_section();
+        let at = r.offset();
+        let t = r.u8("section type")?;
+        if t != section::PART && t != section::END {
+            return Err(StreamError::invalid(
+                at,
+                format!("expected a RAM section in a COLO checkpoint, found {t:#04x}"),
+            )
+            .into());
+        }
+        let id = r.be32("section id")?;
+        if id != RAM_SECTION_ID {
+            return Err(StreamError::invalid(at, format!("RAM section with id {id}")).into());
+        }
+        rr.new_section();
+        staging.clear();
+        rr.read_records(r, &mut staging)?;
+        r.footer(id)?;
+        staging
+            .commit(cache)
+            .map_err(|source| RamRecordError::Place { offset: at, source })?;
+        if t == section::END {
+            break;
+        }
+    }
+    read_msg(r, msg::VMSTATE_SIZE)?;
+    let n = r.be64("vmstate size")?;
+    if n > MAX_VMSTATE {
+        return Err(ColoError::TooLarge(n).into());
+    }
+    let buf = r.vec(n as usize, "checkpoint device state")?;
+    // Everything is here: only now touch the guest.
+    send_colo(rp, msg::VMSTATE_RECEIVED)?;
+    let devices = parse_devices(&buf)?;
+    let mut own: Vec<Bitmap> = inc
+        .ram
+        .blocks()
+        .iter()
+        .map(|b| Bitmap::new(b.pages()))
+        .collect();
+    inc.ram.sync_dirty_log(&mut own)?;
+    cache.commit(&*inc.ram, &own)?;
+    inc.machine
+        .colo_load(devices)
+        .map_err(MigrationError::Machine)?;
+    // Loading the vCPUs lets KVM write its clock pages; the dirty log
+    // catches them and the next commit restores them from the cache.
+    send_colo(rp, msg::VMSTATE_LOADED)?;
+    Ok(())
+}
+
+fn parse_devices(buf: &[u8]) -> Result<Vec<DeviceBlob>, MigrationError> {
+    let mut r = Reader::new(buf);
+    let mut out: Vec<DeviceBlob> = Vec::new();
+    loop {
+        r.begin_section();
+        let at = r.offset();
+        match r.u8("checkpoint section type")? {
+            section::FULL => {
+                let id = r.be32("section id")?;
+                let blob = stream::read_device_body(&mut r, id)?;
+                if out
+                    .iter()
+                    .any(|d| d.name == blob.name && d.instance == blob.instance)
+                {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!("device '{}' twice in a checkpoint", blob.name),
+                    )
+                    .into());
+                }
+                out.push(blob);
+            }
+            section::EOF => return Ok(out),
+            t => {
+                return Err(StreamError::invalid(
+                    at,
+                    format!("unexpected section type {t:#04x} in checkpoint device state"),
+                )
+                .into())
+            }
+        }
+    }
+}
+
+/// Secondary: runs after the first migration's EOF with its device state.
+/// Returns when COLO ended: by failover (the guest runs here) or because
+/// the primary left COLO (the guest stays paused here).
+pub(crate) fn run_secondary<R: Read>(
+    inc: &mut Incoming,
+    closer: crate::transport::Closer,
+    mut r: Reader<R>,
+    mut rr: RamReader,
+    rp: RpWriter,
+    devices: Vec<DeviceBlob>,
+) -> Result<(), MigrationError> {
+    inc.machine
+        .colo_load(devices)
+        .map_err(MigrationError::Machine)?;
+    let mut cache = RamCache::new(&*inc.ram)?;
+    inc.ram.start_dirty_log()?;
+    *inc.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer.clone());
+    send_colo(&rp, msg::CHECKPOINT_READY)?;
+    set_status(&inc.shared, &inc.events, Status::Colo);
+    let mut stats = Stats::default();
+    let res = (|| -> Result<bool, MigrationError> {
+        loop {
+            let m = r.be32("COLO message")?;
+            match m {
+                msg::CHECKPOINT_REQUEST => {
+                    let t = Instant::now();
+                    let before = r.offset();
+                    receive_checkpoint(inc, &mut r, &mut rr, &rp, &mut cache)?;
+                    stats.record(t.elapsed(), r.offset() - before);
+                    inc.shared
+                        .info()
+                        .extra
+                        .insert("x-colo".into(), stats.json());
+                }
+                msg::PRIMARY_EXIT => return Ok(false),
+                got => {
+                    return Err(ColoError::Unexpected {
+                        got,
+                        expected: msg::CHECKPOINT_REQUEST,
+                    }
+                    .into())
+                }
+            }
+        }
+    })();
+    let _ = inc.ram.stop_dirty_log();
+    match res {
+        Ok(_) => {
+            // The primary runs alone; this copy is stale and stays paused.
+            closer.close();
+            (inc.events)(Event::ColoExit(ExitReason::Request));
+            Ok(())
+        }
+        Err(e) => {
+            cache.discard_partial();
+            if !inc.shared.failover_requested() {
+                let desc = crate::error_chain(&e);
+                eprintln!("minivmm: COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
+                inc.shared.info().error_desc = Some(desc);
+                closer.close();
+                inc.shared.wait_failover();
+            }
+            inc.machine
+                .colo_takeover()
+                .map_err(MigrationError::Machine)?;
+            (inc.events)(Event::ColoExit(ExitReason::Request));
+            Ok(())
+        }
+    }
+}
