@@ -69,6 +69,8 @@ const POSTCOPY_SECTION_PAGES: u64 = 64;
 /// Socket buffer size after the switch: data in flight ahead of a
 /// requested page delays it (at ~1 GB/s, 64 KiB is ~60 µs).
 pub const SOCKET_BUFFER: i32 = 64 << 10;
+/// Largest page request the source serves (bytes).
+const MAX_REQUEST: u32 = 1 << 20;
 /// Largest PACKAGED payload we accept.
 pub const MAX_PACKAGE: u32 = 64 << 20;
 /// Environment variable that makes the destination's userfaultfd check fail
@@ -202,8 +204,11 @@ fn send_discards<W: Write>(p: &mut SourcePhase<'_, W>) -> Result<u64, MigrationE
         both.and_with(sent);
         let ranges = both.ranges();
         let name = &p.ram.blocks()[b].name;
+        let name_len = u8::try_from(name.len()).map_err(|_| {
+            StreamError::invalid(p.w.offset(), format!("block name '{name}' over 255 bytes"))
+        })?;
         for chunk in ranges.chunks(2048) {
-            let mut data = vec![0u8, name.len() as u8];
+            let mut data = vec![0u8, name_len];
             data.extend_from_slice(name.as_bytes());
             for &(start, len) in chunk {
                 data.extend_from_slice(&(start * PAGE_SIZE as u64).to_be_bytes());
@@ -275,7 +280,11 @@ fn parse_request(
     };
     let ps = PAGE_SIZE as u64;
     let pages = ram.blocks()[block].pages();
-    if !start.is_multiple_of(ps) || len == 0 || start / ps + u64::from(len).div_ceil(ps) > pages {
+    if !start.is_multiple_of(ps)
+        || len == 0
+        || len > MAX_REQUEST
+        || start / ps + u64::from(len).div_ceil(ps) > pages
+    {
         return Err(bad(&format!(
             "range {start:#x}+{len:#x} outside block {block}"
         )));
@@ -369,10 +378,13 @@ pub(crate) fn run_source<W: Write>(
         }
         if !urgent.is_empty() {
             close(p.w, p.rw, &mut in_section)?;
-            open(p.w, p.rw, &mut in_section)?;
             for &(b, pg) in &urgent {
+                open(p.w, p.rw, &mut in_section)?;
                 p.rw.send_page(p.w, p.ram, b, pg)??;
                 in_section += 1;
+                if in_section == POSTCOPY_SECTION_PAGES {
+                    close(p.w, p.rw, &mut in_section)?;
+                }
             }
             sent_pages += urgent.len() as u64;
             remaining -= urgent.len() as u64;
@@ -647,7 +659,9 @@ impl DestPostcopy {
         for pair in pairs.chunks_exact(16) {
             let start = u64::from_be_bytes(pair[0..8].try_into().unwrap_or_default());
             let len = u64::from_be_bytes(pair[8..16].try_into().unwrap_or_default());
-            if !start.is_multiple_of(ps) || !len.is_multiple_of(ps) || (start + len) / ps > pages {
+            let end = start.checked_add(len).map(|e| e / ps);
+            if !start.is_multiple_of(ps) || !len.is_multiple_of(ps) || end.is_none_or(|e| e > pages)
+            {
                 return Err(bad(format!(
                     "range {start:#x}+{len:#x} outside block '{}'",
                     self.ram.blocks()[block].name
@@ -1036,6 +1050,7 @@ pub(crate) fn dest_package<R: Read + Send + 'static>(
                     let c = pr.be16("command")?;
                     let len = pr.be16("command length")?;
                     let data = pr.vec(len as usize, "command data")?;
+                    pr.check_crc("command")?;
                     match c {
                         cmd::POSTCOPY_LISTEN => {
                             let Some((mut r, mut rr)) = main.take() else {
@@ -1072,6 +1087,9 @@ pub(crate) fn dest_package<R: Read + Send + 'static>(
                             ran = true;
                         }
                         cmd::PING => {
+                            if data.len() != 4 {
+                                return Err(StreamError::invalid(at, "PING needs 4 bytes").into());
+                            }
                             send_rp(&post.rp, rp::PONG, &data).map_err(|e| StreamError::Io {
                                 offset: at,
                                 source: e,

@@ -3,12 +3,12 @@
 //! Source (one migration thread, plus a return-path reader thread):
 //!
 //! ```text
-//! header, CONFIGURATION, [OPEN_RETURN_PATH]
+//! header, CONFIGURATION, [OPEN_RETURN_PATH, [POSTCOPY_ADVISE | ENABLE_COLO], PING]
 //! START "ram" (block list, EOS)
-//! PART "ram" ... one per round: pages dirty since the previous sync
+//! PART "ram" ... each round: the pages dirty at its sync, 256 per PART,
 //!      until (dirty bytes / bandwidth) <= downtime-limit
 //! -- guest stopped --
-//! END "ram" (last dirty pages)   FULL device sections   EOF
+//! PART ... (the last dirty pages)   END "ram" (EOS only)   FULL device sections   EOF
 //! <- SHUT(0) from the destination: it loaded everything (return path only)
 //! ```
 //!
@@ -865,6 +865,7 @@ fn incoming(
                 let c = r.be16("command")?;
                 let len = r.be16("command length")?;
                 let data = r.vec(len as usize, "command data")?;
+                r.check_crc("command")?;
                 match c {
                     cmd::OPEN_RETURN_PATH => {
                         if !chan.duplex {

@@ -499,10 +499,18 @@ impl RamReader {
             ));
         }
         let mut seen = 0;
+        let mut names: Vec<String> = Vec::new();
         while seen < total {
             let at = r.offset();
             let name = r.idstr("RAM block name")?;
             let size = r.be64("RAM block size")?;
+            if names.contains(&name) {
+                return Err(StreamError::invalid(
+                    at,
+                    format!("RAM block '{name}' listed twice"),
+                ));
+            }
+            names.push(name.clone());
             match self.blocks.iter().find(|b| b.name == name) {
                 Some(b) if b.size == size => {}
                 Some(b) => {

@@ -3,10 +3,10 @@
 //! ```text
 //! be32 0x5145564d "QEVM"   be32 3
 //! 0x07 CONFIGURATION       be32 len, JSON {machine, ram blocks, vcpus, cpu, page size}, 0x7e be32 0 be32 crc
-//! 0x08 COMMAND             be16 cmd, be16 len, data         (OPEN_RETURN_PATH, PING, POSTCOPY_*, ...)
+//! 0x08 COMMAND             be16 cmd, be16 len, data, be32 CRC32 of the command from its type byte
 //! 0x01 SECTION_START       be32 id, u8 len, "ram", be32 instance, be32 version, RAM records, footer
 //! 0x02 SECTION_PART        be32 id, RAM records (at most 256 pages), footer   (rounds are runs of PARTs)
-//! 0x03 SECTION_END         be32 id, RAM records, footer                      (the stop-and-copy round)
+//! 0x03 SECTION_END         be32 id, RAM records, footer       (closes the RAM section; PARTs carry the pages)
 //! 0x04 SECTION_FULL        be32 id, u8 len, name, be32 instance, be32 version,
 //!                          be32 len, device state, footer
 //! 0x00 EOF
@@ -115,8 +115,6 @@ pub mod rp {
 pub const MAX_DEVICE_STATE: u32 = 64 << 20;
 /// Longest configuration we accept.
 pub const MAX_CONFIG: u32 = 1 << 20;
-/// Longest command payload.
-pub const MAX_COMMAND: u16 = u16::MAX;
 
 /// Stream errors: what was wrong and at which byte.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +261,21 @@ impl<R: Read> Reader<R> {
         Ok(b)
     }
 
+    /// Read a bare `be32` CRC32 and check it against the bytes read since
+    /// [`Reader::begin_section`] (commands end this way).
+    pub fn check_crc(&mut self, what: &str) -> Result<(), StreamError> {
+        let want = std::mem::take(&mut self.crc).finalize();
+        let at = self.offset;
+        let got = self.be32("checksum")?;
+        if got != want {
+            return Err(StreamError::invalid(
+                at,
+                format!("{what} checksum mismatch: stream says {got:#010x}, data gives {want:#010x} (corrupted in transit)"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Expect a section footer for `id` and check the section's CRC.
     pub fn footer(&mut self, id: u32) -> Result<(), StreamError> {
         let at = self.offset;
@@ -377,10 +390,13 @@ impl<W: Write> Writer<W> {
     pub fn command(&mut self, cmd: u16, data: &[u8]) -> Result<(), StreamError> {
         let len = u16::try_from(data.len())
             .map_err(|_| StreamError::invalid(self.offset, "command payload over 64 KiB"))?;
+        self.begin_section();
         self.u8(section::COMMAND)?;
         self.be16(cmd)?;
         self.be16(len)?;
-        self.bytes(data)
+        self.bytes(data)?;
+        let crc = std::mem::take(&mut self.crc).finalize();
+        self.be32(crc)
     }
 
     /// Flush the transport.
@@ -478,6 +494,9 @@ pub fn read_header<R: Read>(r: &mut Reader<R>) -> Result<(), StreamError> {
 
 /// Write the configuration section (footer id 0).
 pub fn write_config<W: Write>(w: &mut Writer<W>, json: &[u8]) -> Result<(), StreamError> {
+    if json.len() > MAX_CONFIG as usize {
+        return Err(StreamError::invalid(w.offset(), "configuration over 1 MiB"));
+    }
     w.begin_section();
     w.u8(section::CONFIGURATION)?;
     w.be32(json.len() as u32)?;

@@ -911,6 +911,9 @@ impl Relay {
             }
             let _ = dst.shutdown(Shutdown::Both);
             let _ = src.shutdown(Shutdown::Both);
+            // Close our clones too: a socket closed with unread data resets
+            // the connection, so a peer blocked writing into it wakes up.
+            socks.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
         Relay {
             port,

@@ -425,6 +425,16 @@ fn damaged_stream(tamper: Tamper, dst_mem: &str, expect: &[&str]) {
         dst.passes().is_empty(),
         "the destination ran a half-loaded guest"
     );
+    // Once the return path is open (after the configuration), the source
+    // reports the destination's own reason.
+    if expect.contains(&"checksum mismatch") {
+        let desc = r["error-desc"].as_str().unwrap_or_default();
+        assert!(
+            desc.starts_with("destination failed")
+                && (desc.contains("checksum mismatch") || desc.contains("invalid stream")),
+            "source error-desc should carry the destination's reason: {r}"
+        );
+    }
     assert_source_survived(&mut src, &mut sq);
     eprintln!(
         "{tamper:?}: source: {} / destination: {}",
