@@ -1004,17 +1004,30 @@ pub struct TrackingPlacer<'a> {
     pub ram: &'a dyn GuestRam,
     /// Postcopy state, once advised.
     pub post: Option<&'a DestPostcopy>,
+    /// Pages known to read as zero (bit set: not written since the incoming
+    /// migration began on RAM that started zeroed), one bitmap per block.
+    /// A ZERO record for such a page needs no work: not even a read, which
+    /// would fault the page in. Unused once postcopy is advised, where a
+    /// zero page must be made present before userfaultfd covers it.
+    pub zeroed: &'a mut [crate::ram::Bitmap],
 }
 
 impl PagePlacer for TrackingPlacer<'_> {
     fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
         self.ram.write_page(block, page, data)?;
+        if let Some(z) = self.zeroed.get_mut(block) {
+            z.test_and_clear(page);
+        }
         if let Some(p) = self.post {
             p.mark_received(block, page);
         }
         Ok(())
     }
     fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
+        let known_zero = self.zeroed.get(block).is_some_and(|z| z.get(page));
+        if self.post.is_none() && known_zero {
+            return Ok(());
+        }
         self.ram.zero_page(block, page)?;
         if let Some(p) = self.post {
             p.mark_received(block, page);

@@ -77,6 +77,14 @@ pub trait GuestRam: Send + Sync {
     fn host_mapping(&self, _block: usize) -> Option<(*mut u8, usize)> {
         None
     }
+    /// Pages of `block` from `first` (up to `64 * out.len()`) that were never
+    /// populated and so read as zero: bit i of `out` set for page `first + i`.
+    /// The source sends them as ZERO without reading them (a read would
+    /// fault each one in). Returns `false` when it cannot tell; `out` is
+    /// then ignored. A page written after the answer is in the dirty log.
+    fn unpopulated(&self, _block: usize, _first: u64, _out: &mut [u64]) -> bool {
+        false
+    }
 }
 
 /// A page bitmap several threads update (postcopy's received/requested).
@@ -275,11 +283,17 @@ impl Bitmap {
     }
 }
 
+/// Pages per [`GuestRam::unpopulated`] query, in 64-bit words.
+const UNPOPULATED_WORDS: usize = 8;
+
 /// Writes RAM records, tracking the CONTINUE state and counters.
 #[derive(Default)]
 pub struct RamWriter {
     last_block: Option<usize>,
     buf: Vec<u8>,
+    /// [`GuestRam::unpopulated`] for the window of pages around the last one
+    /// sent: (block, first page, bits).
+    unpopulated: Option<(usize, u64, [u64; UNPOPULATED_WORDS])>,
     /// Zero pages sent.
     pub zero_pages: u64,
     /// Full pages sent.
@@ -323,10 +337,14 @@ impl RamWriter {
         block: usize,
         page: u64,
     ) -> Result<Result<(), RamError>, StreamError> {
-        if let Err(e) = ram.read_page(block, page, &mut self.buf) {
-            return Ok(Err(e));
-        }
-        let zero = crate::stream::is_zero(&self.buf);
+        let zero = if self.known_unpopulated(ram, block, page) {
+            true
+        } else {
+            if let Err(e) = ram.read_page(block, page, &mut self.buf) {
+                return Ok(Err(e));
+            }
+            crate::stream::is_zero(&self.buf)
+        };
         let mut hdr =
             (page * PAGE_SIZE as u64) | if zero { ram_flag::ZERO } else { ram_flag::PAGE };
         let cont = self.last_block == Some(block);
@@ -346,6 +364,27 @@ impl RamWriter {
             self.normal_pages += 1;
         }
         Ok(Ok(()))
+    }
+
+    /// Whether `page` is known never populated, asking `ram` about the
+    /// window of pages from it when it lies outside the current one.
+    fn known_unpopulated(&mut self, ram: &dyn GuestRam, block: usize, page: u64) -> bool {
+        let span = 64 * UNPOPULATED_WORDS as u64;
+        let hit = matches!(self.unpopulated, Some((b, first, _))
+            if b == block && page >= first && page - first < span);
+        if !hit {
+            let mut bits = [0u64; UNPOPULATED_WORDS];
+            self.unpopulated = ram
+                .unpopulated(block, page, &mut bits)
+                .then_some((block, page, bits));
+        }
+        match &self.unpopulated {
+            Some((_, first, bits)) => {
+                let i = page - first;
+                bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+            }
+            None => false,
+        }
     }
 
     /// End the section's records.
@@ -729,6 +768,90 @@ pub(crate) mod tests {
         assert_eq!(f.count(), 130);
         b.or_words(&[!0, !0, !0]);
         assert_eq!(b.count(), 130);
+    }
+
+    /// RAM that reports its even, all-zero pages as never populated and
+    /// logs every page read.
+    struct Sparse {
+        inner: VecRam,
+        reads: Mutex<Vec<u64>>,
+    }
+
+    impl GuestRam for Sparse {
+        fn blocks(&self) -> &[RamBlock] {
+            self.inner.blocks()
+        }
+        fn read_page(&self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), RamError> {
+            self.reads.lock().unwrap().push(page);
+            self.inner.read_page(block, page, buf)
+        }
+        fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
+            self.inner.write_page(block, page, data)
+        }
+        fn zero_page(&self, block: usize, page: u64) -> Result<(), RamError> {
+            self.inner.zero_page(block, page)
+        }
+        fn start_dirty_log(&self) -> Result<(), RamError> {
+            Ok(())
+        }
+        fn sync_dirty_log(&self, bitmaps: &mut [Bitmap]) -> Result<(), RamError> {
+            self.inner.sync_dirty_log(bitmaps)
+        }
+        fn stop_dirty_log(&self) -> Result<(), RamError> {
+            Ok(())
+        }
+        fn unpopulated(&self, block: usize, first: u64, out: &mut [u64]) -> bool {
+            let d = self.inner.data[block].lock().unwrap();
+            out.fill(0);
+            for i in 0..64 * out.len() as u64 {
+                let p = first + i;
+                let o = p as usize * PAGE_SIZE;
+                if p.is_multiple_of(2)
+                    && d.get(o..o + PAGE_SIZE)
+                        .is_some_and(|x| x.iter().all(|&b| b == 0))
+                {
+                    out[(i / 64) as usize] |= 1 << (i % 64);
+                }
+            }
+            true
+        }
+    }
+
+    #[test]
+    fn unpopulated_pages_are_sent_as_zero_without_reading_them() {
+        let pages = 1200u64;
+        let src = Sparse {
+            inner: VecRam::new(&[pages * PAGE_SIZE as u64]),
+            reads: Mutex::new(Vec::new()),
+        };
+        for p in [2, 3, 600, 1101] {
+            src.inner.guest_write(0, p, p as u8 | 1);
+        }
+        let mut w = Writer::new(Vec::new());
+        let mut rw = RamWriter::new();
+        rw.write_block_list(&mut w, &src.inner.blocks).unwrap();
+        for p in 0..pages {
+            rw.send_page(&mut w, &src, 0, p).unwrap().unwrap();
+        }
+        rw.write_eos(&mut w).unwrap();
+        assert_eq!((rw.zero_pages, rw.normal_pages), (pages - 4, 4));
+        // Odd pages and the populated even ones (2, 600) were read; no other.
+        let reads = src.reads.lock().unwrap().clone();
+        let want: Vec<u64> = (0..pages)
+            .filter(|p| p % 2 == 1 || [2, 600].contains(p))
+            .collect();
+        assert_eq!(reads, want);
+
+        let dst = VecRam::new(&[pages * PAGE_SIZE as u64]);
+        let mut rr = RamReader::new(dst.blocks.clone());
+        let bytes = w.get_mut().clone();
+        let mut r = Reader::new(&bytes[..]);
+        rr.read_block_list(&mut r).unwrap();
+        rr.read_records(&mut r, &mut DirectPlacer(&dst)).unwrap();
+        assert_eq!(
+            *src.inner.data[0].lock().unwrap(),
+            *dst.data[0].lock().unwrap()
+        );
     }
 
     #[test]

@@ -33,7 +33,14 @@ pub struct KvmRam {
     mem: Arc<GuestMemoryMmap>,
     blocks: Vec<RamBlock>,
     starts: Vec<u64>,
+    /// `/proc/self/pagemap`, to find pages never populated (None if it
+    /// cannot be opened: every page is then read).
+    pagemap: Option<std::fs::File>,
 }
+
+/// pagemap entry bits: page present in RAM, page swapped out.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
 
 impl KvmRam {
     /// RAM of `mem`, with dirty logging through `fd`.
@@ -57,6 +64,7 @@ impl KvmRam {
             mem,
             blocks,
             starts,
+            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
         }
     }
 
@@ -125,6 +133,30 @@ impl GuestRam for KvmRam {
     fn host_mapping(&self, block: usize) -> Option<(*mut u8, usize)> {
         let r = self.mem.iter().nth(block)?;
         Some((r.as_ptr(), r.len() as usize))
+    }
+
+    /// Guest RAM is an anonymous private mapping: a page neither present
+    /// nor swapped out has never been written and reads as zero.
+    fn unpopulated(&self, block: usize, first: u64, out: &mut [u64]) -> bool {
+        use std::os::unix::fs::FileExt;
+        let (Some(pm), Some((host, len))) = (&self.pagemap, self.host_mapping(block)) else {
+            return false;
+        };
+        let pages = (len as u64 / PAGE_SIZE).saturating_sub(first);
+        let n = pages.min(64 * out.len() as u64) as usize;
+        let mut raw = vec![0u8; n * 8];
+        let vpn = (host as u64 + first * PAGE_SIZE) / PAGE_SIZE;
+        if n == 0 || pm.read_exact_at(&mut raw, vpn * 8).is_err() {
+            return false;
+        }
+        out.fill(0);
+        for (i, e) in raw.chunks_exact(8).enumerate() {
+            let e = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if e & (PM_PRESENT | PM_SWAPPED) == 0 {
+                out[i / 64] |= 1 << (i % 64);
+            }
+        }
+        true
     }
 }
 
