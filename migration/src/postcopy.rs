@@ -63,9 +63,10 @@ use crate::ram::{
 use crate::status::{Parameters, Shared, Status};
 use crate::stream::{self, cmd, rp, section, Reader, StreamError, Writer, PAGE_SIZE};
 
-/// Pages per RAM section after the switch: small, so that a requested page
-/// never waits behind much background data.
-const POSTCOPY_SECTION_PAGES: u64 = 64;
+/// Pages per RAM section after the switch: small (64 KiB), because a
+/// requested page waits for the open background section to be finished
+/// and, on the destination, checked before anything after it is placed.
+const POSTCOPY_SECTION_PAGES: u64 = 16;
 /// Socket buffer size after the switch: data in flight ahead of a
 /// requested page delays it (at ~1 GB/s, 64 KiB is ~60 µs).
 pub const SOCKET_BUFFER: i32 = 64 << 10;
@@ -302,6 +303,7 @@ pub(crate) fn run_source<W: Write>(
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     set_status(p.shared, p.events, Status::PostcopyActive);
+    crate::prefer_this_thread();
     send_discards(&mut p)?;
     send_package(p.w, devices)?;
     run_sent.store(true, Ordering::SeqCst);
@@ -714,6 +716,7 @@ impl DestPostcopy {
 
     /// The fault thread: read faults, ask the source for missing pages.
     fn fault_loop(&self) {
+        crate::prefer_this_thread();
         let mut last_block = None;
         loop {
             let mut fds = [
@@ -830,6 +833,7 @@ impl DestPostcopy {
         rr: &mut RamReader,
         shared: &Shared,
     ) -> Result<(), MigrationError> {
+        crate::prefer_this_thread();
         let mut staging = StagingPlacer::new(crate::precopy::MAX_SECTION_PAGES);
         let mut ended = false;
         loop {
@@ -1071,7 +1075,6 @@ pub(crate) fn dest_package<R: Read + Send + 'static>(
                                     StreamError::invalid(at, "second POSTCOPY_LISTEN").into()
                                 );
                             };
-                            closer.limit_buffers(SOCKET_BUFFER);
                             fault = Some(post.listen()?);
                             set_status(&inc.shared, &inc.events, Status::PostcopyActive);
                             let (p, shared) = (post.clone(), inc.shared.clone());

@@ -376,6 +376,9 @@ fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> RpReceiver {
     std::thread::Builder::new()
         .name("mig-return".into())
         .spawn(move || {
+            // It mostly sleeps; when a postcopy page request arrives, a
+            // guest is waiting for it.
+            crate::prefer_this_thread();
             let mut r = Reader::new(BufReader::new(reader));
             loop {
                 let m = stream::read_rp(&mut r);
@@ -584,7 +587,8 @@ fn outgoing(
             o.shared.info().ram.dirty_sync_count = pass + 1;
             (o.events)(Event::Pass(pass + 1));
             let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
-            chan.closer.limit_buffers(crate::postcopy::SOCKET_BUFFER);
+            chan.closer
+                .limit_send_buffer(crate::postcopy::SOCKET_BUFFER);
             return crate::postcopy::run_source(
                 crate::postcopy::SourcePhase {
                     w: &mut w,

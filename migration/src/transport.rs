@@ -112,27 +112,27 @@ pub enum Closer {
 }
 
 impl Closer {
-    /// Shrink the socket's kernel buffers (SO_SNDBUF and SO_RCVBUF) to
-    /// about `bytes`, so that little data is in flight ahead of an urgent
-    /// message (postcopy page requests). A no-op for pipes and files.
-    pub fn limit_buffers(&self, bytes: i32) {
+    /// Shrink the socket's send buffer (SO_SNDBUF) to about `bytes`, so
+    /// that little data is queued ahead of an urgent message (a requested
+    /// postcopy page). The receive buffer is left alone: shrinking it under
+    /// data already in flight makes the kernel drop segments, and each drop
+    /// costs a retransmission timeout (200 ms). A no-op for pipes and files.
+    pub fn limit_send_buffer(&self, bytes: i32) {
         let fd = match self {
             Self::Tcp(s) => s.as_raw_fd(),
             Self::Unix(s) => s.as_raw_fd(),
             _ => return,
         };
-        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-            // SAFETY: fd is an open socket owned by self; the option value
-            // is a valid c_int of the size passed.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&bytes as *const i32).cast(),
-                    std::mem::size_of::<i32>() as libc::socklen_t,
-                );
-            }
+        // SAFETY: fd is an open socket owned by self; the option value is a
+        // valid c_int of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
         }
     }
 
