@@ -9,8 +9,8 @@
 //! ```text
 //! primary (P)                                  secondary (S)
 //! header, config, OPEN_RETURN_PATH, ENABLE_COLO  S checks its x-colo capability
-//! START, PART..., END, FULL..., EOF              first migration; S loads devices, guest paused,
-//!                                                copies RAM into its cache, starts its dirty log
+//! START, PART..., END, FULL..., EOF              first migration; S keeps the device state, guest
+//!                                                paused, copies RAM into its cache, starts its dirty log
 //!                              <----  COLO 0 checkpoint-ready
 //! P resumes its guest; its serial output is held from now on
 //! every x-checkpoint-delay ms:
@@ -22,7 +22,9 @@
 //! be32 4 vmstate-size, be64 n, n bytes (FULL sections, EOF)
 //!                              <----  COLO 5 vmstate-received
 //!                                     S copies the pages P sent and the pages S itself
-//!                                     dirtied from the cache into guest RAM, loads devices
+//!                                     dirtied from the cache into guest RAM; the checked
+//!                                     device state replaces the kept one (the machine loads
+//!                                     it into KVM at failover: the guest does not run before)
 //!                              <----  COLO 6 vmstate-loaded
 //! P releases the held output, resumes its guest
 //! be32 7 primary-exit (minivmm)  ---->  P left COLO on request; S leaves COLO, stays paused
@@ -578,11 +580,13 @@ fn receive_checkpoint<R: Read>(
         .collect();
     inc.ram.sync_dirty_log(&mut own)?;
     cache.commit(&*inc.ram, &own)?;
+    // The commit's own writes are in the log now; they match the cache, so
+    // drop them (else every page ever received is copied again each time).
+    let mut ours = own;
+    inc.ram.sync_dirty_log(&mut ours)?;
     inc.machine
         .colo_load(devices)
         .map_err(MigrationError::Machine)?;
-    // Loading the vCPUs lets KVM write its clock pages; the dirty log
-    // catches them and the next commit restores them from the cache.
     send_colo(rp, msg::VMSTATE_LOADED)?;
     Ok(())
 }

@@ -162,7 +162,9 @@ pub trait IncomingMachine: Send {
     fn capabilities(&mut self) -> Capabilities {
         Capabilities::default()
     }
-    /// COLO secondary: load a checkpoint's device state, guest kept paused.
+    /// COLO secondary: take a complete checkpoint's device state (checked
+    /// now; the machine may keep it and load it at takeover, since the
+    /// guest does not run before).
     fn colo_load(&mut self, _blobs: Vec<DeviceBlob>) -> Result<(), String> {
         Err("COLO is not supported by this machine".into())
     }
@@ -316,17 +318,20 @@ fn send_dirty<W: Write>(
 /// Source side: runs to completion, failure or cancel. Returns the final status.
 pub fn run_outgoing(mut o: Outgoing) -> Status {
     {
+        // Straight to `setup`: a status of none for an instant would make
+        // query-migrate show the VM's previous (incoming) migration.
         let mut i = o.shared.info();
         *i = crate::status::Info {
             started: Some(Instant::now()),
+            status: Status::Setup,
             ..Default::default()
         };
         i.ram.total = o.ram.blocks().iter().map(|b| b.size).sum();
     }
+    (o.events)(Event::Status(Status::Setup));
     o.shared
         .checkpoint_delay_ms
         .store(o.params.x_checkpoint_delay_ms, Ordering::SeqCst);
-    set_status(&o.shared, &o.events, Status::Setup);
     let mut stopped = None;
     let run_sent = AtomicBool::new(false);
     let result = outgoing(&mut o, &mut stopped, &run_sent);
@@ -758,11 +763,12 @@ pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
         let mut i = inc.shared.info();
         *i = crate::status::Info {
             started: Some(Instant::now()),
+            status: Status::Active,
             ..Default::default()
         };
         i.ram.total = inc.ram.blocks().iter().map(|b| b.size).sum();
     }
-    set_status(&inc.shared, &inc.events, Status::Active);
+    (inc.events)(Event::Status(Status::Active));
     let mut rp_writer: Option<RpWriter> = None;
     let result = incoming(&mut inc, &mut chan, &mut rp_writer);
     let status = match result {

@@ -355,6 +355,7 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         colo_mode: "none",
         colo_last_mode: "none",
         colo_reason: "none",
+        colo_state: None,
         incoming: None,
         mig: Arc::new(Shared::default()),
         incoming_mig: Arc::new(Shared::default()),
@@ -496,6 +497,9 @@ struct Control {
     colo_last_mode: &'static str,
     /// Why COLO last ended ("none", "request", "error").
     colo_reason: &'static str,
+    /// COLO secondary: the machine state of the last complete checkpoint,
+    /// loaded into KVM only at takeover (the guest does not run before).
+    colo_state: Option<Box<crate::vm::MachineState>>,
     /// The running incoming migration.
     incoming: Option<Arc<Shared>>,
     /// The last outgoing migration's state (query-migrate on the source).
@@ -617,15 +621,24 @@ impl Control {
                 );
             }
             MachineRequest::ColoLoad(blobs, reply) => {
-                let r = migrate::from_blobs(blobs, self.vm.shape())
-                    .and_then(|(st, _)| self.vm.restore_state(&st).map_err(|e| error_chain(&e)));
-                if r.is_ok() {
+                // Checked now (sections, versions, vCPU count); loading into
+                // KVM waits for a takeover, which costs the checkpoint pause
+                // nothing and keeps KVM from writing the clock pages here.
+                let r = migrate::from_blobs(blobs, self.vm.shape()).map(|(st, _)| {
+                    self.colo_state = Some(Box::new(st));
                     self.set_runstate(RunState::Colo);
-                }
+                });
                 let _ = reply.send(r);
             }
             MachineRequest::ColoTakeover(reply) => {
-                let r = self.start_vm().map_err(|e| error_chain(&e));
+                let r = match self.colo_state.take() {
+                    Some(st) => self
+                        .vm
+                        .restore_state(&st)
+                        .and_then(|()| self.start_vm())
+                        .map_err(|e| error_chain(&e)),
+                    None => Err("no COLO checkpoint to take over from".to_string()),
+                };
                 let _ = reply.send(r);
             }
             MachineRequest::Abandon(why, reply) => {

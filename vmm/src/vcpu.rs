@@ -118,6 +118,19 @@ pub struct VcpuContext {
     pub msr_list: Arc<Vec<u32>>,
 }
 
+/// A state requested with [`VcpuHandle::request_save`].
+pub struct PendingSave {
+    id: u8,
+    rx: Receiver<Result<VcpuState, CpuError>>,
+}
+
+impl PendingSave {
+    /// The saved state.
+    pub fn wait(self) -> Result<VcpuState, VcpuError> {
+        Ok(self.rx.recv().map_err(|_| VcpuError::Gone(self.id))??)
+    }
+}
+
 impl VcpuHandle {
     /// Start the thread for `fd`, parked until the first [`VcpuHandle::resume`].
     pub fn spawn(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
@@ -159,11 +172,15 @@ impl VcpuHandle {
         self.send(VcpuRequest::Resume)
     }
 
-    /// Read the state of the parked vCPU.
-    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+    /// Ask the parked vCPU's thread for its state (non-blocking), so that
+    /// several vCPUs save at once; [`PendingSave::wait`] collects it.
+    pub fn request_save(&self) -> Result<PendingSave, VcpuError> {
         let (rtx, rrx) = channel();
         self.send(VcpuRequest::Save(rtx))?;
-        Ok(rrx.recv().map_err(|_| VcpuError::Gone(self.id))??)
+        Ok(PendingSave {
+            id: self.id,
+            rx: rrx,
+        })
     }
 
     /// Load a state into the parked vCPU.

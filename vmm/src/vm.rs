@@ -281,10 +281,14 @@ impl Vm {
         if self.running {
             return Err(VmError::State("cannot save a running VM".into()));
         }
-        let vcpus = self
+        let pending = self
             .vcpus
             .iter()
-            .map(|v| v.save())
+            .map(|v| v.request_save())
+            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus = pending
+            .into_iter()
+            .map(|p| p.wait())
             .collect::<Result<Vec<_>, _>>()?;
         let mut irqchips = Vec::new();
         for chip_id in [
