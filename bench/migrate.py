@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Precopy live-migration benchmark (used by bench/migrate.sh, see there).
+
+Scenarios (--scenarios, comma-separated):
+  idle1g   1 GiB guest, workload of 4 MiB at 1 MiB/s (near idle)
+  idle4g   4 GiB guest (RAM across the 32-bit hole), same workload
+  dirty64  256 MiB guest whose workload rewrites 64 MiB at 100 MiB/s
+For each VMM and scenario: boot once, save the guest after its first full
+PASS, then RUNS times: restore a source from the save, let it run, start a
+destination on tcp loopback, `migrate` with the same downtime-limit and
+max-bandwidth in both VMMs, and read the source's query-migrate at
+completion. The destination must then print two more PASS lines (a full
+pass over every page written before the switch) with no CORRUPT on either
+side. Then the machine's own limits: loopback TCP and memcpy bandwidth.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from miglib import (Guest, MIB, fmt, free_port, log, machine_note, make_snapshot, median,
+                    start_from, tcp_counters, tcp_delta)
+
+
+def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
+    src = start_from(g, "src", snap, wd, settle_s=3.0)
+    dst = None
+    try:
+        port = free_port()
+        dst = g.spawn("dst", wd, incoming=f"tcp:127.0.0.1:{port}")
+        dq = dst.qmp
+        sq = src.qmp
+        sq.cmd("migrate-set-capabilities",
+               {"capabilities": [{"capability": "events", "state": True}]})
+        params = {"downtime-limit": downtime_limit}
+        if max_bandwidth:
+            params["max-bandwidth"] = max_bandwidth
+        sq.cmd("migrate-set-parameters", params)
+        tcp0 = tcp_counters()
+        sq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        r = sq.wait_status(("completed", "failed", "cancelled"), 300)
+        tcp = tcp_delta(tcp0)
+        res = {
+            "status": r.get("status"),
+            "total_ms": r.get("total-time"),
+            "downtime_ms": r.get("downtime"),
+            "setup_ms": r.get("setup-time"),
+            "transferred_mib": r.get("ram", {}).get("transferred", 0) / MIB,
+            "normal_mib": r.get("ram", {}).get("normal-bytes", 0) / MIB,
+            "syncs": r.get("ram", {}).get("dirty-sync-count"),
+            "error": r.get("error-desc"),
+            "corrupt": [],
+            "verified": False,
+            "tcp": tcp,
+        }
+        if r.get("status") == "completed":
+            dr = dq.wait_status(("completed", "failed"), 120)
+            if dr.get("status") != "completed":
+                res["error"] = f"destination: {dr}"
+            elif verify:
+                last = src.last_pass()
+                interval = g.wl_mem / g.rate if g.rate else 1.0
+                dst.wait_pass_beyond(last + 1, 3 * interval + 30)
+                res["verified"] = True
+        else:
+            log(f"    {g.kind}: migration {r.get('status')}: {json.dumps(r)}")
+        res["corrupt"] = src.corrupt() + (dst.corrupt() if dst else [])
+        return res
+    finally:
+        src.kill()
+        if dst:
+            dst.kill()
+
+
+SCENARIOS = {
+    # name: (label, guest MiB, workload MiB, workload MiB/s)
+    "idle1g": ("idle 1 GiB", 1024, 4, 1),
+    "idle4g": ("idle 4 GiB", 4096, 4, 1),
+    "dirty64": ("64 MiB dirtied at 100 MiB/s", 256, 64, 100),
+}
+
+
+def loopback_tcp_mib_s(total=2 << 30, chunk=4 << 20):
+    """Bytes/s through one loopback TCP connection (sender and receiver in
+    two threads, 4 MiB buffers: little Python overhead per byte)."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    got = [0]
+
+    def rx():
+        c, _ = srv.accept()
+        buf = bytearray(chunk)
+        mv = memoryview(buf)
+        while True:
+            n = c.recv_into(mv)
+            if n == 0:
+                break
+            got[0] += n
+        c.close()
+
+    t = threading.Thread(target=rx)
+    t.start()
+    s = socket.create_connection(("127.0.0.1", port))
+    data = memoryview(bytes(chunk))
+    t0 = time.monotonic()
+    for _ in range(total // chunk):
+        s.sendall(data)
+    s.close()
+    t.join()
+    dt = time.monotonic() - t0
+    srv.close()
+    return got[0] / dt / MIB
+
+
+def memcpy_mib_s(size=256 << 20, reps=8):
+    """Bytes/s of one large copy (CPython's slice assignment is a memcpy)."""
+    a = bytearray(b"\x5a" * size)
+    b = bytearray(size)
+    b[:] = a  # fault both in
+    t0 = time.monotonic()
+    for _ in range(reps):
+        b[:] = a
+    return size * reps / (time.monotonic() - t0) / MIB
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--scenarios", default="idle1g,idle4g,dirty64")
+    ap.add_argument("--vmms", default="minivmm,qemu")
+    ap.add_argument("--downtime-limit", type=int, default=300)
+    ap.add_argument("--max-bandwidth", type=int, default=0, help="B/s; 0: the VMMs' default")
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--minivmm", required=True)
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--kernel", required=True)
+    ap.add_argument("--initrd", required=True)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    quiet = machine_note()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="migrate-bench-") as wd:
+        for name in a.scenarios.split(","):
+            label, mem, wl_mem, rate = SCENARIOS[name]
+            for kind in a.vmms.split(","):
+                g = Guest(kind, a.minivmm, a.qemu, a.kernel, a.initrd, rate, mem=mem,
+                          wl_mem=wl_mem)
+                snap = os.path.join(wd, f"{kind}-{name}.snap")
+                make_snapshot(g, snap, wd)
+                runs = []
+                for i in range(a.runs):
+                    t0 = time.monotonic()
+                    r = one_run(g, snap, wd, a.downtime_limit, not a.no_verify, a.max_bandwidth)
+                    runs.append(r)
+                    log(f"  {kind} {name} run {i + 1}: {r['status']} total {r['total_ms']} ms"
+                        f" downtime {r['downtime_ms']} ms setup {r['setup_ms']} ms"
+                        f" {r['transferred_mib']:.1f} MiB ({r['normal_mib']:.1f} MiB pages)"
+                        f" syncs {r['syncs']}"
+                        f" verified={r['verified']} corrupt={len(r['corrupt'])}"
+                        f" tcp {r['tcp']} ({time.monotonic() - t0:.0f} s)"
+                        + (f" error: {r['error']}" if r['error'] else ""))
+                    for c in r["corrupt"][:5]:
+                        log(f"    {c}")
+                os.unlink(snap)
+                rows.append((kind, label, runs))
+    tcp = loopback_tcp_mib_s()
+    mem = memcpy_mib_s()
+    quiet = machine_note() and quiet  # also quiet at the end?
+    print()
+    print("| VMM | guest | total-time | downtime | setup-time | transferred | of it page data"
+          " | page data rate | dirty syncs | runs completed | CORRUPT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, label, runs in rows:
+        ok = [r for r in runs if r["status"] == "completed"]
+        rng = lambda k: (f" ({min(r[k] for r in ok)}-{max(r[k] for r in ok)})" if ok else "")
+        rate = [r["normal_mib"] / ((r["total_ms"] - r["setup_ms"]) / 1000.0)
+                for r in ok if r["total_ms"] and r["total_ms"] > r["setup_ms"]]
+        print(f"| {kind} | {label}"
+              f" | {fmt(median([r['total_ms'] for r in ok]), ' ms')}{rng('total_ms')}"
+              f" | {fmt(median([r['downtime_ms'] for r in ok]), ' ms')}{rng('downtime_ms')}"
+              f" | {fmt(median([r['setup_ms'] for r in ok]), ' ms')}"
+              f" | {fmt(median([r['transferred_mib'] for r in ok]), ' MiB', 1)}"
+              f" | {fmt(median([r['normal_mib'] for r in ok]), ' MiB', 1)}"
+              f" | {fmt(median(rate), ' MiB/s')}"
+              f" | {fmt(median([r['syncs'] for r in ok]))}"
+              f" | {len(ok)}/{len(runs)}"
+              f" | {'yes: ' + str(sum(len(r['corrupt']) for r in runs)) + ' lines' if any(r['corrupt'] for r in runs) else 'no'}"
+              f"{'' if all(r['verified'] for r in ok) else ' (not all verified)'} |")
+    mb = a.max_bandwidth
+    print(f"\n(median of {a.runs} runs, min-max in brackets; tcp loopback,"
+          f" downtime-limit {a.downtime_limit} ms, max-bandwidth"
+          f" {f'{mb} B/s' if mb else 'at its default (128 MiB/s in both)'};"
+          f" page data rate = page bytes / (total-time - setup-time);"
+          f" machine {'quiet' if quiet else 'NOT quiet, see stderr'})")
+    print(f"\nmachine limits: loopback TCP {tcp:.0f} MiB/s (one connection, 4 MiB writes),"
+          f" memcpy {mem:.0f} MiB/s (256 MiB copies)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{"vmm": k, "guest": g, "runs": rs} for k, g, rs in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
