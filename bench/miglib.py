@@ -378,6 +378,14 @@ def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120):
     return vm
 
 
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def busy_processes():
     """Other engineers' builds/tests and foreign VMMs (for the notes)."""
     me = os.getpid()
@@ -388,6 +396,8 @@ def busy_processes():
                            capture_output=True, text=True, timeout=10)
         for line in r.stdout.splitlines():
             pid = int(line.split()[0])
+            if _ppid(pid) == me:
+                continue  # ours, seen before Popen returned
             # The session machinery's own process carries ".cargo" in its
             # environment on its command line: not a build.
             if (pid in mine or pid == me or "pgrep" in line or "bench/" in line
