@@ -294,6 +294,8 @@ fn checkpoint<W: Write>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migra
     p.rw.new_section();
     p.rw.write_eos(p.w)?;
     p.w.footer(RAM_SECTION_ID)?;
+    // Let the secondary check and cache the pages while the devices save.
+    p.w.flush()?;
     let devices = p.machine.save_devices().map_err(MigrationError::Machine)?;
     let blob = device_buffer(&devices)?;
     p.w.be32(msg::VMSTATE_SIZE)?;

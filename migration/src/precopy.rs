@@ -637,6 +637,8 @@ fn outgoing(
         rw.new_section();
         rw.write_eos(&mut w)?;
         w.footer(RAM_SECTION_ID)?;
+        // Let the destination place the last pages while the devices save.
+        w.flush()?;
         let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
         for (i, d) in devices.iter().enumerate() {
             stream::write_device(&mut w, RAM_SECTION_ID + 1 + i as u32, d)?;
