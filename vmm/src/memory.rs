@@ -87,7 +87,18 @@ impl MemLayout {
             .iter()
             .map(|&(a, l)| (GuestAddress(a), l as usize))
             .collect();
-        GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Alloc)
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Alloc)?;
+        // The bitmap of VMM writes has a bit per host page; the dirty-log
+        // code ORs it word by word into KVM's log, a bit per 4 KiB.
+        for r in mem.iter() {
+            if (**r).bitmap().len() as u64 != r.len() / PAGE_SIZE {
+                return Err(MemoryError::Size(
+                    r.len(),
+                    "the host page size must be 4 KiB",
+                ));
+            }
+        }
+        Ok(mem)
     }
 }
 
@@ -129,14 +140,13 @@ pub fn take_dirty_bitmaps(
         let mut bits = vm
             .get_dirty_log(slot, region.len() as usize)
             .map_err(|e| MemoryError::DirtyLog(slot, e))?;
+        // The VMM's own writes: one bit per page as in KVM's log, taken and
+        // cleared word by word atomically (a write racing with this lands
+        // in this sync or the next, never in neither).
         let vmm_bits: &AtomicBitmap = (**region).bitmap();
-        let pages = region.len() / PAGE_SIZE;
-        for page in 0..pages {
-            if vmm_bits.is_addr_set((page * PAGE_SIZE) as usize) {
-                bits[(page / 64) as usize] |= 1 << (page % 64);
-            }
+        for (w, v) in bits.iter_mut().zip(vmm_bits.get_and_reset()) {
+            *w |= v;
         }
-        vmm_bits.reset();
         out.push(bits);
     }
     Ok(out)
