@@ -222,6 +222,22 @@ pub(crate) fn set_status(shared: &Shared, events: &EventSink, s: Status) {
     events(Event::Status(s));
 }
 
+/// Fresh statistics for a migration starting now, already in `status`
+/// (never `none` in between: query-migrate would then show the VM's
+/// previous migration), and its event.
+fn begin_info(shared: &Shared, events: &EventSink, ram: &dyn GuestRam, status: Status) {
+    {
+        let mut i = shared.info();
+        *i = crate::status::Info {
+            started: Some(Instant::now()),
+            status,
+            ..Default::default()
+        };
+        i.ram.total = ram.blocks().iter().map(|b| b.size).sum();
+    }
+    events(Event::Status(status));
+}
+
 /// Paces writes to a byte rate.
 pub(crate) struct Throttle {
     rate: u64,
@@ -317,18 +333,7 @@ fn send_dirty<W: Write>(
 
 /// Source side: runs to completion, failure or cancel. Returns the final status.
 pub fn run_outgoing(mut o: Outgoing) -> Status {
-    {
-        // Straight to `setup`: a status of none for an instant would make
-        // query-migrate show the VM's previous (incoming) migration.
-        let mut i = o.shared.info();
-        *i = crate::status::Info {
-            started: Some(Instant::now()),
-            status: Status::Setup,
-            ..Default::default()
-        };
-        i.ram.total = o.ram.blocks().iter().map(|b| b.size).sum();
-    }
-    (o.events)(Event::Status(Status::Setup));
+    begin_info(&o.shared, &o.events, &*o.ram, Status::Setup);
     o.shared
         .checkpoint_delay_ms
         .store(o.params.x_checkpoint_delay_ms, Ordering::SeqCst);
@@ -722,8 +727,17 @@ fn destination_reason(
     }
 }
 
+/// The destination's end of the return path: the channel's writer, taken.
+fn return_path(chan: &mut Channel) -> RpWriter {
+    Arc::new(Mutex::new(std::mem::replace(
+        &mut chan.writer,
+        Box::new(std::io::sink()),
+    )))
+}
+
 /// Reads a whole COMMAND section, its type byte included: (command, data).
 fn read_command(r: &mut Reader<impl Read>) -> Result<(u16, Vec<u8>), StreamError> {
+    r.begin_section();
     let at = r.offset();
     match r.u8("section type")? {
         section::COMMAND => read_command_body(r),
@@ -761,16 +775,7 @@ pub struct Incoming {
 
 /// Destination side: read one migration from `chan`. Returns the final status.
 pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
-    {
-        let mut i = inc.shared.info();
-        *i = crate::status::Info {
-            started: Some(Instant::now()),
-            status: Status::Active,
-            ..Default::default()
-        };
-        i.ram.total = inc.ram.blocks().iter().map(|b| b.size).sum();
-    }
-    (inc.events)(Event::Status(Status::Active));
+    begin_info(&inc.shared, &inc.events, &*inc.ram, Status::Active);
     let mut rp_writer: Option<RpWriter> = None;
     let result = incoming(&mut inc, &mut chan, &mut rp_writer);
     let status = match result {
@@ -814,12 +819,8 @@ fn incoming(
         // The source opens its return path right after the configuration
         // (on a duplex channel): open ours so run_incoming can tell it why.
         if chan.duplex {
-            r.begin_section();
             if let Ok((cmd::OPEN_RETURN_PATH, _)) = read_command(&mut r) {
-                *rp_writer = Some(Arc::new(Mutex::new(std::mem::replace(
-                    &mut chan.writer,
-                    Box::new(std::io::sink()),
-                ))));
+                *rp_writer = Some(return_path(chan));
             }
         }
         return Err(MigrationError::Config(why));
@@ -934,10 +935,7 @@ fn incoming(
                             )
                             .into());
                         }
-                        *rp_writer = Some(Arc::new(Mutex::new(std::mem::replace(
-                            &mut chan.writer,
-                            Box::new(std::io::sink()),
-                        ))));
+                        *rp_writer = Some(return_path(chan));
                     }
                     cmd::POSTCOPY_ADVISE => {
                         let rp = rp_writer.clone().ok_or_else(|| {
