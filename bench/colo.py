@@ -29,8 +29,8 @@ import subprocess
 import tempfile
 import time
 
-from miglib import (Guest, fmt, free_port, log, machine_note, make_snapshot, median, pct,
-                    start_from)
+from miglib import (Guest, common_args, fmt, free_port, log, machine_note, make_snapshot,
+                    median, pct, start_from)
 
 BYTES_RE = re.compile(r"bytes_sent:(\d+)")
 
@@ -161,15 +161,10 @@ def colo_point(g, snap, wd, window, delay):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--vmms", default="minivmm")
     ap.add_argument("--rates", default="1,10,50,200")
     ap.add_argument("--delay", type=int, default=100)
     ap.add_argument("--window", type=float, default=10.0)
-    ap.add_argument("--minivmm", required=True)
-    ap.add_argument("--qemu", default="qemu-system-x86_64")
-    ap.add_argument("--kernel", required=True)
-    ap.add_argument("--initrd", required=True)
-    ap.add_argument("--json")
+    common_args(ap, vmms="minivmm")
     a = ap.parse_args()
     quiet = machine_note()
     rows = []

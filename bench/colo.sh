@@ -19,31 +19,9 @@
 # BENCH_RATES=10,50 picks rates. Run it on an otherwise idle machine.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN=${MINIVMM_BIN:-$ROOT/target/release/minivmm}
-KERNEL=${MINIVMM_KERNEL:-$ROOT/guest-images/out/vmlinux}
-INITRD=${MINIVMM_INITRD:-$ROOT/guest-images/out/initramfs.cpio}
-QEMU=${QEMU:-qemu-system-x86_64}
-VMMS=${BENCH_VMMS:-minivmm,qemu}
+NAME=colo.sh
+source "$(dirname "${BASH_SOURCE[0]}")/miglib.sh"
 RATES=${BENCH_RATES:-1,10,50,200}
-
-for f in "$BIN" "$KERNEL" "$INITRD"; do
-    [ -e "$f" ] || { echo "colo.sh: $f missing: run ./setup.sh --no-demo" >&2; exit 1; }
-done
 command -v ss >/dev/null || { echo "colo.sh: ss (iproute2) missing" >&2; exit 1; }
-if [[ ",$VMMS," == *,qemu,* ]] && ! command -v "$QEMU" >/dev/null; then
-    echo "colo.sh: $QEMU not installed (./setup.sh installs qemu-system-x86): minivmm only" >&2
-    VMMS=minivmm
-fi
 
-echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)," \
-     "kvm: $(ls -d /sys/module/kvm_pvm >/dev/null 2>&1 && echo kvm_pvm || echo kvm)" >&2
-echo "# $("$BIN" --version) ($(stat -c %y "$BIN" | cut -d. -f1)), $("$QEMU" --version 2>/dev/null | head -n1 || echo 'no QEMU')" >&2
-
-PY=
-trap 'rc=$?; [ -z "$PY" ] || kill "$PY" 2>/dev/null || true; exit $rc' EXIT
-trap 'exit 130' INT TERM
-python3 "$ROOT/bench/colo.py" --vmms "$VMMS" --rates "$RATES" \
-    --minivmm "$BIN" --qemu "$QEMU" --kernel "$KERNEL" --initrd "$INITRD" &
-PY=$!
-wait "$PY"
+run_py colo.py --rates "$RATES"

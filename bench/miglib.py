@@ -337,6 +337,16 @@ class Guest:
         return Vm(name, argv, workdir)
 
 
+def common_args(ap, vmms="minivmm,qemu"):
+    """The options every migration benchmark takes (the .sh passes them)."""
+    ap.add_argument("--vmms", default=vmms)
+    ap.add_argument("--minivmm", required=True)
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--kernel", required=True)
+    ap.add_argument("--initrd", required=True)
+    ap.add_argument("--json")
+
+
 def make_snapshot(g, path, workdir, after_pass=1, boot_timeout=300):
     """Boot `g` once, let it reach PASS `after_pass` (its buffer then is
     fully written), save it with `migrate` to `path`. Returns seconds."""

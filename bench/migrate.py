@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 
-from miglib import (Guest, MIB, fmt, free_port, log, machine_note, make_snapshot, median,
-                    start_from, tcp_counters, tcp_delta)
+from miglib import (MIB, Guest, common_args, fmt, free_port, log, machine_note, make_snapshot,
+                    median, start_from, tcp_counters, tcp_delta)
 
 
 def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
@@ -134,15 +134,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--scenarios", default="idle1g,idle4g,dirty64")
-    ap.add_argument("--vmms", default="minivmm,qemu")
     ap.add_argument("--downtime-limit", type=int, default=300)
     ap.add_argument("--max-bandwidth", type=int, default=0, help="B/s; 0: the VMMs' default")
     ap.add_argument("--no-verify", action="store_true")
-    ap.add_argument("--minivmm", required=True)
-    ap.add_argument("--qemu", default="qemu-system-x86_64")
-    ap.add_argument("--kernel", required=True)
-    ap.add_argument("--initrd", required=True)
-    ap.add_argument("--json")
+    common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
     rows = []

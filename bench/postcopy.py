@@ -17,8 +17,8 @@ import os
 import tempfile
 import time
 
-from miglib import (Guest, MIB, QmpError, fmt, free_port, log, machine_note, make_snapshot,
-                    median, start_from, tcp_counters, tcp_delta)
+from miglib import (MIB, Guest, QmpError, common_args, fmt, free_port, log, machine_note,
+                    make_snapshot, median, start_from, tcp_counters, tcp_delta)
 
 SWITCH_PASS = 2
 SWITCH_TIMEOUT = 30.0
@@ -111,14 +111,9 @@ def one_run(g, snap, wd, bandwidth, downtime_limit):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--vmms", default="minivmm,qemu")
     ap.add_argument("--bandwidth", type=int, default=5_000_000)
     ap.add_argument("--downtime-limit", type=int, default=1)
-    ap.add_argument("--minivmm", required=True)
-    ap.add_argument("--qemu", default="qemu-system-x86_64")
-    ap.add_argument("--kernel", required=True)
-    ap.add_argument("--initrd", required=True)
-    ap.add_argument("--json")
+    common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
     rows = []

@@ -21,30 +21,8 @@
 # (~3 minutes).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NAME=postcopy.sh
+source "$(dirname "${BASH_SOURCE[0]}")/miglib.sh"
 RUNS=${1:-5}
-BIN=${MINIVMM_BIN:-$ROOT/target/release/minivmm}
-KERNEL=${MINIVMM_KERNEL:-$ROOT/guest-images/out/vmlinux}
-INITRD=${MINIVMM_INITRD:-$ROOT/guest-images/out/initramfs.cpio}
-QEMU=${QEMU:-qemu-system-x86_64}
-VMMS=${BENCH_VMMS:-minivmm,qemu}
 
-for f in "$BIN" "$KERNEL" "$INITRD"; do
-    [ -e "$f" ] || { echo "postcopy.sh: $f missing: run ./setup.sh --no-demo" >&2; exit 1; }
-done
-if [[ ",$VMMS," == *,qemu,* ]] && ! command -v "$QEMU" >/dev/null; then
-    echo "postcopy.sh: $QEMU not installed (./setup.sh installs qemu-system-x86): minivmm only" >&2
-    VMMS=minivmm
-fi
-
-echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)," \
-     "kvm: $(ls -d /sys/module/kvm_pvm >/dev/null 2>&1 && echo kvm_pvm || echo kvm)" >&2
-echo "# $("$BIN" --version) ($(stat -c %y "$BIN" | cut -d. -f1)), $("$QEMU" --version 2>/dev/null | head -n1 || echo 'no QEMU')" >&2
-
-PY=
-trap 'rc=$?; [ -z "$PY" ] || kill "$PY" 2>/dev/null || true; exit $rc' EXIT
-trap 'exit 130' INT TERM
-python3 "$ROOT/bench/postcopy.py" --runs "$RUNS" --vmms "$VMMS" \
-    --minivmm "$BIN" --qemu "$QEMU" --kernel "$KERNEL" --initrd "$INITRD" &
-PY=$!
-wait "$PY"
+run_py postcopy.py --runs "$RUNS"
