@@ -12,7 +12,6 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -150,14 +149,17 @@ impl Drop for WorkDir {
 pub struct Capture(Arc<(Mutex<String>, Condvar)>, Arc<AtomicBool>);
 
 impl Capture {
-    fn spawn_reader(&self, r: impl std::io::Read + Send + 'static, echo: Option<String>) {
+    fn spawn_reader(&self, mut r: impl std::io::Read + Send + 'static, echo: Option<String>) {
         let c = self.clone();
         std::thread::spawn(move || {
-            let mut r = BufReader::new(r);
-            let mut line = Vec::new();
+            // Bytes are kept as they arrive, a partial last line included:
+            // a COLO primary holds its output from the middle of a line, and
+            // the secondary goes on from there.
+            let mut buf = vec![0u8; 64 << 10];
+            let mut pending: Vec<u8> = Vec::new(); // an incomplete UTF-8 sequence
+            let mut line = String::new(); // for the echo
             loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line) {
+                let n = match r.read(&mut buf) {
                     Ok(0) | Err(_) => {
                         // End of stream (the process exited): wake waiters
                         // so they fail now instead of at their deadline.
@@ -167,22 +169,32 @@ impl Capture {
                         cv.notify_all();
                         break;
                     }
-                    Ok(_) => {
-                        let s = String::from_utf8_lossy(&line).replace('\r', "");
-                        if let Some(tag) = &echo {
-                            if s.contains("PASS")
-                                || s.contains("GUEST")
-                                || s.contains("CORRUPT")
-                                || s.contains("minivmm")
-                            {
-                                eprint!("[{tag}] {s}");
-                            }
+                    Ok(n) => n,
+                };
+                pending.extend_from_slice(&buf[..n]);
+                let valid = match std::str::from_utf8(&pending) {
+                    Ok(_) => pending.len(),
+                    Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                    Err(_) => pending.len(),
+                };
+                let s = String::from_utf8_lossy(&pending[..valid]).replace('\r', "");
+                pending.drain(..valid);
+                if let Some(tag) = &echo {
+                    line.push_str(&s);
+                    while let Some(i) = line.find('\n') {
+                        let l: String = line.drain(..=i).collect();
+                        if l.contains("PASS")
+                            || l.contains("GUEST")
+                            || l.contains("CORRUPT")
+                            || l.contains("minivmm")
+                        {
+                            eprint!("[{tag}] {l}");
                         }
-                        let (m, cv) = &*c.0;
-                        m.lock().unwrap_or_else(|e| e.into_inner()).push_str(&s);
-                        cv.notify_all();
                     }
                 }
+                let (m, cv) = &*c.0;
+                m.lock().unwrap_or_else(|e| e.into_inner()).push_str(&s);
+                cv.notify_all();
             }
         });
     }
@@ -585,7 +597,9 @@ pub fn tail(s: &str, n: usize) -> &str {
 /// `PASS k ms=...` → k.
 pub fn pass_number(line: &str) -> Option<u64> {
     let rest = &line[line.find("PASS ")? + 5..];
-    rest.split_whitespace().next()?.parse().ok()
+    // The number must be followed by its space: the captured text may end
+    // in the middle of a line ("PASS 1" of "PASS 12 ms=...").
+    rest.split_once(' ')?.0.parse().ok()
 }
 
 /// Wait for `query-migrate` to reach one of `states`; returns the reply.
