@@ -95,26 +95,31 @@ fn assert_source_survived(src: &mut Vmm, sq: &mut Client) {
 }
 
 /// The kvmclock MSRs (0x4b564d00 wall clock, 0x4b564d01 system time) of
-/// every vCPU in a saved migration stream: the `msrs` lists of its `cpu`
-/// device sections are `[index u32 LE, reserved, data u64 LE]` entries.
+/// every vCPU in a saved migration stream. A `cpu` device section is
+/// `0x04, be32 id, idstr "cpu", be32 instance, be32 version, be32 n` and n
+/// bytes of postcard; in those, each MSR is a 16-byte `kvm_msr_entry` after
+/// its length byte 0x10: `[index u32 LE, reserved 0, data u64 LE]`.
 fn kvmclock_msrs(stream: &[u8]) -> Vec<(u32, u64)> {
-    let key = b"\"msrs\":";
+    let key = b"\x03cpu";
     let mut out = Vec::new();
     let mut i = 0;
     while let Some(p) = stream[i..].windows(key.len()).position(|w| w == key) {
-        let start = i + p + key.len();
-        let mut de =
-            serde_json::Deserializer::from_slice(&stream[start..]).into_iter::<Vec<Vec<u8>>>();
-        if let Some(Ok(entries)) = de.next() {
-            for e in entries.iter().filter(|e| e.len() == 16) {
-                let index = u32::from_le_bytes(e[0..4].try_into().unwrap());
-                let data = u64::from_le_bytes(e[8..16].try_into().unwrap());
-                if index == 0x4b56_4d00 || index == 0x4b56_4d01 {
-                    out.push((index, data));
-                }
+        let at = i + p;
+        i = at + key.len();
+        if at < 5 || stream[at - 5] != 0x04 || stream.len() < i + 12 {
+            continue;
+        }
+        let n = u32::from_be_bytes(stream[i + 8..i + 12].try_into().unwrap()) as usize;
+        let state = &stream[i + 12..(i + 12 + n).min(stream.len())];
+        for w in state.windows(17) {
+            let index = u32::from_le_bytes(w[1..5].try_into().unwrap());
+            if w[0] == 0x10
+                && w[5..9] == [0, 0, 0, 0]
+                && (index == 0x4b56_4d00 || index == 0x4b56_4d01)
+            {
+                out.push((index, u64::from_le_bytes(w[9..17].try_into().unwrap())));
             }
         }
-        i = start;
     }
     out
 }

@@ -1,7 +1,9 @@
 //! Glue between the VM and the `migration` crate: guest RAM with KVM's dirty
 //! log as a [`GuestRam`], and the machine state as device blobs.
 //!
-//! Device sections, each JSON, version-checked on load:
+//! Device sections, each the VMM's state struct in `postcard` (compact
+//! binary serde: a checkpoint encodes and checks them in microseconds,
+//! where JSON took ~0.4 ms), version-checked on load:
 //!
 //! | name | instance | content |
 //! |---|---|---|
@@ -24,8 +26,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::memory::{self, GuestMemoryMmap, PAGE_SIZE};
 use crate::vm::{MachineState, VmShape};
 
-/// Version of every device section we write.
-pub const DEVICE_VERSION: u32 = 1;
+/// Version of every device section we write (1 was JSON).
+pub const DEVICE_VERSION: u32 = 2;
 
 /// Guest RAM for the migration engines.
 pub struct KvmRam {
@@ -171,7 +173,7 @@ fn blob<T: Serialize>(name: &str, instance: u32, v: &T) -> Result<DeviceBlob, St
         name: name.into(),
         instance,
         version: DEVICE_VERSION,
-        data: serde_json::to_vec(v).map_err(|e| format!("encoding {name}: {e}"))?,
+        data: postcard::to_allocvec(v).map_err(|e| format!("encoding {name}: {e}"))?,
     })
 }
 
@@ -208,8 +210,14 @@ fn take<T: for<'de> Deserialize<'de>>(
             b.version
         ));
     }
-    serde_json::from_slice(&b.data)
-        .map_err(|e| format!("device state '{name}' instance {instance} is corrupt: {e}"))
+    let corrupt = |e: &dyn std::fmt::Display| {
+        format!("device state '{name}' instance {instance} is corrupt: {e}")
+    };
+    match postcard::take_from_bytes(&b.data) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(corrupt(&format!("{} bytes after its end", rest.len()))),
+        Err(e) => Err(corrupt(&e)),
+    }
 }
 
 /// Device blobs to machine state; also says whether the source was running.
