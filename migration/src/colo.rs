@@ -260,7 +260,7 @@ fn checkpoint<W: Write>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migra
     p.w.flush()?;
     expect_rp(p, msg::CHECKPOINT_REPLY)?;
     let stop = Instant::now();
-    p.machine.stop().map_err(MigrationError::Machine)?;
+    let devices = p.machine.stop().map_err(MigrationError::Machine)?.devices;
     p.w.be32(msg::VMSTATE_SEND)?;
     p.ram.sync_dirty_log(p.dirty)?;
     let mut in_section = 0u64;
@@ -274,7 +274,8 @@ fn checkpoint<W: Write>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migra
                 p.w.be32(RAM_SECTION_ID)?;
                 p.rw.new_section();
             }
-            p.rw.send_page(p.w, p.ram, b, page)??;
+            // Every page went in the first migration: a dirty one was written.
+            p.rw.send_page(p.w, p.ram, b, page, false)??;
             in_section += 1;
             if in_section == crate::precopy::SECTION_PAGES {
                 p.rw.write_eos(p.w)?;
@@ -294,9 +295,6 @@ fn checkpoint<W: Write>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migra
     p.rw.new_section();
     p.rw.write_eos(p.w)?;
     p.w.footer(RAM_SECTION_ID)?;
-    // Let the secondary check and cache the pages while the devices save.
-    p.w.flush()?;
-    let devices = p.machine.save_devices().map_err(MigrationError::Machine)?;
     let blob = device_buffer(&devices)?;
     p.w.be32(msg::VMSTATE_SIZE)?;
     p.w.be64(blob.len() as u64)?;
@@ -326,6 +324,9 @@ fn device_buffer(devices: &[DeviceBlob]) -> Result<Vec<u8>, MigrationError> {
 /// Primary: runs after the first migration's EOF. Returns when COLO ended
 /// by failover (the guest then runs here alone).
 pub(crate) fn run_primary<W: Write>(mut p: Primary<'_, W>) -> Result<(), MigrationError> {
+    // Between checkpoints this thread sleeps; in one, the stopped guest
+    // waits for it (a resumed guest's vCPUs must not delay its next step).
+    crate::prefer_this_thread();
     p.w.flush()?;
     let mut stats = Stats::default();
     // Until the secondary is ready this is an ordinary failed migration.
@@ -443,6 +444,12 @@ impl RamCache {
         unsafe { std::slice::from_raw_parts_mut(p.add(page as usize * PAGE_SIZE), PAGE_SIZE) }
     }
 
+    fn page(&self, block: usize, page: u64) -> &[u8] {
+        let (p, _) = self.maps[block];
+        // SAFETY: as in page_mut; shared access through &self.
+        unsafe { std::slice::from_raw_parts(p.add(page as usize * PAGE_SIZE), PAGE_SIZE) }
+    }
+
     fn check(&self, block: usize, page: u64) -> Result<(), RamError> {
         match self.received.get(block) {
             Some(b) if page < b.len() => Ok(()),
@@ -461,8 +468,7 @@ impl RamCache {
             }
             let mut pg = 0;
             while let Some(page) = set.next_set(pg) {
-                let data = self.page_mut(b, page).to_vec();
-                ram.write_page(b, page, &data)?;
+                ram.write_page(b, page, self.page(b, page))?;
                 n += 1;
                 pg = page + 1;
             }
@@ -638,6 +644,8 @@ pub(crate) fn run_secondary<R: Read>(
     rp: RpWriter,
     devices: Vec<DeviceBlob>,
 ) -> Result<(), MigrationError> {
+    // The primary's stopped guest waits for each step of this thread.
+    crate::prefer_this_thread();
     inc.machine
         .colo_load(devices)
         .map_err(MigrationError::Machine)?;

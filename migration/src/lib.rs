@@ -28,14 +28,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Best effort: run the calling thread ahead of the vCPU threads (nice
-/// -10). For the threads a guest blocked on a missing page waits for
-/// (postcopy's fault, listen and page-sending threads): on a busy host a
-/// woken thread otherwise waits up to a scheduler slice (~3 ms) behind
-/// running vCPUs. Without CAP_SYS_NICE it changes nothing.
-pub(crate) fn prefer_this_thread() {
+/// -10), for threads a stopped or blocked guest waits for: the VMM's
+/// control thread, postcopy's fault, listen and page-sending threads, the
+/// COLO threads. On a busy host a woken thread otherwise waits up to a
+/// scheduler slice (~3 ms) behind running vCPUs. Threads inherit it, so a
+/// thread that copies in bulk beside a running guest calls
+/// [`normal_priority`]. Without CAP_SYS_NICE it changes nothing.
+pub fn prefer_this_thread() {
+    set_nice(-10);
+}
+
+/// Run the calling thread at the vCPUs' priority (nice 0).
+pub fn normal_priority() {
+    set_nice(0);
+}
+
+fn set_nice(n: i32) {
     // SAFETY: gettid has no preconditions; setpriority only changes the
     // nice value of this thread (Linux applies PRIO_PROCESS to one thread).
     unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10);
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, n);
     }
 }

@@ -382,7 +382,7 @@ pub(crate) fn run_source<W: Write>(
             close(p.w, p.rw, &mut in_section)?;
             for &(b, pg) in &urgent {
                 open(p.w, p.rw, &mut in_section)?;
-                p.rw.send_page(p.w, p.ram, b, pg)??;
+                p.rw.send_page(p.w, p.ram, b, pg, !p.sent[b].get(pg))??;
                 in_section += 1;
                 if in_section == POSTCOPY_SECTION_PAGES {
                     close(p.w, p.rw, &mut in_section)?;
@@ -411,7 +411,7 @@ pub(crate) fn run_source<W: Write>(
         p.dirty[b].test_and_clear(pg);
         open(p.w, p.rw, &mut in_section)?;
         let before = p.w.offset();
-        p.rw.send_page(p.w, p.ram, b, pg)??;
+        p.rw.send_page(p.w, p.ram, b, pg, !p.sent[b].get(pg))??;
         throttle.account(p.w.offset() - before);
         in_section += 1;
         sent_pages += 1;

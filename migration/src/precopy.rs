@@ -133,14 +133,23 @@ impl MachineConfig {
     }
 }
 
+/// A stopped machine, as [`Machine::stop`] leaves it.
+pub struct Stopped {
+    /// Were the vCPUs running before?
+    pub was_running: bool,
+    /// Every device's state at the stop.
+    pub devices: Vec<DeviceBlob>,
+}
+
 /// The source VMM's side of the machine.
 pub trait Machine: Send {
-    /// Stop the vCPUs for the final round; returns whether they were running.
-    fn stop(&mut self) -> Result<bool, String>;
+    /// Stop the vCPUs (for the final round, a switch to postcopy or a COLO
+    /// checkpoint) and save the state of every device, vCPUs included, as
+    /// of that instant: one request, so each vCPU reads its state as it
+    /// parks instead of being woken again for it.
+    fn stop(&mut self) -> Result<Stopped, String>;
     /// Run the vCPUs again after a failed migration.
     fn resume(&mut self) -> Result<(), String>;
-    /// The state of every device, vCPUs included (the VM is stopped).
-    fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String>;
     /// COLO output commit: hold the guest's console output from now on
     /// (`true`), or release everything held and stop holding (`false`).
     fn hold_output(&mut self, _hold: bool) -> Result<(), String> {
@@ -303,6 +312,7 @@ fn send_dirty<W: Write>(
         let mut p = 0;
         while let Some(page) = bm.next_set(p) {
             bm.test_and_clear(page);
+            let fresh = !sent[b].get(page);
             sent[b].set(page);
             if in_section == 0 {
                 w.begin_section();
@@ -311,7 +321,7 @@ fn send_dirty<W: Write>(
                 rw.new_section();
             }
             let before = w.offset();
-            rw.send_page(w, ram, b, page)??;
+            rw.send_page(w, ram, b, page, fresh)??;
             in_section += 1;
             if in_section == SECTION_PAGES {
                 rw.write_eos(w)?;
@@ -333,6 +343,9 @@ fn send_dirty<W: Write>(
 
 /// Source side: runs to completion, failure or cancel. Returns the final status.
 pub fn run_outgoing(mut o: Outgoing) -> Status {
+    // The rounds copy in bulk beside the running guest: no priority over
+    // it (postcopy and COLO raise it where the guest waits on this thread).
+    crate::normal_priority();
     begin_info(&o.shared, &o.events, &*o.ram, Status::Setup);
     o.shared
         .checkpoint_delay_ms
@@ -591,12 +604,15 @@ fn outgoing(
         // Stop and copy (with pause-before-switchover, the guest stays stopped
         // in pre-switchover until migrate-continue, as in QEMU).
         let stop_start = Instant::now();
-        *stopped = Some(o.machine.stop().map_err(MigrationError::Machine)?);
+        let Stopped {
+            was_running,
+            devices,
+        } = o.machine.stop().map_err(MigrationError::Machine)?;
+        *stopped = Some(was_running);
         if let (true, Some(rx)) = (postcopy(&o.shared), &rp_rx) {
             ram.sync_dirty_log(&mut dirty)?;
             o.shared.info().ram.dirty_sync_count = pass + 1;
             (o.events)(Event::Pass(pass + 1));
-            let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
             chan.closer
                 .limit_send_buffer(crate::postcopy::SOCKET_BUFFER);
             return crate::postcopy::run_source(
@@ -642,9 +658,6 @@ fn outgoing(
         rw.new_section();
         rw.write_eos(&mut w)?;
         w.footer(RAM_SECTION_ID)?;
-        // Let the destination place the last pages while the devices save.
-        w.flush()?;
-        let devices = o.machine.save_devices().map_err(MigrationError::Machine)?;
         for (i, d) in devices.iter().enumerate() {
             stream::write_device(&mut w, RAM_SECTION_ID + 1 + i as u32, d)?;
         }
@@ -1058,21 +1071,21 @@ mod tests {
         resumed: Arc<AtomicBool>,
     }
     impl Machine for Src {
-        fn stop(&mut self) -> Result<bool, String> {
+        fn stop(&mut self) -> Result<Stopped, String> {
             self.stopped.store(true, Ordering::SeqCst);
-            Ok(true)
+            Ok(Stopped {
+                was_running: true,
+                devices: vec![DeviceBlob {
+                    name: "cpu".into(),
+                    instance: 0,
+                    version: 1,
+                    data: b"regs".to_vec(),
+                }],
+            })
         }
         fn resume(&mut self) -> Result<(), String> {
             self.resumed.store(true, Ordering::SeqCst);
             Ok(())
-        }
-        fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String> {
-            Ok(vec![DeviceBlob {
-                name: "cpu".into(),
-                instance: 0,
-                version: 1,
-                data: b"regs".to_vec(),
-            }])
         }
     }
     struct Dst(Arc<Mutex<Vec<DeviceBlob>>>);

@@ -330,14 +330,19 @@ impl RamWriter {
     }
 
     /// Read one page from `ram` and write it as a ZERO or PAGE record.
+    ///
+    /// `fresh`: the page was not sent before in this migration, so it may
+    /// never have been populated (then it goes as ZERO unread). A page sent
+    /// before and dirty again has been written: asking is wasted work.
     pub fn send_page<W: Write>(
         &mut self,
         w: &mut Writer<W>,
         ram: &dyn GuestRam,
         block: usize,
         page: u64,
+        fresh: bool,
     ) -> Result<Result<(), RamError>, StreamError> {
-        let zero = if self.known_unpopulated(ram, block, page) {
+        let zero = if fresh && self.known_unpopulated(ram, block, page) {
             true
         } else {
             if let Err(e) = ram.read_page(block, page, &mut self.buf) {
@@ -831,7 +836,7 @@ pub(crate) mod tests {
         let mut rw = RamWriter::new();
         rw.write_block_list(&mut w, &src.inner.blocks).unwrap();
         for p in 0..pages {
-            rw.send_page(&mut w, &src, 0, p).unwrap().unwrap();
+            rw.send_page(&mut w, &src, 0, p, true).unwrap().unwrap();
         }
         rw.write_eos(&mut w).unwrap();
         assert_eq!((rw.zero_pages, rw.normal_pages), (pages - 4, 4));
@@ -863,7 +868,7 @@ pub(crate) mod tests {
         let mut rw = RamWriter::new();
         rw.write_block_list(&mut w, &src.blocks).unwrap();
         for (b, p) in [(0, 0), (0, 1), (1, 3), (1, 2)] {
-            rw.send_page(&mut w, &src, b, p).unwrap().unwrap();
+            rw.send_page(&mut w, &src, b, p, true).unwrap().unwrap();
         }
         rw.write_eos(&mut w).unwrap();
         assert_eq!((rw.zero_pages, rw.normal_pages), (2, 2));

@@ -22,7 +22,7 @@ use qmp::{Command, ErrorClass, QmpError};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 
-use migration::precopy::{self, Event as MigEvent, IncomingMachine, Machine};
+use migration::precopy::{self, Event as MigEvent, IncomingMachine, Machine, Stopped};
 use migration::status::{Capabilities, Parameters, Shared, Status};
 use migration::stream::DeviceBlob;
 use migration::transport::{Listener, Uri};
@@ -77,12 +77,11 @@ pub enum ControlError {
 
 /// What a migration thread asks of the machine.
 pub enum MachineRequest {
-    /// Stop for the final round; reply: was it running?
-    Stop(Sender<Result<bool, String>>),
+    /// Stop and save all device state (final round, postcopy switch, COLO
+    /// checkpoint).
+    Stop(Sender<Result<Stopped, String>>),
     /// Resume after a failed migration.
     Resume(Sender<Result<(), String>>),
-    /// Save all device state.
-    Save(Sender<Result<Vec<DeviceBlob>, String>>),
     /// Load all device state (incoming).
     Load(Vec<DeviceBlob>, Sender<Result<(), String>>),
     /// Postcopy failed on the destination: stop the guest for good.
@@ -144,14 +143,11 @@ impl CtlSender {
 struct ProxyMachine(CtlSender);
 
 impl Machine for ProxyMachine {
-    fn stop(&mut self) -> Result<bool, String> {
+    fn stop(&mut self) -> Result<Stopped, String> {
         self.0.request(MachineRequest::Stop)
     }
     fn resume(&mut self) -> Result<(), String> {
         self.0.request(MachineRequest::Resume)
-    }
-    fn save_devices(&mut self) -> Result<Vec<DeviceBlob>, String> {
-        self.0.request(MachineRequest::Save)
     }
     fn hold_output(&mut self, hold: bool) -> Result<(), String> {
         self.0.request(|tx| MachineRequest::HoldOutput(hold, tx))
@@ -328,6 +324,10 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     };
     let gate = OutputGate::new(serial_output(&config.serial)?);
     let vm = Vm::new(shape, boot, Box::new(gate.clone()), notify)?;
+    // After the vCPU threads started (they keep the default): this thread
+    // mostly sleeps, and a stopped guest waits on it (a migration's stop
+    // and resume, every COLO checkpoint).
+    migration::prefer_this_thread();
 
     let mut server = qmp::Server::new(poll.registry(), QMP_TOKENS).map_err(ControlError::Qmp)?;
     for spec in &config.qmp {
@@ -524,11 +524,16 @@ impl Control {
     fn stop_vm(&mut self, to: RunState) -> Result<(), VmError> {
         let was = self.vm.is_running();
         self.vm.pause()?;
+        self.stopped(was, to);
+        Ok(())
+    }
+
+    /// The run state and event after a pause (`was`: it was running).
+    fn stopped(&mut self, was: bool, to: RunState) {
         self.set_runstate(to);
         if was {
             self.events.send("STOP", None);
         }
-        Ok(())
     }
 
     fn start_vm(&mut self) -> Result<(), VmError> {
@@ -571,14 +576,22 @@ impl Control {
                 if !colo {
                     self.was_running_before_migration = was;
                 }
-                let r = self
-                    .stop_vm(if colo {
+                let saved = self.vm.pause_and_save();
+                if !self.vm.is_running() {
+                    let to = if colo {
                         RunState::Colo
                     } else {
                         RunState::FinishMigrate
-                    })
-                    .map(|_| was)
-                    .map_err(|e| error_chain(&e));
+                    };
+                    self.stopped(was, to);
+                }
+                let r = saved
+                    .map_err(|e| error_chain(&e))
+                    .and_then(|st| migrate::to_blobs(&st, self.was_running_before_migration))
+                    .map(|devices| Stopped {
+                        was_running: was,
+                        devices,
+                    });
                 let _ = reply.send(r);
             }
             MachineRequest::Resume(reply) => {
@@ -589,14 +602,6 @@ impl Control {
                     self.set_runstate(RunState::Paused);
                     Ok(())
                 };
-                let _ = reply.send(r);
-            }
-            MachineRequest::Save(reply) => {
-                let r = self
-                    .vm
-                    .save_state()
-                    .map_err(|e| error_chain(&e))
-                    .and_then(|st| migrate::to_blobs(&st, self.was_running_before_migration));
                 let _ = reply.send(r);
             }
             MachineRequest::Load(blobs, reply) => {

@@ -6,6 +6,7 @@
 //! ```text
 //! control                          vCPU thread
 //!   Pause(ack) ──send, kick──▶  leaves KVM_RUN, parks ──ack──▶
+//!   PauseSave(reply) ─send, kick─▶ leaves KVM_RUN, parks, reads its state ──reply──▶
 //!   Save(reply) / Restore ────▶  (parked) reads/writes KVM state ──reply──▶
 //!   Resume ───────────────────▶  back to KVM_RUN
 //!   Exit ─────send, kick──────▶  thread ends
@@ -48,6 +49,9 @@ pub enum VcpuEvent {
 pub enum VcpuRequest {
     /// Leave KVM_RUN and park; ack when parked.
     Pause(Sender<()>),
+    /// Leave KVM_RUN, park, and reply with the state (a migration's stop:
+    /// one wake-up instead of a pause and then a save).
+    PauseSave(Sender<Result<VcpuState, CpuError>>),
     /// Go back to running.
     Resume,
     /// Read the vCPU's state (must be parked).
@@ -167,6 +171,17 @@ impl VcpuHandle {
         Ok(arx)
     }
 
+    /// Ask the thread to park and read its state (non-blocking).
+    pub fn request_pause_save(&self) -> Result<PendingSave, VcpuError> {
+        let (rtx, rrx) = channel();
+        self.send(VcpuRequest::PauseSave(rtx))?;
+        self.kick()?;
+        Ok(PendingSave {
+            id: self.id,
+            rx: rrx,
+        })
+    }
+
     /// Let the thread run.
     pub fn resume(&self) -> Result<(), VcpuError> {
         self.send(VcpuRequest::Resume)
@@ -223,6 +238,10 @@ fn vcpu_thread(id: u8, mut fd: VcpuFd, rx: Receiver<VcpuRequest>, ctx: VcpuConte
                 VcpuRequest::Pause(ack) => {
                     paused = true;
                     let _ = ack.send(());
+                }
+                VcpuRequest::PauseSave(reply) => {
+                    paused = true;
+                    let _ = reply.send(cpu::save_vcpu(&fd, id, &ctx.msr_list));
                 }
                 VcpuRequest::Resume => paused = false,
                 VcpuRequest::Save(reply) => {

@@ -286,10 +286,39 @@ impl Vm {
             .iter()
             .map(|v| v.request_save())
             .collect::<Result<Vec<_>, _>>()?;
-        let vcpus = pending
-            .into_iter()
-            .map(|p| p.wait())
+        let vcpus = pending.into_iter().map(|p| p.wait()).collect();
+        self.save_with(vcpus)
+    }
+
+    /// Pause (if running) and save everything but RAM; each vCPU thread
+    /// reads its state as it parks.
+    pub fn pause_and_save(&mut self) -> Result<MachineState, VmError> {
+        if !self.running {
+            return self.save_state();
+        }
+        let pending = self
+            .vcpus
+            .iter()
+            .map(|v| v.request_pause_save())
             .collect::<Result<Vec<_>, _>>()?;
+        // Wait for every vCPU before looking at any result: all are parked
+        // once this loop ends, whatever failed.
+        let vcpus: Vec<_> = pending.into_iter().map(|p| p.wait()).collect();
+        self.running = false;
+        self.frozen_clock = Some(
+            self.fd
+                .get_clock()
+                .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?,
+        );
+        self.save_with(vcpus.into_iter().collect())
+    }
+
+    /// The rest of the machine state around the vCPU states.
+    fn save_with(
+        &mut self,
+        vcpus: Result<Vec<VcpuState>, VcpuError>,
+    ) -> Result<MachineState, VmError> {
+        let vcpus = vcpus?;
         let mut irqchips = Vec::new();
         for chip_id in [
             KVM_IRQCHIP_PIC_MASTER,
