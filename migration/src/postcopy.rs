@@ -37,15 +37,26 @@
 //! places each page once with `UFFDIO_COPY`/`UFFDIO_ZEROPAGE`, which also wakes
 //! any vCPU (or VMM thread) waiting on it.
 //!
+//! With `postcopy-preempt`, a second connection (the preempt channel,
+//! opened after the advise and announced with POSTCOPY_PREEMPT + PING 4)
+//! carries the page requests (destination's fault thread to the source's
+//! urgent thread) and the requested pages (urgent thread to the
+//! destination's preempt thread); the main stream carries only the
+//! background pages. Both senders take a page by clearing its bit in one
+//! shared atomic dirty set. When the background has taken every page, the
+//! source shuts the channel's reading side, the urgent thread ends the
+//! channel with EOF, and only then does END go on the main stream.
+//!
 //! After RUN, the guest exists on the destination only: if the connection
 //! breaks, the source keeps its copy stopped (resuming it would fork the
 //! guest) and the destination stops its vCPUs instead of letting them wait
 //! on a page that can never arrive.
 
 use std::collections::HashMap;
+use std::io::BufWriter;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,6 +73,7 @@ use crate::ram::{
 };
 use crate::status::{Parameters, Shared, Status};
 use crate::stream::{self, cmd, rp, section, Reader, StreamError, Writer, PAGE_SIZE};
+use crate::transport::{Closer, Listener, Uri};
 
 /// Pages per RAM section after the switch: small (64 KiB), because a
 /// requested page waits for the open background section to be finished
@@ -81,6 +93,8 @@ pub const NO_UFFD_ENV: &str = "MINIVMM_TEST_NO_USERFAULTFD";
 const PING_RUNNING: u32 = 2;
 /// PING value of the advise handshake.
 const PING_ADVISE: u32 = 1;
+/// PING value after POSTCOPY_PREEMPT (the destination accepted the channel).
+const PING_PREEMPT: u32 = 4;
 
 /// Postcopy-specific failures.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +130,9 @@ pub enum PostcopyError {
     /// A protocol violation.
     #[error("{0}")]
     Protocol(String),
+    /// The preempt channel failed (offsets count on that channel).
+    #[error("postcopy preempt channel")]
+    Preempt(#[source] Box<MigrationError>),
 }
 
 impl From<PostcopyError> for MigrationError {
@@ -195,6 +212,10 @@ pub(crate) struct SourcePhase<'a, W: Write> {
     pub last_desc: &'a mut Option<String>,
     /// When the guest was stopped.
     pub stop_start: Instant,
+    /// The preempt channel, if `postcopy-preempt` is on.
+    pub preempt: Option<Preempt>,
+    /// The destination acknowledged RUN.
+    pub running: bool,
 }
 
 /// Source: the discard set, as POSTCOPY_RAM_DISCARD commands.
@@ -293,31 +314,268 @@ fn parse_request(
     Ok((block, start / ps, u64::from(len).div_ceil(ps)))
 }
 
+/// The source's end of the postcopy preempt channel: a second connection
+/// of its own for page requests (destination to source) and the requested
+/// pages (source to destination), so that neither waits behind the
+/// background stream or for the main socket (QEMU's `postcopy-preempt`
+/// carries only the pages on it).
+pub(crate) struct Preempt {
+    /// Pages out (offsets count from the channel's first byte).
+    pub w: Writer<BufWriter<Box<dyn Write + Send>>>,
+    /// Requests in.
+    pub r: Reader<std::io::BufReader<Box<dyn Read + Send>>>,
+    /// Shuts it down.
+    pub closer: Closer,
+}
+
+/// Source, at the start when `postcopy-preempt` is on: connect the second
+/// channel, identify it, and have the destination accept it (PING 4).
+pub(crate) fn connect_preempt<W: Write>(
+    uri: &Uri,
+    w: &mut Writer<W>,
+    rx: &RpReceiver,
+    last_desc: &mut Option<String>,
+) -> Result<Preempt, MigrationError> {
+    let mut chan = crate::transport::connect(uri)?;
+    let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
+    let reader: Box<dyn Read + Send> =
+        std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+    let mut pw = Writer::new(BufWriter::with_capacity(256 << 10, writer));
+    pw.be32(stream::PREEMPT_MAGIC)?;
+    pw.be32(stream::PREEMPT_VERSION)?;
+    pw.flush()?;
+    w.command(cmd::POSTCOPY_PREEMPT, &[])?;
+    ping_and_wait(w, rx, last_desc, PING_PREEMPT)?;
+    Ok(Preempt {
+        w: pw,
+        r: Reader::new(std::io::BufReader::new(reader)),
+        closer: chan.closer,
+    })
+}
+
+/// The destination's end of the preempt channel, accepted and checked.
+pub(crate) struct PreemptIn {
+    r: Reader<std::io::BufReader<Box<dyn Read + Send>>>,
+    w: Box<dyn Write + Send>,
+    closer: Closer,
+}
+
+/// How long the destination waits for the preempt connection the source
+/// announced (it connects before announcing it).
+const PREEMPT_ACCEPT: Duration = Duration::from_secs(10);
+
+/// Destination, at POSTCOPY_PREEMPT: accept the second connection and check
+/// that it starts as a preempt channel.
+pub(crate) fn accept_preempt(l: &Listener) -> Result<PreemptIn, MigrationError> {
+    let mut chan = l.accept_within(PREEMPT_ACCEPT)?;
+    let reader: Box<dyn Read + Send> =
+        std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+    let mut r = Reader::new(std::io::BufReader::with_capacity(256 << 10, reader));
+    let check = |r: &mut Reader<_>| -> Result<(), StreamError> {
+        let magic = r.be32("preempt channel magic")?;
+        let version = r.be32("preempt channel version")?;
+        if magic != stream::PREEMPT_MAGIC || version != stream::PREEMPT_VERSION {
+            return Err(StreamError::invalid(
+                0,
+                format!(
+                    "second connection starts {magic:#010x} {version}, not a preempt channel \
+                     ({:#010x} {})",
+                    stream::PREEMPT_MAGIC,
+                    stream::PREEMPT_VERSION
+                ),
+            ));
+        }
+        Ok(())
+    };
+    check(&mut r).map_err(|e| PostcopyError::Preempt(Box::new(e.into())))?;
+    Ok(PreemptIn {
+        r,
+        w: std::mem::replace(&mut chan.writer, Box::new(std::io::sink())),
+        closer: chan.closer,
+    })
+}
+
+/// What the urgent thread did.
+#[derive(Default)]
+struct UrgentDone {
+    pages: u64,
+    zero_pages: u64,
+    normal_pages: u64,
+    bytes: u64,
+}
+
+/// The page to continue the background scan from (`u64::MAX`: none new).
+fn hint(block: usize, page: u64) -> u64 {
+    ((block as u64) << 48) | page
+}
+
+/// The source's urgent thread: serves the page requests of the preempt
+/// channel on it until `finishing` is set and the channel's reading side
+/// is shut, then ends the channel with EOF. A page goes only if this
+/// thread clears its dirty bit, so it never also goes in the background.
+#[allow(clippy::too_many_arguments)]
+fn urgent_loop(
+    pr: &mut Reader<std::io::BufReader<Box<dyn Read + Send>>>,
+    pw: &mut Writer<BufWriter<Box<dyn Write + Send>>>,
+    ram: &dyn GuestRam,
+    dirty: &[AtomicBitmap],
+    sent: &[Bitmap],
+    next: &AtomicU64,
+    count: &AtomicU64,
+    finishing: &AtomicBool,
+) -> Result<UrgentDone, MigrationError> {
+    crate::prefer_this_thread();
+    let mut rw = RamWriter::new();
+    let mut done = UrgentDone::default();
+    let mut req_block = None;
+    loop {
+        let (k, d) = match stream::read_rp(pr) {
+            Ok(m) => m,
+            Err(_) if finishing.load(Ordering::SeqCst) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if k != rp::REQ_PAGES && k != rp::REQ_PAGES_ID {
+            return Err(PostcopyError::Protocol(format!(
+                "message type {k:#06x} on the preempt channel (only page requests)"
+            ))
+            .into());
+        }
+        let (b, first, n) = parse_request(k, &d, ram, &mut req_block)?;
+        count.fetch_add(1, Ordering::Relaxed);
+        let mut open = false;
+        for pg in first..first + n {
+            if !dirty[b].test_and_clear(pg) {
+                continue; // already on its way in the background stream
+            }
+            if !open {
+                pw.begin_section();
+                pw.u8(section::PART)?;
+                pw.be32(RAM_SECTION_ID)?;
+                rw.new_section();
+                open = true;
+            }
+            rw.send_page(pw, ram, b, pg, !sent[b].get(pg))??;
+            done.pages += 1;
+        }
+        if open {
+            rw.write_eos(pw)?;
+            pw.footer(RAM_SECTION_ID)?;
+            pw.flush()?;
+            next.store(hint(b, first + n), Ordering::Relaxed);
+        }
+    }
+    pw.u8(section::EOF)?;
+    pw.flush()?;
+    done.zero_pages = rw.zero_pages;
+    done.normal_pages = rw.normal_pages;
+    done.bytes = pw.offset();
+    Ok(done)
+}
+
 /// Source: after the rounds (guest stopped, dirty log synced), send the
 /// discard set and the device package, then every remaining page,
 /// requested ones first. `run_sent` is set once the destination may have
 /// started the guest: from then on the source must not resume it.
+///
+/// Requested pages go on the preempt channel if there is one (sent by the
+/// urgent thread, fed by the return-path thread), else on the main stream
+/// between two background sections. Either way the page's bit in the
+/// shared dirty set is cleared by exactly one sender.
 pub(crate) fn run_source<W: Write>(
     mut p: SourcePhase<'_, W>,
     devices: &[stream::DeviceBlob],
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     set_status(p.shared, p.events, Status::PostcopyActive);
+    // The switch is downtime: nothing may delay it.
     crate::prefer_this_thread();
     send_discards(&mut p)?;
     send_package(p.w, devices)?;
     run_sent.store(true, Ordering::SeqCst);
+    let dirty: Vec<AtomicBitmap> = p.dirty.iter().map(AtomicBitmap::from).collect();
+    let next = AtomicU64::new(u64::MAX);
+    let requests = AtomicU64::new(0);
+    let Some(mut preempt) = p.preempt.take() else {
+        source_background(&mut p, &dirty, &next, &requests, POSTCOPY_SECTION_PAGES)?;
+        return finish_source(&mut p, &requests);
+    };
+    // The background stream yields to the urgent path (this thread's
+    // peer on the destination does the same).
+    crate::normal_priority();
+    let finishing = AtomicBool::new(false);
+    let (ram, sent) = (p.ram, p.sent);
+    let main_closer = p
+        .shared
+        .closer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Preempt {
+        w: ref mut pw,
+        r: ref mut pr,
+        ref closer,
+    } = preempt;
+    std::thread::scope(|s| {
+        let urgent = std::thread::Builder::new()
+            .name("postcopy-urgent".into())
+            .spawn_scoped(s, || {
+                let r = urgent_loop(pr, pw, ram, &dirty, sent, &next, &requests, &finishing);
+                if r.is_err() {
+                    // Fail the background stream too, at once.
+                    if let Some(c) = &main_closer {
+                        c.close();
+                    }
+                }
+                r
+            })
+            .map_err(|e| PostcopyError::Protocol(format!("cannot start the urgent thread: {e}")))?;
+        let bg = source_background(&mut p, &dirty, &next, &requests, POSTCOPY_SECTION_PAGES);
+        // Every page is taken: end the urgent thread's wait for requests
+        // (on failure it may be blocked writing: shut the channel).
+        finishing.store(true, Ordering::SeqCst);
+        if bg.is_ok() {
+            closer.shutdown_read();
+        } else {
+            closer.close();
+        }
+        let urgent = urgent.join().unwrap_or_else(|_| {
+            Err(PostcopyError::Protocol("the urgent thread panicked".into()).into())
+        });
+        let done = match (urgent, bg) {
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+            (Ok(d), Ok(())) => d,
+        };
+        {
+            let mut i = p.shared.info();
+            i.ram.transferred += done.bytes;
+            i.ram.duplicate += done.zero_pages;
+            i.ram.normal += done.normal_pages;
+            i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
+        }
+        finish_source(&mut p, &requests)
+    })
+}
 
+/// The background stream of the postcopy phase: every page still dirty,
+/// from a cursor that follows the last request, in sections of
+/// `section_pages`; requests that arrive on the main return-path queue
+/// (no preempt channel) are served first, on this stream. END follows in
+/// [`finish_source`], after the preempt channel has ended.
+fn source_background<W: Write>(
+    p: &mut SourcePhase<'_, W>,
+    dirty: &[AtomicBitmap],
+    next: &AtomicU64,
+    requests: &AtomicU64,
+    section_pages: u64,
+) -> Result<(), MigrationError> {
     let mut throttle = Throttle::new(p.params.max_postcopy_bandwidth);
-    let nblocks = p.dirty.len();
+    let nblocks = dirty.len();
     let mut cursor = (0usize, 0u64);
     let mut in_section = 0u64;
     let mut urgent: Vec<(usize, u64)> = Vec::new();
     let mut req_block = None;
-    let mut requests = 0u64;
     let mut sent_pages = 0u64;
-    let mut remaining: u64 = p.dirty.iter().map(Bitmap::count).sum();
-    let mut running = false;
+    let total: u64 = dirty.iter().map(AtomicBitmap::count).sum();
 
     // Close the open section, if any, and push it out.
     fn close<W: Write>(
@@ -354,24 +612,16 @@ pub(crate) fn run_source<W: Write>(
         // Requests and replies from the destination.
         loop {
             match p.rx.try_recv() {
-                Ok(Ok((rp::PONG, d))) if d == PING_RUNNING.to_be_bytes() => {
-                    running = true;
-                    p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
-                }
                 Ok(Ok((k @ (rp::REQ_PAGES | rp::REQ_PAGES_ID), d))) => {
                     let (b, first, n) = parse_request(k, &d, p.ram, &mut req_block)?;
-                    requests += 1;
+                    requests.fetch_add(1, Ordering::Relaxed);
                     for pg in first..first + n {
-                        if p.dirty[b].test_and_clear(pg) {
+                        if dirty[b].test_and_clear(pg) {
                             urgent.push((b, pg));
                         }
                     }
                 }
-                Ok(Ok((k, d))) => {
-                    if let Some(e) = rp_error(k, &d, p.last_desc) {
-                        return Err(e);
-                    }
-                }
+                Ok(Ok((k, d))) => source_reply(p, k, &d)?,
                 Ok(Err(_)) | Err(TryRecvError::Disconnected) => {
                     return Err(MigrationError::PeerLost("destination"))
                 }
@@ -384,52 +634,89 @@ pub(crate) fn run_source<W: Write>(
                 open(p.w, p.rw, &mut in_section)?;
                 p.rw.send_page(p.w, p.ram, b, pg, !p.sent[b].get(pg))??;
                 in_section += 1;
-                if in_section == POSTCOPY_SECTION_PAGES {
+                if in_section == section_pages {
                     close(p.w, p.rw, &mut in_section)?;
                 }
             }
             sent_pages += urgent.len() as u64;
-            remaining -= urgent.len() as u64;
             let &(b, pg) = urgent.last().unwrap_or(&(0, 0));
             cursor = (b, pg + 1);
             urgent.clear();
             close(p.w, p.rw, &mut in_section)?;
-            p.shared.info().ram.postcopy_requests = requests;
+            p.shared.info().ram.postcopy_requests = requests.load(Ordering::Relaxed);
             continue;
         }
+        let h = next.swap(u64::MAX, Ordering::Relaxed);
+        if h != u64::MAX {
+            cursor = ((h >> 48) as usize, h & ((1 << 48) - 1));
+        }
         // Background: the next dirty page from the cursor, wrapping around.
-        let mut next = None;
+        let mut found = None;
         for k in 0..=nblocks {
             let b = (cursor.0 + k) % nblocks;
             let from = if k == 0 { cursor.1 } else { 0 };
-            if let Some(pg) = p.dirty[b].next_set(from) {
-                next = Some((b, pg));
+            if let Some(pg) = dirty[b].next_set(from) {
+                found = Some((b, pg));
                 break;
             }
         }
-        let Some((b, pg)) = next else { break };
-        p.dirty[b].test_and_clear(pg);
+        let Some((b, pg)) = found else { break };
+        cursor = (b, pg + 1);
+        if !dirty[b].test_and_clear(pg) {
+            continue; // the urgent thread took it
+        }
         open(p.w, p.rw, &mut in_section)?;
         let before = p.w.offset();
         p.rw.send_page(p.w, p.ram, b, pg, !p.sent[b].get(pg))??;
         throttle.account(p.w.offset() - before);
         in_section += 1;
         sent_pages += 1;
-        remaining -= 1;
-        cursor = (b, pg + 1);
-        if in_section == POSTCOPY_SECTION_PAGES {
+        if in_section == section_pages {
             close(p.w, p.rw, &mut in_section)?;
         }
         if sent_pages.is_multiple_of(256) {
             let mut i = p.shared.info();
             i.ram.transferred = p.w.offset();
-            i.ram.remaining = remaining * PAGE_SIZE as u64;
+            i.ram.remaining = total.saturating_sub(sent_pages) * PAGE_SIZE as u64;
             i.ram.duplicate = p.rw.zero_pages;
             i.ram.normal = p.rw.normal_pages;
-            i.ram.postcopy_requests = requests;
+            i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
         }
     }
     close(p.w, p.rw, &mut in_section)?;
+    let mut i = p.shared.info();
+    i.ram.transferred = p.w.offset();
+    i.ram.remaining = 0;
+    i.ram.duplicate = p.rw.zero_pages;
+    i.ram.normal = p.rw.normal_pages;
+    i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
+    Ok(())
+}
+
+/// A return-path message other than a page request: RUN acknowledged (the
+/// end of the downtime) or an error.
+fn source_reply<W: Write>(
+    p: &mut SourcePhase<'_, W>,
+    kind: u16,
+    data: &[u8],
+) -> Result<(), MigrationError> {
+    if kind == rp::PONG && data == PING_RUNNING.to_be_bytes() {
+        p.running = true;
+        p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
+        return Ok(());
+    }
+    match rp_error(kind, data, p.last_desc) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Every page is out (on both channels): END, EOF, then wait for the
+/// destination to confirm it has every page.
+fn finish_source<W: Write>(
+    p: &mut SourcePhase<'_, W>,
+    requests: &AtomicU64,
+) -> Result<(), MigrationError> {
     p.w.begin_section();
     p.w.u8(section::END)?;
     p.w.be32(RAM_SECTION_ID)?;
@@ -438,47 +725,31 @@ pub(crate) fn run_source<W: Write>(
     p.w.footer(RAM_SECTION_ID)?;
     p.w.u8(section::EOF)?;
     p.w.flush()?;
-    {
-        let mut i = p.shared.info();
-        i.ram.transferred = p.w.offset();
-        i.ram.remaining = 0;
-        i.ram.duplicate = p.rw.zero_pages;
-        i.ram.normal = p.rw.normal_pages;
-        i.ram.postcopy_requests = requests;
-    }
-    // Wait for the destination to confirm it has every page.
     loop {
         if p.shared.cancelled() {
             return Err(MigrationError::Cancelled);
         }
         match p.rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Ok((rp::SHUT, d))) if d == [0, 0, 0, 0] => break,
-            Ok(Ok((rp::PONG, d))) if d == PING_RUNNING.to_be_bytes() => {
-                running = true;
-                p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
-            }
             Ok(Ok((rp::REQ_PAGES | rp::REQ_PAGES_ID, _))) => {
                 // Late requests for pages already on their way.
-                requests += 1;
+                requests.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Ok((k, d))) => {
-                if let Some(e) = rp_error(k, &d, p.last_desc) {
-                    return Err(e);
-                }
-            }
+            Ok(Ok((k, d))) => source_reply(p, k, &d)?,
             Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(MigrationError::PeerLost("destination"))
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    if !running {
-        p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
+    let mut i = p.shared.info();
+    if !p.running {
+        i.downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
     }
-    p.shared.info().ram.postcopy_requests = requests;
+    i.ram.transferred = p.w.offset().max(i.ram.transferred);
+    i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
     Ok(())
 }
-
 // ----------------------------------------------------------- destination
 
 /// The destination's return path, shared by the incoming and fault threads.
@@ -511,6 +782,8 @@ pub struct DestPostcopy {
     requested: Vec<AtomicBitmap>,
     uffd: Uffd,
     rp: RpWriter,
+    /// The preempt channel's request direction, while it is up.
+    urgent: Mutex<Option<RpWriter>>,
     pending: Mutex<HashMap<(usize, u64), Instant>>,
     stats: Mutex<FaultStats>,
     stop: vmm_sys_util::eventfd::EventFd,
@@ -600,6 +873,7 @@ impl DestPostcopy {
             maps,
             uffd,
             rp,
+            urgent: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             stats: Mutex::new(FaultStats::default()),
             stop,
@@ -762,7 +1036,7 @@ impl DestPostcopy {
         &self,
         addr: usize,
         at: Instant,
-        last_block: &mut Option<usize>,
+        last_block: &mut Option<(bool, usize)>,
     ) -> Result<(), std::io::Error> {
         let Some(block) = self
             .maps
@@ -798,20 +1072,38 @@ impl DestPostcopy {
         let mut data = Vec::with_capacity(13 + 32);
         data.extend_from_slice(&(page * PAGE_SIZE as u64).to_be_bytes());
         data.extend_from_slice(&(PAGE_SIZE as u32).to_be_bytes());
-        let kind = if *last_block == Some(block) {
+        // The preempt channel while it is up, else the return path. A
+        // REQ_PAGES names no block: it means the last one named on the same
+        // channel.
+        let urgent = self
+            .urgent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let key = (urgent.is_some(), block);
+        let kind = if *last_block == Some(key) {
             rp::REQ_PAGES
         } else {
             let name = &self.ram.blocks()[block].name;
             data.push(name.len() as u8);
             data.extend_from_slice(name.as_bytes());
-            *last_block = Some(block);
+            *last_block = Some(key);
             rp::REQ_PAGES_ID
         };
         self.stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .requests += 1;
-        send_rp(&self.rp, kind, &data)
+        match urgent {
+            Some(u) if send_rp(&u, kind, &data).is_ok() => Ok(()),
+            Some(_) => {
+                // The source closed the channel after its last page (this
+                // request raced with its EOF): the page is on its way.
+                *self.urgent.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Ok(())
+            }
+            None => send_rp(&self.rp, kind, &data),
+        }
     }
 
     fn zero_or_wake(&self, paddr: usize) {
@@ -832,8 +1124,15 @@ impl DestPostcopy {
         r: &mut Reader<R>,
         rr: &mut RamReader,
         shared: &Shared,
+        preferred: bool,
     ) -> Result<(), MigrationError> {
-        crate::prefer_this_thread();
+        if preferred {
+            crate::prefer_this_thread();
+        } else {
+            // Requested pages come on the preempt channel: the background
+            // stream competes with the guest like any bulk copy.
+            crate::normal_priority();
+        }
         let mut staging = StagingPlacer::new(crate::precopy::MAX_SECTION_PAGES);
         let mut ended = false;
         loop {
@@ -868,6 +1167,49 @@ impl DestPostcopy {
                     return Err(StreamError::invalid(
                         at,
                         format!("unexpected section type {other:#04x} in postcopy"),
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// The preempt thread: place the requested pages of the preempt
+    /// channel until its EOF.
+    fn preempt_loop<R: Read>(&self, r: &mut Reader<R>) -> Result<(), MigrationError> {
+        crate::prefer_this_thread();
+        let mut rr = RamReader::new(self.ram.blocks().to_vec());
+        let mut staging = StagingPlacer::new(crate::precopy::MAX_SECTION_PAGES);
+        loop {
+            r.begin_section();
+            let at = r.offset();
+            match r.u8("section type")? {
+                section::PART => {
+                    let id = r.be32("section id")?;
+                    if id != RAM_SECTION_ID {
+                        return Err(
+                            StreamError::invalid(at, format!("RAM section with id {id}")).into(),
+                        );
+                    }
+                    rr.new_section();
+                    staging.clear();
+                    rr.read_records(r, &mut staging)?;
+                    r.footer(id)?;
+                    staging
+                        .commit(&mut UffdPlacer(self))
+                        .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                }
+                section::EOF => {
+                    // Every page is on its way: later faults are answered
+                    // by the background stream; late requests use the
+                    // return path.
+                    *self.urgent.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    return Ok(());
+                }
+                other => {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!("unexpected section type {other:#04x}"),
                     )
                     .into())
                 }
@@ -1051,7 +1393,10 @@ pub(crate) fn dest_package<R: Read + Send + 'static>(
     pkg: Vec<u8>,
     r: Reader<R>,
     rr: RamReader,
+    mut preempt: Option<PreemptIn>,
 ) -> Result<(), MigrationError> {
+    let preempt_closer = preempt.as_ref().map(|p| p.closer.clone());
+    let mut urgent: Option<std::thread::JoinHandle<Result<(), MigrationError>>> = None;
     let mut pr = Reader::new(&pkg[..]);
     let mut devices: Vec<stream::DeviceBlob> = Vec::new();
     let mut main = Some((r, rr));
@@ -1077,11 +1422,49 @@ pub(crate) fn dest_package<R: Read + Send + 'static>(
                             };
                             fault = Some(post.listen()?);
                             set_status(&inc.shared, &inc.events, Status::PostcopyActive);
+                            // A failed channel shuts the other one too, so
+                            // that neither thread waits on a dead stream.
+                            if let Some(mut pi) = preempt.take() {
+                                let w = std::mem::replace(&mut pi.w, Box::new(std::io::sink()));
+                                *post.urgent.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    Some(Arc::new(Mutex::new(w)));
+                                let (p, main) = (post.clone(), closer.clone());
+                                urgent = Some(
+                                    std::thread::Builder::new()
+                                        .name("postcopy-preempt".into())
+                                        .spawn(move || {
+                                            let r = p.preempt_loop(&mut pi.r).map_err(|e| {
+                                                PostcopyError::Preempt(Box::new(e)).into()
+                                            });
+                                            if r.is_err() {
+                                                main.close();
+                                            }
+                                            r
+                                        })
+                                        .map_err(|e| {
+                                            PostcopyError::Protocol(format!(
+                                                "cannot start the preempt thread: {e}"
+                                            ))
+                                        })?,
+                                );
+                            }
                             let (p, shared) = (post.clone(), inc.shared.clone());
+                            let other = preempt_closer.clone();
                             listen = Some(
                                 std::thread::Builder::new()
                                     .name("postcopy-listen".into())
-                                    .spawn(move || p.listen_loop(&mut r, &mut rr, &shared))
+                                    .spawn(move || {
+                                        let r = p.listen_loop(
+                                            &mut r,
+                                            &mut rr,
+                                            &shared,
+                                            other.is_none(),
+                                        );
+                                        if let (Err(_), Some(c)) = (&r, &other) {
+                                            c.close();
+                                        }
+                                        r
+                                    })
                                     .map_err(|e| {
                                         PostcopyError::Protocol(format!(
                                             "cannot start the listen thread: {e}"
@@ -1150,14 +1533,34 @@ pub(crate) fn dest_package<R: Read + Send + 'static>(
         }
     })();
     if res.is_err() {
-        // Unblock the listen thread's read.
+        // Unblock the listen and preempt threads' reads.
         closer.close();
+        if let Some(c) = &preempt_closer {
+            c.close();
+        }
     }
     let listened = match listen {
         Some(h) => h.join().unwrap_or_else(|_| {
             Err(PostcopyError::Protocol("the listen thread panicked".into()).into())
         }),
         None => Err(PostcopyError::Protocol("the package had no POSTCOPY_LISTEN".into()).into()),
+    };
+    // The source ends the preempt channel before the main stream's END.
+    let urgent_done = match urgent {
+        Some(h) => h.join().unwrap_or_else(|_| {
+            Err(PostcopyError::Protocol("the preempt thread panicked".into()).into())
+        }),
+        None => Ok(()),
+    };
+    // The first failure is the cause; the other channel was shut after it.
+    let listened = match (listened, urgent_done) {
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(main), Err(pre)) => Err(if matches!(main, MigrationError::Stream(_)) {
+            pre
+        } else {
+            main
+        }),
+        (Ok(()), Ok(())) => Ok(()),
     };
     let result = res.and(listened).and_then(|()| {
         if !ran {

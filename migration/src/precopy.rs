@@ -31,7 +31,7 @@ use crate::postcopy::{dest_package, send_rp, DestPostcopy, RpWriter, TrackingPla
 use crate::ram::{Bitmap, GuestRam, RamError, RamReader, RamRecordError, RamWriter};
 use crate::status::{Capabilities, Parameters, Shared, Status};
 use crate::stream::{self, cmd, rp, section, DeviceBlob, Reader, StreamError, Writer, PAGE_SIZE};
-use crate::transport::{self, Channel, Uri};
+use crate::transport::{self, Channel, Listener, Uri};
 
 /// Section id of RAM.
 pub const RAM_SECTION_ID: u32 = 1;
@@ -390,10 +390,12 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
     status
 }
 
-/// Reads return-path messages into a channel until the peer closes.
+/// One message from the return-path reader thread.
+pub(crate) type RpMessage = Result<(u16, Vec<u8>), StreamError>;
 /// Messages from the return-path reader thread.
-pub(crate) type RpReceiver = Receiver<Result<(u16, Vec<u8>), StreamError>>;
+pub(crate) type RpReceiver = Receiver<RpMessage>;
 
+/// Reads return-path messages into a channel until the peer closes.
 fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> RpReceiver {
     let (tx, rx) = channel();
     std::thread::Builder::new()
@@ -459,6 +461,7 @@ fn outgoing(
         None
     };
     let mut last_desc = None;
+    let mut preempt = None;
     if o.caps.postcopy_ram {
         let rx = rp_rx.as_ref().ok_or_else(|| {
             crate::postcopy::PostcopyError::Refused(format!(
@@ -467,6 +470,14 @@ fn outgoing(
             ))
         })?;
         crate::postcopy::advise_source(&mut w, rx, &mut last_desc)?;
+        if o.caps.postcopy_preempt {
+            preempt = Some(crate::postcopy::connect_preempt(
+                &o.uri,
+                &mut w,
+                rx,
+                &mut last_desc,
+            )?);
+        }
     }
     if o.caps.x_colo {
         if o.caps.postcopy_ram {
@@ -628,6 +639,8 @@ fn outgoing(
                     params: &o.params,
                     last_desc: &mut last_desc,
                     stop_start,
+                    preempt: preempt.take(),
+                    running: false,
                 },
                 &devices,
                 run_sent,
@@ -787,10 +800,10 @@ pub struct Incoming {
 }
 
 /// Destination side: read one migration from `chan`. Returns the final status.
-pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
+pub fn run_incoming(mut inc: Incoming, mut chan: Channel, listener: Option<&Listener>) -> Status {
     begin_info(&inc.shared, &inc.events, &*inc.ram, Status::Active);
     let mut rp_writer: Option<RpWriter> = None;
-    let result = incoming(&mut inc, &mut chan, &mut rp_writer);
+    let result = incoming(&mut inc, &mut chan, listener, &mut rp_writer);
     let status = match result {
         Ok(()) => {
             if let Some(w) = &rp_writer {
@@ -819,6 +832,7 @@ pub fn run_incoming(mut inc: Incoming, mut chan: Channel) -> Status {
 fn incoming(
     inc: &mut Incoming,
     chan: &mut Channel,
+    listener: Option<&Listener>,
     rp_writer: &mut Option<RpWriter>,
 ) -> Result<(), MigrationError> {
     let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
@@ -842,6 +856,7 @@ fn incoming(
     let ram = inc.ram.clone();
     let mut rr = RamReader::new(ram.blocks().to_vec());
     let mut post: Option<Arc<DestPostcopy>> = None;
+    let mut preempt: Option<crate::postcopy::PreemptIn> = None;
     let mut colo = false;
     let mut ram_started = false;
     let mut ram_ended = false;
@@ -999,7 +1014,28 @@ fn incoming(
                             .into());
                         }
                         let pkg = r.vec(len as usize, "package")?;
-                        return dest_package(inc, chan.closer.clone(), p, pkg, r, rr);
+                        return dest_package(inc, chan.closer.clone(), p, pkg, r, rr, preempt);
+                    }
+                    cmd::POSTCOPY_PREEMPT => {
+                        if post.is_none() || preempt.is_some() {
+                            return Err(StreamError::invalid(
+                                at,
+                                "POSTCOPY_PREEMPT without POSTCOPY_ADVISE or twice",
+                            )
+                            .into());
+                        }
+                        if !inc.machine.capabilities().postcopy_preempt {
+                            return Err(crate::postcopy::PostcopyError::Refused(
+                                "the postcopy-preempt capability is not set on the destination \
+                                 (migrate-set-capabilities on both sides)"
+                                    .into(),
+                            )
+                            .into());
+                        }
+                        let l = listener.ok_or_else(|| {
+                            StreamError::invalid(at, "POSTCOPY_PREEMPT on a one-way channel")
+                        })?;
+                        preempt = Some(crate::postcopy::accept_preempt(l)?);
                     }
                     cmd::PING => {
                         if data.len() != 4 {
@@ -1130,7 +1166,8 @@ mod tests {
             shared: dshared.clone(),
             events: Arc::new(|_| {}),
         };
-        let dthread = std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap()));
+        let dthread =
+            std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap(), None));
 
         let stopped = Arc::new(AtomicBool::new(false));
         let writer_src = src.clone();
@@ -1218,7 +1255,8 @@ mod tests {
             shared: Arc::new(Shared::default()),
             events: Arc::new(|_| {}),
         };
-        let dthread = std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap()));
+        let dthread =
+            std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap(), None));
         let src = Arc::new(VecRam::new(&[64 * 4096]));
         let shared = Arc::new(Shared::default());
         let resumed = Arc::new(AtomicBool::new(false));

@@ -141,6 +141,47 @@ impl AtomicBitmap {
             .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
             .sum()
     }
+
+    /// Clear bit `i`; returns whether it was set (exactly one of several
+    /// threads racing for a bit gets `true`).
+    pub fn test_and_clear(&self, i: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        if i >= self.len {
+            return false;
+        }
+        let m = 1u64 << (i % 64);
+        self.words[(i / 64) as usize].fetch_and(!m, Ordering::AcqRel) & m != 0
+    }
+
+    /// The first set bit at or after `from` (a snapshot: another thread
+    /// may clear it before the caller acts).
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let mut i = from;
+        while i < self.len {
+            let wi = (i / 64) as usize;
+            let w = self.words[wi].load(Ordering::Acquire) & (!0u64 << (i % 64));
+            if w != 0 {
+                let bit = wi as u64 * 64 + u64::from(w.trailing_zeros());
+                return (bit < self.len).then_some(bit);
+            }
+            i = (wi as u64 + 1) * 64;
+        }
+        None
+    }
+}
+
+impl From<&Bitmap> for AtomicBitmap {
+    fn from(b: &Bitmap) -> Self {
+        Self {
+            words: b
+                .words
+                .iter()
+                .map(|&w| std::sync::atomic::AtomicU64::new(w))
+                .collect(),
+            len: b.len,
+        }
+    }
 }
 
 /// A page bitmap.
@@ -754,6 +795,39 @@ pub(crate) mod tests {
         fn stop_dirty_log(&self) -> Result<(), RamError> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn atomic_bitmap_clear_once_and_scan() {
+        let mut b = Bitmap::new(200);
+        for i in [3, 64, 130, 199] {
+            b.set(i);
+        }
+        let a = AtomicBitmap::from(&b);
+        assert_eq!(a.count(), 4);
+        assert_eq!(a.next_set(0), Some(3));
+        assert_eq!(a.next_set(4), Some(64));
+        assert_eq!(a.next_set(131), Some(199));
+        assert!(a.test_and_clear(64));
+        assert!(!a.test_and_clear(64), "a bit is taken once");
+        assert!(!a.test_and_clear(500), "out of range");
+        assert_eq!(a.next_set(4), Some(130));
+        // Two threads race for every bit: each is won exactly once.
+        let full = AtomicBitmap::from(&Bitmap::full(4096));
+        let won = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for i in 0..4096 {
+                        if full.test_and_clear(i) {
+                            won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(won.into_inner(), 4096);
+        assert_eq!(full.next_set(0), None);
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct Capabilities {
     pub events: bool,
     /// Allow switching to postcopy.
     pub postcopy_ram: bool,
+    /// Postcopy: requested pages travel on a second connection, ahead of
+    /// the background stream.
+    pub postcopy_preempt: bool,
     /// Enter COLO after the first migration.
     pub x_colo: bool,
     /// Use a return path (always on for socket transports here).
@@ -88,6 +91,7 @@ impl Capabilities {
         let slot = match name {
             "events" => &mut self.events,
             "postcopy-ram" | "x-postcopy-ram" => &mut self.postcopy_ram,
+            "postcopy-preempt" => &mut self.postcopy_preempt,
             "x-colo" => &mut self.x_colo,
             "return-path" => &mut self.return_path,
             "pause-before-switchover" => &mut self.pause_before_switchover,
@@ -103,12 +107,22 @@ impl Capabilities {
         Ok(())
     }
 
+    /// Refuse combinations that cannot work (checked after a whole
+    /// `migrate-set-capabilities`, as QEMU does).
+    pub fn check(&self) -> Result<(), String> {
+        if self.postcopy_preempt && !self.postcopy_ram {
+            return Err("Postcopy preempt requires postcopy-ram".into());
+        }
+        Ok(())
+    }
+
     /// `query-migrate-capabilities` reply.
     pub fn to_json(&self) -> Value {
         let c = |n: &str, s: bool| json!({"capability": n, "state": s});
         json!([
             c("events", self.events),
             c("postcopy-ram", self.postcopy_ram),
+            c("postcopy-preempt", self.postcopy_preempt),
             c("x-colo", self.x_colo),
             c("return-path", self.return_path),
             c("pause-before-switchover", self.pause_before_switchover),
@@ -406,5 +420,23 @@ mod tests {
         assert_eq!(j["downtime"], 1);
         assert_eq!(j["ram"]["page-size"], 4096);
         assert!(j.get("expected-downtime").is_none());
+    }
+
+    #[test]
+    fn preempt_needs_postcopy_ram() {
+        let mut c = Capabilities::default();
+        c.set("postcopy-preempt", true).unwrap();
+        assert_eq!(
+            c.check().unwrap_err(),
+            "Postcopy preempt requires postcopy-ram"
+        );
+        c.set("postcopy-ram", true).unwrap();
+        assert!(c.check().is_ok());
+        assert!(c
+            .to_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["capability"] == "postcopy-preempt" && e["state"] == true));
     }
 }

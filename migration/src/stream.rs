@@ -93,7 +93,15 @@ pub mod cmd {
     pub const PACKAGED: u16 = 7;
     /// Enter COLO after the first migration.
     pub const ENABLE_COLO: u16 = 8;
+    /// minivmm: the postcopy preempt channel (requested pages) has been
+    /// connected; the destination accepts it now.
+    pub const POSTCOPY_PREEMPT: u16 = 9;
 }
+
+/// First bytes of the postcopy preempt channel: `be32` "QEVP", `be32` 1.
+pub const PREEMPT_MAGIC: u32 = 0x5145_5650;
+/// Version after [`PREEMPT_MAGIC`].
+pub const PREEMPT_VERSION: u32 = 1;
 
 /// Return-path message types.
 pub mod rp {

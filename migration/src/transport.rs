@@ -2,8 +2,8 @@
 //!
 //! | URI | outgoing | incoming | return path |
 //! |---|---|---|---|
-//! | `tcp:HOST:PORT` | connect | listen, accept one | yes |
-//! | `unix:PATH` | connect | listen, accept one | yes |
+//! | `tcp:HOST:PORT` | connect | listen, accept one (two with postcopy-preempt) | yes |
+//! | `unix:PATH` | connect | listen, accept one (two with postcopy-preempt) | yes |
 //! | `exec:CMD` | `sh -c CMD`, stream to its stdin | `sh -c CMD`, stream from its stdout | no |
 //! | `file:PATH` | create/truncate PATH | read PATH | no |
 
@@ -58,6 +58,12 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
+    /// No second connection came (postcopy preempt channel).
+    #[error("no second connection on '{0}' within {1:?}")]
+    NoSecondChannel(String, std::time::Duration),
+    /// The transport has no room for a second connection.
+    #[error("'{0}' cannot carry a second channel")]
+    OneChannel(String),
 }
 
 impl Uri {
@@ -133,6 +139,20 @@ impl Closer {
                 (&bytes as *const i32).cast(),
                 std::mem::size_of::<i32>() as libc::socklen_t,
             );
+        }
+    }
+
+    /// Shut the reading direction down: a read blocked on it returns end
+    /// of stream. A no-op for pipes and files.
+    pub fn shutdown_read(&self) {
+        match self {
+            Self::Tcp(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Read);
+            }
+            Self::Unix(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Read);
+            }
+            Self::Child(_) | Self::Nothing => {}
         }
     }
 
@@ -301,6 +321,33 @@ impl Listener {
             Self::Tcp(l, _) => l.local_addr().ok(),
             _ => None,
         }
+    }
+
+    /// Accept one more connection (the postcopy preempt channel) if one
+    /// comes within `timeout`.
+    pub fn accept_within(&self, timeout: std::time::Duration) -> Result<Channel, TransportError> {
+        let (fd, uri) = match self {
+            Self::Tcp(l, uri) => (l.as_raw_fd(), uri),
+            Self::Unix(l, _, uri) => (l.as_raw_fd(), uri),
+            Self::Exec(_, uri) | Self::File(_, uri) => {
+                return Err(TransportError::OneChannel(uri.to_string()))
+            }
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            return Err(io("cannot accept on", uri)(std::io::Error::last_os_error()));
+        }
+        if n == 0 {
+            return Err(TransportError::NoSecondChannel(uri.to_string(), timeout));
+        }
+        self.accept()
     }
 
     /// Wait for the source and return the channel (reader = stream, writer = return path).

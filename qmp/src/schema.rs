@@ -520,11 +520,13 @@ pub enum MigrationCapability {
     AutoConverge,
     /// Measure vCPU time blocked on postcopy faults.
     PostcopyBlocktime,
+    /// Postcopy: requested pages on a second connection.
+    PostcopyPreempt,
 }
 
 impl MigrationCapability {
     /// Every capability, in `query-migrate-capabilities` order.
-    pub const ALL: [MigrationCapability; 7] = [
+    pub const ALL: [MigrationCapability; 8] = [
         MigrationCapability::PostcopyRam,
         MigrationCapability::XColo,
         MigrationCapability::Events,
@@ -532,6 +534,7 @@ impl MigrationCapability {
         MigrationCapability::PauseBeforeSwitchover,
         MigrationCapability::AutoConverge,
         MigrationCapability::PostcopyBlocktime,
+        MigrationCapability::PostcopyPreempt,
     ];
 
     /// The canonical QMP name.
@@ -544,6 +547,7 @@ impl MigrationCapability {
             MigrationCapability::PauseBeforeSwitchover => "pause-before-switchover",
             MigrationCapability::AutoConverge => "auto-converge",
             MigrationCapability::PostcopyBlocktime => "postcopy-blocktime",
+            MigrationCapability::PostcopyPreempt => "postcopy-preempt",
         }
     }
 }

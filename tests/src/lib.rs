@@ -842,7 +842,9 @@ pub enum Tamper {
 
 /// A TCP relay between a migration source and destination that can damage
 /// the stream on the way; the return path is passed through untouched.
-/// Its threads end when either side closes.
+/// It relays every connection (a postcopy preempt channel is the second);
+/// only the first one's stream is tampered with and counted. Its threads
+/// end when either side closes.
 pub struct Relay {
     /// Port the source connects to (127.0.0.1).
     pub port: u16,
@@ -850,13 +852,22 @@ pub struct Relay {
     pub forwarded: Arc<AtomicUsize>,
     sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
     tamper: Arc<Mutex<Tamper>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for Relay {
+    /// Stop accepting: wake the accept loop, which sees `closed` and ends,
+    /// closing the listening socket.
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
 }
 
 impl Relay {
-    /// Relay one connection to `127.0.0.1:dst_port`.
+    /// Relay connections to `127.0.0.1:dst_port`.
     pub fn start(dst_port: u16, tamper: Tamper) -> Relay {
-        use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::net::{TcpListener, TcpStream};
         let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
         let port = l.local_addr().expect("relay addr").port();
         let forwarded = Arc::new(AtomicUsize::new(0));
@@ -865,75 +876,41 @@ impl Relay {
         let socks = sockets.clone();
         let tamper = Arc::new(Mutex::new(tamper));
         let tamper_now = tamper.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let stop = closed.clone();
         std::thread::spawn(move || {
-            let Ok((src, _)) = l.accept() else { return };
-            let Ok(dst) = TcpStream::connect(("127.0.0.1", dst_port)) else {
-                return;
-            };
-            if let (Ok(a), Ok(b), Ok(mut v)) = (src.try_clone(), dst.try_clone(), socks.lock()) {
-                v.push(a);
-                v.push(b);
-            }
-            let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-            // Return path: destination to source, untouched.
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut d2, &mut s2);
-                let _ = s2.shutdown(Shutdown::Write);
-            });
-            let (mut src, mut dst) = (src, dst);
-            let mut buf = vec![0u8; 64 << 10];
-            let mut off: u64 = 0;
-            loop {
-                let n = match src.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let chunk = &mut buf[..n];
-                let end = off + n as u64;
-                let tamper = *tamper_now.lock().unwrap_or_else(|e| e.into_inner());
-                let ok = match tamper {
-                    Tamper::None => dst.write_all(chunk).is_ok(),
-                    Tamper::Flip { at } => {
-                        if (off..end).contains(&at) {
-                            chunk[(at - off) as usize] ^= 0x40;
-                        }
-                        dst.write_all(chunk).is_ok()
-                    }
-                    Tamper::Truncate { at } => {
-                        if end >= at {
-                            let _ = dst.write_all(&chunk[..at.saturating_sub(off) as usize]);
-                            break;
-                        }
-                        dst.write_all(chunk).is_ok()
-                    }
-                    Tamper::Garbage { at } => {
-                        if (off..end).contains(&at) {
-                            let k = (at - off) as usize;
-                            dst.write_all(&chunk[..k]).is_ok()
-                                && dst.write_all(&[0xa5; 64]).is_ok()
-                                && dst.write_all(&chunk[k..]).is_ok()
-                        } else {
-                            dst.write_all(chunk).is_ok()
-                        }
-                    }
-                };
-                off = end;
-                fwd.store(off as usize, Ordering::Relaxed);
-                if !ok {
-                    break;
+            let mut first = true;
+            while let Ok((src, _)) = l.accept() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
                 }
+                let Ok(dst) = TcpStream::connect(("127.0.0.1", dst_port)) else {
+                    return;
+                };
+                if let (Ok(a), Ok(b), Ok(mut v)) = (src.try_clone(), dst.try_clone(), socks.lock())
+                {
+                    v.push(a);
+                    v.push(b);
+                }
+                let (fwd, tamper_now, socks) = if first {
+                    (fwd.clone(), tamper_now.clone(), socks.clone())
+                } else {
+                    (
+                        Arc::new(AtomicUsize::new(0)),
+                        Arc::new(Mutex::new(Tamper::None)),
+                        Arc::new(Mutex::new(Vec::new())),
+                    )
+                };
+                first = false;
+                std::thread::spawn(move || relay_one(src, dst, fwd, tamper_now, socks));
             }
-            let _ = dst.shutdown(Shutdown::Both);
-            let _ = src.shutdown(Shutdown::Both);
-            // Close our clones too: a socket closed with unread data resets
-            // the connection, so a peer blocked writing into it wakes up.
-            socks.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
         Relay {
             port,
             forwarded,
             sockets,
             tamper,
+            closed,
         }
     }
 
@@ -951,6 +928,73 @@ impl Relay {
             }
         }
     }
+}
+
+/// One relayed connection: source to destination through `tamper`, the
+/// other direction untouched.
+fn relay_one(
+    src: std::net::TcpStream,
+    dst: std::net::TcpStream,
+    fwd: Arc<AtomicUsize>,
+    tamper_now: Arc<Mutex<Tamper>>,
+    socks: Arc<Mutex<Vec<std::net::TcpStream>>>,
+) {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+    // Return path: destination to source, untouched.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut d2, &mut s2);
+        let _ = s2.shutdown(Shutdown::Write);
+    });
+    let (mut src, mut dst) = (src, dst);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut off: u64 = 0;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        let end = off + n as u64;
+        let tamper = *tamper_now.lock().unwrap_or_else(|e| e.into_inner());
+        let ok = match tamper {
+            Tamper::None => dst.write_all(chunk).is_ok(),
+            Tamper::Flip { at } => {
+                if (off..end).contains(&at) {
+                    chunk[(at - off) as usize] ^= 0x40;
+                }
+                dst.write_all(chunk).is_ok()
+            }
+            Tamper::Truncate { at } => {
+                if end >= at {
+                    let _ = dst.write_all(&chunk[..at.saturating_sub(off) as usize]);
+                    break;
+                }
+                dst.write_all(chunk).is_ok()
+            }
+            Tamper::Garbage { at } => {
+                if (off..end).contains(&at) {
+                    let k = (at - off) as usize;
+                    dst.write_all(&chunk[..k]).is_ok()
+                        && dst.write_all(&[0xa5; 64]).is_ok()
+                        && dst.write_all(&chunk[k..]).is_ok()
+                } else {
+                    dst.write_all(chunk).is_ok()
+                }
+            }
+        };
+        off = end;
+        fwd.store(off as usize, Ordering::Relaxed);
+        if !ok {
+            break;
+        }
+    }
+    let _ = dst.shutdown(Shutdown::Both);
+    let _ = src.shutdown(Shutdown::Both);
+    // Close our clones too: a socket closed with unread data resets
+    // the connection, so a peer blocked writing into it wakes up.
+    socks.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
 /// Save `size` bytes of guest RAM from guest-physical 0 with `pmemsave`

@@ -1,5 +1,7 @@
 //! Postcopy migration between two real minivmm processes: userfaultfd on
-//! the destination, page requests over the return path.
+//! the destination, page requests over the return path (or, with
+//! `postcopy-preempt`, over a second connection that also carries the
+//! requested pages).
 
 use std::time::Duration;
 
@@ -226,11 +228,28 @@ fn connection_lost_during_postcopy() {
     if !kvm_available("connection_lost_during_postcopy") {
         return;
     }
+    connection_lost(false);
+}
+
+/// As above with the preempt channel: the relay cuts both connections.
+#[test]
+fn connection_lost_during_postcopy_with_preempt() {
+    if !kvm_available("connection_lost_during_postcopy_with_preempt") {
+        return;
+    }
+    connection_lost(true);
+}
+
+fn connection_lost(preempt: bool) {
     let mut src = running_source(guest("src"), &guest("base"));
     let (mut dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    set_caps(&mut dq, &[("postcopy-preempt", preempt)]);
     let relay = Relay::start(port, Tamper::None);
     let mut sq = src.qmp();
-    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    set_caps(
+        &mut sq,
+        &[("postcopy-ram", true), ("postcopy-preempt", preempt)],
+    );
     // Slow background transfer after the switch keeps postcopy going.
     sq.execute(
         "migrate-set-parameters",
@@ -270,6 +289,99 @@ fn connection_lost_during_postcopy() {
     // Neither side saw corruption before the cut.
     src.assert_no_corrupt();
     dst.assert_no_corrupt();
+}
+
+/// `postcopy-preempt` on both sides, over unix: requested pages come on the
+/// second connection (the destination's fault statistics count them served)
+/// and the non-converging guest completes with its integrity intact.
+#[test]
+fn preempt_channel_serves_requests() {
+    if !kvm_available("preempt_channel_serves_requests") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let sock = src.dir.path("postcopy.sock");
+    let uri = format!("unix:{}", sock.display());
+    let mut dst = guest("dst").incoming(&uri).spawn();
+    let mut dq = dst.qmp();
+    set_caps(
+        &mut dq,
+        &[("postcopy-ram", true), ("postcopy-preempt", true)],
+    );
+    let mut sq = src.qmp();
+    set_caps(
+        &mut sq,
+        &[("postcopy-ram", true), ("postcopy-preempt", true)],
+    );
+    let caps = sq.execute("query-migrate-capabilities", json!({})).unwrap();
+    assert!(
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["capability"] == "postcopy-preempt" && c["state"] == true),
+        "{caps}"
+    );
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 5_000_000, "downtime-limit": 1}),
+    )
+    .unwrap();
+    sq.execute("migrate", json!({ "uri": uri })).unwrap();
+    let r = wait_migration(&mut sq, &["active", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "active", "{r}");
+    // Let the guest dirty what was sent, then switch.
+    let last = src.passes().last().copied().unwrap_or(0);
+    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
+    let dr = wait_migration(&mut dq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(dr["status"], "completed", "{dr}");
+    let faults = &dr["x-postcopy-faults"];
+    assert!(faults["serviced"].as_u64() > Some(0), "{dr}");
+    eprintln!("source: {r}\ndestination: {dr}");
+    assert_continues(&src, &dst);
+}
+
+/// `postcopy-preempt` needs `postcopy-ram` (QMP refuses it alone), and set
+/// on the source only, the migration fails before the switch with the
+/// reason; the source keeps running.
+#[test]
+fn preempt_only_on_source_is_refused_early() {
+    if !kvm_available("preempt_only_on_source_is_refused_early") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (mut dst, _dq, port) = postcopy_destination(guest("dst"), false);
+    let mut sq = src.qmp();
+    let e = sq
+        .execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-preempt", "state": true}]}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Postcopy preempt requires postcopy-ram"), "{e}");
+    set_caps(
+        &mut sq,
+        &[("postcopy-ram", true), ("postcopy-preempt", true)],
+    );
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["error-desc"].as_str().is_some_and(
+            |d| d.contains("postcopy-preempt capability is not set on the destination")
+        ),
+        "{r}"
+    );
+    assert_eq!(run_state(&mut sq), "running");
+    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    let last = src.passes().last().copied().unwrap_or(0);
+    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.assert_no_corrupt();
 }
 
 /// A 4 GiB guest (two RAM blocks, across the 32-bit hole) in postcopy.

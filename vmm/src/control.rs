@@ -764,7 +764,7 @@ impl Control {
             .name("mig-incoming".into())
             .spawn(move || match listener.accept() {
                 Ok(chan) => {
-                    precopy::run_incoming(inc, chan);
+                    precopy::run_incoming(inc, chan, Some(&listener));
                 }
                 Err(e) => {
                     inc.shared.info().error_desc = Some(error_chain(&e));
@@ -1031,6 +1031,7 @@ impl Control {
                 for c in a.capabilities {
                     caps.set(c.capability.as_str(), c.state).map_err(generic)?;
                 }
+                caps.check().map_err(generic)?;
                 self.caps = caps;
                 Ok(json!({}))
             }
