@@ -28,7 +28,7 @@ def caps(names):
     return {"capabilities": [{"capability": n, "state": True} for n in names]}
 
 
-def one_run(g, snap, wd, bandwidth, downtime_limit):
+def one_run(g, snap, wd, bandwidth, downtime_limit, preempt):
     src = start_from(g, "src", snap, wd, settle_s=3.0)
     dst = None
     try:
@@ -37,14 +37,15 @@ def one_run(g, snap, wd, bandwidth, downtime_limit):
         dq = dst.qmp
         sq = src.qmp
         res = {"notes": []}
-        dq.cmd("migrate-set-capabilities", caps(["postcopy-ram"]))
+        pc = ["postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
+        dq.cmd("migrate-set-capabilities", caps(pc))
         try:
             dq.cmd("migrate-set-capabilities", caps(["postcopy-blocktime"]))
             res["blocktime_cap"] = True
         except QmpError as e:
             res["blocktime_cap"] = False
             res["notes"].append(f"destination refuses postcopy-blocktime: {e.reply}")
-        sq.cmd("migrate-set-capabilities", caps(["postcopy-ram", "events"]))
+        sq.cmd("migrate-set-capabilities", caps(pc + ["events"]))
         sq.cmd("migrate-set-parameters", {"max-bandwidth": bandwidth,
                                           "downtime-limit": downtime_limit})
         t_mig = time.monotonic()
@@ -82,6 +83,7 @@ def one_run(g, snap, wd, bandwidth, downtime_limit):
         res["serviced"] = f.get("serviced")
         res["p50_us"] = f.get("latency-p50-us")
         res["p99_us"] = f.get("latency-p99-us")
+        res["buckets"] = f.get("latency-buckets-us")
         res["max_us"] = f.get("latency-max-us")
         res["blocktime_ms"] = dr.get("postcopy-blocktime")
         res["vcpu_blocktime_ms"] = dr.get("postcopy-vcpu-blocktime")
@@ -113,6 +115,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--bandwidth", type=int, default=5_000_000)
     ap.add_argument("--downtime-limit", type=int, default=1)
+    ap.add_argument("--preempt", choices=["off", "on", "both"],
+                    default=os.environ.get("BENCH_PREEMPT", "both"),
+                    help="postcopy-preempt on both sides: off, on, or both modes one after the other")
     common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
@@ -122,33 +127,45 @@ def main():
             g = Guest(kind, a.minivmm, a.qemu, a.kernel, a.initrd, 0)
             snap = os.path.join(wd, f"{kind}.snap")
             make_snapshot(g, snap, wd)
-            runs = []
-            for i in range(a.runs):
-                t0 = time.monotonic()
-                r = one_run(g, snap, wd, a.bandwidth, a.downtime_limit)
-                runs.append(r)
-                log(f"  {kind} run {i + 1} ({time.monotonic() - t0:.0f} s): {r['status']}/{r['dst_status']}"
-                    f" switch at pass {r['switched_at_pass']} after {r['precopy_s']:.1f} s"
-                    f" ({r['precopy_mib']:.1f} MiB), downtime {r['downtime_ms']} ms,"
-                    f" total {r['total_ms']} ms, switch->completed {r['switch_to_done_s'] * 1000:.0f} ms,"
-                    f" {r['transferred_mib']:.1f} MiB, src postcopy-requests {r['src_requests']},"
-                    f" max PASS gap {fmt(r.get('max_pass_gap_ms'), ' ms')}"
-                    f" (normal {fmt(r.get('normal_pass_ms'), ' ms')}), corrupt {len(r['corrupt'])},"
-                    f" TCP counters (host-wide) {r['tcp']}")
-                if kind == "minivmm" or r["faults"] is not None:
-                    log(f"    x-postcopy-faults: {json.dumps(r['dst_reply'].get('x-postcopy-faults'))}")
-                if r["blocktime_ms"] is not None or r["vcpu_blocktime_ms"] is not None:
-                    log(f"    postcopy-blocktime {r['blocktime_ms']} ms,"
-                        f" postcopy-vcpu-blocktime {r['vcpu_blocktime_ms']} ms")
-                for n in r["notes"]:
-                    log(f"    note: {n}")
-                if r["status"] != "completed" or r["dst_status"] != "completed":
-                    log(f"    source: {json.dumps(r['src_reply'])}")
-                    log(f"    destination: {json.dumps(r['dst_reply'])}")
-                for c in r["corrupt"][:5]:
-                    log(f"    {c}")
+            modes = {"off": [False], "on": [True], "both": [False, True]}[a.preempt]
+            for preempt in modes:
+                label = f"{kind} + postcopy-preempt" if preempt else kind
+                rows.append((label, bench_mode(g, snap, wd, a, preempt, label)))
             os.unlink(snap)
-            rows.append((kind, runs))
+    print_table(rows, a, quiet)
+
+
+def bench_mode(g, snap, wd, a, preempt, kind):
+    """The runs of one VMM in one mode, logged as they go."""
+    runs = []
+    for i in range(a.runs):
+        t0 = time.monotonic()
+        r = one_run(g, snap, wd, a.bandwidth, a.downtime_limit, preempt)
+        runs.append(r)
+        log(f"  {kind} run {i + 1} ({time.monotonic() - t0:.0f} s): {r['status']}/{r['dst_status']}"
+            f" switch at pass {r['switched_at_pass']} after {r['precopy_s']:.1f} s"
+            f" ({r['precopy_mib']:.1f} MiB), downtime {r['downtime_ms']} ms,"
+            f" total {r['total_ms']} ms, switch->completed {r['switch_to_done_s'] * 1000:.0f} ms,"
+            f" {r['transferred_mib']:.1f} MiB, src postcopy-requests {r['src_requests']},"
+            f" max PASS gap {fmt(r.get('max_pass_gap_ms'), ' ms')}"
+            f" (normal {fmt(r.get('normal_pass_ms'), ' ms')}), corrupt {len(r['corrupt'])},"
+            f" TCP counters (host-wide) {r['tcp']}")
+        if kind == "minivmm" or r["faults"] is not None:
+            log(f"    x-postcopy-faults: {json.dumps(r['dst_reply'].get('x-postcopy-faults'))}")
+        if r["blocktime_ms"] is not None or r["vcpu_blocktime_ms"] is not None:
+            log(f"    postcopy-blocktime {r['blocktime_ms']} ms,"
+                f" postcopy-vcpu-blocktime {r['vcpu_blocktime_ms']} ms")
+        for n in r["notes"]:
+            log(f"    note: {n}")
+        if r["status"] != "completed" or r["dst_status"] != "completed":
+            log(f"    source: {json.dumps(r['src_reply'])}")
+            log(f"    destination: {json.dumps(r['dst_reply'])}")
+        for c in r["corrupt"][:5]:
+            log(f"    {c}")
+    return runs
+
+
+def print_table(rows, a, quiet):
     quiet = machine_note() and quiet  # also quiet at the end?
     print()
     print("| VMM | switch downtime | total-time | switch to completed | transferred"
@@ -164,6 +181,14 @@ def main():
         if any(r["faults"] is not None for r in ok):
             faults = f"{fmt(m('faults'))} / {fmt(m('requests'))}"
             lat = f"{fmt(m('p50_us'), ' µs')}{rng('p50_us')} / {fmt(m('p99_us'), ' µs')}{rng('p99_us')}"
+            pooled = {}
+            for r in ok:
+                for k, v in (r.get("buckets") or {}).items():
+                    pooled[k] = pooled.get(k, 0) + v
+            total = sum(pooled.values())
+            if total:
+                under = sum(v for k, v in pooled.items() if k in ("100", "200", "500", "1000"))
+                lat += f"; all runs: {under}/{total} under 1 ms, max {max(r['max_us'] for r in ok)} µs"
         else:
             faults = "n/a"
             lat = "n/a"

@@ -17,8 +17,10 @@
 #
 #   bench/postcopy.sh [RUNS]      default 5; prints a Markdown table
 #
-# BENCH_VMMS=minivmm skips QEMU. Run it on an otherwise idle machine
-# (~3 minutes).
+# Each VMM runs twice: without and with postcopy-preempt on both sides
+# (requested pages on a second connection); BENCH_PREEMPT=off or on runs
+# one mode only. BENCH_VMMS=minivmm skips QEMU. Run it on an otherwise
+# idle machine (~6 minutes).
 set -euo pipefail
 
 NAME=postcopy.sh

@@ -1255,6 +1255,26 @@ impl DestPostcopy {
                 l[((l.len() - 1) as f64 * p).round() as usize]
             }
         };
+        // Serviced faults by latency, each bucket up to its bound (µs), so
+        // that runs can be pooled.
+        let mut buckets = serde_json::Map::new();
+        let mut lo = 0;
+        for (name, hi) in [
+            ("100", 100),
+            ("200", 200),
+            ("500", 500),
+            ("1000", 1000),
+            ("2000", 2000),
+            ("5000", 5000),
+            ("more", u32::MAX),
+        ] {
+            let n = l
+                .iter()
+                .filter(|&&v| v >= lo && (v < hi || hi == u32::MAX))
+                .count();
+            buckets.insert(name.into(), n.into());
+            lo = hi;
+        }
         json!({
             "faults": st.faults,
             "requests": st.requests,
@@ -1262,6 +1282,7 @@ impl DestPostcopy {
             "latency-p50-us": pct(0.5),
             "latency-p99-us": pct(0.99),
             "latency-max-us": l.last().copied().unwrap_or(0),
+            "latency-buckets-us": buckets,
         })
     }
 }

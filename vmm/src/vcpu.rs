@@ -135,6 +135,19 @@ impl PendingSave {
     }
 }
 
+/// A load requested with [`VcpuHandle::request_restore`].
+pub struct PendingRestore {
+    id: u8,
+    rx: Receiver<Result<(), CpuError>>,
+}
+
+impl PendingRestore {
+    /// The load's result.
+    pub fn wait(self) -> Result<(), VcpuError> {
+        Ok(self.rx.recv().map_err(|_| VcpuError::Gone(self.id))??)
+    }
+}
+
 impl VcpuHandle {
     /// Start the thread for `fd`, parked until the first [`VcpuHandle::resume`].
     pub fn spawn(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
@@ -198,11 +211,15 @@ impl VcpuHandle {
         })
     }
 
-    /// Load a state into the parked vCPU.
-    pub fn restore(&self, st: VcpuState) -> Result<(), VcpuError> {
+    /// Ask the parked vCPU's thread to load a state (non-blocking), so that
+    /// several vCPUs load at once; [`PendingRestore::wait`] collects it.
+    pub fn request_restore(&self, st: VcpuState) -> Result<PendingRestore, VcpuError> {
         let (rtx, rrx) = channel();
         self.send(VcpuRequest::Restore(Box::new(st), rtx))?;
-        Ok(rrx.recv().map_err(|_| VcpuError::Gone(self.id))??)
+        Ok(PendingRestore {
+            id: self.id,
+            rx: rrx,
+        })
     }
 
     /// vCPU index.

@@ -390,7 +390,16 @@ impl Vm {
                     v.id()
                 )));
             }
-            v.restore(s.clone())?;
+        }
+        // All vCPU threads load at once (a migration's downtime waits on it).
+        let pending = self
+            .vcpus
+            .iter()
+            .zip(&st.vcpus)
+            .map(|(v, s)| v.request_restore(s.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for p in pending {
+            p.wait()?;
         }
         devices::bus::lock(&self.serial)
             .restore(&st.serial)
