@@ -819,6 +819,7 @@ mod tests {
                 {"capability": "pause-before-switchover", "state": true},
                 {"capability": "auto-converge", "state": true},
                 {"capability": "postcopy-blocktime", "state": true},
+                {"capability": "postcopy-preempt", "state": true},
             ]}),
         );
         let Command::MigrateSetCapabilities(a) = c else {
