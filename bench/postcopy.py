@@ -69,6 +69,7 @@ def one_run(g, snap, wd, bandwidth, downtime_limit, preempt):
             "status": r.get("status"),
             "total_ms": r.get("total-time"),
             "downtime_ms": r.get("downtime"),
+            "package_ms": r.get("x-postcopy-package-sent-ms"),
             "transferred_mib": r.get("ram", {}).get("transferred", 0) / MIB,
             "src_requests": r.get("ram", {}).get("postcopy-requests"),
             "error": r.get("error-desc"),
@@ -198,7 +199,9 @@ def print_table(rows, a, quiet):
             bt = f"{fmt(m('blocktime_ms'), ' ms')} / {per_m} ms"
         else:
             bt = "n/a"
-        print(f"| {kind} | {fmt(m('downtime_ms'), ' ms')}{rng('downtime_ms')}"
+        pkg = m('package_ms')
+        pkg = f"; package sent {pkg:.1f} ms" if pkg is not None else ""
+        print(f"| {kind} | {fmt(m('downtime_ms'), ' ms')}{rng('downtime_ms')}{pkg}"
               f" | {fmt(m('total_ms'), ' ms')}"
               f" | {fmt(m('switch_to_done_s') and m('switch_to_done_s') * 1000, ' ms')}"
               f" | {fmt(m('transferred_mib'), ' MiB', 1)}"

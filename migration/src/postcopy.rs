@@ -491,6 +491,12 @@ pub(crate) fn run_source<W: Write>(
     crate::prefer_this_thread();
     send_discards(&mut p)?;
     send_package(p.w, devices)?;
+    // Where QEMU's postcopy `downtime` ends; minivmm's goes on until the
+    // destination has loaded the devices and started the guest (PONG 2).
+    p.shared.info().extra.insert(
+        "x-postcopy-package-sent-ms".into(),
+        json!(p.stop_start.elapsed().as_secs_f64() * 1000.0),
+    );
     run_sent.store(true, Ordering::SeqCst);
     let dirty: Vec<AtomicBitmap> = p.dirty.iter().map(AtomicBitmap::from).collect();
     let next = AtomicU64::new(u64::MAX);
