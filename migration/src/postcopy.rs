@@ -1155,13 +1155,7 @@ impl DestPostcopy {
                         )
                         .into());
                     }
-                    rr.new_section();
-                    staging.clear();
-                    rr.read_records(r, &mut staging)?;
-                    r.footer(id)?;
-                    staging
-                        .commit(&mut UffdPlacer(self))
-                        .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                    self.place_section(r, rr, &mut staging, at, id)?;
                     ended = t == section::END;
                     let mut i = shared.info();
                     i.ram.transferred = r.offset();
@@ -1178,6 +1172,26 @@ impl DestPostcopy {
                 }
             }
         }
+    }
+
+    /// The records of a RAM section whose type and id (at `at`) were read:
+    /// staged, checked against the footer, then placed with userfaultfd.
+    fn place_section<R: Read>(
+        &self,
+        r: &mut Reader<R>,
+        rr: &mut RamReader,
+        staging: &mut StagingPlacer,
+        at: u64,
+        id: u32,
+    ) -> Result<(), MigrationError> {
+        rr.new_section();
+        staging.clear();
+        rr.read_records(r, staging)?;
+        r.footer(id)?;
+        staging
+            .commit(&mut UffdPlacer(self))
+            .map_err(|source| RamRecordError::Place { offset: at, source })?;
+        Ok(())
     }
 
     /// The preempt thread: place the requested pages of the preempt
@@ -1197,13 +1211,7 @@ impl DestPostcopy {
                             StreamError::invalid(at, format!("RAM section with id {id}")).into(),
                         );
                     }
-                    rr.new_section();
-                    staging.clear();
-                    rr.read_records(r, &mut staging)?;
-                    r.footer(id)?;
-                    staging
-                        .commit(&mut UffdPlacer(self))
-                        .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                    self.place_section(r, &mut rr, &mut staging, at, id)?;
                 }
                 section::EOF => {
                     // Every page is on its way: later faults are answered

@@ -45,6 +45,44 @@ fn postcopy_destination(b: VmmBuilder, alias: bool) -> (Vmm, Client, u16) {
     (d, q, port)
 }
 
+/// Check that `cap` shows as set, then migrate to `uri` behind a 5 MB/s
+/// link with a 1 ms downtime limit: a guest dirtying 16 MiB/s never
+/// converges.
+fn migrate_slowly(sq: &mut Client, cap: &str, uri: &str) {
+    let caps = sq.execute("query-migrate-capabilities", json!({})).unwrap();
+    assert!(
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["capability"] == cap && c["state"] == true),
+        "{caps}"
+    );
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 5_000_000, "downtime-limit": 1}),
+    )
+    .unwrap();
+    sq.execute("migrate", json!({ "uri": uri })).unwrap();
+}
+
+/// Both sides complete; the source served page requests and ends
+/// `postmigrate`, the destination served faults and runs.
+fn completed_with_requests(sq: &mut Client, dq: &mut Client) {
+    let r = wait_migration(sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
+    assert!(r["downtime"].is_u64(), "{r}");
+    assert_eq!(run_state(sq), "postmigrate");
+    let dr = wait_migration(dq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(dr["status"], "completed", "{dr}");
+    assert!(
+        dr["x-postcopy-faults"]["serviced"].as_u64() > Some(0),
+        "{dr}"
+    );
+    assert_eq!(run_state(dq), "running");
+    eprintln!("source: {r}\ndestination: {dr}");
+}
+
 /// The guest went on at the destination: PASS numbers continue past the
 /// source's last one and nobody saw corruption.
 fn assert_continues(src: &Vmm, dst: &Vmm) {
@@ -72,21 +110,7 @@ fn non_converging_guest_completes_in_postcopy() {
     let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
     let mut sq = src.qmp();
     set_caps(&mut sq, &[("postcopy-ram", true), ("events", true)]);
-    let caps = sq.execute("query-migrate-capabilities", json!({})).unwrap();
-    assert!(
-        caps.as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["capability"] == "postcopy-ram" && c["state"] == true),
-        "{caps}"
-    );
-    sq.execute(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 5_000_000, "downtime-limit": 1}),
-    )
-    .unwrap();
-    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
-        .unwrap();
+    migrate_slowly(&mut sq, "postcopy-ram", &format!("tcp:127.0.0.1:{port}"));
     sq.wait_event(
         "MIGRATION_PASS",
         |e| e["data"]["pass"].as_u64() >= Some(3),
@@ -102,15 +126,7 @@ fn non_converging_guest_completes_in_postcopy() {
         MIG_TIMEOUT,
     )
     .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
-    assert_eq!(r["status"], "completed", "{r}");
-    assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
-    assert!(r["downtime"].is_u64(), "{r}");
-    assert_eq!(run_state(&mut sq), "postmigrate");
-    let dr = wait_migration(&mut dq, &["completed", "failed"], MIG_TIMEOUT);
-    assert_eq!(dr["status"], "completed", "{dr}");
-    assert_eq!(run_state(&mut dq), "running");
-    eprintln!("source: {r}\ndestination: {dr}");
+    completed_with_requests(&mut sq, &mut dq);
     assert_continues(&src, &dst);
 }
 
@@ -313,34 +329,14 @@ fn preempt_channel_serves_requests() {
         &mut sq,
         &[("postcopy-ram", true), ("postcopy-preempt", true)],
     );
-    let caps = sq.execute("query-migrate-capabilities", json!({})).unwrap();
-    assert!(
-        caps.as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["capability"] == "postcopy-preempt" && c["state"] == true),
-        "{caps}"
-    );
-    sq.execute(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 5_000_000, "downtime-limit": 1}),
-    )
-    .unwrap();
-    sq.execute("migrate", json!({ "uri": uri })).unwrap();
+    migrate_slowly(&mut sq, "postcopy-preempt", &uri);
     let r = wait_migration(&mut sq, &["active", "failed"], MIG_TIMEOUT);
     assert_eq!(r["status"], "active", "{r}");
     // Let the guest dirty what was sent, then switch.
     let last = src.passes().last().copied().unwrap_or(0);
     src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
-    assert_eq!(r["status"], "completed", "{r}");
-    assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
-    let dr = wait_migration(&mut dq, &["completed", "failed"], MIG_TIMEOUT);
-    assert_eq!(dr["status"], "completed", "{dr}");
-    let faults = &dr["x-postcopy-faults"];
-    assert!(faults["serviced"].as_u64() > Some(0), "{dr}");
-    eprintln!("source: {r}\ndestination: {dr}");
+    completed_with_requests(&mut sq, &mut dq);
     assert_continues(&src, &dst);
 }
 
