@@ -943,9 +943,11 @@ fn relay_one(
     use std::net::Shutdown;
     let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
     // Return path: destination to source, untouched.
+    let (drained_tx, drained) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let _ = std::io::copy(&mut d2, &mut s2);
         let _ = s2.shutdown(Shutdown::Write);
+        let _ = drained_tx.send(());
     });
     let (mut src, mut dst) = (src, dst);
     let mut buf = vec![0u8; 64 << 10];
@@ -987,6 +989,10 @@ fn relay_one(
         off = end;
         fwd.store(off as usize, Ordering::Relaxed);
         if !ok {
+            // The destination stopped reading (it refused the stream): let
+            // what it still says on the return path (its reason) reach the
+            // source before the source's side is shut.
+            let _ = drained.recv_timeout(Duration::from_secs(5));
             break;
         }
     }
