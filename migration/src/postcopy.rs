@@ -526,13 +526,15 @@ pub(crate) fn run_source<W: Write>(
             .name("postcopy-urgent".into())
             .spawn_scoped(s, || {
                 let r = urgent_loop(pr, pw, ram, &dirty, sent, &next, &requests, &finishing);
-                if r.is_err() {
-                    // Fail the background stream too, at once.
+                // Failing before the background ended, this is the cause:
+                // fail the background stream too, at once.
+                let first = r.is_err() && !finishing.load(Ordering::SeqCst);
+                if first {
                     if let Some(c) = &main_closer {
                         c.close();
                     }
                 }
-                r
+                (r, first)
             })
             .map_err(|e| PostcopyError::Protocol(format!("cannot start the urgent thread: {e}")))?;
         let bg = source_background(&mut p, &dirty, &next, &requests, POSTCOPY_SECTION_PAGES);
@@ -544,12 +546,18 @@ pub(crate) fn run_source<W: Write>(
         } else {
             closer.close();
         }
-        let urgent = urgent.join().unwrap_or_else(|_| {
-            Err(PostcopyError::Protocol("the urgent thread panicked".into()).into())
+        let (urgent, urgent_first) = urgent.join().unwrap_or_else(|_| {
+            (
+                Err(PostcopyError::Protocol("the urgent thread panicked".into()).into()),
+                true,
+            )
         });
+        // Report the cause: a cancel or a background failure ends the
+        // urgent thread with an error of its own.
         let done = match (urgent, bg) {
-            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
             (Ok(d), Ok(())) => d,
+            (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+            (Err(u), Err(b)) => return Err(if urgent_first { u } else { b }),
         };
         {
             let mut i = p.shared.info();
