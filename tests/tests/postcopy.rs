@@ -307,6 +307,52 @@ fn connection_lost(preempt: bool) {
     dst.assert_no_corrupt();
 }
 
+/// `migrate_cancel` after the switch (with the preempt channel): the source
+/// reports `cancelled` and keeps its copy stopped (the destination already
+/// ran the guest); the destination fails with a reason and stops its guest.
+#[test]
+fn cancel_during_postcopy_with_preempt() {
+    if !kvm_available("cancel_during_postcopy_with_preempt") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    set_caps(&mut dq, &[("postcopy-preempt", true)]);
+    let mut sq = src.qmp();
+    set_caps(
+        &mut sq,
+        &[("postcopy-ram", true), ("postcopy-preempt", true)],
+    );
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 1_000_000}),
+    )
+    .unwrap();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    wait_migration(&mut sq, &["postcopy-active"], MIG_TIMEOUT);
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last, BOOT_TIMEOUT);
+    sq.execute("migrate_cancel", json!({})).unwrap();
+    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_ne!(
+        run_state(&mut sq),
+        "running",
+        "the source resumed a guest the destination ran"
+    );
+    let dr = wait_migration(&mut dq, &["failed", "completed"], MIG_TIMEOUT);
+    assert_eq!(dr["status"], "failed", "{dr}");
+    assert!(
+        dr["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
+        "{dr}"
+    );
+    assert_eq!(run_state(&mut dq), "paused");
+    src.assert_no_corrupt();
+    dst.assert_no_corrupt();
+}
+
 /// `postcopy-preempt` on both sides, over unix: requested pages come on the
 /// second connection (the destination's fault statistics count them served)
 /// and the non-converging guest completes with its integrity intact.
