@@ -398,7 +398,6 @@ pub(crate) fn accept_preempt(l: &Listener) -> Result<PreemptIn, MigrationError> 
 /// What the urgent thread did.
 #[derive(Default)]
 struct UrgentDone {
-    pages: u64,
     zero_pages: u64,
     normal_pages: u64,
     bytes: u64,
@@ -455,7 +454,6 @@ fn urgent_loop(
                 open = true;
             }
             rw.send_page(pw, ram, b, pg, !sent[b].get(pg))??;
-            done.pages += 1;
         }
         if open {
             rw.write_eos(pw)?;
@@ -477,8 +475,8 @@ fn urgent_loop(
 /// requested ones first. `run_sent` is set once the destination may have
 /// started the guest: from then on the source must not resume it.
 ///
-/// Requested pages go on the preempt channel if there is one (sent by the
-/// urgent thread, fed by the return-path thread), else on the main stream
+/// Requested pages go on the preempt channel if there is one (its
+/// requests read and served by the urgent thread), else on the main stream
 /// between two background sections. Either way the page's bit in the
 /// shared dirty set is cleared by exactly one sender.
 pub(crate) fn run_source<W: Write>(

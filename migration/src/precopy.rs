@@ -3,11 +3,12 @@
 //! Source (one migration thread, plus a return-path reader thread):
 //!
 //! ```text
-//! header, CONFIGURATION, [OPEN_RETURN_PATH, [POSTCOPY_ADVISE | ENABLE_COLO], PING]
+//! header, CONFIGURATION, [OPEN_RETURN_PATH, [POSTCOPY_ADVISE, PING 1
+//!      [, POSTCOPY_PREEMPT, PING 4] | ENABLE_COLO, PING 3]]
 //! START "ram" (block list, EOS)
 //! PART "ram" ... each round: the pages dirty at its sync, 256 per PART,
 //!      until (dirty bytes / bandwidth) <= downtime-limit
-//! -- guest stopped --
+//! -- guest stopped, every device saved at that instant (Machine::stop) --
 //! PART ... (the last dirty pages)   END "ram" (EOS only)   FULL device sections   EOF
 //! <- SHUT(0) from the destination: it loaded everything (return path only)
 //! ```
