@@ -50,8 +50,8 @@ use serde_json::json;
 
 use crate::postcopy::{send_rp, RpWriter};
 use crate::precopy::{
-    rp_error, set_status, Event, EventSink, Incoming, Machine, MigrationError, RpReceiver,
-    MAX_SECTION_PAGES, RAM_SECTION_ID,
+    begin_ram_section, end_ram_section, rp_error, send_dirty, set_status, Event, EventSink,
+    Incoming, Machine, MigrationError, RpReceiver, MAX_SECTION_PAGES, RAM_SECTION_ID,
 };
 use crate::ram::{
     Bitmap, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter, StagingPlacer,
@@ -203,6 +203,9 @@ pub(crate) struct Primary<'a, W: Write> {
     pub ram: &'a dyn GuestRam,
     /// Dirty bitmaps (empty after the first migration).
     pub dirty: &'a mut [Bitmap],
+    /// Pages sent: all of them after the first migration, so a dirty page
+    /// has been written and goes without a populated check.
+    pub sent: &'a mut [Bitmap],
     /// Return path.
     pub rx: &'a RpReceiver,
     /// Stop, save, resume, output.
@@ -263,38 +266,9 @@ fn checkpoint<W: Write>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migra
     let devices = p.machine.stop().map_err(MigrationError::Machine)?.devices;
     p.w.be32(msg::VMSTATE_SEND)?;
     p.ram.sync_dirty_log(p.dirty)?;
-    let mut in_section = 0u64;
-    for (b, bm) in p.dirty.iter_mut().enumerate() {
-        let mut pg = 0;
-        while let Some(page) = bm.next_set(pg) {
-            bm.test_and_clear(page);
-            if in_section == 0 {
-                p.w.begin_section();
-                p.w.u8(section::PART)?;
-                p.w.be32(RAM_SECTION_ID)?;
-                p.rw.new_section();
-            }
-            // Every page went in the first migration: a dirty one was written.
-            p.rw.send_page(p.w, p.ram, b, page, false)??;
-            in_section += 1;
-            if in_section == crate::precopy::SECTION_PAGES {
-                p.rw.write_eos(p.w)?;
-                p.w.footer(RAM_SECTION_ID)?;
-                in_section = 0;
-            }
-            pg = page + 1;
-        }
-    }
-    if in_section > 0 {
-        p.rw.write_eos(p.w)?;
-        p.w.footer(RAM_SECTION_ID)?;
-    }
-    p.w.begin_section();
-    p.w.u8(section::END)?;
-    p.w.be32(RAM_SECTION_ID)?;
-    p.rw.new_section();
-    p.rw.write_eos(p.w)?;
-    p.w.footer(RAM_SECTION_ID)?;
+    send_dirty(p.w, p.rw, p.ram, p.dirty, p.sent, &mut |_, _, _| Ok(true))?;
+    begin_ram_section(p.w, p.rw, section::END)?;
+    end_ram_section(p.w, p.rw)?;
     let blob = device_buffer(&devices)?;
     p.w.be32(msg::VMSTATE_SIZE)?;
     p.w.be64(blob.len() as u64)?;

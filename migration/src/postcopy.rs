@@ -65,7 +65,8 @@ use serde_json::json;
 use userfaultfd::{Event as UffdEvent, IoctlFlags, Uffd, UffdBuilder};
 
 use crate::precopy::{
-    rp_error, set_status, EventSink, MigrationError, RpReceiver, Throttle, RAM_SECTION_ID,
+    begin_ram_section, end_ram_section, rp_error, set_status, EventSink, MigrationError,
+    RpReceiver, Throttle, RAM_SECTION_ID,
 };
 use crate::ram::{
     AtomicBitmap, Bitmap, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter,
@@ -395,6 +396,33 @@ pub(crate) fn accept_preempt(l: &Listener) -> Result<PreemptIn, MigrationError> 
     })
 }
 
+/// Open a PART for the next page unless one is open (`in_section` pages).
+fn open_part<W: Write>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+    in_section: u64,
+) -> Result<(), MigrationError> {
+    if in_section == 0 {
+        begin_ram_section(w, rw, section::PART)?;
+    }
+    Ok(())
+}
+
+/// Close the open PART, if any, and push it out: after the switch a
+/// section is flushed as soon as it ends (a faulting vCPU may wait on it).
+fn close_part<W: Write>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+    in_section: &mut u64,
+) -> Result<(), MigrationError> {
+    if *in_section > 0 {
+        end_ram_section(w, rw)?;
+        w.flush()?;
+        *in_section = 0;
+    }
+    Ok(())
+}
+
 /// What the urgent thread did.
 #[derive(Default)]
 struct UrgentDone {
@@ -441,24 +469,17 @@ fn urgent_loop(
         }
         let (b, first, n) = parse_request(k, &d, ram, &mut req_block)?;
         count.fetch_add(1, Ordering::Relaxed);
-        let mut open = false;
+        let mut in_section = 0;
         for pg in first..first + n {
             if !dirty[b].test_and_clear(pg) {
                 continue; // already on its way in the background stream
             }
-            if !open {
-                pw.begin_section();
-                pw.u8(section::PART)?;
-                pw.be32(RAM_SECTION_ID)?;
-                rw.new_section();
-                open = true;
-            }
+            open_part(pw, &mut rw, in_section)?;
             rw.send_page(pw, ram, b, pg, !sent[b].get(pg))??;
+            in_section += 1;
         }
-        if open {
-            rw.write_eos(pw)?;
-            pw.footer(RAM_SECTION_ID)?;
-            pw.flush()?;
+        if in_section > 0 {
+            close_part(pw, &mut rw, &mut in_section)?;
             next.store(hint(b, first + n), Ordering::Relaxed);
         }
     }
@@ -588,34 +609,6 @@ fn source_background<W: Write>(
     let mut sent_pages = 0u64;
     let total: u64 = dirty.iter().map(AtomicBitmap::count).sum();
 
-    // Close the open section, if any, and push it out.
-    fn close<W: Write>(
-        w: &mut Writer<W>,
-        rw: &mut RamWriter,
-        in_section: &mut u64,
-    ) -> Result<(), MigrationError> {
-        if *in_section > 0 {
-            rw.write_eos(w)?;
-            w.footer(RAM_SECTION_ID)?;
-            w.flush()?;
-            *in_section = 0;
-        }
-        Ok(())
-    }
-    fn open<W: Write>(
-        w: &mut Writer<W>,
-        rw: &mut RamWriter,
-        in_section: &mut u64,
-    ) -> Result<(), MigrationError> {
-        if *in_section == 0 {
-            w.begin_section();
-            w.u8(section::PART)?;
-            w.be32(RAM_SECTION_ID)?;
-            rw.new_section();
-        }
-        Ok(())
-    }
-
     loop {
         if p.shared.cancelled() {
             return Err(MigrationError::Cancelled);
@@ -640,20 +633,20 @@ fn source_background<W: Write>(
             }
         }
         if !urgent.is_empty() {
-            close(p.w, p.rw, &mut in_section)?;
+            close_part(p.w, p.rw, &mut in_section)?;
             for &(b, pg) in &urgent {
-                open(p.w, p.rw, &mut in_section)?;
+                open_part(p.w, p.rw, in_section)?;
                 p.rw.send_page(p.w, p.ram, b, pg, !p.sent[b].get(pg))??;
                 in_section += 1;
                 if in_section == section_pages {
-                    close(p.w, p.rw, &mut in_section)?;
+                    close_part(p.w, p.rw, &mut in_section)?;
                 }
             }
             sent_pages += urgent.len() as u64;
             let &(b, pg) = urgent.last().unwrap_or(&(0, 0));
             cursor = (b, pg + 1);
             urgent.clear();
-            close(p.w, p.rw, &mut in_section)?;
+            close_part(p.w, p.rw, &mut in_section)?;
             p.shared.info().ram.postcopy_requests = requests.load(Ordering::Relaxed);
             continue;
         }
@@ -676,14 +669,14 @@ fn source_background<W: Write>(
         if !dirty[b].test_and_clear(pg) {
             continue; // the urgent thread took it
         }
-        open(p.w, p.rw, &mut in_section)?;
+        open_part(p.w, p.rw, in_section)?;
         let before = p.w.offset();
         p.rw.send_page(p.w, p.ram, b, pg, !p.sent[b].get(pg))??;
         throttle.account(p.w.offset() - before);
         in_section += 1;
         sent_pages += 1;
         if in_section == section_pages {
-            close(p.w, p.rw, &mut in_section)?;
+            close_part(p.w, p.rw, &mut in_section)?;
         }
         if sent_pages.is_multiple_of(256) {
             let mut i = p.shared.info();
@@ -694,7 +687,7 @@ fn source_background<W: Write>(
             i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
         }
     }
-    close(p.w, p.rw, &mut in_section)?;
+    close_part(p.w, p.rw, &mut in_section)?;
     let mut i = p.shared.info();
     i.ram.transferred = p.w.offset();
     i.ram.remaining = 0;
@@ -728,12 +721,8 @@ fn finish_source<W: Write>(
     p: &mut SourcePhase<'_, W>,
     requests: &AtomicU64,
 ) -> Result<(), MigrationError> {
-    p.w.begin_section();
-    p.w.u8(section::END)?;
-    p.w.be32(RAM_SECTION_ID)?;
-    p.rw.new_section();
-    p.rw.write_eos(p.w)?;
-    p.w.footer(RAM_SECTION_ID)?;
+    begin_ram_section(p.w, p.rw, section::END)?;
+    end_ram_section(p.w, p.rw)?;
     p.w.u8(section::EOF)?;
     p.w.flush()?;
     loop {

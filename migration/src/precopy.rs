@@ -296,11 +296,34 @@ pub const SECTION_PAGES: u64 = 256;
 /// Most pages a receiver accepts in one section.
 pub const MAX_SECTION_PAGES: usize = 1024;
 
+/// Start a RAM section of `kind` (PART or END) after START: its header,
+/// and the record writer forgets its block (the first record names it).
+pub(crate) fn begin_ram_section<W: Write>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+    kind: u8,
+) -> Result<(), StreamError> {
+    w.begin_section();
+    w.u8(kind)?;
+    w.be32(RAM_SECTION_ID)?;
+    rw.new_section();
+    Ok(())
+}
+
+/// End a RAM section: EOS and the footer.
+pub(crate) fn end_ram_section<W: Write>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+) -> Result<(), StreamError> {
+    rw.write_eos(w)?;
+    w.footer(RAM_SECTION_ID)
+}
+
 /// Send every page set in `dirty` (clearing it, and setting it in `sent`)
 /// as PART sections of at most [`SECTION_PAGES`] pages.
 /// `progress(offset, writer, bytes)` runs after each page; when it returns
 /// `false` the round stops early (the switch to postcopy).
-fn send_dirty<W: Write>(
+pub(crate) fn send_dirty<W: Write>(
     w: &mut Writer<W>,
     rw: &mut RamWriter,
     ram: &dyn GuestRam,
@@ -316,17 +339,13 @@ fn send_dirty<W: Write>(
             let fresh = !sent[b].get(page);
             sent[b].set(page);
             if in_section == 0 {
-                w.begin_section();
-                w.u8(section::PART)?;
-                w.be32(RAM_SECTION_ID)?;
-                rw.new_section();
+                begin_ram_section(w, rw, section::PART)?;
             }
             let before = w.offset();
             rw.send_page(w, ram, b, page, fresh)??;
             in_section += 1;
             if in_section == SECTION_PAGES {
-                rw.write_eos(w)?;
-                w.footer(RAM_SECTION_ID)?;
+                end_ram_section(w, rw)?;
                 in_section = 0;
             }
             p = page + 1;
@@ -336,8 +355,7 @@ fn send_dirty<W: Write>(
         }
     }
     if in_section > 0 {
-        rw.write_eos(w)?;
-        w.footer(RAM_SECTION_ID)?;
+        end_ram_section(w, rw)?;
     }
     Ok(())
 }
@@ -391,10 +409,8 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
     status
 }
 
-/// One message from the return-path reader thread.
-pub(crate) type RpMessage = Result<(u16, Vec<u8>), StreamError>;
 /// Messages from the return-path reader thread.
-pub(crate) type RpReceiver = Receiver<RpMessage>;
+pub(crate) type RpReceiver = Receiver<Result<(u16, Vec<u8>), StreamError>>;
 
 /// Reads return-path messages into a channel until the peer closes.
 fn spawn_rp_reader(reader: Box<dyn Read + Send>) -> RpReceiver {
@@ -666,12 +682,8 @@ fn outgoing(
             &mut sent,
             &mut |_, _, _| Ok(true),
         )?;
-        w.begin_section();
-        w.u8(section::END)?;
-        w.be32(RAM_SECTION_ID)?;
-        rw.new_section();
-        rw.write_eos(&mut w)?;
-        w.footer(RAM_SECTION_ID)?;
+        begin_ram_section(&mut w, &mut rw, section::END)?;
+        end_ram_section(&mut w, &mut rw)?;
         for (i, d) in devices.iter().enumerate() {
             stream::write_device(&mut w, RAM_SECTION_ID + 1 + i as u32, d)?;
         }
@@ -691,6 +703,7 @@ fn outgoing(
                 rw: &mut rw,
                 ram: &*ram,
                 dirty: &mut dirty,
+                sent: &mut sent,
                 rx,
                 machine: &mut *o.machine,
                 shared: &o.shared,

@@ -122,28 +122,16 @@ pub struct VcpuContext {
     pub msr_list: Arc<Vec<u32>>,
 }
 
-/// A state requested with [`VcpuHandle::request_save`].
-pub struct PendingSave {
+/// A reply a vCPU thread owes: its state (save) or `()` (restore).
+/// Requested without waiting, so that several vCPUs work at once.
+pub struct Pending<T> {
     id: u8,
-    rx: Receiver<Result<VcpuState, CpuError>>,
+    rx: Receiver<Result<T, CpuError>>,
 }
 
-impl PendingSave {
-    /// The saved state.
-    pub fn wait(self) -> Result<VcpuState, VcpuError> {
-        Ok(self.rx.recv().map_err(|_| VcpuError::Gone(self.id))??)
-    }
-}
-
-/// A load requested with [`VcpuHandle::request_restore`].
-pub struct PendingRestore {
-    id: u8,
-    rx: Receiver<Result<(), CpuError>>,
-}
-
-impl PendingRestore {
-    /// The load's result.
-    pub fn wait(self) -> Result<(), VcpuError> {
+impl<T> Pending<T> {
+    /// The vCPU thread's reply.
+    pub fn wait(self) -> Result<T, VcpuError> {
         Ok(self.rx.recv().map_err(|_| VcpuError::Gone(self.id))??)
     }
 }
@@ -184,15 +172,28 @@ impl VcpuHandle {
         Ok(arx)
     }
 
-    /// Ask the thread to park and read its state (non-blocking).
-    pub fn request_pause_save(&self) -> Result<PendingSave, VcpuError> {
+    /// Send a request that carries its reply channel (kicking the thread
+    /// out of KVM_RUN if `kick`); the reply is collected with
+    /// [`Pending::wait`].
+    fn request<T>(
+        &self,
+        make: impl FnOnce(Sender<Result<T, CpuError>>) -> VcpuRequest,
+        kick: bool,
+    ) -> Result<Pending<T>, VcpuError> {
         let (rtx, rrx) = channel();
-        self.send(VcpuRequest::PauseSave(rtx))?;
-        self.kick()?;
-        Ok(PendingSave {
+        self.send(make(rtx))?;
+        if kick {
+            self.kick()?;
+        }
+        Ok(Pending {
             id: self.id,
             rx: rrx,
         })
+    }
+
+    /// Ask the thread to park and read its state (non-blocking).
+    pub fn request_pause_save(&self) -> Result<Pending<VcpuState>, VcpuError> {
+        self.request(VcpuRequest::PauseSave, true)
     }
 
     /// Let the thread run.
@@ -200,26 +201,14 @@ impl VcpuHandle {
         self.send(VcpuRequest::Resume)
     }
 
-    /// Ask the parked vCPU's thread for its state (non-blocking), so that
-    /// several vCPUs save at once; [`PendingSave::wait`] collects it.
-    pub fn request_save(&self) -> Result<PendingSave, VcpuError> {
-        let (rtx, rrx) = channel();
-        self.send(VcpuRequest::Save(rtx))?;
-        Ok(PendingSave {
-            id: self.id,
-            rx: rrx,
-        })
+    /// Ask the parked vCPU's thread for its state (non-blocking).
+    pub fn request_save(&self) -> Result<Pending<VcpuState>, VcpuError> {
+        self.request(VcpuRequest::Save, false)
     }
 
-    /// Ask the parked vCPU's thread to load a state (non-blocking), so that
-    /// several vCPUs load at once; [`PendingRestore::wait`] collects it.
-    pub fn request_restore(&self, st: VcpuState) -> Result<PendingRestore, VcpuError> {
-        let (rtx, rrx) = channel();
-        self.send(VcpuRequest::Restore(Box::new(st), rtx))?;
-        Ok(PendingRestore {
-            id: self.id,
-            rx: rrx,
-        })
+    /// Ask the parked vCPU's thread to load a state (non-blocking).
+    pub fn request_restore(&self, st: VcpuState) -> Result<Pending<()>, VcpuError> {
+        self.request(|reply| VcpuRequest::Restore(Box::new(st), reply), false)
     }
 
     /// vCPU index.

@@ -246,6 +246,11 @@ impl Vm {
         for (v, ack) in self.vcpus.iter().zip(acks) {
             ack.recv().map_err(|_| VcpuError::Gone(v.id()))?;
         }
+        self.parked()
+    }
+
+    /// Every vCPU has parked: the VM is paused and its clock frozen.
+    fn parked(&mut self) -> Result<(), VmError> {
         self.running = false;
         let clock = self
             .fd
@@ -286,7 +291,10 @@ impl Vm {
             .iter()
             .map(|v| v.request_save())
             .collect::<Result<Vec<_>, _>>()?;
-        let vcpus = pending.into_iter().map(|p| p.wait()).collect();
+        let vcpus = pending
+            .into_iter()
+            .map(|p| p.wait())
+            .collect::<Result<_, _>>()?;
         self.save_with(vcpus)
     }
 
@@ -303,22 +311,14 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()?;
         // Wait for every vCPU before looking at any result: all are parked
         // once this loop ends, whatever failed.
-        let vcpus: Vec<_> = pending.into_iter().map(|p| p.wait()).collect();
-        self.running = false;
-        self.frozen_clock = Some(
-            self.fd
-                .get_clock()
-                .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?,
-        );
-        self.save_with(vcpus.into_iter().collect())
+        let states: Vec<_> = pending.into_iter().map(|p| p.wait()).collect();
+        self.parked()?;
+        let vcpus = states.into_iter().collect::<Result<_, _>>()?;
+        self.save_with(vcpus)
     }
 
     /// The rest of the machine state around the vCPU states.
-    fn save_with(
-        &mut self,
-        vcpus: Result<Vec<VcpuState>, VcpuError>,
-    ) -> Result<MachineState, VmError> {
-        let vcpus = vcpus?;
+    fn save_with(&mut self, vcpus: Vec<VcpuState>) -> Result<MachineState, VmError> {
         let mut irqchips = Vec::new();
         for chip_id in [
             KVM_IRQCHIP_PIC_MASTER,
