@@ -29,8 +29,8 @@ import subprocess
 import tempfile
 import time
 
-from miglib import (Guest, common_args, fmt, free_port, log, machine_note, make_snapshot,
-                    median, pct, start_from)
+from miglib import (Guest, common_args, fmt, log, machine_note, make_snapshot, median, pct,
+                    source_and_destination, start_from)
 
 BYTES_RE = re.compile(r"bytes_sent:(\d+)")
 
@@ -65,11 +65,7 @@ def baseline(g, snap, wd, window):
 
 
 def colo_point(g, snap, wd, window, delay):
-    p = start_from(g, "primary", snap, wd, settle_s=1.0)
-    s = None
-    try:
-        port = free_port()
-        s = g.spawn("secondary", wd, incoming=f"tcp:127.0.0.1:{port}")
+    with source_and_destination(g, snap, wd, ("primary", "secondary"), 1.0) as (p, s, port):
         sq = s.qmp
         pq = p.qmp
         caps = {"capabilities": [{"capability": "x-colo", "state": True},
@@ -153,10 +149,6 @@ def colo_point(g, snap, wd, window, delay):
         res.update({"guest_ms": gi, "host_ms": hi, "passes": npass,
                     "corrupt": p.corrupt() + s.corrupt()})
         return res
-    finally:
-        p.kill()
-        if s:
-            s.kill()
 
 
 def main():

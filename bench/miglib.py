@@ -9,6 +9,7 @@ killed at exit (atexit and SIGINT/SIGTERM), so nothing outlives a run.
 """
 
 import atexit
+import contextlib
 import ctypes
 import json
 import os
@@ -386,6 +387,23 @@ def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120):
         q.pump(0.05)
     time.sleep(settle_s)
     return vm
+
+
+@contextlib.contextmanager
+def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0):
+    """A source restored from `snap` and running, and a destination
+    listening on a free tcp port: yields (source, destination, port) and
+    kills both at the end, whatever happened."""
+    src = start_from(g, names[0], snap, wd, settle_s=settle_s)
+    dst = None
+    try:
+        port = free_port()
+        dst = g.spawn(names[1], wd, incoming=f"tcp:127.0.0.1:{port}")
+        yield src, dst, port
+    finally:
+        src.kill()
+        if dst:
+            dst.kill()
 
 
 def _ppid(pid):

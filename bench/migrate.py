@@ -21,16 +21,12 @@ import sys
 import tempfile
 import time
 
-from miglib import (MIB, Guest, common_args, fmt, free_port, log, machine_note, make_snapshot,
-                    median, start_from, tcp_counters, tcp_delta)
+from miglib import (MIB, Guest, common_args, fmt, log, machine_note, make_snapshot, median,
+                    source_and_destination, tcp_counters, tcp_delta)
 
 
 def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
-    src = start_from(g, "src", snap, wd, settle_s=3.0)
-    dst = None
-    try:
-        port = free_port()
-        dst = g.spawn("dst", wd, incoming=f"tcp:127.0.0.1:{port}")
+    with source_and_destination(g, snap, wd) as (src, dst, port):
         dq = dst.qmp
         sq = src.qmp
         sq.cmd("migrate-set-capabilities",
@@ -69,10 +65,6 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
             log(f"    {g.kind}: migration {r.get('status')}: {json.dumps(r)}")
         res["corrupt"] = src.corrupt() + (dst.corrupt() if dst else [])
         return res
-    finally:
-        src.kill()
-        if dst:
-            dst.kill()
 
 
 SCENARIOS = {

@@ -17,8 +17,8 @@ import os
 import tempfile
 import time
 
-from miglib import (MIB, Guest, QmpError, common_args, fmt, free_port, log, machine_note,
-                    make_snapshot, median, start_from, tcp_counters, tcp_delta)
+from miglib import (MIB, Guest, QmpError, common_args, fmt, log, machine_note, make_snapshot,
+                    median, source_and_destination, tcp_counters, tcp_delta)
 
 SWITCH_PASS = 2
 SWITCH_TIMEOUT = 30.0
@@ -29,11 +29,7 @@ def caps(names):
 
 
 def one_run(g, snap, wd, bandwidth, downtime_limit, preempt):
-    src = start_from(g, "src", snap, wd, settle_s=3.0)
-    dst = None
-    try:
-        port = free_port()
-        dst = g.spawn("dst", wd, incoming=f"tcp:127.0.0.1:{port}")
+    with source_and_destination(g, snap, wd) as (src, dst, port):
         dq = dst.qmp
         sq = src.qmp
         res = {"notes": []}
@@ -105,10 +101,6 @@ def one_run(g, snap, wd, bandwidth, downtime_limit, preempt):
             res["normal_pass_ms"] = median(normal)
         res["corrupt"] = src.corrupt() + dst.corrupt()
         return res
-    finally:
-        src.kill()
-        if dst:
-            dst.kill()
 
 
 def main():
