@@ -293,15 +293,7 @@ fn connection_lost(preempt: bool) {
         st, "running",
         "the source resumed a guest the destination ran"
     );
-    let dr = wait_migration(&mut dq, &["failed", "completed"], MIG_TIMEOUT);
-    assert_eq!(dr["status"], "failed", "{dr}");
-    assert_eq!(run_state(&mut dq), "paused");
-    let e = dq.execute("cont", json!({})).unwrap_err().to_string();
-    assert!(e.contains("incomplete"), "{e}");
-    assert!(
-        dst.exited().is_none(),
-        "the destination should stay up, paused"
-    );
+    destination_stopped_incomplete(&mut dst, &mut dq);
     // Neither side saw corruption before the cut.
     src.assert_no_corrupt();
     dst.assert_no_corrupt();
@@ -316,7 +308,7 @@ fn cancel_during_postcopy_with_preempt() {
         return;
     }
     let mut src = running_source(guest("src"), &guest("base"));
-    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    let (mut dst, mut dq, port) = postcopy_destination(guest("dst"), false);
     set_caps(&mut dq, &[("postcopy-preempt", true)]);
     let mut sq = src.qmp();
     set_caps(
@@ -342,15 +334,28 @@ fn cancel_during_postcopy_with_preempt() {
         "running",
         "the source resumed a guest the destination ran"
     );
-    let dr = wait_migration(&mut dq, &["failed", "completed"], MIG_TIMEOUT);
+    destination_stopped_incomplete(&mut dst, &mut dq);
+    src.assert_no_corrupt();
+    dst.assert_no_corrupt();
+}
+
+/// A destination whose postcopy broke off after RUN: `failed` with a
+/// reason, its guest paused, `cont` refused (its memory is incomplete),
+/// the process still up for inspection.
+fn destination_stopped_incomplete(dst: &mut Vmm, dq: &mut Client) {
+    let dr = wait_migration(dq, &["failed", "completed"], MIG_TIMEOUT);
     assert_eq!(dr["status"], "failed", "{dr}");
     assert!(
         dr["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
         "{dr}"
     );
-    assert_eq!(run_state(&mut dq), "paused");
-    src.assert_no_corrupt();
-    dst.assert_no_corrupt();
+    assert_eq!(run_state(dq), "paused");
+    let e = dq.execute("cont", json!({})).unwrap_err().to_string();
+    assert!(e.contains("incomplete"), "{e}");
+    assert!(
+        dst.exited().is_none(),
+        "the destination should stay up, paused"
+    );
 }
 
 /// `postcopy-preempt` on both sides, over unix: requested pages come on the
