@@ -390,15 +390,17 @@ def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120):
 
 
 @contextlib.contextmanager
-def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0):
+def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0, dst_extra=()):
     """A source restored from `snap` and running, and a destination
-    listening on a free tcp port: yields (source, destination, port) and
-    kills both at the end, whatever happened."""
+    (`dst_extra`: more options for it) listening on a free tcp port: yields
+    (source, destination, port) and kills both at the end, whatever
+    happened. The destination's QMP is up (so it listens) when this yields."""
     src = start_from(g, names[0], snap, wd, settle_s=settle_s)
     dst = None
     try:
         port = free_port()
-        dst = g.spawn(names[1], wd, incoming=f"tcp:127.0.0.1:{port}")
+        dst = g.spawn(names[1], wd, incoming=f"tcp:127.0.0.1:{port}", extra=dst_extra)
+        dst.qmp  # noqa: B018 - connects: the destination is set up
         yield src, dst, port
     finally:
         src.kill()

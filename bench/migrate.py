@@ -5,6 +5,13 @@ Scenarios (--scenarios, comma-separated):
   idle1g   1 GiB guest, workload of 4 MiB at 1 MiB/s (near idle)
   idle4g   4 GiB guest (RAM across the 32-bit hole), same workload
   dirty64  256 MiB guest whose workload rewrites 64 MiB at 100 MiB/s
+  data512  1 GiB guest holding 512 MiB of workload data, rewritten at
+           64 MiB/s: the stream is mostly page data (page throughput)
+  data512s the same guest stopped (`stop`) before `migrate`: one pass of
+           page data, nothing competes with it (the pipeline's own rate);
+           the destination gets `cont` after completion
+--dst-prealloc starts every destination with -mem-prealloc (both VMMs), so
+the destination writes into memory the host already backs.
 For each VMM and scenario: boot once, save the guest after its first full
 PASS, then RUNS times: restore a source from the save, let it run, start a
 destination on tcp loopback, `migrate` with the same downtime-limit and
@@ -25,8 +32,9 @@ from miglib import (MIB, Guest, common_args, fmt, log, machine_note, make_snapsh
                     source_and_destination, tcp_counters, tcp_delta)
 
 
-def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
-    with source_and_destination(g, snap, wd) as (src, dst, port):
+def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False, prealloc=False):
+    dst_extra = ["-mem-prealloc"] if prealloc else []
+    with source_and_destination(g, snap, wd, dst_extra=dst_extra) as (src, dst, port):
         dq = dst.qmp
         sq = src.qmp
         sq.cmd("migrate-set-capabilities",
@@ -35,6 +43,8 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
         if max_bandwidth:
             params["max-bandwidth"] = max_bandwidth
         sq.cmd("migrate-set-parameters", params)
+        if stopped:
+            sq.cmd("stop")
         tcp0 = tcp_counters()
         sq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         r = sq.wait_status(("completed", "failed", "cancelled"), 300)
@@ -57,6 +67,8 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
             if dr.get("status") != "completed":
                 res["error"] = f"destination: {dr}"
             elif verify:
+                if stopped:
+                    dq.cmd("cont")
                 last = src.last_pass()
                 interval = g.wl_mem / g.rate if g.rate else 1.0
                 dst.wait_pass_beyond(last + 1, 3 * interval + 30)
@@ -68,10 +80,12 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0):
 
 
 SCENARIOS = {
-    # name: (label, guest MiB, workload MiB, workload MiB/s)
-    "idle1g": ("idle 1 GiB", 1024, 4, 1),
-    "idle4g": ("idle 4 GiB", 4096, 4, 1),
-    "dirty64": ("64 MiB dirtied at 100 MiB/s", 256, 64, 100),
+    # name: (label, guest MiB, workload MiB, workload MiB/s, source stopped)
+    "idle1g": ("idle 1 GiB", 1024, 4, 1, False),
+    "idle4g": ("idle 4 GiB", 4096, 4, 1, False),
+    "dirty64": ("64 MiB dirtied at 100 MiB/s", 256, 64, 100, False),
+    "data512": ("1 GiB, 512 MiB of data rewritten at 64 MiB/s", 1024, 512, 64, False),
+    "data512s": ("1 GiB, 512 MiB of data, source stopped", 1024, 512, 64, True),
 }
 
 
@@ -122,6 +136,20 @@ def memcpy_mib_s(size=256 << 20, reps=8):
     return size * reps / (time.monotonic() - t0) / MIB
 
 
+def fresh_write_mib_s(size=512 << 20):
+    """Bytes/s of one copy into memory just mapped (every page takes its
+    first-touch fault and clear: what a destination without -mem-prealloc
+    does for each page it receives)."""
+    import mmap
+    a = b"\x5a" * size
+    m = mmap.mmap(-1, size)
+    t0 = time.monotonic()
+    m[:] = a
+    dt = time.monotonic() - t0
+    m.close()
+    return size / dt / MIB
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -129,22 +157,33 @@ def main():
     ap.add_argument("--downtime-limit", type=int, default=300)
     ap.add_argument("--max-bandwidth", type=int, default=0, help="B/s; 0: the VMMs' default")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--snapshot-dir", help="keep the booted guests' snapshots here and reuse"
+                    " them (named by VMM build and guest)")
+    ap.add_argument("--dst-prealloc", action="store_true",
+                    help="start destinations with -mem-prealloc")
     common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
     rows = []
     with tempfile.TemporaryDirectory(prefix="migrate-bench-") as wd:
         for name in a.scenarios.split(","):
-            label, mem, wl_mem, rate = SCENARIOS[name]
+            label, mem, wl_mem, rate, stopped = SCENARIOS[name]
             for kind in a.vmms.split(","):
                 g = Guest(kind, a.minivmm, a.qemu, a.kernel, a.initrd, rate, mem=mem,
                           wl_mem=wl_mem)
-                snap = os.path.join(wd, f"{kind}-{name}.snap")
-                make_snapshot(g, snap, wd)
+                # One snapshot per VMM build and guest, shared by the
+                # scenarios that boot the same guest (and, with
+                # --snapshot-dir, by later runs of this script).
+                stamp = (int(os.path.getmtime(a.minivmm)) if kind == "minivmm" else "qemu")
+                snap = os.path.join(a.snapshot_dir or wd,
+                                    f"{kind}-{mem}m-{wl_mem}m-{rate}-{stamp}.snap")
+                if not os.path.exists(snap):
+                    make_snapshot(g, snap, wd)
                 runs = []
                 for i in range(a.runs):
                     t0 = time.monotonic()
-                    r = one_run(g, snap, wd, a.downtime_limit, not a.no_verify, a.max_bandwidth)
+                    r = one_run(g, snap, wd, a.downtime_limit, not a.no_verify, a.max_bandwidth,
+                                stopped, a.dst_prealloc)
                     runs.append(r)
                     log(f"  {kind} {name} run {i + 1}: {r['status']} total {r['total_ms']} ms"
                         f" downtime {r['downtime_ms']} ms setup {r['setup_ms']} ms"
@@ -155,10 +194,10 @@ def main():
                         + (f" error: {r['error']}" if r['error'] else ""))
                     for c in r["corrupt"][:5]:
                         log(f"    {c}")
-                os.unlink(snap)
                 rows.append((kind, label, runs))
     tcp = loopback_tcp_mib_s()
     mem = memcpy_mib_s()
+    fresh = fresh_write_mib_s()
     quiet = machine_note() and quiet  # also quiet at the end?
     print()
     print("| VMM | guest | total-time | downtime | setup-time | transferred | of it page data"
@@ -187,7 +226,9 @@ def main():
           f" page data rate = page bytes / (total-time - setup-time);"
           f" machine {'quiet' if quiet else 'NOT quiet, see stderr'})")
     print(f"\nmachine limits: loopback TCP {tcp:.0f} MiB/s (one connection, 4 MiB writes),"
-          f" memcpy {mem:.0f} MiB/s (256 MiB copies)")
+          f" memcpy {mem:.0f} MiB/s (256 MiB copies),"
+          f" copy into freshly mapped memory {fresh:.0f} MiB/s (512 MiB)")
+    print(f"destinations {'with' if a.dst_prealloc else 'without'} -mem-prealloc")
     if a.json:
         with open(a.json, "w") as f:
             json.dump([{"vmm": k, "guest": g, "runs": rs} for k, g, rs in rows], f, indent=1)

@@ -15,7 +15,10 @@
 #   bench/migrate.sh [RUNS]       default 3; prints a Markdown table
 #
 # BENCH_VMMS=minivmm skips QEMU; BENCH_SCENARIOS=idle1g,idle4g,dirty64
-# picks the guests. Run it on an otherwise idle machine (~10 minutes).
+# picks the guests (also data512, data512s: page throughput, see
+# migrate.py); BENCH_DST_PREALLOC=1 starts destinations with -mem-prealloc;
+# BENCH_SNAPSHOTS=DIR keeps the booted guests there for later runs (the
+# 512 MiB guest takes minutes to boot and fill). Run it on an otherwise idle machine (~10 minutes).
 set -euo pipefail
 
 NAME=migrate.sh
@@ -24,4 +27,7 @@ RUNS=${1:-3}
 SCENARIOS=${BENCH_SCENARIOS:-idle1g,idle4g,dirty64}
 MAXBW=${BENCH_MAX_BANDWIDTH:-10737418240}
 
-run_py migrate.py --runs "$RUNS" --scenarios "$SCENARIOS" --max-bandwidth "$MAXBW"
+OPTS=()
+[ "${BENCH_DST_PREALLOC:-0}" = 1 ] && OPTS=(--dst-prealloc)
+[ -n "${BENCH_SNAPSHOTS:-}" ] && OPTS+=(--snapshot-dir "$BENCH_SNAPSHOTS")
+run_py migrate.py --runs "$RUNS" --scenarios "$SCENARIOS" --max-bandwidth "$MAXBW" "${OPTS[@]}"

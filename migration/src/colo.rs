@@ -41,7 +41,7 @@
 //! the guest from the last complete checkpoint; on the primary it releases
 //! the output and runs alone.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,7 +57,7 @@ use crate::ram::{
     Bitmap, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter, StagingPlacer,
 };
 use crate::status::{Shared, Status};
-use crate::stream::{self, rp, section, DeviceBlob, Reader, StreamError, Writer, PAGE_SIZE};
+use crate::stream::{self, rp, section, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE};
 
 /// COLO message values (`be32`).
 pub mod msg {
@@ -194,7 +194,7 @@ impl Stats {
 // ---------------------------------------------------------------- primary
 
 /// What the primary's COLO loop needs from the precopy engine.
-pub(crate) struct Primary<'a, W: Write> {
+pub(crate) struct Primary<'a, W: Sink> {
     /// Main stream (the first migration's EOF already sent).
     pub w: &'a mut Writer<W>,
     /// RAM record state.
@@ -219,7 +219,7 @@ pub(crate) struct Primary<'a, W: Write> {
 }
 
 /// Wait for one COLO message from the secondary.
-fn expect_rp(p: &mut Primary<'_, impl Write>, want: u32) -> Result<(), MigrationError> {
+fn expect_rp(p: &mut Primary<'_, impl Sink>, want: u32) -> Result<(), MigrationError> {
     let deadline = Instant::now() + PEER_TIMEOUT;
     loop {
         if p.shared.failover_requested() {
@@ -257,7 +257,7 @@ fn expect_rp(p: &mut Primary<'_, impl Write>, want: u32) -> Result<(), Migration
 }
 
 /// One checkpoint transaction. Returns the pause and the bytes sent.
-fn checkpoint<W: Write>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), MigrationError> {
+fn checkpoint<W: Sink>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), MigrationError> {
     let start_bytes = p.w.offset();
     p.w.be32(msg::CHECKPOINT_REQUEST)?;
     p.w.flush()?;
@@ -297,7 +297,7 @@ fn device_buffer(devices: &[DeviceBlob]) -> Result<Vec<u8>, MigrationError> {
 
 /// Primary: runs after the first migration's EOF. Returns when COLO ended
 /// by failover (the guest then runs here alone).
-pub(crate) fn run_primary<W: Write>(mut p: Primary<'_, W>) -> Result<(), MigrationError> {
+pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), MigrationError> {
     // Between checkpoints this thread sleeps; in one, the stopped guest
     // waits for it (a resumed guest's vCPUs must not delay its next step).
     crate::prefer_this_thread();
@@ -509,7 +509,7 @@ fn read_msg<R: Read>(r: &mut Reader<R>, want: u32) -> Result<(), MigrationError>
 }
 
 /// One checkpoint on the secondary, after checkpoint-request was read.
-fn receive_checkpoint<R: Read>(
+fn receive_checkpoint<R: BufRead>(
     inc: &mut Incoming,
     r: &mut Reader<R>,
     rr: &mut RamReader,
@@ -610,7 +610,7 @@ fn parse_devices(buf: &[u8]) -> Result<Vec<DeviceBlob>, MigrationError> {
 /// Secondary: runs after the first migration's EOF with its device state.
 /// Returns when COLO ended: by failover (the guest runs here) or because
 /// the primary left COLO (the guest stays paused here).
-pub(crate) fn run_secondary<R: Read>(
+pub(crate) fn run_secondary<R: BufRead>(
     inc: &mut Incoming,
     closer: crate::transport::Closer,
     mut r: Reader<R>,

@@ -53,8 +53,7 @@
 //! on a page that can never arrive.
 
 use std::collections::HashMap;
-use std::io::BufWriter;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::TryRecvError;
@@ -73,7 +72,9 @@ use crate::ram::{
     StagingPlacer,
 };
 use crate::status::{Parameters, Shared, Status};
-use crate::stream::{self, cmd, rp, section, Reader, StreamError, Writer, PAGE_SIZE};
+use crate::stream::{
+    self, cmd, rp, section, BufSink, Reader, Sink, StreamError, Writer, PAGE_SIZE,
+};
 use crate::transport::{Closer, Listener, Uri};
 
 /// Pages per RAM section after the switch: small (64 KiB), because a
@@ -145,7 +146,7 @@ impl From<PostcopyError> for MigrationError {
 // ---------------------------------------------------------------- source
 
 /// Source: send POSTCOPY_ADVISE and wait until the destination accepted it.
-pub(crate) fn advise_source<W: Write>(
+pub(crate) fn advise_source<W: Sink>(
     w: &mut Writer<W>,
     rx: &RpReceiver,
     last_desc: &mut Option<String>,
@@ -159,7 +160,7 @@ pub(crate) fn advise_source<W: Write>(
 
 /// Source: send PING `value` and wait for its PONG, so that the
 /// destination has judged every command before it (or said why not).
-pub(crate) fn ping_and_wait<W: Write>(
+pub(crate) fn ping_and_wait<W: Sink>(
     w: &mut Writer<W>,
     rx: &RpReceiver,
     last_desc: &mut Option<String>,
@@ -190,7 +191,7 @@ pub(crate) fn ping_and_wait<W: Write>(
 }
 
 /// What the source's postcopy phase needs from the precopy engine.
-pub(crate) struct SourcePhase<'a, W: Write> {
+pub(crate) struct SourcePhase<'a, W: Sink> {
     /// The main stream.
     pub w: &'a mut Writer<W>,
     /// RAM record state.
@@ -220,7 +221,7 @@ pub(crate) struct SourcePhase<'a, W: Write> {
 }
 
 /// Source: the discard set, as POSTCOPY_RAM_DISCARD commands.
-fn send_discards<W: Write>(p: &mut SourcePhase<'_, W>) -> Result<u64, MigrationError> {
+fn send_discards<W: Sink>(p: &mut SourcePhase<'_, W>) -> Result<u64, MigrationError> {
     let mut total = 0;
     for (b, (dirty, sent)) in p.dirty.iter().zip(p.sent).enumerate() {
         let mut both = dirty.clone();
@@ -245,7 +246,7 @@ fn send_discards<W: Write>(p: &mut SourcePhase<'_, W>) -> Result<u64, MigrationE
 }
 
 /// Source: the device package (LISTEN, device sections, RUN, PING 2, EOF).
-fn send_package<W: Write>(
+fn send_package<W: Sink>(
     w: &mut Writer<W>,
     devices: &[stream::DeviceBlob],
 ) -> Result<(), MigrationError> {
@@ -322,7 +323,7 @@ fn parse_request(
 /// carries only the pages on it).
 pub(crate) struct Preempt {
     /// Pages out (offsets count from the channel's first byte).
-    pub w: Writer<BufWriter<Box<dyn Write + Send>>>,
+    pub w: Writer<BufSink<Box<dyn Write + Send>>>,
     /// Requests in.
     pub r: Reader<std::io::BufReader<Box<dyn Read + Send>>>,
     /// Shuts it down.
@@ -331,7 +332,7 @@ pub(crate) struct Preempt {
 
 /// Source, at the start when `postcopy-preempt` is on: connect the second
 /// channel, identify it, and have the destination accept it (PING 4).
-pub(crate) fn connect_preempt<W: Write>(
+pub(crate) fn connect_preempt<W: Sink>(
     uri: &Uri,
     w: &mut Writer<W>,
     rx: &RpReceiver,
@@ -341,7 +342,7 @@ pub(crate) fn connect_preempt<W: Write>(
     let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
     let reader: Box<dyn Read + Send> =
         std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
-    let mut pw = Writer::new(BufWriter::with_capacity(256 << 10, writer));
+    let mut pw = Writer::new(BufSink::with_capacity(256 << 10, writer));
     pw.be32(stream::PREEMPT_MAGIC)?;
     pw.be32(stream::PREEMPT_VERSION)?;
     pw.flush()?;
@@ -397,7 +398,7 @@ pub(crate) fn accept_preempt(l: &Listener) -> Result<PreemptIn, MigrationError> 
 }
 
 /// Open a PART for the next page unless one is open (`in_section` pages).
-fn open_part<W: Write>(
+fn open_part<W: Sink>(
     w: &mut Writer<W>,
     rw: &mut RamWriter,
     in_section: u64,
@@ -410,7 +411,7 @@ fn open_part<W: Write>(
 
 /// Close the open PART, if any, and push it out: after the switch a
 /// section is flushed as soon as it ends (a faulting vCPU may wait on it).
-fn close_part<W: Write>(
+fn close_part<W: Sink>(
     w: &mut Writer<W>,
     rw: &mut RamWriter,
     in_section: &mut u64,
@@ -443,7 +444,7 @@ fn hint(block: usize, page: u64) -> u64 {
 #[allow(clippy::too_many_arguments)]
 fn urgent_loop(
     pr: &mut Reader<std::io::BufReader<Box<dyn Read + Send>>>,
-    pw: &mut Writer<BufWriter<Box<dyn Write + Send>>>,
+    pw: &mut Writer<BufSink<Box<dyn Write + Send>>>,
     ram: &dyn GuestRam,
     dirty: &[AtomicBitmap],
     sent: &[Bitmap],
@@ -500,7 +501,7 @@ fn urgent_loop(
 /// requests read and served by the urgent thread), else on the main stream
 /// between two background sections. Either way the page's bit in the
 /// shared dirty set is cleared by exactly one sender.
-pub(crate) fn run_source<W: Write>(
+pub(crate) fn run_source<W: Sink>(
     mut p: SourcePhase<'_, W>,
     devices: &[stream::DeviceBlob],
     run_sent: &AtomicBool,
@@ -593,7 +594,7 @@ pub(crate) fn run_source<W: Write>(
 /// `section_pages`; requests that arrive on the main return-path queue
 /// (no preempt channel) are served first, on this stream. END follows in
 /// [`finish_source`], after the preempt channel has ended.
-fn source_background<W: Write>(
+fn source_background<W: Sink>(
     p: &mut SourcePhase<'_, W>,
     dirty: &[AtomicBitmap],
     next: &AtomicU64,
@@ -699,7 +700,7 @@ fn source_background<W: Write>(
 
 /// A return-path message other than a page request: RUN acknowledged (the
 /// end of the downtime) or an error.
-fn source_reply<W: Write>(
+fn source_reply<W: Sink>(
     p: &mut SourcePhase<'_, W>,
     kind: u16,
     data: &[u8],
@@ -717,7 +718,7 @@ fn source_reply<W: Write>(
 
 /// Every page is out (on both channels): END, EOF, then wait for the
 /// destination to confirm it has every page.
-fn finish_source<W: Write>(
+fn finish_source<W: Sink>(
     p: &mut SourcePhase<'_, W>,
     requests: &AtomicU64,
 ) -> Result<(), MigrationError> {
@@ -1119,7 +1120,7 @@ impl DestPostcopy {
 
     /// The listen thread: read the rest of the stream, placing pages
     /// atomically, until EOF.
-    pub fn listen_loop<R: Read>(
+    pub fn listen_loop<R: BufRead>(
         &self,
         r: &mut Reader<R>,
         rr: &mut RamReader,
@@ -1168,7 +1169,7 @@ impl DestPostcopy {
 
     /// The records of a RAM section whose type and id (at `at`) were read:
     /// staged, checked against the footer, then placed with userfaultfd.
-    fn place_section<R: Read>(
+    fn place_section<R: BufRead>(
         &self,
         r: &mut Reader<R>,
         rr: &mut RamReader,
@@ -1188,7 +1189,7 @@ impl DestPostcopy {
 
     /// The preempt thread: place the requested pages of the preempt
     /// channel until its EOF.
-    fn preempt_loop<R: Read>(&self, r: &mut Reader<R>) -> Result<(), MigrationError> {
+    fn preempt_loop<R: BufRead>(&self, r: &mut Reader<R>) -> Result<(), MigrationError> {
         crate::prefer_this_thread();
         let mut rr = RamReader::new(self.ram.blocks().to_vec());
         let mut staging = StagingPlacer::new(crate::precopy::MAX_SECTION_PAGES);
@@ -1413,7 +1414,7 @@ impl PagePlacer for TrackingPlacer<'_> {
 /// the main stream to the listen thread), loads the devices at RUN, then
 /// waits until the listen thread has every page. On failure the guest is
 /// stopped before userfaultfd is released.
-pub(crate) fn dest_package<R: Read + Send + 'static>(
+pub(crate) fn dest_package<R: BufRead + Send + 'static>(
     inc: &mut crate::precopy::Incoming,
     closer: crate::transport::Closer,
     post: Arc<DestPostcopy>,

@@ -20,7 +20,7 @@
 //!
 //! On any failure the source resumes its guest if it had stopped it.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::postcopy::{dest_package, send_rp, DestPostcopy, RpWriter, TrackingPlacer};
 use crate::ram::{Bitmap, GuestRam, RamError, RamReader, RamRecordError, RamWriter};
 use crate::status::{Capabilities, Parameters, Shared, Status};
-use crate::stream::{self, cmd, rp, section, DeviceBlob, Reader, StreamError, Writer, PAGE_SIZE};
+use crate::stream::{
+    self, cmd, rp, section, BufSink, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE,
+};
 use crate::transport::{self, Channel, Listener, Uri};
 
 /// Section id of RAM.
@@ -290,15 +292,16 @@ impl Throttle {
     }
 }
 
-/// Most pages in one RAM section: the receiver stages a section and places
-/// it only after its checksum verifies.
+/// Most pages in one RAM section the source sends in a precopy round (a
+/// receiver that stages sections holds one at a time).
 pub const SECTION_PAGES: u64 = 256;
-/// Most pages a receiver accepts in one section.
+/// Most pages a receiver that stages (postcopy after LISTEN, COLO) accepts
+/// in one section.
 pub const MAX_SECTION_PAGES: usize = 1024;
 
 /// Start a RAM section of `kind` (PART or END) after START: its header,
 /// and the record writer forgets its block (the first record names it).
-pub(crate) fn begin_ram_section<W: Write>(
+pub(crate) fn begin_ram_section<W: Sink>(
     w: &mut Writer<W>,
     rw: &mut RamWriter,
     kind: u8,
@@ -311,7 +314,7 @@ pub(crate) fn begin_ram_section<W: Write>(
 }
 
 /// End a RAM section: EOS and the footer.
-pub(crate) fn end_ram_section<W: Write>(
+pub(crate) fn end_ram_section<W: Sink>(
     w: &mut Writer<W>,
     rw: &mut RamWriter,
 ) -> Result<(), StreamError> {
@@ -323,7 +326,7 @@ pub(crate) fn end_ram_section<W: Write>(
 /// as PART sections of at most [`SECTION_PAGES`] pages.
 /// `progress(offset, writer, bytes)` runs after each page; when it returns
 /// `false` the round stops early (the switch to postcopy).
-pub(crate) fn send_dirty<W: Write>(
+pub(crate) fn send_dirty<W: Sink>(
     w: &mut Writer<W>,
     rw: &mut RamWriter,
     ram: &dyn GuestRam,
@@ -466,7 +469,7 @@ fn outgoing(
         return Err(MigrationError::Cancelled);
     }
     let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
-    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, writer));
+    let mut w = Writer::new(BufSink::with_capacity(1 << 20, writer));
     stream::write_header(&mut w)?;
     let cfg = serde_json::to_vec(&o.config).map_err(|e| MigrationError::Config(e.to_string()))?;
     stream::write_config(&mut w, &cfg)?;
@@ -875,7 +878,6 @@ fn incoming(
     let mut ram_started = false;
     let mut ram_ended = false;
     let mut devices: Vec<DeviceBlob> = Vec::new();
-    let mut staging = crate::ram::StagingPlacer::new(MAX_SECTION_PAGES);
     // RAM reads as zero at the start (see `Incoming::ram`).
     let mut zeroed: Vec<Bitmap> = ram
         .blocks()
@@ -930,16 +932,20 @@ fn incoming(
                     }
                     rr.new_section();
                 }
-                staging.clear();
-                rr.read_records(&mut r, &mut staging)?;
-                r.footer(id)?;
-                staging
-                    .commit(&mut TrackingPlacer {
+                // Pages go straight into guest RAM; the footer's CRC is
+                // checked after them. The guest cannot run on a section
+                // that fails it: nothing runs until the whole stream has
+                // arrived intact (postcopy's LISTEN and COLO's checkpoints,
+                // where RAM is live or must stay whole, stage instead).
+                rr.read_records(
+                    &mut r,
+                    &mut TrackingPlacer {
                         ram: &*ram,
                         post: post.as_deref(),
                         zeroed: &mut zeroed,
-                    })
-                    .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                    },
+                )?;
+                r.footer(id)?;
                 if t == section::END {
                     ram_ended = true;
                 }

@@ -5,11 +5,11 @@
 //! tests here implement it over plain vectors. Pages are addressed as
 //! (block index, page index in block).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::stream::{ram_flag, Reader, StreamError, Writer, PAGE_SIZE};
+use crate::stream::{ram_flag, Reader, Sink, StreamError, Writer, PAGE_SIZE};
 
 /// One contiguous RAM block (one memslot in the VMM).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,7 +331,6 @@ const UNPOPULATED_WORDS: usize = 8;
 #[derive(Default)]
 pub struct RamWriter {
     last_block: Option<usize>,
-    buf: Vec<u8>,
     /// [`GuestRam::unpopulated`] for the window of pages around the last one
     /// sent: (block, first page, bits).
     unpopulated: Option<(usize, u64, [u64; UNPOPULATED_WORDS])>,
@@ -342,12 +341,9 @@ pub struct RamWriter {
 }
 
 impl RamWriter {
-    /// A writer with a page buffer.
+    /// A writer at the start of a stream.
     pub fn new() -> Self {
-        Self {
-            buf: vec![0; PAGE_SIZE],
-            ..Default::default()
-        }
+        Self::default()
     }
 
     /// Forget the CONTINUE state (at the start of every section).
@@ -370,12 +366,14 @@ impl RamWriter {
         Ok(())
     }
 
-    /// Read one page from `ram` and write it as a ZERO or PAGE record.
+    /// Read one page from `ram` and write it as a ZERO or PAGE record. The
+    /// page is read straight into the writer's buffer behind room for the
+    /// record header; a zero page then keeps only its ZERO record.
     ///
     /// `fresh`: the page was not sent before in this migration, so it may
     /// never have been populated (then it goes as ZERO unread). A page sent
     /// before and dirty again has been written: asking is wasted work.
-    pub fn send_page<W: Write>(
+    pub fn send_page<W: Sink>(
         &mut self,
         w: &mut Writer<W>,
         ram: &dyn GuestRam,
@@ -383,30 +381,57 @@ impl RamWriter {
         page: u64,
         fresh: bool,
     ) -> Result<Result<(), RamError>, StreamError> {
+        let cont = self.last_block == Some(block);
+        let name = ram.blocks()[block].name.as_bytes();
+        let name_len = u8::try_from(name.len()).map_err(|_| {
+            StreamError::invalid(
+                w.offset(),
+                format!("RAM block name of {} bytes, at most 255", name.len()),
+            )
+        })?;
+        let head_len = 8 + if cont { 0 } else { 1 + name.len() };
+        let header = |head: &mut [u8], flag: u64| {
+            let mut v = (page * PAGE_SIZE as u64) | flag;
+            if cont {
+                v |= ram_flag::CONTINUE;
+            }
+            head[..8].copy_from_slice(&v.to_be_bytes());
+            if !cont {
+                head[8] = name_len;
+                head[9..].copy_from_slice(name);
+            }
+        };
         let zero = if fresh && self.known_unpopulated(ram, block, page) {
+            w.fill(head_len + 1, |buf| {
+                header(&mut buf[..head_len], ram_flag::ZERO);
+                buf[head_len] = 0;
+                (head_len + 1, ())
+            })?;
             true
         } else {
-            if let Err(e) = ram.read_page(block, page, &mut self.buf) {
-                return Ok(Err(e));
+            let r = w.fill(head_len + PAGE_SIZE, |buf| {
+                let (head, data) = buf.split_at_mut(head_len);
+                if let Err(e) = ram.read_page(block, page, data) {
+                    return (0, Err(e));
+                }
+                if crate::stream::is_zero(data) {
+                    header(head, ram_flag::ZERO);
+                    data[0] = 0;
+                    (head_len + 1, Ok(true))
+                } else {
+                    header(head, ram_flag::PAGE);
+                    (head_len + PAGE_SIZE, Ok(false))
+                }
+            })?;
+            match r {
+                Ok(z) => z,
+                Err(e) => return Ok(Err(e)),
             }
-            crate::stream::is_zero(&self.buf)
         };
-        let mut hdr =
-            (page * PAGE_SIZE as u64) | if zero { ram_flag::ZERO } else { ram_flag::PAGE };
-        let cont = self.last_block == Some(block);
-        if cont {
-            hdr |= ram_flag::CONTINUE;
-        }
-        w.be64(hdr)?;
-        if !cont {
-            w.idstr(&ram.blocks()[block].name)?;
-            self.last_block = Some(block);
-        }
+        self.last_block = Some(block);
         if zero {
-            w.u8(0)?;
             self.zero_pages += 1;
         } else {
-            w.bytes(&self.buf)?;
             self.normal_pages += 1;
         }
         Ok(Ok(()))
@@ -631,7 +656,7 @@ impl RamReader {
     }
 
     /// Read records up to and including EOS, handing pages to `placer`.
-    pub fn read_records<R: Read>(
+    pub fn read_records<R: BufRead>(
         &mut self,
         r: &mut Reader<R>,
         placer: &mut dyn PagePlacer,
@@ -687,10 +712,10 @@ impl RamReader {
                 .into());
             }
             if kind == ram_flag::PAGE {
-                r.read_exact(&mut self.page, "RAM page data")?;
-                placer
-                    .place_page(block, page, &self.page)
-                    .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                r.read_with(PAGE_SIZE, "RAM page data", &mut self.page, |data| {
+                    placer.place_page(block, page, data)
+                })?
+                .map_err(|source| RamRecordError::Place { offset: at, source })?;
             } else {
                 let fill_at = r.offset();
                 let fill = r.u8("zero page fill byte")?;

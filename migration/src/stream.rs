@@ -314,6 +314,44 @@ impl<R: Read> Reader<R> {
     }
 }
 
+impl<R: io::BufRead> Reader<R> {
+    /// Hand the next `n` bytes to `f`, counted in the section's CRC like
+    /// [`Reader::read_exact`], straight from the transport's buffer when
+    /// they are all there (the usual case: one copy fewer per page), else
+    /// gathered in `scratch` (at least `n` bytes).
+    pub fn read_with<T>(
+        &mut self,
+        n: usize,
+        what: &'static str,
+        scratch: &mut [u8],
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, StreamError> {
+        let avail = loop {
+            match self.inner.fill_buf() {
+                Ok(b) => break b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(StreamError::Io {
+                        offset: self.offset,
+                        source: e,
+                    })
+                }
+            }
+        };
+        if avail.len() >= n {
+            let data = &avail[..n];
+            self.crc.update(data);
+            let out = f(data);
+            self.inner.consume(n);
+            self.offset += n as u64;
+            return Ok(out);
+        }
+        let buf = &mut scratch[..n];
+        self.read_exact(buf, what)?;
+        Ok(f(buf))
+    }
+}
+
 /// A writer that counts bytes and checksums sections.
 pub struct Writer<W> {
     inner: W,
@@ -413,6 +451,135 @@ impl<W: Write> Writer<W> {
             offset: self.offset,
             source: e,
         })
+    }
+}
+
+/// Where a [`Writer`] puts its bytes: a transport behind a buffer
+/// ([`BufSink`]) or memory (`Vec<u8>`). Besides `Write` it can lend the end
+/// of its buffer, so a page is read from guest RAM straight into the bytes
+/// that go on the wire (one copy fewer per page than reading it into a
+/// buffer of its own first).
+pub trait Sink: Write {
+    /// Call `f` with `n` writable bytes at the end of the buffered data; `f`
+    /// returns how many of them, from the first, to keep.
+    fn fill<T>(&mut self, n: usize, f: impl FnOnce(&mut [u8]) -> (usize, T)) -> io::Result<T>;
+}
+
+impl Sink for Vec<u8> {
+    fn fill<T>(&mut self, n: usize, f: impl FnOnce(&mut [u8]) -> (usize, T)) -> io::Result<T> {
+        let len = self.len();
+        self.resize(len + n, 0);
+        let (keep, out) = f(&mut self[len..]);
+        self.truncate(len + keep.min(n));
+        Ok(out)
+    }
+}
+
+/// A transport behind a fixed buffer, written out when full or flushed
+/// (and, as `BufWriter`, on drop, errors ignored).
+pub struct BufSink<W: Write> {
+    inner: W,
+    buf: Box<[u8]>,
+    len: usize,
+}
+
+impl<W: Write> BufSink<W> {
+    /// A buffer of `capacity` bytes in front of `inner`.
+    pub fn with_capacity(capacity: usize, inner: W) -> Self {
+        Self {
+            inner,
+            buf: vec![0; capacity.max(1)].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
+        let mut done = 0;
+        let r = loop {
+            if done == self.len {
+                break Ok(());
+            }
+            match self.inner.write(&self.buf[done..self.len]) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        // What was written is gone from the buffer even on error.
+        self.buf.copy_within(done..self.len, 0);
+        self.len -= done;
+        r
+    }
+}
+
+impl<W: Write> Write for BufSink<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.len + data.len() > self.buf.len() {
+            self.write_out()?;
+        }
+        if data.len() >= self.buf.len() {
+            return self.inner.write(data);
+        }
+        self.buf[self.len..self.len + data.len()].copy_from_slice(data);
+        self.len += data.len();
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_out()?;
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Sink for BufSink<W> {
+    fn fill<T>(&mut self, n: usize, f: impl FnOnce(&mut [u8]) -> (usize, T)) -> io::Result<T> {
+        if self.len + n > self.buf.len() {
+            self.write_out()?;
+        }
+        if n > self.buf.len() {
+            let mut tmp = vec![0; n];
+            let (keep, out) = f(&mut tmp);
+            self.inner.write_all(&tmp[..keep.min(n)])?;
+            return Ok(out);
+        }
+        let (keep, out) = f(&mut self.buf[self.len..self.len + n]);
+        self.len += keep.min(n);
+        Ok(out)
+    }
+}
+
+impl<W: Write> Drop for BufSink<W> {
+    fn drop(&mut self) {
+        let _ = self.write_out();
+    }
+}
+
+impl<W: Sink> Writer<W> {
+    /// Write bytes made in place: `f` gets `n` bytes of the transport's
+    /// buffer and returns how many of them, from the first, to keep; those
+    /// count for the section's CRC like [`Writer::bytes`].
+    pub fn fill<T>(
+        &mut self,
+        n: usize,
+        f: impl FnOnce(&mut [u8]) -> (usize, T),
+    ) -> Result<T, StreamError> {
+        let crc = &mut self.crc;
+        let mut kept = 0;
+        let out = self
+            .inner
+            .fill(n, |buf| {
+                let (keep, out) = f(buf);
+                kept = keep.min(n);
+                crc.update(&buf[..kept]);
+                (kept, out)
+            })
+            .map_err(|e| StreamError::Io {
+                offset: self.offset,
+                source: e,
+            })?;
+        self.offset += kept as u64;
+        Ok(out)
     }
 }
 
@@ -568,6 +735,40 @@ pub fn read_rp<R: Read>(r: &mut Reader<R>) -> Result<(u16, Vec<u8>), StreamError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `read_with` hands out the same bytes and CRC whether they lie in the
+    /// transport's buffer or straddle its refill, and reports truncation.
+    #[test]
+    fn read_with_borrows_or_gathers() {
+        let data: Vec<u8> = (0..3 * PAGE_SIZE + 100)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let mut w = Writer::new(Vec::new());
+        w.bytes(&data).unwrap();
+        let want_crc = {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&data[..3 * PAGE_SIZE]);
+            h.finalize()
+        };
+        // A buffer of 5000 bytes: the second page straddles a refill.
+        let mut r = Reader::new(io::BufReader::with_capacity(5000, &data[..]));
+        let mut scratch = vec![0u8; PAGE_SIZE];
+        for p in 0..3 {
+            let got = r
+                .read_with(PAGE_SIZE, "page", &mut scratch, |d| d.to_vec())
+                .unwrap();
+            assert_eq!(got, &data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
+            assert_eq!(r.offset(), ((p + 1) * PAGE_SIZE) as u64);
+        }
+        assert_eq!(std::mem::take(&mut r.crc).finalize(), want_crc);
+        let e = r
+            .read_with(PAGE_SIZE, "page", &mut scratch, |_| ())
+            .unwrap_err();
+        assert!(
+            matches!(e, StreamError::Truncated { what: "page", .. }),
+            "{e}"
+        );
+    }
 
     #[test]
     fn header_config_device_round_trip() {

@@ -132,14 +132,17 @@ fn non_converging_guest_completes_in_postcopy() {
 
 /// `migrate_start_postcopy` (the alias) right after `migrate`, with the
 /// `x-postcopy-ram` alias on the destination: almost everything arrives
-/// after the switch.
+/// after the switch. The destination runs with `-mem-prealloc`, so its RAM
+/// is backed (and reads as zero) from the start: a page not received by
+/// the switch must still be missing for userfaultfd, or the guest would
+/// read zeros where its data belongs (and report CORRUPT).
 #[test]
 fn start_postcopy_immediately_after_migrate() {
     if !kvm_available("start_postcopy_immediately_after_migrate") {
         return;
     }
     let mut src = running_source(guest("src"), &guest("base"));
-    let (dst, mut dq, port) = postcopy_destination(guest("dst"), true);
+    let (dst, mut dq, port) = postcopy_destination(guest("dst").arg("-mem-prealloc"), true);
     let mut sq = src.qmp();
     set_caps(&mut sq, &[("x-postcopy-ram", true)]);
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))

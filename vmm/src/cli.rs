@@ -97,6 +97,8 @@ pub struct Config {
     pub daemonize: bool,
     /// Exit instead of resetting on a guest reboot.
     pub no_reboot: bool,
+    /// Back all guest RAM at start (`-mem-prealloc`).
+    pub mem_prealloc: bool,
 }
 
 /// What the command line asks for.
@@ -127,6 +129,8 @@ usage: minivmm -kernel PATH [options]
                         tcp:HOST:PORT,server=on,wait=off (repeatable)
   -incoming URI         wait for a migration: tcp:HOST:PORT, unix:PATH,
                         exec:CMD, file:PATH, or defer (then migrate-incoming)
+  -mem-prealloc         back all guest RAM at start (and again before an
+                        incoming migration), so first writes take no host fault
   -S                    do not start the vCPUs until 'cont'
   -name NAME            VM name (also guest=NAME)
   -pidfile PATH         write the process id to PATH
@@ -232,6 +236,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
     let mut pidfile = None;
     let mut daemonize = false;
     let mut no_reboot = false;
+    let mut mem_prealloc = false;
 
     while let Some(arg) = it.next() {
         let mut value = |o: &str| {
@@ -290,6 +295,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
             "-pidfile" => pidfile = Some(PathBuf::from(value(opt)?)),
             "-daemonize" => daemonize = true,
             "-no-reboot" => no_reboot = true,
+            "-mem-prealloc" => mem_prealloc = true,
             "-nographic" | "-enable-kvm" => {}
             "-display" => {
                 let v = value(opt)?;
@@ -328,6 +334,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         pidfile,
         daemonize,
         no_reboot,
+        mem_prealloc,
     })))
 }
 
@@ -359,10 +366,10 @@ mod tests {
 
     #[test]
     fn options() {
-        let c = cfg("-kernel k -initrd i -m 256M -smp 2 -S -no-reboot -qmp unix:/q,server=on,wait=off -incoming defer -machine pc,max-ram-below-4g=1G -nographic -display none -accel kvm");
+        let c = cfg("-kernel k -initrd i -m 256M -smp 2 -S -no-reboot -mem-prealloc -qmp unix:/q,server=on,wait=off -incoming defer -machine pc,max-ram-below-4g=1G -nographic -display none -accel kvm");
         assert_eq!(c.mem_size, 256 << 20);
         assert_eq!(c.vcpus, 2);
-        assert!(c.start_paused && c.no_reboot);
+        assert!(c.start_paused && c.no_reboot && c.mem_prealloc);
         assert_eq!(c.incoming, Some(Incoming::Defer));
         assert_eq!(c.hole_start, 1 << 30);
         assert_eq!(c.qmp.len(), 1);

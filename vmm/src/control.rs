@@ -316,6 +316,7 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         layout: MemLayout::new(config.mem_size, config.hole_start)?,
         vcpus: config.vcpus,
         cpu: config.cpu,
+        prealloc: config.mem_prealloc,
     };
     let boot = BootSpec {
         kernel: config.kernel.clone(),

@@ -15,12 +15,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
 use crate::cpu::{self, CpuModel, VcpuState};
-use crate::memory::{self, GuestMemoryMmap, MemLayout};
+use crate::memory::{self, GuestMemoryMmap, MemLayout, PAGE_SIZE};
 use crate::mptable;
 use crate::vcpu::{VcpuContext, VcpuError, VcpuEvent, VcpuHandle};
 use devices::cmos::{Cmos, CmosState, CMOS_BASE};
@@ -71,6 +71,8 @@ pub struct VmShape {
     pub vcpus: u8,
     /// CPU model.
     pub cpu: CpuModel,
+    /// Back all RAM at start and after each discard (`-mem-prealloc`).
+    pub prealloc: bool,
 }
 
 /// The state of the whole machine except RAM.
@@ -104,6 +106,8 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     initial: Option<MachineState>,
     running: bool,
+    /// The vCPUs have run at least once (RAM may hold guest data).
+    ran: bool,
     frozen_clock: Option<kvm_clock_data>,
 }
 
@@ -131,6 +135,9 @@ impl Vm {
             .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
 
         let mem = Arc::new(shape.layout.allocate()?);
+        if shape.prealloc {
+            memory::populate(&mem)?;
+        }
         memory::set_memslots(&fd, &mem, false)?;
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
@@ -191,6 +198,7 @@ impl Vm {
             vcpus,
             initial: None,
             running: false,
+            ran: false,
             frozen_clock: None,
         };
         vm.initial = Some(vm.save_state()?);
@@ -265,6 +273,7 @@ impl Vm {
         if self.running {
             return Ok(());
         }
+        self.ran = true;
         if let Some(clock) = self.frozen_clock.take() {
             let c = kvm_clock_data {
                 clock: clock.clock,
@@ -433,12 +442,28 @@ impl Vm {
         Ok(())
     }
 
-    /// Drop all RAM contents (back to unpopulated zero pages), e.g. before
-    /// an incoming migration fills it.
+    /// Drop all RAM contents (back to zero pages), e.g. before an incoming
+    /// migration fills it. With `-mem-prealloc` the backing stays: if the
+    /// guest never ran, only the pages the VMM wrote (kernel, initrd, boot
+    /// tables: its write bitmap says which) are cleared in place; otherwise
+    /// all RAM is dropped and backed again.
     pub fn discard_ram(&self) -> Result<(), VmError> {
+        if self.shape.prealloc && !self.ran {
+            let zero = [0u8; PAGE_SIZE as usize];
+            for region in self.mem.iter() {
+                let bitmap = (**region).bitmap();
+                for page in (0..bitmap.len()).filter(|&p| bitmap.is_bit_set(p)) {
+                    region
+                        .write_slice(&zero, MemoryRegionAddress(page as u64 * PAGE_SIZE))
+                        .map_err(|e| VmError::State(format!("clearing RAM: {e}")))?;
+                }
+                bitmap.reset();
+            }
+            return Ok(());
+        }
         for region in self.mem.iter() {
             let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .get_host_address(MemoryRegionAddress(0))
                 .map_err(|e| VmError::State(format!("region without mapping: {e}")))?;
             // SAFETY: `host..host+len` is exactly one anonymous private
             // mapping owned by `self.mem`; MADV_DONTNEED only drops its
@@ -452,6 +477,9 @@ impl Vm {
                 )));
             }
             (**region).bitmap().reset();
+        }
+        if self.shape.prealloc {
+            memory::populate(&self.mem)?;
         }
         Ok(())
     }
