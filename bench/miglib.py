@@ -184,6 +184,14 @@ class Qmp:
         while True:
             r = self.cmd("query-migrate")
             if r.get("status") in states:
+                # QEMU 7.2 reports "completed" a moment before it sets
+                # total-time and downtime (both read 0 then): ask again.
+                if r.get("status") == "completed" and not r.get("total-time"):
+                    for _ in range(20):
+                        self.pump(0.01)
+                        r = self.cmd("query-migrate")
+                        if r.get("total-time"):
+                            break
                 return r
             if time.monotonic() > deadline:
                 raise TimeoutError(f"migration not in {states} after {timeout}s: {r}")

@@ -28,8 +28,9 @@ def caps(names):
     return {"capabilities": [{"capability": n, "state": True} for n in names]}
 
 
-def one_run(g, snap, wd, bandwidth, downtime_limit, preempt):
-    with source_and_destination(g, snap, wd) as (src, dst, port):
+def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False):
+    dst_extra = ["-mem-prealloc"] if prealloc else []
+    with source_and_destination(g, snap, wd, dst_extra=dst_extra) as (src, dst, port):
         dq = dst.qmp
         sq = src.qmp
         res = {"notes": []}
@@ -111,6 +112,9 @@ def main():
     ap.add_argument("--preempt", choices=["off", "on", "both"],
                     default=os.environ.get("BENCH_PREEMPT", "both"),
                     help="postcopy-preempt on both sides: off, on, or both modes one after the other")
+    ap.add_argument("--dst-prealloc", action="store_true",
+                    default=os.environ.get("BENCH_DST_PREALLOC") == "1",
+                    help="start destinations with -mem-prealloc")
     common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
@@ -133,7 +137,7 @@ def bench_mode(g, snap, wd, a, preempt, kind):
     runs = []
     for i in range(a.runs):
         t0 = time.monotonic()
-        r = one_run(g, snap, wd, a.bandwidth, a.downtime_limit, preempt)
+        r = one_run(g, snap, wd, a.bandwidth, a.downtime_limit, preempt, a.dst_prealloc)
         runs.append(r)
         log(f"  {kind} run {i + 1} ({time.monotonic() - t0:.0f} s): {r['status']}/{r['dst_status']}"
             f" switch at pass {r['switched_at_pass']} after {r['precopy_s']:.1f} s"

@@ -19,7 +19,8 @@
 #
 # Each VMM runs twice: without and with postcopy-preempt on both sides
 # (requested pages on a second connection); BENCH_PREEMPT=off or on runs
-# one mode only. BENCH_VMMS=minivmm skips QEMU. Run it on an otherwise
+# one mode only. BENCH_VMMS=minivmm skips QEMU. BENCH_DST_PREALLOC=1 starts
+# destinations with -mem-prealloc. Run it on an otherwise
 # idle machine (~6 minutes).
 set -euo pipefail
 
