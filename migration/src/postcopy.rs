@@ -771,6 +771,23 @@ struct FaultStats {
     requests: u64,
     /// Fault read to page placed (and the waiter woken), µs.
     latencies_us: Vec<u32>,
+    /// Faults serviced by a page of the main stream (background or, without
+    /// preempt, requested) and of the preempt channel.
+    by_stream: [StreamFaults; 2],
+}
+
+/// Faults serviced by the pages of one stream.
+#[derive(Default, Clone, Copy)]
+struct StreamFaults {
+    serviced: u32,
+    over_1ms: u32,
+}
+
+/// Which stream placed a page: index into `FaultStats::by_stream`.
+#[derive(Clone, Copy)]
+enum PageStream {
+    Main = 0,
+    Preempt = 1,
 }
 
 /// Destination postcopy state, shared by the incoming, listen and fault threads.
@@ -1148,7 +1165,7 @@ impl DestPostcopy {
                         )
                         .into());
                     }
-                    self.place_section(r, rr, &mut staging, at, id)?;
+                    self.place_section(r, rr, &mut staging, at, id, PageStream::Main)?;
                     ended = t == section::END;
                     let mut i = shared.info();
                     i.ram.transferred = r.offset();
@@ -1176,13 +1193,14 @@ impl DestPostcopy {
         staging: &mut StagingPlacer,
         at: u64,
         id: u32,
+        stream: PageStream,
     ) -> Result<(), MigrationError> {
         rr.new_section();
         staging.clear();
         rr.read_records(r, staging)?;
         r.footer(id)?;
         staging
-            .commit(&mut UffdPlacer(self))
+            .commit(&mut UffdPlacer(self, stream))
             .map_err(|source| RamRecordError::Place { offset: at, source })?;
         Ok(())
     }
@@ -1204,7 +1222,7 @@ impl DestPostcopy {
                             StreamError::invalid(at, format!("RAM section with id {id}")).into(),
                         );
                     }
-                    self.place_section(r, &mut rr, &mut staging, at, id)?;
+                    self.place_section(r, &mut rr, &mut staging, at, id, PageStream::Preempt)?;
                 }
                 section::EOF => {
                     // Every page is on its way: later faults are answered
@@ -1290,12 +1308,20 @@ impl DestPostcopy {
             "latency-p99-us": pct(0.99),
             "latency-max-us": l.last().copied().unwrap_or(0),
             "latency-buckets-us": buckets,
+            "serviced-by-stream": {
+                "main": st.by_stream[PageStream::Main as usize].serviced,
+                "preempt": st.by_stream[PageStream::Preempt as usize].serviced,
+            },
+            "over-1ms-by-stream": {
+                "main": st.by_stream[PageStream::Main as usize].over_1ms,
+                "preempt": st.by_stream[PageStream::Preempt as usize].over_1ms,
+            },
         })
     }
 }
 
-/// Places pages with userfaultfd, exactly once each.
-struct UffdPlacer<'a>(&'a DestPostcopy);
+/// Places pages with userfaultfd, exactly once each, from one stream.
+struct UffdPlacer<'a>(&'a DestPostcopy, PageStream);
 
 impl UffdPlacer<'_> {
     fn placed(&self, block: usize, page: u64) {
@@ -1308,11 +1334,11 @@ impl UffdPlacer<'_> {
             .remove(&(block, page))
         {
             let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-            d.stats
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .latencies_us
-                .push(us);
+            let mut st = d.stats.lock().unwrap_or_else(|e| e.into_inner());
+            st.latencies_us.push(us);
+            let by = &mut st.by_stream[self.1 as usize];
+            by.serviced += 1;
+            by.over_1ms += u32::from(us >= 1000);
         }
     }
 
