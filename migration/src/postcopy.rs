@@ -774,6 +774,9 @@ struct FaultStats {
     /// Faults serviced by a page of the main stream (background or, without
     /// preempt, requested) and of the preempt channel.
     by_stream: [StreamFaults; 2],
+    /// Faults of 1 ms or more, µs from the fault read: request written,
+    /// page's section read (CRC checked), page placed; and the stream.
+    slow: Vec<(u32, u32, u32, PageStream)>,
 }
 
 /// Faults serviced by the pages of one stream.
@@ -782,6 +785,16 @@ struct StreamFaults {
     serviced: u32,
     over_1ms: u32,
 }
+
+/// A fault waiting for its page: when it was read, when its request left.
+#[derive(Clone, Copy)]
+struct Pending {
+    fault: Instant,
+    sent: Option<Instant>,
+}
+
+/// Most slow faults (1 ms or more) kept with their breakdown.
+const SLOW_FAULTS_KEPT: usize = 16;
 
 /// Which stream placed a page: index into `FaultStats::by_stream`.
 #[derive(Clone, Copy)]
@@ -802,7 +815,7 @@ pub struct DestPostcopy {
     rp: RpWriter,
     /// The preempt channel's request direction, while it is up.
     urgent: Mutex<Option<RpWriter>>,
-    pending: Mutex<HashMap<(usize, u64), Instant>>,
+    pending: Mutex<HashMap<(usize, u64), Pending>>,
     stats: Mutex<FaultStats>,
     stop: vmm_sys_util::eventfd::EventFd,
     registered: AtomicBool,
@@ -1078,7 +1091,13 @@ impl DestPostcopy {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((block, page), at);
+            .insert(
+                (block, page),
+                Pending {
+                    fault: at,
+                    sent: None,
+                },
+            );
         if self.received[block].test(page) {
             self.pending
                 .lock()
@@ -1112,7 +1131,7 @@ impl DestPostcopy {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .requests += 1;
-        match urgent {
+        let sent = match urgent {
             Some(u) if send_rp(&u, kind, &data).is_ok() => Ok(()),
             Some(_) => {
                 // The source closed the channel after its last page (this
@@ -1121,7 +1140,16 @@ impl DestPostcopy {
                 Ok(())
             }
             None => send_rp(&self.rp, kind, &data),
+        };
+        if let Some(p) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&(block, page))
+        {
+            p.sent = Some(Instant::now());
         }
+        sent
     }
 
     fn zero_or_wake(&self, paddr: usize) {
@@ -1200,7 +1228,7 @@ impl DestPostcopy {
         rr.read_records(r, staging)?;
         r.footer(id)?;
         staging
-            .commit(&mut UffdPlacer(self, stream))
+            .commit(&mut UffdPlacer(self, stream, Instant::now()))
             .map_err(|source| RamRecordError::Place { offset: at, source })?;
         Ok(())
     }
@@ -1312,6 +1340,12 @@ impl DestPostcopy {
                 "main": st.by_stream[PageStream::Main as usize].serviced,
                 "preempt": st.by_stream[PageStream::Preempt as usize].serviced,
             },
+            "slow-faults-us": st.slow.iter().map(|&(sent, read, placed, stream)| json!({
+                "request-sent": sent,
+                "section-read": read,
+                "placed": placed,
+                "stream": match stream { PageStream::Main => "main", PageStream::Preempt => "preempt" },
+            })).collect::<Vec<_>>(),
             "over-1ms-by-stream": {
                 "main": st.by_stream[PageStream::Main as usize].over_1ms,
                 "preempt": st.by_stream[PageStream::Preempt as usize].over_1ms,
@@ -1320,8 +1354,9 @@ impl DestPostcopy {
     }
 }
 
-/// Places pages with userfaultfd, exactly once each, from one stream.
-struct UffdPlacer<'a>(&'a DestPostcopy, PageStream);
+/// Places pages with userfaultfd, exactly once each, from one stream
+/// (with the time their section had been read).
+struct UffdPlacer<'a>(&'a DestPostcopy, PageStream, Instant);
 
 impl UffdPlacer<'_> {
     fn placed(&self, block: usize, page: u64) {
@@ -1333,12 +1368,21 @@ impl UffdPlacer<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(block, page))
         {
-            let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            let us = |i: Instant| {
+                i.saturating_duration_since(t.fault)
+                    .as_micros()
+                    .min(u128::from(u32::MAX)) as u32
+            };
+            let total = us(Instant::now());
             let mut st = d.stats.lock().unwrap_or_else(|e| e.into_inner());
-            st.latencies_us.push(us);
+            st.latencies_us.push(total);
             let by = &mut st.by_stream[self.1 as usize];
             by.serviced += 1;
-            by.over_1ms += u32::from(us >= 1000);
+            by.over_1ms += u32::from(total >= 1000);
+            if total >= 1000 && st.slow.len() < SLOW_FAULTS_KEPT {
+                let sent = t.sent.map_or(0, us);
+                st.slow.push((sent, us(self.2), total, self.1));
+            }
         }
     }
 
