@@ -959,6 +959,11 @@ fn relay_one(
         };
         let chunk = &mut buf[..n];
         let end = off + n as u64;
+        // Counted before it is written: once the destination has acted on
+        // these bytes (e.g. finished a COLO checkpoint), `forwarded` must
+        // already include them, or a tamper placed at `forwarded` would
+        // fall inside this chunk, behind the relay, and never happen.
+        fwd.store(end as usize, Ordering::Relaxed);
         let tamper = *tamper_now.lock().unwrap_or_else(|e| e.into_inner());
         let ok = match tamper {
             Tamper::None => dst.write_all(chunk).is_ok(),
@@ -987,7 +992,6 @@ fn relay_one(
             }
         };
         off = end;
-        fwd.store(off as usize, Ordering::Relaxed);
         if !ok {
             // The destination stopped reading (it refused the stream): let
             // what it still says on the return path (its reason) reach the
