@@ -865,8 +865,15 @@ impl Drop for Relay {
 }
 
 impl Relay {
-    /// Relay connections to `127.0.0.1:dst_port`.
+    /// Relay connections to `127.0.0.1:dst_port`, damaging the first one
+    /// as `tamper` says.
     pub fn start(dst_port: u16, tamper: Tamper) -> Relay {
+        Self::start_with_second(dst_port, tamper, Tamper::None)
+    }
+
+    /// The same, and the second connection (a postcopy preempt channel)
+    /// damaged as `second` says (fixed; not counted in `forwarded`).
+    pub fn start_with_second(dst_port: u16, tamper: Tamper, second: Tamper) -> Relay {
         use std::net::{TcpListener, TcpStream};
         let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
         let port = l.local_addr().expect("relay addr").port();
@@ -879,7 +886,7 @@ impl Relay {
         let closed = Arc::new(AtomicBool::new(false));
         let stop = closed.clone();
         std::thread::spawn(move || {
-            let mut first = true;
+            let mut n = 0;
             while let Ok((src, _)) = l.accept() {
                 if stop.load(Ordering::SeqCst) {
                     return;
@@ -892,16 +899,16 @@ impl Relay {
                     v.push(a);
                     v.push(b);
                 }
-                let (fwd, tamper_now, socks) = if first {
+                let (fwd, tamper_now, socks) = if n == 0 {
                     (fwd.clone(), tamper_now.clone(), socks.clone())
                 } else {
                     (
                         Arc::new(AtomicUsize::new(0)),
-                        Arc::new(Mutex::new(Tamper::None)),
+                        Arc::new(Mutex::new(if n == 1 { second } else { Tamper::None })),
                         Arc::new(Mutex::new(Vec::new())),
                     )
                 };
-                first = false;
+                n += 1;
                 std::thread::spawn(move || relay_one(src, dst, fwd, tamper_now, socks));
             }
         });

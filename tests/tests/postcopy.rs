@@ -434,6 +434,50 @@ fn preempt_only_on_source_is_refused_early() {
     src.assert_no_corrupt();
 }
 
+/// The preempt channel damaged on the way (a relay flips the first byte
+/// of the second connection, its magic): the destination refuses it by
+/// name, the source fails before any switch with that reason and keeps
+/// its guest running.
+#[test]
+fn damaged_preempt_channel_is_refused() {
+    if !kvm_available("damaged_preempt_channel_is_refused") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (mut dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    set_caps(&mut dq, &[("postcopy-preempt", true)]);
+    let relay = Relay::start_with_second(port, Tamper::None, Tamper::Flip { at: 0 });
+    let mut sq = src.qmp();
+    set_caps(
+        &mut sq,
+        &[("postcopy-ram", true), ("postcopy-preempt", true)],
+    );
+    sq.execute(
+        "migrate",
+        json!({"uri": format!("tcp:127.0.0.1:{}", relay.port)}),
+    )
+    .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["error-desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("not a preempt channel")),
+        "{r}"
+    );
+    assert_eq!(run_state(&mut sq), "running");
+    drop(dq);
+    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    let why = dst.stderr.text();
+    assert!(
+        why.contains("not a preempt channel"),
+        "the destination does not say why: {why}"
+    );
+    let last = src.passes().last().copied().unwrap_or(0);
+    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.assert_no_corrupt();
+}
+
 /// A 4 GiB guest (two RAM blocks, across the 32-bit hole) in postcopy.
 #[test]
 fn four_gib_guest_postcopy() {
