@@ -1122,13 +1122,16 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
 
+    /// A source machine. `stopped` is its "vCPU": the test's guest thread
+    /// writes only while holding it and seeing `false`, so once `stop`
+    /// has set it no guest write can land (as a real stop parks vCPUs).
     struct Src {
-        stopped: Arc<AtomicBool>,
+        stopped: Arc<Mutex<bool>>,
         resumed: Arc<AtomicBool>,
     }
     impl Machine for Src {
         fn stop(&mut self) -> Result<Stopped, String> {
-            self.stopped.store(true, Ordering::SeqCst);
+            *self.stopped.lock().unwrap() = true;
             Ok(Stopped {
                 was_running: true,
                 devices: vec![DeviceBlob {
@@ -1189,13 +1192,19 @@ mod tests {
         let dthread =
             std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap(), None));
 
-        let stopped = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(Mutex::new(false));
         let writer_src = src.clone();
         let writer_stop = stopped.clone();
         let guest = std::thread::spawn(move || {
             let mut n = 0u64;
-            while !writer_stop.load(Ordering::SeqCst) {
-                writer_src.guest_write(0, n % 256, (n % 251) as u8);
+            loop {
+                {
+                    let stopped = writer_stop.lock().unwrap();
+                    if *stopped {
+                        break;
+                    }
+                    writer_src.guest_write(0, n % 256, (n % 251) as u8);
+                }
                 n += 1;
                 std::thread::sleep(Duration::from_micros(50));
             }
@@ -1285,7 +1294,7 @@ mod tests {
             config: config(&src),
             ram: src.clone(),
             machine: Box::new(Src {
-                stopped: Arc::new(AtomicBool::new(false)),
+                stopped: Arc::new(Mutex::new(false)),
                 resumed: resumed.clone(),
             }),
             params: Parameters::default(),
