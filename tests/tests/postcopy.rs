@@ -98,6 +98,23 @@ fn assert_continues(src: &Vmm, dst: &Vmm) {
     dst.assert_no_corrupt();
 }
 
+/// The migration failed before any switch, saying `why`: the source keeps
+/// its guest running (it goes on, intact) and the destination exits with
+/// an error.
+fn failed_before_switch(src: &Vmm, sq: &mut Client, dst: &mut Vmm, why: &str) {
+    let r = wait_migration(sq, &["completed", "failed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["error-desc"].as_str().is_some_and(|d| d.contains(why)),
+        "{r}"
+    );
+    assert_eq!(run_state(sq), "running");
+    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    let last = src.passes().last().copied().unwrap_or(0);
+    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.assert_no_corrupt();
+}
+
 /// The main scenario: a guest dirtying 16 MiB/s behind a 5 MB/s link never
 /// converges; after `migrate-start-postcopy` it completes, with page
 /// requests served, 2 vCPUs, integrity intact.
@@ -223,19 +240,7 @@ fn destination_without_userfaultfd_fails_in_setup() {
     set_caps(&mut sq, &[("postcopy-ram", true)]);
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
-    assert_eq!(r["status"], "failed", "{r}");
-    assert!(
-        r["error-desc"]
-            .as_str()
-            .is_some_and(|d| d.contains("userfaultfd is unavailable")),
-        "{r}"
-    );
-    assert_eq!(run_state(&mut sq), "running");
-    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
-    let last = src.passes().last().copied().unwrap_or(0);
-    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
-    src.assert_no_corrupt();
+    failed_before_switch(&src, &mut sq, &mut dst, "userfaultfd is unavailable");
 }
 
 /// The link breaks during postcopy: both sides fail with a reason; the
@@ -419,19 +424,12 @@ fn preempt_only_on_source_is_refused_early() {
     );
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
-    assert_eq!(r["status"], "failed", "{r}");
-    assert!(
-        r["error-desc"].as_str().is_some_and(
-            |d| d.contains("postcopy-preempt capability is not set on the destination")
-        ),
-        "{r}"
+    failed_before_switch(
+        &src,
+        &mut sq,
+        &mut dst,
+        "postcopy-preempt capability is not set on the destination",
     );
-    assert_eq!(run_state(&mut sq), "running");
-    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
-    let last = src.passes().last().copied().unwrap_or(0);
-    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
-    src.assert_no_corrupt();
 }
 
 /// The preempt channel damaged on the way (a relay flips the first byte
@@ -457,25 +455,12 @@ fn damaged_preempt_channel_is_refused() {
         json!({"uri": format!("tcp:127.0.0.1:{}", relay.port)}),
     )
     .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
-    assert_eq!(r["status"], "failed", "{r}");
-    assert!(
-        r["error-desc"]
-            .as_str()
-            .is_some_and(|d| d.contains("not a preempt channel")),
-        "{r}"
-    );
-    assert_eq!(run_state(&mut sq), "running");
-    drop(dq);
-    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    failed_before_switch(&src, &mut sq, &mut dst, "not a preempt channel");
     let why = dst.stderr.text();
     assert!(
         why.contains("not a preempt channel"),
         "the destination does not say why: {why}"
     );
-    let last = src.passes().last().copied().unwrap_or(0);
-    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
-    src.assert_no_corrupt();
 }
 
 /// A 4 GiB guest (two RAM blocks, across the 32-bit hole) in postcopy.
