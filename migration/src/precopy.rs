@@ -384,7 +384,8 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
                 // would fork it. It stays stopped; the user decides.
                 o.shared.info().postcopy_after_run = true;
                 eprintln!("minivmm: postcopy failed after the destination started the guest; the guest stays stopped here");
-            } else if let Some(true) = stopped {
+            } else if stopped.is_some() {
+                // Running again, or paused if it was (not finish-migrate).
                 if let Err(re) = o.machine.resume() {
                     eprintln!("minivmm: migration failed and the guest could not be resumed: {re}");
                 }

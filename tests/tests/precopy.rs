@@ -545,6 +545,37 @@ fn pause_before_switchover_then_continue() {
     dst.assert_no_corrupt();
 }
 
+/// A source paused before `migrate` and cancelled after its stop (in
+/// `pre-switchover`) goes back to `paused`, not stuck in `finish-migrate`
+/// where `cont` is refused; `cont` then runs it.
+#[test]
+fn paused_source_cancelled_at_switchover_stays_paused() {
+    if !kvm_available("paused_source_cancelled_at_switchover_stays_paused") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    sq.execute("stop", json!({})).unwrap();
+    sq.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    )
+    .unwrap();
+    let port = free_port();
+    let dst = destination("dst", &format!("tcp:127.0.0.1:{port}"));
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    wait_migration(&mut sq, &["pre-switchover"], MIG_TIMEOUT);
+    assert_eq!(run_state(&mut sq), "finish-migrate");
+    sq.execute("migrate_cancel", json!({})).unwrap();
+    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(run_state(&mut sq), "paused");
+    sq.execute("cont", json!({})).unwrap();
+    assert_source_survived(&mut src, &mut sq);
+    assert!(dst.passes().is_empty(), "the destination ran the guest");
+}
+
 /// A 4 GiB guest: RAM continues above 4 GiB after the 32-bit hole, so the
 /// stream carries two RAM blocks. Boots once (about 90 s here) into its own
 /// snapshot.
