@@ -92,8 +92,7 @@ impl GuestRam for KvmRam {
 
     fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
         let gpa = self.gpa(block, page)?;
-        self.mem
-            .write_slice(data, gpa)
+        memory::write_streaming(&self.mem, data, gpa)
             .map_err(|_| RamError::OutOfRange { block, page })
     }
 
