@@ -18,7 +18,10 @@ destination on tcp loopback, `migrate` with the same downtime-limit and
 max-bandwidth in both VMMs, and read the source's query-migrate at
 completion. The destination must then print two more PASS lines (a full
 pass over every page written before the switch) with no CORRUPT on either
-side. Then the machine's own limits: loopback TCP and memcpy bandwidth.
+side. Before each run, one loopback TCP connection's rate (1 GiB): the
+"of loopback" column is the run's page data rate over it (this host's
+loopback rate moves by a third between minutes). At the end the machine's
+own limits: loopback TCP and memcpy bandwidth.
 """
 
 import argparse
@@ -182,13 +185,18 @@ def main():
                 runs = []
                 for i in range(a.runs):
                     t0 = time.monotonic()
+                    # This host's loopback rate swings by a third from one
+                    # minute to the next: each run gets its own, measured
+                    # just before it, to compare its page data rate with.
+                    lb = loopback_tcp_mib_s(total=1 << 30)
                     r = one_run(g, snap, wd, a.downtime_limit, not a.no_verify, a.max_bandwidth,
                                 stopped, a.dst_prealloc)
+                    r["loopback_mib_s"] = lb
                     runs.append(r)
                     log(f"  {kind} {name} run {i + 1}: {r['status']} total {r['total_ms']} ms"
                         f" downtime {r['downtime_ms']} ms setup {r['setup_ms']} ms"
                         f" {r['transferred_mib']:.1f} MiB ({r['normal_mib']:.1f} MiB pages)"
-                        f" syncs {r['syncs']}"
+                        f" syncs {r['syncs']} loopback {lb:.0f} MiB/s"
                         f" verified={r['verified']} corrupt={len(r['corrupt'])}"
                         f" tcp {r['tcp']} ({time.monotonic() - t0:.0f} s)"
                         + (f" error: {r['error']}" if r['error'] else ""))
@@ -201,13 +209,15 @@ def main():
     quiet = machine_note() and quiet  # also quiet at the end?
     print()
     print("| VMM | guest | total-time | downtime | setup-time | transferred | of it page data"
-          " | page data rate | dirty syncs | runs completed | CORRUPT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          " | page data rate | of loopback | dirty syncs | runs completed | CORRUPT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, label, runs in rows:
         ok = [r for r in runs if r["status"] == "completed"]
         rng = lambda k: (f" ({min(r[k] for r in ok)}-{max(r[k] for r in ok)})" if ok else "")
-        rate = [r["normal_mib"] / ((r["total_ms"] - r["setup_ms"]) / 1000.0)
-                for r in ok if r["total_ms"] and r["total_ms"] > r["setup_ms"]]
+        timed = [r for r in ok if r["total_ms"] and r["total_ms"] > r["setup_ms"]]
+        rate = [r["normal_mib"] / ((r["total_ms"] - r["setup_ms"]) / 1000.0) for r in timed]
+        share = [100.0 * x / r["loopback_mib_s"] for x, r in zip(rate, timed)]
+        share_rng = f" ({min(share):.0f}-{max(share):.0f})" if share else ""
         print(f"| {kind} | {label}"
               f" | {fmt(median([r['total_ms'] for r in ok]), ' ms')}{rng('total_ms')}"
               f" | {fmt(median([r['downtime_ms'] for r in ok]), ' ms')}{rng('downtime_ms')}"
@@ -215,6 +225,7 @@ def main():
               f" | {fmt(median([r['transferred_mib'] for r in ok]), ' MiB', 1)}"
               f" | {fmt(median([r['normal_mib'] for r in ok]), ' MiB', 1)}"
               f" | {fmt(median(rate), ' MiB/s')}"
+              f" | {fmt(median(share), ' %')}{share_rng}"
               f" | {fmt(median([r['syncs'] for r in ok]))}"
               f" | {len(ok)}/{len(runs)}"
               f" | {'yes: ' + str(sum(len(r['corrupt']) for r in runs)) + ' lines' if any(r['corrupt'] for r in runs) else 'no'}"
@@ -224,6 +235,8 @@ def main():
           f" downtime-limit {a.downtime_limit} ms, max-bandwidth"
           f" {f'{mb} B/s' if mb else 'at its default (128 MiB/s in both)'};"
           f" page data rate = page bytes / (total-time - setup-time);"
+          f" of loopback = that rate over one loopback TCP connection's, measured"
+          f" (1 GiB) just before each run;"
           f" machine {'quiet' if quiet else 'NOT quiet, see stderr'})")
     print(f"\nmachine limits: loopback TCP {tcp:.0f} MiB/s (one connection, 4 MiB writes),"
           f" memcpy {mem:.0f} MiB/s (256 MiB copies),"
