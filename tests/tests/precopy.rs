@@ -513,15 +513,15 @@ fn memory_size_mismatch_is_refused() {
     damaged_stream(Tamper::None, "256M", &["memory", "RAM"]);
 }
 
-/// `pause-before-switchover`: the source stops in `pre-switchover` until
-/// `migrate-continue`.
-#[test]
-fn pause_before_switchover_then_continue() {
-    if !kvm_available("pause_before_switchover_then_continue") {
-        return;
-    }
+/// A source (paused first if `paused`) migrating with
+/// `pause-before-switchover`, stopped in `pre-switchover` (run state
+/// `finish-migrate`); its QMP client and the destination.
+fn stopped_in_pre_switchover(paused: bool) -> (Vmm, Client, Vmm) {
     let mut src = running_source("src");
     let mut sq = src.qmp();
+    if paused {
+        sq.execute("stop", json!({})).unwrap();
+    }
     sq.execute(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
@@ -533,6 +533,17 @@ fn pause_before_switchover_then_continue() {
         .unwrap();
     wait_migration(&mut sq, &["pre-switchover"], MIG_TIMEOUT);
     assert_eq!(run_state(&mut sq), "finish-migrate");
+    (src, sq, dst)
+}
+
+/// `pause-before-switchover`: the source stops in `pre-switchover` until
+/// `migrate-continue`.
+#[test]
+fn pause_before_switchover_then_continue() {
+    if !kvm_available("pause_before_switchover_then_continue") {
+        return;
+    }
+    let (src, mut sq, dst) = stopped_in_pre_switchover(false);
     std::thread::sleep(Duration::from_millis(300));
     let r = sq.execute("query-migrate", json!({})).unwrap();
     assert_eq!(r["status"], "pre-switchover", "{r}");
@@ -553,20 +564,7 @@ fn paused_source_cancelled_at_switchover_stays_paused() {
     if !kvm_available("paused_source_cancelled_at_switchover_stays_paused") {
         return;
     }
-    let mut src = running_source("src");
-    let mut sq = src.qmp();
-    sq.execute("stop", json!({})).unwrap();
-    sq.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
-    )
-    .unwrap();
-    let port = free_port();
-    let dst = destination("dst", &format!("tcp:127.0.0.1:{port}"));
-    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
-        .unwrap();
-    wait_migration(&mut sq, &["pre-switchover"], MIG_TIMEOUT);
-    assert_eq!(run_state(&mut sq), "finish-migrate");
+    let (mut src, mut sq, dst) = stopped_in_pre_switchover(true);
     sq.execute("migrate_cancel", json!({})).unwrap();
     let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
     assert_eq!(r["status"], "cancelled", "{r}");
