@@ -373,10 +373,8 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
                 IncomingStartError::Other(s) => migration::transport::TransportError::BadUri(s),
             })
         })?,
-        Some(Incoming::Defer) => {
-            ctl.vm.discard_ram()?;
-            ctl.runstate = RunState::InMigrate;
-        }
+        // RAM is discarded when migrate-incoming starts listening.
+        Some(Incoming::Defer) => ctl.runstate = RunState::InMigrate,
         None => {}
     }
     if let Some(p) = &ctl.config.pidfile {
