@@ -29,7 +29,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Best effort: run the calling thread ahead of the vCPU threads, for
 /// threads a stopped or blocked guest waits for: the VMM's control thread,
-/// postcopy's fault, listen, page-sending and return-path threads, the COLO
+/// postcopy's listen, background-sending and return-path threads (and its
+/// fault-path threads where [`fault_path_thread`] is refused), the COLO
 /// threads. Two settings: nice -10 (a larger share when busy) and a short
 /// scheduler slice (0.1 ms, `sched_setattr` on Linux >= 6.12's EEVDF): a
 /// woken task preempts the running one only if its slice is shorter, so
@@ -39,6 +40,30 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Without CAP_SYS_NICE, or on older kernels, each changes nothing.
 pub fn prefer_this_thread() {
     set_sched(-10, 100_000);
+}
+
+/// Best effort: run the calling thread in the real-time class
+/// (`SCHED_FIFO` priority 1, not inherited by threads it starts), for the
+/// three postcopy threads a vCPU blocked on a missing page waits for and
+/// that otherwise sleep: the destination's fault thread and preempt-channel
+/// receiver and the source's urgent page sender. Each wakes for one
+/// request or page and blocks again, so it cannot starve the vCPUs (and
+/// the kernel's real-time throttling caps the class at 95 % of a CPU). A
+/// woken real-time thread always preempts the normal threads at the next
+/// scheduling point; with [`prefer_this_thread`] alone, 2 % of faults
+/// still waited 1-3 ms behind the listen thread or a vCPU on this 2-CPU
+/// host (docs/benchmarks.md, "Postcopy"). Without CAP_SYS_NICE (or an
+/// RLIMIT_RTPRIO) it falls back to [`prefer_this_thread`].
+pub fn fault_path_thread() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler reads one valid sched_param and changes
+    // only the scheduling of this thread (pid 0).
+    let r = unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+    };
+    if r != 0 {
+        prefer_this_thread();
+    }
 }
 
 /// Run the calling thread as the vCPUs do (nice 0, default slice).

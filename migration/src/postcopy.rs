@@ -452,7 +452,7 @@ fn urgent_loop(
     count: &AtomicU64,
     finishing: &AtomicBool,
 ) -> Result<UrgentDone, MigrationError> {
-    crate::prefer_this_thread();
+    crate::fault_path_thread();
     let mut rw = RamWriter::new();
     let mut done = UrgentDone::default();
     let mut req_block = None;
@@ -1021,7 +1021,7 @@ impl DestPostcopy {
 
     /// The fault thread: read faults, ask the source for missing pages.
     fn fault_loop(&self) {
-        crate::prefer_this_thread();
+        crate::fault_path_thread();
         let mut last_block = None;
         loop {
             let mut fds = [
@@ -1236,7 +1236,7 @@ impl DestPostcopy {
     /// The preempt thread: place the requested pages of the preempt
     /// channel until its EOF.
     fn preempt_loop<R: BufRead>(&self, r: &mut Reader<R>) -> Result<(), MigrationError> {
-        crate::prefer_this_thread();
+        crate::fault_path_thread();
         let mut rr = RamReader::new(self.ram.blocks().to_vec());
         let mut staging = StagingPlacer::new(crate::precopy::MAX_SECTION_PAGES);
         loop {
