@@ -138,8 +138,6 @@ impl MachineConfig {
 
 /// A stopped machine, as [`Machine::stop`] leaves it.
 pub struct Stopped {
-    /// Were the vCPUs running before?
-    pub was_running: bool,
     /// Every device's state at the stop.
     pub devices: Vec<DeviceBlob>,
 }
@@ -372,7 +370,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
     o.shared
         .checkpoint_delay_ms
         .store(o.params.x_checkpoint_delay_ms, Ordering::SeqCst);
-    let mut stopped = None;
+    let mut stopped = false;
     let run_sent = AtomicBool::new(false);
     let result = outgoing(&mut o, &mut stopped, &run_sent);
     let _ = o.ram.stop_dirty_log();
@@ -384,7 +382,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
                 // would fork it. It stays stopped; the user decides.
                 o.shared.info().postcopy_after_run = true;
                 eprintln!("minivmm: postcopy failed after the destination started the guest; the guest stays stopped here");
-            } else if stopped.is_some() {
+            } else if stopped {
                 // Running again, or paused if it was (not finish-migrate).
                 if let Err(re) = o.machine.resume() {
                     eprintln!("minivmm: migration failed and the guest could not be resumed: {re}");
@@ -460,7 +458,7 @@ pub(crate) fn rp_error(
 
 fn outgoing(
     o: &mut Outgoing,
-    stopped: &mut Option<bool>,
+    stopped: &mut bool,
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     let start = Instant::now();
@@ -636,11 +634,8 @@ fn outgoing(
         // Stop and copy (with pause-before-switchover, the guest stays stopped
         // in pre-switchover until migrate-continue, as in QEMU).
         let stop_start = Instant::now();
-        let Stopped {
-            was_running,
-            devices,
-        } = o.machine.stop().map_err(MigrationError::Machine)?;
-        *stopped = Some(was_running);
+        let Stopped { devices } = o.machine.stop().map_err(MigrationError::Machine)?;
+        *stopped = true;
         if let (true, Some(rx)) = (postcopy(&o.shared), &rp_rx) {
             ram.sync_dirty_log(&mut dirty)?;
             o.shared.info().ram.dirty_sync_count = pass + 1;
@@ -1134,7 +1129,6 @@ mod tests {
         fn stop(&mut self) -> Result<Stopped, String> {
             *self.stopped.lock().unwrap() = true;
             Ok(Stopped {
-                was_running: true,
                 devices: vec![DeviceBlob {
                     name: "cpu".into(),
                     instance: 0,

@@ -587,10 +587,7 @@ impl Control {
                 let r = saved
                     .map_err(|e| error_chain(&e))
                     .and_then(|st| migrate::to_blobs(&st, self.was_running_before_migration))
-                    .map(|devices| Stopped {
-                        was_running: was,
-                        devices,
-                    });
+                    .map(|devices| Stopped { devices });
                 let _ = reply.send(r);
             }
             MachineRequest::Resume(reply) => {
