@@ -587,6 +587,16 @@ fn outgoing(
                 break;
             }
             if postcopy(&o.shared) {
+                if let Some(rx) = &rp_rx {
+                    crate::postcopy::discard_before_stop(
+                        &mut w,
+                        &*ram,
+                        &dirty,
+                        &mut sent,
+                        rx,
+                        &mut last_desc,
+                    )?;
+                }
                 break;
             }
             // One round: every page dirty at the sync.
@@ -640,8 +650,6 @@ fn outgoing(
             ram.sync_dirty_log(&mut dirty)?;
             o.shared.info().ram.dirty_sync_count = pass + 1;
             (o.events)(Event::Pass(pass + 1));
-            chan.closer
-                .limit_send_buffer(crate::postcopy::SOCKET_BUFFER);
             return crate::postcopy::run_source(
                 crate::postcopy::SourcePhase {
                     w: &mut w,
@@ -872,6 +880,8 @@ fn incoming(
     let mut preempt: Option<crate::postcopy::PreemptIn> = None;
     let mut colo = false;
     let mut ram_started = false;
+    // Real-time from the postcopy switch's PING to RUN (see RealTimeSection).
+    let mut switch: Option<crate::RealTimeSection> = None;
     let mut ram_ended = false;
     let mut devices: Vec<DeviceBlob> = Vec::new();
     // RAM reads as zero at the start (see `Incoming::ram`).
@@ -1030,7 +1040,16 @@ fn incoming(
                             .into());
                         }
                         let pkg = r.vec(len as usize, "package")?;
-                        return dest_package(inc, chan.closer.clone(), p, pkg, r, rr, preempt);
+                        let switch = switch.take().unwrap_or_else(crate::RealTimeSection::enter);
+                        return dest_package(
+                            inc,
+                            chan.closer.clone(),
+                            p,
+                            pkg,
+                            (r, rr),
+                            preempt,
+                            switch,
+                        );
                     }
                     cmd::POSTCOPY_PREEMPT => {
                         if post.is_none() || preempt.is_some() {
@@ -1062,6 +1081,11 @@ fn incoming(
                                 offset: at,
                                 source: e,
                             })?;
+                        }
+                        // The postcopy switch follows: real-time until RUN.
+                        if post.is_some() && data[..] == crate::postcopy::PING_SWITCH.to_be_bytes()
+                        {
+                            switch.get_or_insert_with(crate::RealTimeSection::enter);
                         }
                     }
                     cmd::ENABLE_COLO => {

@@ -308,6 +308,13 @@ impl Bitmap {
         }
     }
 
+    /// Clear the bits set in `other` (same length).
+    pub fn and_not(&mut self, other: &Bitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !*b;
+        }
+    }
+
     /// Ranges `(start, len)` of consecutive set bits.
     pub fn ranges(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
@@ -872,6 +879,11 @@ pub(crate) mod tests {
         assert_eq!(f.count(), 130);
         b.or_words(&[!0, !0, !0]);
         assert_eq!(b.count(), 130);
+        let mut odd = Bitmap::new(130);
+        (0..130).filter(|i| i % 2 == 1).for_each(|i| odd.set(i));
+        b.and_not(&odd);
+        assert_eq!(b.count(), 65);
+        assert!(b.get(128) && !b.get(129));
     }
 
     /// RAM that reports its even, all-zero pages as never populated and
