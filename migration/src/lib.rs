@@ -162,3 +162,107 @@ fn set_sched(nice: i32, slice_ns: u64) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calling thread's policy (without the reset-on-fork flag) and
+    /// nice value.
+    fn scheduling() -> (i32, i32) {
+        // SAFETY: both only read this thread's scheduling.
+        unsafe {
+            (
+                libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK,
+                libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t),
+            )
+        }
+    }
+
+    /// Whether this thread may raise its scheduling (CAP_SYS_NICE).
+    fn may_raise() -> bool {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: changes only this test thread's scheduling, put back below.
+        let ok = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0;
+        let other = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
+        ok
+    }
+
+    /// Drop CAP_SYS_NICE from this thread's effective set (capabilities
+    /// are per thread).
+    fn drop_cap_sys_nice() {
+        const CAP_SYS_NICE: u32 = 23;
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut h = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let mut d = [Data::default(); 2];
+        // SAFETY: capget fills two Data for version 3; capset reads them
+        // and changes only this thread's capabilities.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
+            d[0].effective &= !(1 << CAP_SYS_NICE);
+            assert_eq!(libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()), 0);
+        }
+    }
+
+    /// Inside the section the thread is SCHED_FIFO (where it may be);
+    /// after it, exactly as before (here: nice -10 from prefer_this_thread).
+    #[test]
+    fn real_time_section_restores_the_previous_scheduling() {
+        std::thread::spawn(|| {
+            let raise = may_raise();
+            prefer_this_thread();
+            let before = scheduling();
+            if raise {
+                assert_eq!(before, (libc::SCHED_OTHER, -10));
+            }
+            {
+                let _rt = RealTimeSection::enter();
+                let inside = if raise {
+                    libc::SCHED_FIFO
+                } else {
+                    libc::SCHED_OTHER
+                };
+                assert_eq!(scheduling().0, inside);
+            }
+            assert_eq!(scheduling(), before);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Without CAP_SYS_NICE every scheduling request is refused and the
+    /// thread runs on unchanged (nothing fails).
+    #[test]
+    fn without_cap_sys_nice_scheduling_stays_as_it_was() {
+        std::thread::spawn(|| {
+            drop_cap_sys_nice();
+            assert!(!may_raise());
+            let before = scheduling();
+            fault_path_thread();
+            assert_eq!(scheduling(), before);
+            {
+                let _rt = RealTimeSection::enter();
+                assert_eq!(scheduling(), before);
+            }
+            assert_eq!(scheduling(), before);
+        })
+        .join()
+        .unwrap();
+    }
+}
