@@ -53,7 +53,8 @@ pub fn prefer_this_thread() {
 /// scheduling point; with [`prefer_this_thread`] alone, 2 % of faults
 /// still waited 1-3 ms behind the listen thread or a vCPU on this 2-CPU
 /// host (docs/benchmarks.md, "Postcopy"). Without CAP_SYS_NICE (or an
-/// RLIMIT_RTPRIO) it falls back to [`prefer_this_thread`].
+/// RLIMIT_RTPRIO) it falls back to [`prefer_this_thread`], which then
+/// changes nothing either (lowering nice needs the same privilege).
 pub fn fault_path_thread() {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: sched_setscheduler reads one valid sched_param and changes
