@@ -28,8 +28,71 @@ def caps(names):
     return {"capabilities": [{"capability": n, "state": True} for n in names]}
 
 
+# QEMU has no per-fault latency in query-migrate; its destination's trace
+# events give one: the fault thread's request (the fault read from
+# userfaultfd) and the start of the page's placement, matched by host
+# address. Logged with -msg timestamp=on (gettimeofday, microseconds).
+QEMU_TRACE = ("postcopy_ram_fault_thread_request", "postcopy_place_page",
+              "postcopy_place_page_zero")
+BUCKETS_US = (100, 200, 500, 1000, 2000, 5000)
+
+
+def qemu_fault_latencies(path):
+    """Fault-to-placement times (µs) from a QEMU destination's trace log;
+    faults on pages already placed (no placement after them) are left out."""
+    import re
+    line = re.compile(r"^\d+@(\d+)\.(\d{6}):(\w+) (.*)$")
+    waiting = {}  # page address -> fault time (µs)
+    out = []
+    try:
+        f = open(path, errors="replace")
+    except OSError:
+        return None
+    with f:
+        for ln in f:
+            m = line.match(ln.strip())
+            if not m:
+                continue
+            t = int(m.group(1)) * 1_000_000 + int(m.group(2))
+            ev, args = m.group(3), m.group(4)
+            if ev == "postcopy_ram_fault_thread_request":
+                a = re.search(r"HVA=0x([0-9a-f]+)", args)
+                if a:
+                    waiting.setdefault(int(a.group(1), 16) & ~0xfff, t)
+            elif ev in ("postcopy_place_page", "postcopy_place_page_zero"):
+                a = re.search(r"host=0x([0-9a-f]+)", args)
+                if a:
+                    t0 = waiting.pop(int(a.group(1), 16) & ~0xfff, None)
+                    if t0 is not None:
+                        out.append(t - t0)
+    return out
+
+
+def latency_summary(lat):
+    """The x-postcopy-faults-like summary of a list of latencies (µs)."""
+    if not lat:
+        return {"faults": 0, "latency-buckets-us": {}}
+    lat = sorted(lat)
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    buckets = {str(b): 0 for b in BUCKETS_US}
+    buckets["more"] = 0
+    for v in lat:
+        b = next((str(b) for b in BUCKETS_US if v < b), "more")
+        buckets[b] += 1
+    return {"faults": len(lat), "latency-p50-us": pick(0.5), "latency-p99-us": pick(0.99),
+            "latency-max-us": lat[-1], "latency-buckets-us": buckets}
+
+
 def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False):
     dst_extra = ["-mem-prealloc"] if prealloc else []
+    trace = None
+    if g.kind == "qemu":
+        trace = os.path.join(wd, "qemu-dst-trace.log")
+        if os.path.exists(trace):
+            os.unlink(trace)
+        for ev in QEMU_TRACE:
+            dst_extra += ["-trace", ev]
+        dst_extra += ["-D", trace, "-msg", "timestamp=on"]
     with source_and_destination(g, snap, wd, dst_extra=dst_extra) as (src, dst, port):
         dq = dst.qmp
         sq = src.qmp
@@ -76,6 +139,11 @@ def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False):
         res["dst_status"] = dr.get("status")
         res["dst_reply"] = dr
         f = dr.get("x-postcopy-faults") or {}
+        if trace:
+            lat = qemu_fault_latencies(trace)
+            if lat is not None:
+                f = latency_summary(lat)
+                res["qemu_trace"] = f
         res["faults"] = f.get("faults")
         res["requests"] = f.get("requests")
         res["serviced"] = f.get("serviced")
@@ -147,7 +215,9 @@ def bench_mode(g, snap, wd, a, preempt, kind):
             f" max PASS gap {fmt(r.get('max_pass_gap_ms'), ' ms')}"
             f" (normal {fmt(r.get('normal_pass_ms'), ' ms')}), corrupt {len(r['corrupt'])},"
             f" TCP counters (host-wide) {r['tcp']}")
-        if kind == "minivmm" or r["faults"] is not None:
+        if r.get("qemu_trace") is not None:
+            log(f"    from QEMU's trace (fault request to placement): {json.dumps(r['qemu_trace'])}")
+        elif kind.startswith("minivmm") or r["faults"] is not None:
             log(f"    x-postcopy-faults: {json.dumps(r['dst_reply'].get('x-postcopy-faults'))}")
         if r["blocktime_ms"] is not None or r["vcpu_blocktime_ms"] is not None:
             log(f"    postcopy-blocktime {r['blocktime_ms']} ms,"

@@ -6,8 +6,12 @@
 # RUNS runs. Reported: the switch downtime and total time (source's
 # query-migrate), bytes, page requests, and on the destination minivmm's
 # x-postcopy-faults (faults, requests, fault-to-wake latency p50/p99/max)
-# or QEMU's postcopy-blocktime / postcopy-vcpu-blocktime (capability
-# postcopy-blocktime on the destination; QEMU has no per-fault latency).
+# and QEMU's postcopy-blocktime / postcopy-vcpu-blocktime (capability
+# postcopy-blocktime on the destination). QEMU reports no per-fault
+# latency: the script takes it from the QEMU destination's own trace events
+# (-trace postcopy_ram_fault_thread_request, postcopy_place_page[_zero],
+# -msg timestamp=on): the fault thread's request to the start of the
+# page's placement, matched by page address, microsecond timestamps.
 # Also the longest host-time gap between two PASS lines across the switch
 # (what the guest's work sees), and host-wide TCP counters per run
 # (receive-queue drops, RTO timeouts: see docs/benchmarks.md). One boot
