@@ -8,6 +8,8 @@
 //! START "ram" (block list, EOS)
 //! PART "ram" ... each round: the pages dirty at its sync, 256 per PART,
 //!      until (dirty bytes / bandwidth) <= downtime-limit
+//! [PING 6 <- PONG 6: the destination has read all of it (return path
+//!      only); the guest still runs; then one more sync]
 //! -- guest stopped, every device saved at that instant (Machine::stop) --
 //! PART ... (the last dirty pages)   END "ram" (EOS only)   FULL device sections   EOF
 //! <- SHUT(0) from the destination: it loaded everything (return path only)
@@ -17,6 +19,10 @@
 //! they come and keeping device state aside; only after EOF are devices
 //! loaded, so a truncated or corrupt stream never leaves a half-loaded guest
 //! running. It then answers SHUT(0), or ERROR_DESC + SHUT(1) on failure.
+//!
+//! From the stop to SHUT(0) both migration threads run real-time
+//! ([`crate::RealTimeSection`]; the destination from END on): that is the
+//! downtime.
 //!
 //! On any failure the source resumes its guest if it had stopped it.
 
@@ -41,6 +47,8 @@ pub const RAM_SECTION_ID: u32 = 1;
 /// Version of the RAM section.
 pub const RAM_SECTION_VERSION: u32 = 4;
 const RAM_IDSTR: &str = "ram";
+/// PING value before the stop: the destination has read the stream so far.
+const PING_DRAINED: u32 = 6;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -557,6 +565,8 @@ fn outgoing(
         let mut throttle = Throttle::new(o.params.max_bandwidth);
         let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
         let mut pass = 0u64;
+        // The destination has read everything sent so far (PING_DRAINED).
+        let mut drained = false;
         loop {
             if o.shared.cancelled() {
                 return Err(MigrationError::Cancelled);
@@ -584,6 +594,16 @@ fn outgoing(
             }
             (o.events)(Event::Pass(pass));
             if pass > 1 && (remaining == 0 || expected_ms <= o.params.downtime_limit_ms) {
+                // Stop only once the destination has read what is already
+                // on its way (up to a few MiB in socket buffers, which the
+                // bandwidth above, measured at the source's writes, does
+                // not see): it would otherwise be downtime. The guest runs
+                // meanwhile; a sync follows.
+                if let (false, Some(rx)) = (drained, &rp_rx) {
+                    crate::postcopy::ping_and_wait(&mut w, rx, &mut last_desc, PING_DRAINED)?;
+                    drained = true;
+                    continue;
+                }
                 break;
             }
             if postcopy(&o.shared) {
@@ -600,6 +620,7 @@ fn outgoing(
                 break;
             }
             // One round: every page dirty at the sync.
+            drained = false;
             let round_start = Instant::now();
             let round_bytes_start = w.offset();
             let mut sent_now = 0u64;
@@ -678,6 +699,9 @@ fn outgoing(
             }
             set_status(&o.shared, &o.events, Status::Device);
         }
+        // The rest is downtime, bounded by downtime-limit: real-time until
+        // the destination's SHUT(0) (see RealTimeSection).
+        let final_round = crate::RealTimeSection::enter();
         ram.sync_dirty_log(&mut dirty)?;
         o.shared.info().ram.dirty_sync_count = pass + 1;
         (o.events)(Event::Pass(pass + 1));
@@ -705,6 +729,7 @@ fn outgoing(
             i.downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
         }
         if let (true, Some(rx)) = (o.caps.x_colo, &rp_rx) {
+            drop(final_round);
             return crate::colo::run_primary(crate::colo::Primary {
                 w: &mut w,
                 rw: &mut rw,
@@ -742,6 +767,7 @@ fn outgoing(
             }
         }
         o.shared.info().downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
+        drop(final_round);
         Ok(())
     })();
     match result {
@@ -824,12 +850,17 @@ pub struct Incoming {
 pub fn run_incoming(mut inc: Incoming, mut chan: Channel, listener: Option<&Listener>) -> Status {
     begin_info(&inc.shared, &inc.events, &*inc.ram, Status::Active);
     let mut rp_writer: Option<RpWriter> = None;
-    let result = incoming(&mut inc, &mut chan, listener, &mut rp_writer);
+    // Real-time for the downtime (see RealTimeSection): from precopy's
+    // final RAM section to SHUT(0) sent, or from the postcopy switch's
+    // PING to RUN.
+    let mut switch: Option<crate::RealTimeSection> = None;
+    let result = incoming(&mut inc, &mut chan, listener, &mut rp_writer, &mut switch);
     let status = match result {
         Ok(()) => {
             if let Some(w) = &rp_writer {
                 let _ = send_rp(w, rp::SHUT, &0u32.to_be_bytes());
             }
+            drop(switch);
             Status::Completed
         }
         Err(e) => {
@@ -855,6 +886,7 @@ fn incoming(
     chan: &mut Channel,
     listener: Option<&Listener>,
     rp_writer: &mut Option<RpWriter>,
+    switch: &mut Option<crate::RealTimeSection>,
 ) -> Result<(), MigrationError> {
     let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
     let mut r = Reader::new(BufReader::with_capacity(1 << 20, reader));
@@ -880,8 +912,6 @@ fn incoming(
     let mut preempt: Option<crate::postcopy::PreemptIn> = None;
     let mut colo = false;
     let mut ram_started = false;
-    // Real-time from the postcopy switch's PING to RUN (see RealTimeSection).
-    let mut switch: Option<crate::RealTimeSection> = None;
     let mut ram_ended = false;
     let mut devices: Vec<DeviceBlob> = Vec::new();
     // RAM reads as zero at the start (see `Incoming::ram`).
@@ -954,6 +984,9 @@ fn incoming(
                 r.footer(id)?;
                 if t == section::END {
                     ram_ended = true;
+                    // The source has stopped the guest (precopy's final
+                    // round): what follows is downtime.
+                    switch.get_or_insert_with(crate::RealTimeSection::enter);
                 }
                 let mut i = inc.shared.info();
                 i.ram.transferred = r.offset();
@@ -1124,6 +1157,7 @@ fn incoming(
         );
     }
     if colo {
+        switch.take();
         let rp = rp_writer
             .clone()
             .ok_or_else(|| StreamError::invalid(r.offset(), "COLO without a return path"))?;
