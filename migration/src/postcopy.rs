@@ -77,7 +77,7 @@ use crate::ram::{
 };
 use crate::status::{Parameters, Shared, Status};
 use crate::stream::{
-    self, cmd, rp, section, BufSink, Reader, Sink, StreamError, Writer, PAGE_SIZE,
+    self, cmd, ping, rp, section, BufSink, Reader, Sink, StreamError, Writer, PAGE_SIZE,
 };
 use crate::transport::{Closer, Listener, Uri};
 
@@ -95,14 +95,6 @@ pub const MAX_PACKAGE: u32 = 64 << 20;
 /// Environment variable that makes the destination's userfaultfd check fail
 /// (for tests of the advise error path).
 pub const NO_UFFD_ENV: &str = "MINIVMM_TEST_NO_USERFAULTFD";
-/// PING value answered once the destination's guest has been started.
-const PING_RUNNING: u32 = 2;
-/// PING value of the advise handshake.
-const PING_ADVISE: u32 = 1;
-/// PING value after the discard sent before the stop: the switch follows.
-pub(crate) const PING_SWITCH: u32 = 5;
-/// PING value after POSTCOPY_PREEMPT (the destination accepted the channel).
-const PING_PREEMPT: u32 = 4;
 
 /// Postcopy-specific failures.
 #[derive(Debug, thiserror::Error)]
@@ -161,39 +153,7 @@ pub(crate) fn advise_source<W: Sink>(
     data.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
     data.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
     w.command(cmd::POSTCOPY_ADVISE, &data)?;
-    ping_and_wait(w, rx, last_desc, PING_ADVISE)
-}
-
-/// Source: send PING `value` and wait for its PONG, so that the
-/// destination has judged every command before it (or said why not).
-pub(crate) fn ping_and_wait<W: Sink>(
-    w: &mut Writer<W>,
-    rx: &RpReceiver,
-    last_desc: &mut Option<String>,
-    value: u32,
-) -> Result<(), MigrationError> {
-    w.command(cmd::PING, &value.to_be_bytes())?;
-    w.flush()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .ok_or(MigrationError::PeerLost("destination"))?;
-        match rx.recv_timeout(left) {
-            Ok(Ok((rp::PONG, d))) if d == value.to_be_bytes() => return Ok(()),
-            Ok(Ok((k, d))) => {
-                if let Some(e) = rp_error(k, &d, last_desc) {
-                    return Err(e);
-                }
-            }
-            _ => {
-                return Err(last_desc
-                    .take()
-                    .map(MigrationError::Destination)
-                    .unwrap_or(MigrationError::PeerLost("destination")))
-            }
-        }
-    }
+    crate::precopy::ping_and_wait(w, rx, last_desc, ping::ADVISE)
 }
 
 /// What the source's postcopy phase needs from the precopy engine.
@@ -276,7 +236,7 @@ pub(crate) fn discard_before_stop<W: Sink>(
     for (s, d) in sent.iter_mut().zip(dirty) {
         s.and_not(d);
     }
-    ping_and_wait(w, rx, last_desc, PING_SWITCH)?;
+    crate::precopy::ping_and_wait(w, rx, last_desc, ping::SWITCH)?;
     Ok(n)
 }
 
@@ -291,7 +251,7 @@ fn send_package<W: Sink>(
         stream::write_device(&mut pw, RAM_SECTION_ID + 1 + i as u32, d)?;
     }
     pw.command(cmd::POSTCOPY_RUN, &[])?;
-    pw.command(cmd::PING, &PING_RUNNING.to_be_bytes())?;
+    pw.command(cmd::PING, &ping::RUNNING.to_be_bytes())?;
     pw.u8(section::EOF)?;
     let pkg = std::mem::take(pw.get_mut());
     let len = u32::try_from(pkg.len())
@@ -382,7 +342,7 @@ pub(crate) fn connect_preempt<W: Sink>(
     pw.be32(stream::PREEMPT_VERSION)?;
     pw.flush()?;
     w.command(cmd::POSTCOPY_PREEMPT, &[])?;
-    ping_and_wait(w, rx, last_desc, PING_PREEMPT)?;
+    crate::precopy::ping_and_wait(w, rx, last_desc, ping::PREEMPT)?;
     Ok(Preempt {
         w: pw,
         r: Reader::new(std::io::BufReader::new(reader)),
@@ -747,7 +707,7 @@ fn source_reply<W: Sink>(
     kind: u16,
     data: &[u8],
 ) -> Result<(), MigrationError> {
-    if kind == rp::PONG && data == PING_RUNNING.to_be_bytes() {
+    if kind == rp::PONG && data == ping::RUNNING.to_be_bytes() {
         p.running = true;
         p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
         return Ok(());

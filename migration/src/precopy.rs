@@ -38,7 +38,7 @@ use crate::postcopy::{dest_package, send_rp, DestPostcopy, RpWriter, TrackingPla
 use crate::ram::{Bitmap, GuestRam, RamError, RamReader, RamRecordError, RamWriter};
 use crate::status::{Capabilities, Parameters, Shared, Status};
 use crate::stream::{
-    self, cmd, rp, section, BufSink, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE,
+    self, cmd, ping, rp, section, BufSink, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE,
 };
 use crate::transport::{self, Channel, Listener, Uri};
 
@@ -47,8 +47,6 @@ pub const RAM_SECTION_ID: u32 = 1;
 /// Version of the RAM section.
 pub const RAM_SECTION_VERSION: u32 = 4;
 const RAM_IDSTR: &str = "ram";
-/// PING value before the stop: the destination has read the stream so far.
-const PING_DRAINED: u32 = 6;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -520,7 +518,7 @@ fn outgoing(
         }
         w.command(cmd::ENABLE_COLO, &[])?;
         if let Some(rx) = &rp_rx {
-            crate::postcopy::ping_and_wait(&mut w, rx, &mut last_desc, 3)?;
+            ping_and_wait(&mut w, rx, &mut last_desc, ping::COLO)?;
         }
     }
     let check_rp =
@@ -565,7 +563,7 @@ fn outgoing(
         let mut throttle = Throttle::new(o.params.max_bandwidth);
         let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
         let mut pass = 0u64;
-        // The destination has read everything sent so far (PING_DRAINED).
+        // The destination has read everything sent so far (ping::DRAINED).
         let mut drained = false;
         loop {
             if o.shared.cancelled() {
@@ -600,7 +598,7 @@ fn outgoing(
                 // not see): it would otherwise be downtime. The guest runs
                 // meanwhile; a sync follows.
                 if let (false, Some(rx)) = (drained, &rp_rx) {
-                    crate::postcopy::ping_and_wait(&mut w, rx, &mut last_desc, PING_DRAINED)?;
+                    ping_and_wait(&mut w, rx, &mut last_desc, ping::DRAINED)?;
                     drained = true;
                     continue;
                 }
@@ -777,6 +775,38 @@ fn outgoing(
             Err(destination_reason(&rp_rx, &mut last_desc).unwrap_or(e))
         }
         r => r,
+    }
+}
+
+/// Source: send PING `value` and wait for its PONG, so that the
+/// destination has judged every command before it (or said why not).
+pub(crate) fn ping_and_wait<W: Sink>(
+    w: &mut Writer<W>,
+    rx: &RpReceiver,
+    last_desc: &mut Option<String>,
+    value: u32,
+) -> Result<(), MigrationError> {
+    w.command(cmd::PING, &value.to_be_bytes())?;
+    w.flush()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .ok_or(MigrationError::PeerLost("destination"))?;
+        match rx.recv_timeout(left) {
+            Ok(Ok((rp::PONG, d))) if d == value.to_be_bytes() => return Ok(()),
+            Ok(Ok((k, d))) => {
+                if let Some(e) = rp_error(k, &d, last_desc) {
+                    return Err(e);
+                }
+            }
+            _ => {
+                return Err(last_desc
+                    .take()
+                    .map(MigrationError::Destination)
+                    .unwrap_or(MigrationError::PeerLost("destination")))
+            }
+        }
     }
 }
 
@@ -1116,8 +1146,7 @@ fn incoming(
                             })?;
                         }
                         // The postcopy switch follows: real-time until RUN.
-                        if post.is_some() && data[..] == crate::postcopy::PING_SWITCH.to_be_bytes()
-                        {
+                        if post.is_some() && data[..] == ping::SWITCH.to_be_bytes() {
                             switch.get_or_insert_with(crate::RealTimeSection::enter);
                         }
                     }

@@ -119,6 +119,25 @@ pub mod rp {
     pub const COLO: u16 = 0x4d02;
 }
 
+/// The `be32` values of the source's PINGs: each marks a point the source
+/// waits at until the destination's PONG says it has read (and judged)
+/// everything before it.
+pub mod ping {
+    /// After POSTCOPY_ADVISE: postcopy can work there.
+    pub const ADVISE: u32 = 1;
+    /// In the postcopy package, after RUN: the guest runs there (the end of
+    /// postcopy's downtime; the source does not wait for it in place).
+    pub const RUNNING: u32 = 2;
+    /// After ENABLE_COLO: COLO is enabled there.
+    pub const COLO: u32 = 3;
+    /// After POSTCOPY_PREEMPT: the preempt channel is accepted.
+    pub const PREEMPT: u32 = 4;
+    /// After the postcopy discard sent before the stop: dropped there.
+    pub const SWITCH: u32 = 5;
+    /// Before precopy's stop: the rounds so far are read there.
+    pub const DRAINED: u32 = 6;
+}
+
 /// Longest device-state blob we accept.
 pub const MAX_DEVICE_STATE: u32 = 64 << 20;
 /// Longest configuration we accept.
