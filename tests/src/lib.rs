@@ -1039,3 +1039,92 @@ pub fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
         .map(|(i, _)| i)
         .collect()
 }
+
+/// The kvmclock MSRs (0x4b564d00 wall clock, 0x4b564d01 system time) of
+/// every vCPU in a saved migration stream. A `cpu` device section is
+/// `0x04, be32 id, idstr "cpu", be32 instance, be32 version, be32 n` and n
+/// bytes of postcard; in those, each MSR is a 16-byte `kvm_msr_entry` after
+/// its length byte 0x10: `[index u32 LE, reserved 0, data u64 LE]`.
+pub fn kvmclock_msrs(stream: &[u8]) -> Vec<(u32, u64)> {
+    let key = b"\x03cpu";
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(p) = stream[i..].windows(key.len()).position(|w| w == key) {
+        let at = i + p;
+        i = at + key.len();
+        if at < 5 || stream[at - 5] != 0x04 || stream.len() < i + 12 {
+            continue;
+        }
+        let n = u32::from_be_bytes(stream[i + 8..i + 12].try_into().unwrap()) as usize;
+        let state = &stream[i + 12..(i + 12 + n).min(stream.len())];
+        for w in state.windows(17) {
+            let index = u32::from_le_bytes(w[1..5].try_into().unwrap());
+            if w[0] == 0x10
+                && w[5..9] == [0, 0, 0, 0]
+                && (index == 0x4b56_4d00 || index == 0x4b56_4d01)
+            {
+                out.push((index, u64::from_le_bytes(w[9..17].try_into().unwrap())));
+            }
+        }
+    }
+    out
+}
+
+/// Both sides paused after a migration (the source in `postmigrate`, the
+/// destination started with `-S`): their first `size` bytes of RAM must be
+/// identical page by page except the kvmclock areas that KVM rewrites when
+/// the destination restores the clock MSRs (the wall-clock structure and
+/// the vCPUs' pvclock structures: KVM writes them itself on KVM_SET_MSRS /
+/// the first entry, with the destination host's TSC values). Which pages
+/// those are is read from the vCPU state of a save of the source to a
+/// file; any other differing page fails, named with its first bytes. The
+/// workload's buffer must be in the dump.
+pub fn assert_same_memory(
+    src: &mut Vmm,
+    sq: &mut Client,
+    dst: &mut Vmm,
+    dq: &mut Client,
+    size: u64,
+) {
+    let a = pmem_dump(src, sq, size, "src.mem");
+    let b = pmem_dump(dst, dq, size, "dst.mem");
+    let diff = differing_pages(&a, &b);
+    // The workload's buffer must be there, identical.
+    assert!(
+        scan_workload_pages(&a).len() >= 4000,
+        "workload pages not found in the dump"
+    );
+    if !diff.is_empty() {
+        // Which pages may differ: those the kvmclock MSRs point at.
+        let file = src.dir.path("state.qevm");
+        // A save is one-way: postcopy, if it was on, must be off for it.
+        sq.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-ram", "state": false}]}),
+        )
+        .expect("migrate-set-capabilities");
+        sq.execute(
+            "migrate",
+            json!({"uri": format!("file:{}", file.display())}),
+        )
+        .expect("migrate to file");
+        let r = wait_migration(sq, &["completed", "failed"], Duration::from_secs(120));
+        assert_eq!(r["status"], "completed", "{r}");
+        let msrs = kvmclock_msrs(&std::fs::read(&file).expect("saved state"));
+        assert!(!msrs.is_empty(), "no kvmclock MSRs in the saved vCPU state");
+        let allowed: Vec<usize> = msrs
+            .iter()
+            .map(|(_, v)| ((v & !1) / 4096) as usize)
+            .collect();
+        for p in &diff {
+            assert!(
+                allowed.contains(p),
+                "page {p:#x} (gpa {:#x}) differs and holds no kvmclock structure (those are at pages {allowed:x?}); first bytes src {:02x?} dst {:02x?}",
+                p * 4096,
+                &a[p * 4096..p * 4096 + 32],
+                &b[p * 4096..p * 4096 + 32]
+            );
+        }
+        eprintln!("pages differing (kvmclock areas, rewritten by KVM): {diff:x?}");
+    }
+}
