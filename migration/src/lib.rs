@@ -69,14 +69,16 @@ pub fn fault_path_thread() {
 
 /// The calling thread runs real-time ([`fault_path_thread`]'s class) until
 /// this guard drops, then gets its previous scheduling back. For the
-/// postcopy switch (the source's stop-to-package and the destination's
-/// discard-to-RUN), which is downtime and short. Measured on the 2-CPU
-/// test host without it: the source's write of the package woke the
-/// destination's reader on the same CPU, which preempted the writer and
-/// spent 1-2 ms dropping discarded pages while the writer waited, runnable,
-/// beside an idle CPU (the fair scheduler keeps a task that just ran where
-/// it is). The real-time class runs a woken task on another CPU at once
-/// instead. Does nothing without CAP_SYS_NICE.
+/// downtime, on both sides: the postcopy switch (source: stop to package
+/// sent; destination: PING 5 to RUN) and precopy's final round (source:
+/// stop to SHUT(0); destination: END to SHUT(0) sent), which the
+/// downtime-limit bounds. Measured on the 2-CPU test host without it: the
+/// source's write of the postcopy package woke the destination's reader on
+/// the same CPU, which preempted the writer and spent 1-2 ms dropping
+/// discarded pages while the writer waited, runnable, beside an idle CPU
+/// (the fair scheduler keeps a task that just ran where it is). The
+/// real-time class runs a woken task on another CPU at once instead. Does
+/// nothing without CAP_SYS_NICE (or an RLIMIT_RTPRIO).
 pub struct RealTimeSection {
     saved: Option<libc::sched_attr>,
 }
