@@ -231,13 +231,12 @@ pub(crate) fn discard_before_stop<W: Sink>(
     sent: &mut [Bitmap],
     rx: &RpReceiver,
     last_desc: &mut Option<String>,
-) -> Result<u64, MigrationError> {
-    let n = send_discards(w, ram, dirty, sent)?;
+) -> Result<(), MigrationError> {
+    send_discards(w, ram, dirty, sent)?;
     for (s, d) in sent.iter_mut().zip(dirty) {
         s.and_not(d);
     }
-    crate::precopy::ping_and_wait(w, rx, last_desc, ping::SWITCH)?;
-    Ok(n)
+    crate::precopy::ping_and_wait(w, rx, last_desc, ping::SWITCH)
 }
 
 /// Source: the device package (LISTEN, device sections, RUN, PING 2, EOF).
