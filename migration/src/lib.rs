@@ -56,15 +56,21 @@ pub fn prefer_this_thread() {
 /// RLIMIT_RTPRIO) it falls back to [`prefer_this_thread`], which then
 /// changes nothing either (lowering nice needs the same privilege).
 pub fn fault_path_thread() {
+    if !enter_fifo() {
+        prefer_this_thread();
+    }
+}
+
+/// Put the calling thread in `SCHED_FIFO` priority 1, reset on fork.
+/// Whether that was allowed.
+fn enter_fifo() -> bool {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: sched_setscheduler reads one valid sched_param and changes
     // only the scheduling of this thread (pid 0).
     let r = unsafe {
         libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
     };
-    if r != 0 {
-        prefer_this_thread();
-    }
+    r == 0
 }
 
 /// The calling thread runs real-time ([`fault_path_thread`]'s class) until
@@ -100,12 +106,7 @@ impl RealTimeSection {
                 0,
             )
         };
-        let param = libc::sched_param { sched_priority: 1 };
-        // SAFETY: as in fault_path_thread.
-        let set = got == 0
-            && unsafe {
-                libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
-            } == 0;
+        let set = got == 0 && enter_fifo();
         Self {
             saved: set.then_some(attr),
         }

@@ -1128,3 +1128,14 @@ pub fn assert_same_memory(
         eprintln!("pages differing (kvmclock areas, rewritten by KVM): {diff:x?}");
     }
 }
+
+/// The guest paused on both sides after a migration goes on at the
+/// destination after `cont`: PASS numbers past the source's last one, and
+/// no CORRUPT on either side.
+pub fn cont_and_goes_on(src: &Vmm, dst: &Vmm, dq: &mut Client) {
+    dq.execute("cont", json!({})).expect("cont");
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst.assert_no_corrupt();
+    src.assert_no_corrupt();
+}

@@ -65,6 +65,20 @@ fn migrate_slowly(sq: &mut Client, cap: &str, uri: &str) {
     sq.execute("migrate", json!({ "uri": uri })).unwrap();
 }
 
+/// With postcopy-ram and events on the source, migrate slowly (see
+/// `migrate_slowly`) to the destination on `port` and wait for the third
+/// precopy pass: the guest has dirtied pages sent before by then.
+fn precopy_to_pass_3(sq: &mut Client, port: u16) {
+    set_caps(sq, &[("postcopy-ram", true), ("events", true)]);
+    migrate_slowly(sq, "postcopy-ram", &format!("tcp:127.0.0.1:{port}"));
+    sq.wait_event(
+        "MIGRATION_PASS",
+        |e| e["data"]["pass"].as_u64() >= Some(3),
+        MIG_TIMEOUT,
+    )
+    .unwrap();
+}
+
 /// Both sides complete; the source served page requests and ends
 /// `postmigrate`, the destination served faults and runs.
 fn completed_with_requests(sq: &mut Client, dq: &mut Client) {
@@ -126,14 +140,7 @@ fn non_converging_guest_completes_in_postcopy() {
     let mut src = running_source(guest("src"), &guest("base"));
     let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
     let mut sq = src.qmp();
-    set_caps(&mut sq, &[("postcopy-ram", true), ("events", true)]);
-    migrate_slowly(&mut sq, "postcopy-ram", &format!("tcp:127.0.0.1:{port}"));
-    sq.wait_event(
-        "MIGRATION_PASS",
-        |e| e["data"]["pass"].as_u64() >= Some(3),
-        MIG_TIMEOUT,
-    )
-    .unwrap();
+    precopy_to_pass_3(&mut sq, port);
     let r = sq.execute("query-migrate", json!({})).unwrap();
     assert_eq!(r["status"], "active", "still in precopy: {r}");
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
@@ -161,14 +168,7 @@ fn paused_destination_memory_identical_after_postcopy() {
     let mut src = running_source(guest("src"), &guest("base"));
     let (mut dst, mut dq, port) = postcopy_destination(guest("dst").arg("-S"), false);
     let mut sq = src.qmp();
-    set_caps(&mut sq, &[("postcopy-ram", true), ("events", true)]);
-    migrate_slowly(&mut sq, "postcopy-ram", &format!("tcp:127.0.0.1:{port}"));
-    sq.wait_event(
-        "MIGRATION_PASS",
-        |e| e["data"]["pass"].as_u64() >= Some(3),
-        MIG_TIMEOUT,
-    )
-    .unwrap();
+    precopy_to_pass_3(&mut sq, port);
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
     let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
     assert_eq!(r["status"], "completed", "{r}");
@@ -177,11 +177,7 @@ fn paused_destination_memory_identical_after_postcopy() {
     assert_eq!(dr["status"], "completed", "{dr}");
     assert_eq!(run_state(&mut dq), "paused");
     assert_same_memory(&mut src, &mut sq, &mut dst, &mut dq, 128 << 20);
-    dq.execute("cont", json!({})).unwrap();
-    let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
-    src.assert_no_corrupt();
-    dst.assert_no_corrupt();
+    cont_and_goes_on(&src, &dst, &mut dq);
 }
 
 /// `migrate_start_postcopy` (the alias) right after `migrate`, with the

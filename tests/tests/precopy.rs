@@ -140,11 +140,7 @@ fn memory_identical(mut src: Vmm, dst: VmmBuilder, uri: &str) {
     assert_eq!(run_state(&mut dq), "paused");
 
     assert_same_memory(&mut src, &mut sq, &mut dst, &mut dq, 128 << 20);
-    dq.execute("cont", json!({})).unwrap();
-    let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
-    dst.assert_no_corrupt();
-    src.assert_no_corrupt();
+    cont_and_goes_on(&src, &dst, &mut dq);
 }
 
 /// `exec:` both ways through a file: the source writes with `cat >`, a new
