@@ -22,6 +22,14 @@ side. Before each run, one loopback TCP connection's rate (1 GiB): the
 "of loopback" column is the run's page data rate over it (this host's
 loopback rate moves by a third between minutes). At the end the machine's
 own limits: loopback TCP and memcpy bandwidth.
+
+--same-state PAGESTREAM (a build of bench/pagestream.c) adds, before each
+run, two baselines taken in the state the migration runs in: a source and
+destination started and settled exactly as for the run (source stopped
+when the scenario stops it), then torn down without migrating; with them
+up, once the loopback connection (1 GiB), once PAGESTREAM (the simplest
+page stream: 8-byte header and 4 KiB per page, no CRC). The table then
+also gives the run's page data rate over each of these.
 """
 
 import argparse
@@ -153,6 +161,24 @@ def fresh_write_mib_s(size=512 << 20):
     return size / dt / MIB
 
 
+def same_state_baseline(g, snap, wd, stopped, prealloc, measure):
+    """`measure()` with a source and destination up and settled as for a
+    run, nothing migrated: the host's memory and caches as the migration
+    finds them."""
+    dst_extra = ["-mem-prealloc"] if prealloc else []
+    with source_and_destination(g, snap, wd, dst_extra=dst_extra) as (src, dst, _port):
+        dst.qmp
+        if stopped:
+            src.qmp.cmd("stop")
+        return measure()
+
+
+def pagestream_mib_s(binary, mib=512):
+    import subprocess
+    out = subprocess.run([binary, str(mib)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -162,6 +188,8 @@ def main():
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--snapshot-dir", help="keep the booted guests' snapshots here and reuse"
                     " them (named by VMM build and guest)")
+    ap.add_argument("--same-state", metavar="PAGESTREAM",
+                    help="also measure loopback and PAGESTREAM with the VMs up (see above)")
     ap.add_argument("--dst-prealloc", action="store_true",
                     help="start destinations with -mem-prealloc")
     common_args(ap)
@@ -189,14 +217,24 @@ def main():
                     # minute to the next: each run gets its own, measured
                     # just before it, to compare its page data rate with.
                     lb = loopback_tcp_mib_s(total=1 << 30)
+                    same = {}
+                    if a.same_state:
+                        same["lb_same"] = same_state_baseline(
+                            g, snap, wd, stopped, a.dst_prealloc,
+                            lambda: loopback_tcp_mib_s(total=1 << 30))
+                        same["ps_same"] = same_state_baseline(
+                            g, snap, wd, stopped, a.dst_prealloc,
+                            lambda: pagestream_mib_s(a.same_state))
                     r = one_run(g, snap, wd, a.downtime_limit, not a.no_verify, a.max_bandwidth,
                                 stopped, a.dst_prealloc)
                     r["loopback_mib_s"] = lb
+                    r.update(same)
                     runs.append(r)
                     log(f"  {kind} {name} run {i + 1}: {r['status']} total {r['total_ms']} ms"
                         f" downtime {r['downtime_ms']} ms setup {r['setup_ms']} ms"
                         f" {r['transferred_mib']:.1f} MiB ({r['normal_mib']:.1f} MiB pages)"
                         f" syncs {r['syncs']} loopback {lb:.0f} MiB/s"
+                        + "".join(f" {k} {v:.0f} MiB/s" for k, v in same.items()) +
                         f" verified={r['verified']} corrupt={len(r['corrupt'])}"
                         f" tcp {r['tcp']} ({time.monotonic() - t0:.0f} s)"
                         + (f" error: {r['error']}" if r['error'] else ""))
@@ -209,8 +247,10 @@ def main():
     quiet = machine_note() and quiet  # also quiet at the end?
     print()
     print("| VMM | guest | total-time | downtime | setup-time | transferred | of it page data"
-          " | page data rate | of loopback | dirty syncs | runs completed | CORRUPT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " | page data rate | of loopback"
+          + (" | of loopback, VMs up | of page stream, VMs up" if a.same_state else "")
+          + " | dirty syncs | runs completed | CORRUPT |")
+    print("|---" * (14 if a.same_state else 12) + "|")
     for kind, label, runs in rows:
         ok = [r for r in runs if r["status"] == "completed"]
         rng = lambda k: (f" ({min(r[k] for r in ok)}-{max(r[k] for r in ok)})" if ok else "")
@@ -218,6 +258,10 @@ def main():
         rate = [r["normal_mib"] / ((r["total_ms"] - r["setup_ms"]) / 1000.0) for r in timed]
         share = [100.0 * x / r["loopback_mib_s"] for x, r in zip(rate, timed)]
         share_rng = f" ({min(share):.0f}-{max(share):.0f})" if share else ""
+
+        def of(key):
+            xs = [100.0 * x / r[key] for x, r in zip(rate, timed) if r.get(key)]
+            return f" | {fmt(median(xs), ' %')}" + (f" ({min(xs):.0f}-{max(xs):.0f})" if xs else "")
         print(f"| {kind} | {label}"
               f" | {fmt(median([r['total_ms'] for r in ok]), ' ms')}{rng('total_ms')}"
               f" | {fmt(median([r['downtime_ms'] for r in ok]), ' ms')}{rng('downtime_ms')}"
@@ -226,6 +270,7 @@ def main():
               f" | {fmt(median([r['normal_mib'] for r in ok]), ' MiB', 1)}"
               f" | {fmt(median(rate), ' MiB/s')}"
               f" | {fmt(median(share), ' %')}{share_rng}"
+              + (of("lb_same") + of("ps_same") if a.same_state else "") +
               f" | {fmt(median([r['syncs'] for r in ok]))}"
               f" | {len(ok)}/{len(runs)}"
               f" | {'yes: ' + str(sum(len(r['corrupt']) for r in runs)) + ' lines' if any(r['corrupt'] for r in runs) else 'no'}"

@@ -18,7 +18,9 @@
 # picks the guests (also data512, data512s: page throughput, see
 # migrate.py); BENCH_DST_PREALLOC=1 starts destinations with -mem-prealloc;
 # BENCH_SNAPSHOTS=DIR keeps the booted guests there for later runs (the
-# 512 MiB guest takes minutes to boot and fill). Run it on an otherwise idle machine (~10 minutes).
+# 512 MiB guest takes minutes to boot and fill); BENCH_SAME_STATE=1 builds
+# bench/pagestream.c and measures loopback and that page stream with the
+# VMs up before each run (migrate.py --same-state). Run it on an otherwise idle machine (~10 minutes).
 set -euo pipefail
 
 NAME=migrate.sh
@@ -30,4 +32,10 @@ MAXBW=${BENCH_MAX_BANDWIDTH:-10737418240}
 OPTS=()
 [ "${BENCH_DST_PREALLOC:-0}" = 1 ] && OPTS=(--dst-prealloc)
 [ -n "${BENCH_SNAPSHOTS:-}" ] && OPTS+=(--snapshot-dir "$BENCH_SNAPSHOTS")
+if [ "${BENCH_SAME_STATE:-0}" = 1 ]; then
+    psdir=$(mktemp -d)
+    trap 'rc=$?; rm -rf "$psdir"; [ -z "$PY" ] || kill "$PY" 2>/dev/null || true; exit $rc' EXIT
+    cc -O2 -o "$psdir/pagestream" "$ROOT/bench/pagestream.c"
+    OPTS+=(--same-state "$psdir/pagestream")
+fi
 run_py migrate.py --runs "$RUNS" --scenarios "$SCENARIOS" --max-bandwidth "$MAXBW" "${OPTS[@]}"
