@@ -838,6 +838,20 @@ pub enum Tamper {
         /// Stream offset.
         at: u64,
     },
+    /// Close both connections where the source's `COMMAND PING value`
+    /// starts (the PING is not passed on): the destination is lost while
+    /// the source waits for that PONG.
+    CutAtPing {
+        /// The PING's `be32` value (`stream::ping` in the migration crate).
+        value: u32,
+    },
+}
+
+/// The bytes a `COMMAND PING value` starts with: type 0x08, be16 command 2,
+/// be16 length 4, be32 value (docs/migration-stream.md).
+fn ping_bytes(value: u32) -> [u8; 9] {
+    let v = value.to_be_bytes();
+    [0x08, 0, 2, 0, 4, v[0], v[1], v[2], v[3]]
 }
 
 /// A TCP relay between a migration source and destination that can damage
@@ -959,6 +973,9 @@ fn relay_one(
     let (mut src, mut dst) = (src, dst);
     let mut buf = vec![0u8; 64 << 10];
     let mut off: u64 = 0;
+    // The last bytes of the previous chunk, so that a PING split between
+    // two reads is still found.
+    let mut tail: Vec<u8> = Vec::new();
     loop {
         let n = match src.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -996,6 +1013,18 @@ fn relay_one(
                 } else {
                     dst.write_all(chunk).is_ok()
                 }
+            }
+            Tamper::CutAtPing { value } => {
+                let pat = ping_bytes(value);
+                let seen: Vec<u8> = tail.iter().chain(chunk.iter()).copied().collect();
+                if let Some(p) = seen.windows(pat.len()).position(|w| w == pat) {
+                    let k = p.saturating_sub(tail.len());
+                    let _ = dst.write_all(&chunk[..k]);
+                    let _ = src.shutdown(Shutdown::Both);
+                    break;
+                }
+                tail = seen[seen.len().saturating_sub(pat.len() - 1)..].to_vec();
+                dst.write_all(chunk).is_ok()
             }
         };
         off = end;

@@ -340,6 +340,29 @@ fn connection_lost(preempt: bool) {
     dst.assert_no_corrupt();
 }
 
+/// The destination is lost exactly while the source waits for PONG 5 (the
+/// discard before the stop is out; the guest still runs on the source):
+/// the source fails, saying so, keeps its guest running, intact, and the
+/// destination exits with an error.
+#[test]
+fn destination_lost_at_the_switch_ping() {
+    if !kvm_available("destination_lost_at_the_switch_ping") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (mut dst, _dq, port) = postcopy_destination(guest("dst"), false);
+    let relay = Relay::start(port, Tamper::CutAtPing { value: 5 });
+    let mut sq = src.qmp();
+    precopy_to_pass_3(&mut sq, relay.port);
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    failed_before_switch(
+        &src,
+        &mut sq,
+        &mut dst,
+        "connection to the destination was lost",
+    );
+}
+
 /// `migrate_cancel` after the switch (with the preempt channel): the source
 /// reports `cancelled` and keeps its copy stopped (the destination already
 /// ran the guest); the destination fails with a reason and stops its guest.

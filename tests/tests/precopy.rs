@@ -275,6 +275,41 @@ fn destination_killed_mid_migration_then_retry() {
     dst2.assert_no_corrupt();
 }
 
+/// The destination is lost exactly while the source waits for PONG 6 (the
+/// rest fits; the source stops its guest only after that answer): the
+/// source fails, saying so, and its guest never stopped; the destination
+/// exits with an error; a second migration to a fresh destination then
+/// completes.
+#[test]
+fn destination_lost_at_the_drained_ping_then_retry() {
+    if !kvm_available("destination_lost_at_the_drained_ping_then_retry") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    let port = free_port();
+    let mut dst = destination("dst", &format!("tcp:127.0.0.1:{port}"));
+    let relay = Relay::start(port, Tamper::CutAtPing { value: 6 });
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{}", relay.port));
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["error-desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("connection to the destination was lost")),
+        "{r}"
+    );
+    assert_source_survived(&mut src, &mut sq);
+    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+
+    let port = free_port();
+    let dst2 = destination("dst2", &format!("tcp:127.0.0.1:{port}"));
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{port}"));
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst2.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst2.assert_no_corrupt();
+}
+
 /// `migrate_cancel` right after `migrate` (setup), during the rounds of a
 /// migration that cannot converge, and after completion (harmless).
 #[test]
