@@ -920,6 +920,9 @@ fn incoming(
 ) -> Result<(), MigrationError> {
     let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
     let mut r = Reader::new(BufReader::with_capacity(1 << 20, reader));
+    // Bulk pages come first: batched wake-ups until the source's stop,
+    // postcopy switch or COLO comes near (transport::ReadBatching).
+    chan.batching.allow();
     stream::read_header(&mut r)?;
     let at = r.offset();
     let cfg = stream::read_config(&mut r)?;
@@ -1145,6 +1148,14 @@ fn incoming(
                                 source: e,
                             })?;
                         }
+                        // The source stops its guest after this answer
+                        // (precopy's final round or the postcopy switch):
+                        // from here every message is urgent.
+                        if data[..] == ping::DRAINED.to_be_bytes()
+                            || data[..] == ping::SWITCH.to_be_bytes()
+                        {
+                            chan.batching.stop();
+                        }
                         // The postcopy switch follows: real-time until RUN.
                         if post.is_some() && data[..] == ping::SWITCH.to_be_bytes() {
                             switch.get_or_insert_with(crate::RealTimeSection::enter);
@@ -1161,6 +1172,8 @@ fn incoming(
                         if !inc.machine.capabilities().x_colo {
                             return Err(crate::colo::ColoError::NotEnabled.into());
                         }
+                        // Checkpoints are waited for: no batching.
+                        chan.batching.stop();
                         colo = true;
                     }
                     other => {

@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 /// A parsed migration URI.
@@ -185,6 +186,8 @@ pub struct Channel {
     pub duplex: bool,
     /// Shuts the channel down.
     pub closer: Closer,
+    /// Batched wake-ups of `reader` (incoming TCP only; see [`ReadBatching`]).
+    pub batching: ReadBatching,
     child: Option<Arc<Mutex<Child>>>,
 }
 
@@ -228,6 +231,7 @@ where
         writer: Box::new(s),
         duplex: true,
         closer: closer(Arc::new(c)),
+        batching: ReadBatching::none(),
         child: None,
     })
 }
@@ -263,6 +267,7 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
                 writer: Box::new(stdin),
                 duplex: false,
                 closer: Closer::Child(child.clone()),
+                batching: ReadBatching::none(),
                 child: Some(child),
             })
         }
@@ -273,8 +278,140 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
                 writer: Box::new(f),
                 duplex: false,
                 closer: Closer::Nothing,
+                batching: ReadBatching::none(),
                 child: None,
             })
+        }
+    }
+}
+
+/// Bytes the kernel queues before it wakes a batching reader
+/// (`SO_RCVLOWAT`).
+const BATCH_LOW_WATER: i32 = 256 << 10;
+/// A read at least this long means the stream is flowing: batch from now
+/// (half a loopback segment, so one segment read alone counts).
+const BATCH_FLOWING: usize = 32 << 10;
+/// The longest a batching read waits for the low-water mark before it
+/// returns what has come (`SO_RCVTIMEO`): what a pause in the stream costs
+/// once, before batching turns itself off.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+const BATCH_NOT_YET: u8 = 0;
+const BATCH_ALLOWED: u8 = 1;
+const BATCH_STOPPED: u8 = 2;
+
+/// Batched wake-ups for an incoming TCP migration stream.
+///
+/// Without it the kernel wakes the destination's reader for every segment
+/// that arrives; on loopback (and in a VM, where a wake-up is an IPI) the
+/// source's CPU pays for each one, and the page stream is bound by it.
+/// While pages flow, the reader asks for `SO_RCVLOWAT` 256 KiB with a 1 ms
+/// `SO_RCVTIMEO`: it sleeps until 256 KiB are queued or 1 ms has passed,
+/// and then gets what is there. A read that times out with nothing turns
+/// batching off (the stream paused: the source waits for something), and
+/// the next read of 32 KiB or more turns it on again; so a pause costs at
+/// most one 1 ms wait, and an idle stream is never polled.
+///
+/// The destination allows it ([`ReadBatching::allow`]) on its main stream
+/// only, and stops it for good ([`ReadBatching::stop`]) where every
+/// message is urgent: before precopy's stop, postcopy's switch and COLO.
+/// Other channels get a no-op handle.
+#[derive(Clone)]
+pub struct ReadBatching {
+    state: Arc<AtomicU8>,
+    socket: Option<Arc<TcpStream>>,
+}
+
+impl ReadBatching {
+    /// A handle for a channel that never batches.
+    pub fn none() -> Self {
+        Self {
+            state: Arc::new(AtomicU8::new(BATCH_STOPPED)),
+            socket: None,
+        }
+    }
+
+    /// Let the reader batch once data flows.
+    pub fn allow(&self) {
+        let _ = self.state.compare_exchange(
+            BATCH_NOT_YET,
+            BATCH_ALLOWED,
+            AtomicOrdering::SeqCst,
+            AtomicOrdering::SeqCst,
+        );
+    }
+
+    /// No more batching on this channel: every read returns as soon as a
+    /// byte is there.
+    pub fn stop(&self) {
+        if self.state.swap(BATCH_STOPPED, AtomicOrdering::SeqCst) == BATCH_STOPPED {
+            return;
+        }
+        if let Some(s) = &self.socket {
+            let _ = set_batching(s, false);
+        }
+    }
+}
+
+/// The socket options of [`ReadBatching`], on or off.
+fn set_batching(s: &TcpStream, on: bool) -> std::io::Result<()> {
+    let lowat: libc::c_int = if on { BATCH_LOW_WATER } else { 1 };
+    // SAFETY: the fd is an open socket owned by `s`; the option value is a
+    // valid c_int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    s.set_read_timeout(on.then_some(BATCH_WAIT))
+}
+
+/// The reading side of an incoming TCP channel; see [`ReadBatching`].
+struct BatchedReads {
+    s: TcpStream,
+    on: bool,
+    state: Arc<AtomicU8>,
+}
+
+impl Read for BatchedReads {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let state = self.state.load(AtomicOrdering::SeqCst);
+            if state == BATCH_STOPPED {
+                // `stop` has reset the socket.
+                self.on = false;
+            }
+            match self.s.read(buf) {
+                Ok(n) => {
+                    if !self.on && state == BATCH_ALLOWED && n >= BATCH_FLOWING {
+                        self.on = set_batching(&self.s, true).is_ok();
+                        if self.on && self.state.load(AtomicOrdering::SeqCst) == BATCH_STOPPED {
+                            // Stopped meanwhile (another thread): undo.
+                            let _ = set_batching(&self.s, false);
+                            self.on = false;
+                        }
+                    }
+                    return Ok(n);
+                }
+                Err(e)
+                    if self.on
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    // Nothing came for BATCH_WAIT: the stream paused.
+                    set_batching(&self.s, false)?;
+                    self.on = false;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -358,11 +495,21 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 let w = s.try_clone().map_err(io("cannot use socket", uri))?;
                 let c = s.try_clone().map_err(io("cannot use socket", uri))?;
+                let b = s.try_clone().map_err(io("cannot use socket", uri))?;
+                let batching = ReadBatching {
+                    state: Arc::new(AtomicU8::new(BATCH_NOT_YET)),
+                    socket: Some(Arc::new(b)),
+                };
                 Ok(Channel {
-                    reader: Box::new(s),
+                    reader: Box::new(BatchedReads {
+                        s,
+                        on: false,
+                        state: batching.state.clone(),
+                    }),
                     writer: Box::new(w),
                     duplex: true,
                     closer: Closer::Tcp(Arc::new(c)),
+                    batching,
                     child: None,
                 })
             }
@@ -375,6 +522,7 @@ impl Listener {
                     writer: Box::new(w),
                     duplex: true,
                     closer: Closer::Unix(Arc::new(c)),
+                    batching: ReadBatching::none(),
                     child: None,
                 })
             }
@@ -395,6 +543,7 @@ impl Listener {
                     writer: Box::new(std::io::sink()),
                     duplex: false,
                     closer: Closer::Child(child.clone()),
+                    batching: ReadBatching::none(),
                     child: Some(child),
                 })
             }
@@ -405,6 +554,7 @@ impl Listener {
                     writer: Box::new(std::io::sink()),
                     duplex: false,
                     closer: Closer::Nothing,
+                    batching: ReadBatching::none(),
                     child: None,
                 })
             }
@@ -460,6 +610,66 @@ mod tests {
         ] {
             assert!(Uri::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    fn rcvlowat(s: &TcpStream) -> i32 {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the fd is an open socket; v and len are valid for the call.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "getsockopt");
+        v
+    }
+
+    /// Batching turns on once data flows, a short message after a pause
+    /// still arrives (the peer waits for the answer), and `stop` puts the
+    /// socket back to waking on every byte.
+    #[test]
+    fn batched_reads_turn_on_and_never_hold_a_message() {
+        let l = Listener::bind(&Uri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let peer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
+            s.write_all(&vec![7u8; 1 << 20]).unwrap();
+            // A pause, then a message the reader must not sit on.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            s.write_all(b"ping").unwrap();
+            let mut a = [0u8; 4];
+            s.read_exact(&mut a)
+                .expect("no answer: the message was held");
+            assert_eq!(&a, b"pong");
+            s.write_all(&vec![9u8; 1 << 20]).unwrap();
+        });
+        let mut c = l.accept().unwrap();
+        c.batching.allow();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut got = vec![0u8; 1 << 20];
+        c.reader.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 7));
+        let sock = c.batching.socket.clone().unwrap();
+        assert_eq!(rcvlowat(&sock), BATCH_LOW_WATER, "batching did not turn on");
+        let mut m = [0u8; 4];
+        c.reader.read_exact(&mut m).unwrap();
+        assert_eq!(&m, b"ping");
+        c.writer.write_all(b"pong").unwrap();
+        let mut rest = Vec::new();
+        c.reader.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest.len(), 1 << 20);
+        assert!(rest.iter().all(|&b| b == 9));
+        peer.join().unwrap();
+        c.batching.stop();
+        assert_eq!(rcvlowat(&sock), 1);
+        assert_eq!(sock.read_timeout().unwrap(), None);
     }
 
     #[test]
