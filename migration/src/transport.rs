@@ -6,6 +6,10 @@
 //! | `unix:PATH` | connect | listen, accept one (two with postcopy-preempt) | yes |
 //! | `exec:CMD` | `sh -c CMD`, stream to its stdin | `sh -c CMD`, stream from its stdout | no |
 //! | `file:PATH` | create/truncate PATH | read PATH | no |
+//!
+//! An incoming TCP stream also carries a [`ReadBatching`] handle: while
+//! pages flow the kernel wakes the reader per 256 KiB instead of per
+//! segment, until the destination stops it before anything urgent.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -266,9 +266,15 @@ fn destination_killed_mid_migration_then_retry() {
 
     sq.execute("migrate-set-parameters", json!({"max-bandwidth": 0}))
         .unwrap();
+    retry_completes(&src, &mut sq);
+}
+
+/// After a failed migration, a second one to a fresh destination completes
+/// and the guest goes on there, intact.
+fn retry_completes(src: &Vmm, sq: &mut Client) {
     let port = free_port();
     let dst2 = destination("dst2", &format!("tcp:127.0.0.1:{port}"));
-    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{port}"));
+    let r = migrate(sq, &format!("tcp:127.0.0.1:{port}"));
     assert_eq!(r["status"], "completed", "{r}");
     let last = src.passes().last().copied().unwrap_or(0);
     dst2.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
@@ -300,14 +306,7 @@ fn destination_lost_at_the_drained_ping_then_retry() {
     );
     assert_source_survived(&mut src, &mut sq);
     assert!(!dst.wait_exit(MIG_TIMEOUT).success());
-
-    let port = free_port();
-    let dst2 = destination("dst2", &format!("tcp:127.0.0.1:{port}"));
-    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{port}"));
-    assert_eq!(r["status"], "completed", "{r}");
-    let last = src.passes().last().copied().unwrap_or(0);
-    dst2.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
-    dst2.assert_no_corrupt();
+    retry_completes(&src, &mut sq);
 }
 
 /// `migrate_cancel` right after `migrate` (setup), during the rounds of a
