@@ -919,7 +919,8 @@ fn incoming(
     switch: &mut Option<crate::RealTimeSection>,
 ) -> Result<(), MigrationError> {
     let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
-    let mut r = Reader::new(BufReader::with_capacity(1 << 20, reader));
+    // 4 MiB: a batched read (transport::ReadBatching) gets 1 MiB or more.
+    let mut r = Reader::new(BufReader::with_capacity(4 << 20, reader));
     // Bulk pages come first: batched wake-ups until the source's stop,
     // postcopy switch or COLO comes near (transport::ReadBatching).
     chan.batching.allow();
