@@ -129,22 +129,11 @@ impl Closer {
     /// data already in flight makes the kernel drop segments, and each drop
     /// costs a retransmission timeout (200 ms). A no-op for pipes and files.
     pub fn limit_send_buffer(&self, bytes: i32) {
-        let fd = match self {
-            Self::Tcp(s) => s.as_raw_fd(),
-            Self::Unix(s) => s.as_raw_fd(),
+        let _ = match self {
+            Self::Tcp(s) => set_socket_int(&**s, libc::SO_SNDBUF, bytes),
+            Self::Unix(s) => set_socket_int(&**s, libc::SO_SNDBUF, bytes),
             _ => return,
         };
-        // SAFETY: fd is an open socket owned by self; the option value is a
-        // valid c_int of the size passed.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&bytes as *const i32).cast(),
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            );
-        }
     }
 
     /// Shut the reading direction down: a read blocked on it returns end
@@ -356,23 +345,28 @@ impl ReadBatching {
     }
 }
 
-/// The socket options of [`ReadBatching`], on or off.
-fn set_batching(s: &TcpStream, on: bool) -> std::io::Result<()> {
-    let lowat: libc::c_int = if on { BATCH_LOW_WATER } else { 1 };
+/// Set the `SOL_SOCKET` option `opt` of socket `s` to the int `value`.
+fn set_socket_int(s: &impl AsRawFd, opt: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
     // SAFETY: the fd is an open socket owned by `s`; the option value is a
     // valid c_int of the size passed.
     let r = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&lowat as *const libc::c_int).cast(),
+            opt,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// The socket options of [`ReadBatching`], on or off.
+fn set_batching(s: &TcpStream, on: bool) -> std::io::Result<()> {
+    set_socket_int(s, libc::SO_RCVLOWAT, if on { BATCH_LOW_WATER } else { 1 })?;
     s.set_read_timeout(on.then_some(BATCH_WAIT))
 }
 
@@ -498,11 +492,10 @@ impl Listener {
                 let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
                 let _ = s.set_nodelay(true);
                 let w = s.try_clone().map_err(io("cannot use socket", uri))?;
-                let c = s.try_clone().map_err(io("cannot use socket", uri))?;
-                let b = s.try_clone().map_err(io("cannot use socket", uri))?;
+                let c = Arc::new(s.try_clone().map_err(io("cannot use socket", uri))?);
                 let batching = ReadBatching {
                     state: Arc::new(AtomicU8::new(BATCH_NOT_YET)),
-                    socket: Some(Arc::new(b)),
+                    socket: Some(c.clone()),
                 };
                 Ok(Channel {
                     reader: Box::new(BatchedReads {
@@ -512,7 +505,7 @@ impl Listener {
                     }),
                     writer: Box::new(w),
                     duplex: true,
-                    closer: Closer::Tcp(Arc::new(c)),
+                    closer: Closer::Tcp(c),
                     batching,
                     child: None,
                 })
