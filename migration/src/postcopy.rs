@@ -996,6 +996,21 @@ impl DestPostcopy {
             })?;
             maps.push((addr as usize, len));
         }
+        for &(a, l) in &maps {
+            // SAFETY: each range is one RAM block's whole mapping, which
+            // `ram` keeps alive; MADV_NOHUGEPAGE only stops the kernel from
+            // backing it with huge pages from now on. Postcopy needs every
+            // page not received to fault: a huge page allocated around a
+            // received one fills its neighbours with zeros that read as
+            // present. LISTEN drops them again by the received bitmap, but
+            // khugepaged could collapse a range back before RAM is
+            // registered (after, it leaves registered ranges alone), and
+            // each drop inside a huge page splits it. QEMU turns THP off
+            // here too. A hint: without THP it fails and changes nothing.
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, l, libc::MADV_NOHUGEPAGE);
+            }
+        }
         // Check that registering works and offers what we need.
         let (a, l) = *maps
             .first()
