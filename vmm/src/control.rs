@@ -680,7 +680,9 @@ impl Control {
                 if s.is_final() {
                     if incoming {
                         self.incoming = None;
-                        if s != Status::Completed {
+                        if s == Status::Completed {
+                            self.vm.ram_loaded();
+                        } else {
                             let desc = self
                                 .incoming_mig
                                 .info()

@@ -6,8 +6,9 @@
 //! mapping and one KVM memslot, backed by transparent huge pages where the
 //! host allows (`MADV_HUGEPAGE`, as QEMU does): fewer TLB misses for the
 //! guest and for every pass the VMM makes over its RAM (a migration reads
-//! all of it). A postcopy destination turns them off again (see the
-//! migration crate's postcopy module). Dirty pages are the union of KVM's dirty log
+//! all of it). An incoming migration into RAM that is not preallocated
+//! runs without them (see `Vm::discard_ram`), and so does a postcopy
+//! destination (see the migration crate's postcopy module). Dirty pages are the union of KVM's dirty log
 //! and vm-memory's bitmap of the VMM's own writes.
 
 use std::sync::Arc;
@@ -95,18 +96,7 @@ impl MemLayout {
             .map(|&(a, l)| (GuestAddress(a), l as usize))
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Alloc)?;
-        for r in mem.iter() {
-            if let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) {
-                // SAFETY: `host..host+len` is exactly one anonymous private
-                // mapping owned by `mem`; MADV_HUGEPAGE only lets the kernel
-                // back it with transparent huge pages, contents unchanged.
-                // It is a hint: without THP in the kernel it fails and the
-                // RAM stays in 4 KiB pages, so the result is not checked.
-                unsafe {
-                    libc::madvise(host.cast(), r.len() as usize, libc::MADV_HUGEPAGE);
-                }
-            }
-        }
+        huge_pages(&mem, true);
         // The bitmap of VMM writes has a bit per host page; the dirty-log
         // code ORs it word by word into KVM's log, a bit per 4 KiB.
         for r in mem.iter() {
@@ -118,6 +108,28 @@ impl MemLayout {
             }
         }
         Ok(mem)
+    }
+}
+
+/// Let the kernel back guest RAM with transparent huge pages (`on`,
+/// `MADV_HUGEPAGE`) or not (`MADV_NOHUGEPAGE`); pages already there stay as
+/// they are. A hint: without THP in the kernel the call fails and RAM stays
+/// in 4 KiB pages, so the result is not checked.
+pub fn huge_pages(mem: &GuestMemoryMmap, on: bool) {
+    let advice = if on {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    for r in mem.iter() {
+        if let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) {
+            // SAFETY: `host..host+len` is exactly one anonymous private
+            // mapping owned by `mem`; this advice only changes how the
+            // kernel backs it from now on, never its contents.
+            unsafe {
+                libc::madvise(host.cast(), r.len() as usize, advice);
+            }
+        }
     }
 }
 

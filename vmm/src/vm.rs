@@ -447,7 +447,14 @@ impl Vm {
     /// guest never ran, only the pages the VMM wrote (kernel, initrd, boot
     /// tables: its write bitmap says which) are cleared in place; otherwise
     /// all RAM is dropped and backed again.
+    ///
+    /// Without `-mem-prealloc`, huge pages stay off until [`Vm::ram_loaded`]:
+    /// a migration writes pages scattered over RAM, and each first write
+    /// into a huge page would allocate and clear 2 MiB for one 4 KiB page
+    /// (a 256 MiB guest with 97 MiB of pages: 112 ms total-time without,
+    /// 285 ms with, on the test host).
     pub fn discard_ram(&self) -> Result<(), VmError> {
+        memory::huge_pages(&self.mem, self.shape.prealloc);
         if self.shape.prealloc && !self.ran {
             let zero = [0u8; PAGE_SIZE as usize];
             for region in self.mem.iter() {
@@ -482,6 +489,12 @@ impl Vm {
             memory::populate(&self.mem)?;
         }
         Ok(())
+    }
+
+    /// An incoming migration has loaded all RAM: the guest's own first
+    /// touches get huge pages again (see [`Vm::discard_ram`]).
+    pub fn ram_loaded(&self) {
+        memory::huge_pages(&self.mem, true);
     }
 }
 
