@@ -324,6 +324,11 @@ impl VmmBuilder {
         self
     }
 
+    /// Whether `arg` was added with [`VmmBuilder::arg`].
+    pub fn has_arg(&self, arg: &str) -> bool {
+        self.extra.iter().any(|a| a == arg)
+    }
+
     /// The argument list (without the binary).
     pub fn args(&self, dir: &WorkDir) -> Vec<String> {
         let mut a: Vec<String> = vec![
@@ -769,6 +774,44 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+}
+
+/// Whether the kernel may back process `pid`'s guest RAM with transparent
+/// huge pages (`THPeligible` of its largest anonymous mapping of at least
+/// `ram` bytes, in `/proc/PID/smaps`); `None` where the host has no THP or
+/// has it off (`/sys/kernel/mm/transparent_hugepage/enabled`: never).
+pub fn ram_huge_pages(pid: u32, ram: u64) -> Option<bool> {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    if thp.contains("[never]") {
+        return None;
+    }
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/smaps: {e}"));
+    let mut best: Option<(u64, bool)> = None;
+    let mut cur: Option<u64> = None; // size of the current anonymous rw mapping
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        match (f.next(), f.next(), f.next()) {
+            (Some("Size:"), Some(kb), _) => {
+                cur = cur.map(|_| kb.parse::<u64>().unwrap_or(0) * 1024);
+            }
+            (Some("THPeligible:"), Some(v), _) => {
+                if let Some(size) = cur.take() {
+                    if size >= ram && best.is_none_or(|(b, _)| size > b) {
+                        best = Some((size, v == "1"));
+                    }
+                }
+            }
+            (Some(range), Some(perms), Some(_)) if range.contains('-') && perms.len() == 4 => {
+                // A mapping's first line: anonymous if it names no file.
+                cur = (perms == "rw-p" && line.split_whitespace().count() == 5).then_some(0);
+            }
+            _ => {}
+        }
+    }
+    let (_, eligible) =
+        best.unwrap_or_else(|| panic!("no anonymous mapping of {ram} bytes in /proc/{pid}/smaps"));
+    Some(eligible)
 }
 
 /// The first word of every 4 KiB page of the guest workload's buffer

@@ -128,14 +128,34 @@ fn prealloc_destination_memory_identical() {
 /// Migrate `src` to a paused destination built by `dst` on `uri`, compare
 /// both sides' RAM page by page (only the kvmclock pages may differ, see
 /// above), then `cont` and check the guest goes on.
+///
+/// Huge pages: the source's RAM may use them; a destination whose RAM is
+/// not preallocated receives without them (each first write would clear
+/// 2 MiB) and turns them on once the migration completes.
 fn memory_identical(mut src: Vmm, dst: VmmBuilder, uri: &str) {
+    let prealloc = dst.has_arg("-mem-prealloc");
     let mut dst = dst.incoming(uri).spawn();
     let mut dq = dst.qmp();
     let mut sq = src.qmp();
+    let thp = ram_huge_pages(src.pid(), 128 << 20);
+    if thp.is_none() {
+        eprintln!("memory_identical: the host has no transparent huge pages, not checking them");
+    }
+    assert_eq!(thp.map(|_| true), ram_huge_pages(src.pid(), 128 << 20));
+    assert_eq!(
+        thp.map(|_| prealloc),
+        ram_huge_pages(dst.pid(), 128 << 20),
+        "destination while incoming"
+    );
     let r = migrate(&mut sq, uri);
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(run_state(&mut sq), "postmigrate");
     let dr = wait_migration(&mut dq, &["completed"], MIG_TIMEOUT);
+    assert_eq!(
+        thp.map(|_| true),
+        ram_huge_pages(dst.pid(), 128 << 20),
+        "destination after"
+    );
     assert!(dr["ram"]["transferred"].as_u64().unwrap_or(0) > 0, "{dr}");
     assert_eq!(run_state(&mut dq), "paused");
 
