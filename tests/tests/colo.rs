@@ -134,6 +134,10 @@ fn primary_killed_secondary_takes_over() {
         s.passes().is_empty(),
         "the secondary's guest ran during COLO"
     );
+    // Huge pages: off while checkpoints come in (RAM not preallocated),
+    // on once the secondary runs the guest.
+    let thp = ram_huge_pages(s.pid(), 128 << 20);
+    assert_eq!(thp.map(|_| false), thp, "secondary during COLO");
     p.kill();
     sq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
     let e = sq
@@ -146,6 +150,11 @@ fn primary_killed_secondary_takes_over() {
         json!({"mode": "none", "last-mode": "secondary", "reason": "request"})
     );
     assert_eq!(run_state(&mut sq), "running");
+    assert_eq!(
+        thp.map(|_| true),
+        ram_huge_pages(s.pid(), 128 << 20),
+        "secondary after takeover"
+    );
     let released = p.serial.text();
     let last = released.lines().rev().find_map(pass_number).unwrap_or(0);
     s.wait_pass_beyond(last + 2, BOOT_TIMEOUT);

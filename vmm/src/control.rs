@@ -633,11 +633,13 @@ impl Control {
             }
             MachineRequest::ColoTakeover(reply) => {
                 let r = match self.colo_state.take() {
-                    Some(st) => self
-                        .vm
-                        .restore_state(&st)
-                        .and_then(|()| self.start_vm())
-                        .map_err(|e| error_chain(&e)),
+                    Some(st) => {
+                        self.vm.ram_loaded();
+                        self.vm
+                            .restore_state(&st)
+                            .and_then(|()| self.start_vm())
+                            .map_err(|e| error_chain(&e))
+                    }
                     None => Err("no COLO checkpoint to take over from".to_string()),
                 };
                 let _ = reply.send(r);

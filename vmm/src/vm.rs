@@ -491,8 +491,9 @@ impl Vm {
         Ok(())
     }
 
-    /// An incoming migration has loaded all RAM: the guest's own first
-    /// touches get huge pages again (see [`Vm::discard_ram`]).
+    /// An incoming migration has loaded all RAM, or a COLO secondary takes
+    /// over from its last checkpoint: the guest's own first touches get
+    /// huge pages again (see [`Vm::discard_ram`]).
     pub fn ram_loaded(&self) {
         memory::huge_pages(&self.mem, true);
     }
