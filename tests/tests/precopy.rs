@@ -141,7 +141,7 @@ fn memory_identical(mut src: Vmm, dst: VmmBuilder, uri: &str) {
     if thp.is_none() {
         eprintln!("memory_identical: the host has no transparent huge pages, not checking them");
     }
-    assert_eq!(thp.map(|_| true), ram_huge_pages(src.pid(), 128 << 20));
+    assert_eq!(thp.map(|_| true), thp, "source");
     assert_eq!(
         thp.map(|_| prealloc),
         ram_huge_pages(dst.pid(), 128 << 20),

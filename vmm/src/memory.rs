@@ -8,8 +8,9 @@
 //! guest and for every pass the VMM makes over its RAM (a migration reads
 //! all of it). An incoming migration into RAM that is not preallocated
 //! runs without them (see `Vm::discard_ram`), and so does a postcopy
-//! destination (see the migration crate's postcopy module). Dirty pages are the union of KVM's dirty log
-//! and vm-memory's bitmap of the VMM's own writes.
+//! destination (see the migration crate's postcopy module). Dirty pages are
+//! the union of KVM's dirty log and vm-memory's bitmap of the VMM's own
+//! writes.
 
 use std::sync::Arc;
 
