@@ -9,7 +9,9 @@ use serde_json::json;
 use tests::*;
 
 /// Deadline for a whole boot plus a few workload passes.
-const PASSES_TIMEOUT: Duration = Duration::from_secs(300);
+fn passes_timeout() -> Duration {
+    scaled(Duration::from_secs(300))
+}
 /// Deadline for a command-line error (no guest ever runs).
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -22,7 +24,7 @@ fn ready_cpus(line: &str) -> Option<u64> {
 
 /// The guest prints PASS 1, 2, 3 in order, without CORRUPT.
 fn assert_three_passes(vm: &Vmm) {
-    vm.wait_pass_beyond(2, PASSES_TIMEOUT);
+    vm.wait_pass_beyond(2, passes_timeout());
     let passes = vm.passes();
     assert_eq!(
         &passes[..3],
@@ -47,15 +49,15 @@ fn one_vcpu_boots_and_no_reboot_exits_zero() {
         .arg("-no-reboot")
         .spawn();
     let mut q = vm.qmp();
-    let ready = vm.wait_serial("GUEST-READY", BOOT_TIMEOUT);
+    let ready = vm.wait_serial("GUEST-READY", boot_timeout());
     assert_eq!(ready_cpus(&ready), Some(1), "{ready}");
     assert!(
         vm.serial.text().contains("Linux version"),
         "the kernel's boot messages are not on the console"
     );
     assert_three_passes(&vm);
-    vm.wait_serial("DONE passes=3", PASSES_TIMEOUT);
-    let st = vm.wait_exit(PASSES_TIMEOUT);
+    vm.wait_serial("DONE passes=3", passes_timeout());
+    let st = vm.wait_exit(passes_timeout());
     assert_eq!(
         st.code(),
         Some(0),
@@ -63,7 +65,7 @@ fn one_vcpu_boots_and_no_reboot_exits_zero() {
         vm.stderr.text()
     );
     let ev = q
-        .wait_event("SHUTDOWN", |_| true, QMP_TIMEOUT)
+        .wait_event("SHUTDOWN", |_| true, qmp_timeout())
         .expect("SHUTDOWN event before the exit");
     assert_eq!(ev["data"]["guest"], true, "{ev}");
     assert_eq!(ev["data"]["reason"], "guest-reset", "{ev}");
@@ -87,15 +89,15 @@ fn two_vcpus_boot_and_guest_reboot_resets() {
         .append("console=ttyS0 workload.mem=16 workload.rate=16 workload.passes=3")
         .spawn();
     let mut q = vm.qmp();
-    let (ready, _) = vm.wait_serial_after(0, "GUEST-READY", BOOT_TIMEOUT);
+    let (ready, _) = vm.wait_serial_after(0, "GUEST-READY", boot_timeout());
     assert_eq!(ready_cpus(&ready), Some(2), "{ready}");
     assert_three_passes(&vm);
-    let (_, after_done) = vm.wait_serial_after(0, "DONE passes=3", PASSES_TIMEOUT);
+    let (_, after_done) = vm.wait_serial_after(0, "DONE passes=3", passes_timeout());
     let ev = q
-        .wait_event("RESET", |_| true, PASSES_TIMEOUT)
+        .wait_event("RESET", |_| true, passes_timeout())
         .expect("RESET event after the guest's reboot");
     assert_eq!(ev["data"]["guest"], true, "{ev}");
-    let (again, _) = vm.wait_serial_after(after_done, "GUEST-READY", BOOT_TIMEOUT);
+    let (again, _) = vm.wait_serial_after(after_done, "GUEST-READY", boot_timeout());
     assert_eq!(ready_cpus(&again), Some(2), "{again}");
     assert!(vm.exited().is_none(), "minivmm ended after a guest reboot");
     assert_eq!(run_state(&mut q), "running");
@@ -104,11 +106,13 @@ fn two_vcpus_boot_and_guest_reboot_resets() {
 
 /// RAM that crosses the 32-bit hole: `-machine max-ram-below-4g=1G -m 1536M`
 /// gives 1 GiB below the hole and 512 MiB at 4 GiB (the same layout as a
-/// 4 GiB guest with the default 3 GiB hole, at a third of the boot cost:
-/// the emulated kernel initialises every page it is given). The guest
-/// allocates its user pages from the high zone, so the workload's pages
-/// must show up in a `pmemsave` of [4 GiB, 4 GiB + 512 MiB), holding exactly
-/// the pattern the guest wrote. A `pmemsave` across the hole is refused.
+/// 4 GiB guest with the default 3 GiB hole). The VMM's e820 map covers all
+/// of it; the guest kernel is told to use only part of it
+/// ([`small_kernel_ram`]: 128 MiB at 4 GiB among it), so that it boots like
+/// the standard guest. It allocates its user pages from the high zone, so
+/// the workload's pages must show up in a `pmemsave` of the VMM's whole
+/// [4 GiB, 4 GiB + 512 MiB), holding exactly the pattern the guest wrote.
+/// A `pmemsave` across the hole is refused.
 #[test]
 fn ram_above_4g_holds_workload_pages() {
     if !kvm_available("ram_above_4g_holds_workload_pages") {
@@ -120,15 +124,21 @@ fn ram_above_4g_holds_workload_pages() {
         .mem("1536M")
         .arg("-machine")
         .arg("max-ram-below-4g=1G")
+        .append_more(&small_kernel_ram(1 << 30, HIGH_LEN))
         .spawn();
     let mut q = vm.qmp();
-    vm.wait_serial("GUEST-READY", BOOT_TIMEOUT);
-    vm.wait_pass_beyond(1, PASSES_TIMEOUT);
+    vm.wait_serial("GUEST-READY", boot_timeout());
+    vm.wait_pass_beyond(1, passes_timeout());
     vm.assert_no_corrupt();
     let text = vm.serial.text();
     assert!(
         text.contains("[mem 0x0000000100000000-0x000000011fffffff] usable"),
         "the guest's e820 map lacks RAM at [4 GiB, 4.5 GiB):\n{}",
+        tail(&text, 4000)
+    );
+    assert!(
+        text.contains("user: [mem 0x0000000100000000-0x0000000107ffffff] usable"),
+        "the guest kernel does not use RAM at [4 GiB, 4 GiB + 128 MiB):\n{}",
         tail(&text, 4000)
     );
 
@@ -191,7 +201,7 @@ fn ram_above_4g_holds_workload_pages() {
         .is_err());
     q.execute("cont", json!({})).expect("cont");
     let before = *vm.passes().last().unwrap_or(&0);
-    vm.wait_pass_beyond(before, PASSES_TIMEOUT);
+    vm.wait_pass_beyond(before, passes_timeout());
     vm.assert_no_corrupt();
 }
 
@@ -214,16 +224,16 @@ fn serial_input_reaches_busybox_shell() {
         .without_qmp()
         .with_stdin()
         .spawn();
-    let (_, after) = vm.wait_serial_after(0, "BUSYBOX-READY", BOOT_TIMEOUT);
+    let (_, after) = vm.wait_serial_after(0, "BUSYBOX-READY", boot_timeout());
     // The shell may still be starting: repeat the command until it answers.
     // The echo of the typed line holds "hello-$((6*7))", only the shell's
     // output holds "hello-42".
-    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    let deadline = std::time::Instant::now() + boot_timeout();
     loop {
         vm.type_serial("echo hello-$((6*7))\n");
         if vm
             .serial
-            .wait_line(after, Duration::from_secs(10), |l| {
+            .wait_line(after, scaled(Duration::from_secs(10)), |l| {
                 l.trim_end().ends_with("hello-42")
             })
             .is_some()

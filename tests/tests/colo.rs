@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tests::*;
 
-const MIG_TIMEOUT: Duration = Duration::from_secs(180);
+fn mig_timeout() -> Duration {
+    scaled(Duration::from_secs(180))
+}
 
 fn guest(name: &str) -> VmmBuilder {
     VmmBuilder::new(name).smp(2)
@@ -39,7 +41,7 @@ fn start_colo(with_relay: bool) -> Pair {
     let p = guest("primary")
         .incoming(&format!("file:{}", snap.display()))
         .spawn();
-    p.wait_pass_beyond(2, BOOT_TIMEOUT);
+    p.wait_pass_beyond(2, boot_timeout());
     let port = free_port();
     let mut s = guest("secondary")
         .incoming(&format!("tcp:127.0.0.1:{port}"))
@@ -55,9 +57,9 @@ fn start_colo(with_relay: bool) -> Pair {
     let to = relay.as_ref().map_or(port, |r| r.port);
     pq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{to}")}))
         .unwrap();
-    let r = wait_migration(&mut pq, &["colo", "failed", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut pq, &["colo", "failed", "completed"], mig_timeout());
     assert_eq!(r["status"], "colo", "{r}");
-    let r = wait_migration(&mut sq, &["colo", "failed", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["colo", "failed", "completed"], mig_timeout());
     assert_eq!(r["status"], "colo", "{r}");
     let st = pq.execute("query-colo-status", json!({})).unwrap();
     assert_eq!(st["mode"], "primary", "{st}");
@@ -80,7 +82,7 @@ fn checkpoints(c: &mut Client) -> u64 {
 }
 
 fn wait_checkpoints(c: &mut Client, n: u64) -> Value {
-    let deadline = Instant::now() + MIG_TIMEOUT;
+    let deadline = Instant::now() + mig_timeout();
     loop {
         let r = c.execute("query-migrate", json!({})).unwrap();
         if r["x-colo"]["checkpoints"].as_u64().unwrap_or(0) >= n {
@@ -141,7 +143,7 @@ fn primary_killed_secondary_takes_over() {
     p.kill();
     sq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
     let e = sq
-        .wait_event("COLO_EXIT", |_| true, MIG_TIMEOUT)
+        .wait_event("COLO_EXIT", |_| true, mig_timeout())
         .expect("COLO_EXIT");
     assert_eq!(e["data"], json!({"mode": "secondary", "reason": "request"}));
     let st = sq.execute("query-colo-status", json!({})).unwrap();
@@ -157,7 +159,7 @@ fn primary_killed_secondary_takes_over() {
     );
     let released = p.serial.text();
     let last = released.lines().rev().find_map(pass_number).unwrap_or(0);
-    s.wait_pass_beyond(last + 2, BOOT_TIMEOUT);
+    s.wait_pass_beyond(last + 2, boot_timeout());
     assert_output_continues(&released, &s.serial.text());
     s.assert_no_corrupt();
     let _ = &mut s;
@@ -180,19 +182,19 @@ fn primary_lost_heartbeat_runs_alone() {
     } = start_colo(false);
     wait_checkpoints(&mut pq, 3);
     pq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
-    let e = pq.wait_event("COLO_EXIT", |_| true, MIG_TIMEOUT).unwrap();
+    let e = pq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
     assert_eq!(e["data"], json!({"mode": "primary", "reason": "request"}));
-    let r = wait_migration(&mut pq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut pq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(run_state(&mut pq), "running");
-    let e = sq.wait_event("COLO_EXIT", |_| true, MIG_TIMEOUT).unwrap();
+    let e = sq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
     assert_eq!(e["data"], json!({"mode": "secondary", "reason": "request"}));
     let st = sq.execute("query-colo-status", json!({})).unwrap();
     assert_eq!(st["mode"], "none", "{st}");
     assert_eq!(st["last-mode"], "secondary", "{st}");
     assert_eq!(run_state(&mut sq), "paused");
     let last = p.passes().last().copied().unwrap_or(0);
-    p.wait_pass_beyond(last + 2, BOOT_TIMEOUT);
+    p.wait_pass_beyond(last + 2, boot_timeout());
     assert_output_continues(&p.serial.text(), "");
     assert!(s.passes().is_empty(), "the secondary's guest ran");
 }
@@ -221,7 +223,7 @@ fn link_cut_mid_checkpoint_secondary_uses_previous_checkpoint() {
     let at = relay.forwarded.load(std::sync::atomic::Ordering::SeqCst) as u64 + (64 << 10);
     relay.set_tamper(Tamper::Truncate { at });
     // Both sides notice and stop checkpointing, waiting for the command.
-    let deadline = Instant::now() + MIG_TIMEOUT;
+    let deadline = Instant::now() + mig_timeout();
     loop {
         let r = sq.execute("query-migrate", json!({})).unwrap();
         if r.get("error-desc").is_some() {
@@ -237,11 +239,11 @@ fn link_cut_mid_checkpoint_secondary_uses_previous_checkpoint() {
     let n = checkpoints(&mut sq);
     assert!(n >= done, "{n} < {done}");
     sq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
-    sq.wait_event("COLO_EXIT", |_| true, MIG_TIMEOUT).unwrap();
+    sq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
     assert_eq!(run_state(&mut sq), "running");
     let released = p.serial.text();
     let last = released.lines().rev().find_map(pass_number).unwrap_or(0);
-    s.wait_pass_beyond(last + 2, BOOT_TIMEOUT);
+    s.wait_pass_beyond(last + 2, boot_timeout());
     assert_output_continues(&released, &s.serial.text());
     s.assert_no_corrupt();
     // The primary waits for the command too, guest stopped, output held.
@@ -271,12 +273,18 @@ fn unexpected_colo_message_stops_colo() {
     // Between checkpoints the stream is idle: the garbage lands right
     // before the next checkpoint-request.
     let n = checkpoints(&mut sq);
+    let deadline = Instant::now() + mig_timeout();
     while checkpoints(&mut sq) == n {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint after {n} within {:?}",
+            mig_timeout()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let at = relay.forwarded.load(std::sync::atomic::Ordering::SeqCst) as u64;
     relay.set_tamper(Tamper::Garbage { at });
-    let deadline = Instant::now() + MIG_TIMEOUT;
+    let deadline = Instant::now() + mig_timeout();
     let r = loop {
         let r = sq.execute("query-migrate", json!({})).unwrap();
         if r.get("error-desc").is_some() {
@@ -288,9 +296,9 @@ fn unexpected_colo_message_stops_colo() {
     let desc = r["error-desc"].as_str().unwrap_or_default();
     assert!(desc.contains("Unexpected COLO command"), "{r}");
     sq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
-    sq.wait_event("COLO_EXIT", |_| true, MIG_TIMEOUT).unwrap();
+    sq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
     assert_eq!(run_state(&mut sq), "running");
-    s.wait_pass_beyond(1, BOOT_TIMEOUT);
+    s.wait_pass_beyond(1, boot_timeout());
     s.assert_no_corrupt();
 }
 
@@ -305,7 +313,7 @@ fn x_colo_only_on_primary_is_refused() {
     let mut p = guest("primary")
         .incoming(&format!("file:{}", snap.display()))
         .spawn();
-    p.wait_pass_beyond(2, BOOT_TIMEOUT);
+    p.wait_pass_beyond(2, boot_timeout());
     let port = free_port();
     let mut s = guest("secondary")
         .incoming(&format!("tcp:127.0.0.1:{port}"))
@@ -315,7 +323,7 @@ fn x_colo_only_on_primary_is_refused() {
     x_colo(&mut pq);
     pq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    let r = wait_migration(&mut pq, &["failed", "colo", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut pq, &["failed", "colo", "completed"], mig_timeout());
     assert_eq!(r["status"], "failed", "{r}");
     assert!(
         r["error-desc"]
@@ -325,6 +333,6 @@ fn x_colo_only_on_primary_is_refused() {
     );
     assert_eq!(run_state(&mut pq), "running");
     let last = p.passes().last().copied().unwrap_or(0);
-    p.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    p.wait_pass_beyond(last + 1, boot_timeout());
     p.assert_no_corrupt();
 }

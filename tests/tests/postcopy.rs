@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tests::*;
 
-const MIG_TIMEOUT: Duration = Duration::from_secs(180);
+fn mig_timeout() -> Duration {
+    scaled(Duration::from_secs(180))
+}
 
 fn guest(name: &str) -> VmmBuilder {
     VmmBuilder::new(name).smp(2)
@@ -18,7 +20,7 @@ fn guest(name: &str) -> VmmBuilder {
 fn running_source(b: VmmBuilder, snap_of: &VmmBuilder) -> Vmm {
     let snap = snapshot(snap_of);
     let src = b.incoming(&format!("file:{}", snap.display())).spawn();
-    src.wait_pass_beyond(2, BOOT_TIMEOUT);
+    src.wait_pass_beyond(2, boot_timeout());
     src
 }
 
@@ -74,7 +76,7 @@ fn precopy_to_pass_3(sq: &mut Client, port: u16) {
     sq.wait_event(
         "MIGRATION_PASS",
         |e| e["data"]["pass"].as_u64() >= Some(3),
-        MIG_TIMEOUT,
+        mig_timeout(),
     )
     .unwrap();
 }
@@ -82,12 +84,12 @@ fn precopy_to_pass_3(sq: &mut Client, port: u16) {
 /// Both sides complete; the source served page requests and ends
 /// `postmigrate`, the destination served faults and runs.
 fn completed_with_requests(sq: &mut Client, dq: &mut Client) {
-    let r = wait_migration(sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
     assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
     assert!(r["downtime"].is_u64(), "{r}");
     assert_eq!(run_state(sq), "postmigrate");
-    let dr = wait_migration(dq, &["completed", "failed"], MIG_TIMEOUT);
+    let dr = wait_migration(dq, &["completed", "failed"], mig_timeout());
     assert_eq!(dr["status"], "completed", "{dr}");
     assert!(
         dr["x-postcopy-faults"]["serviced"].as_u64() > Some(0),
@@ -101,7 +103,7 @@ fn completed_with_requests(sq: &mut Client, dq: &mut Client) {
 /// source's last one and nobody saw corruption.
 fn assert_continues(src: &Vmm, dst: &Vmm) {
     let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last + 2, BOOT_TIMEOUT);
+    dst.wait_pass_beyond(last + 2, boot_timeout());
     let d = dst.passes();
     assert!(
         d.first().is_some_and(|&f| f <= last + 1),
@@ -116,16 +118,16 @@ fn assert_continues(src: &Vmm, dst: &Vmm) {
 /// its guest running (it goes on, intact) and the destination exits with
 /// an error.
 fn failed_before_switch(src: &Vmm, sq: &mut Client, dst: &mut Vmm, why: &str) {
-    let r = wait_migration(sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "failed", "{r}");
     assert!(
         r["error-desc"].as_str().is_some_and(|d| d.contains(why)),
         "{r}"
     );
     assert_eq!(run_state(sq), "running");
-    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    assert!(!dst.wait_exit(mig_timeout()).success());
     let last = src.passes().last().copied().unwrap_or(0);
-    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.wait_pass_beyond(last + 1, boot_timeout());
     src.assert_no_corrupt();
 }
 
@@ -147,7 +149,7 @@ fn non_converging_guest_completes_in_postcopy() {
     sq.wait_event(
         "MIGRATION",
         |e| e["data"]["status"] == "postcopy-active",
-        MIG_TIMEOUT,
+        mig_timeout(),
     )
     .unwrap();
     completed_with_requests(&mut sq, &mut dq);
@@ -170,10 +172,10 @@ fn paused_destination_memory_identical_after_postcopy() {
     let mut sq = src.qmp();
     precopy_to_pass_3(&mut sq, port);
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(run_state(&mut sq), "postmigrate");
-    let dr = wait_migration(&mut dq, &["completed", "failed"], MIG_TIMEOUT);
+    let dr = wait_migration(&mut dq, &["completed", "failed"], mig_timeout());
     assert_eq!(dr["status"], "completed", "{dr}");
     assert_eq!(run_state(&mut dq), "paused");
     assert_same_memory(&mut src, &mut sq, &mut dst, &mut dq, 128 << 20);
@@ -198,9 +200,9 @@ fn start_postcopy_immediately_after_migrate() {
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
     sq.execute("migrate_start_postcopy", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
-    let dr = wait_migration(&mut dq, &["completed", "failed"], MIG_TIMEOUT);
+    let dr = wait_migration(&mut dq, &["completed", "failed"], mig_timeout());
     assert_eq!(dr["status"], "completed", "{dr}");
     assert_continues(&src, &dst);
 }
@@ -217,7 +219,7 @@ fn start_postcopy_after_completion_is_harmless() {
     set_caps(&mut sq, &[("postcopy-ram", true)]);
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
     assert_eq!(
@@ -244,7 +246,7 @@ fn capability_only_on_source_is_refused_early() {
     set_caps(&mut sq, &[("postcopy-ram", true)]);
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "failed", "{r}");
     let desc = r["error-desc"].as_str().unwrap_or_default();
     assert!(
@@ -253,9 +255,9 @@ fn capability_only_on_source_is_refused_early() {
     );
     assert_eq!(r["ram"]["transferred"].as_u64().unwrap_or(0), 0, "{r}");
     assert_eq!(run_state(&mut sq), "running");
-    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    assert!(!dst.wait_exit(mig_timeout()).success());
     let last = src.passes().last().copied().unwrap_or(0);
-    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.wait_pass_beyond(last + 1, boot_timeout());
     src.assert_no_corrupt();
 }
 
@@ -319,11 +321,11 @@ fn connection_lost(preempt: bool) {
     )
     .unwrap();
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    wait_migration(&mut sq, &["postcopy-active"], MIG_TIMEOUT);
+    wait_migration(&mut sq, &["postcopy-active"], mig_timeout());
     let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last, BOOT_TIMEOUT);
+    dst.wait_pass_beyond(last, boot_timeout());
     relay.cut();
-    let r = wait_migration(&mut sq, &["failed", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["failed", "completed"], mig_timeout());
     assert_eq!(r["status"], "failed", "{r}");
     assert!(
         r["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
@@ -387,11 +389,15 @@ fn cancel_during_postcopy_with_preempt() {
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    wait_migration(&mut sq, &["postcopy-active"], MIG_TIMEOUT);
+    wait_migration(&mut sq, &["postcopy-active"], mig_timeout());
     let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last, BOOT_TIMEOUT);
+    dst.wait_pass_beyond(last, boot_timeout());
     sq.execute("migrate_cancel", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(
+        &mut sq,
+        &["cancelled", "failed", "completed"],
+        mig_timeout(),
+    );
     assert_eq!(r["status"], "cancelled", "{r}");
     assert_ne!(
         run_state(&mut sq),
@@ -407,7 +413,7 @@ fn cancel_during_postcopy_with_preempt() {
 /// reason, its guest paused, `cont` refused (its memory is incomplete),
 /// the process still up for inspection.
 fn destination_stopped_incomplete(dst: &mut Vmm, dq: &mut Client) {
-    let dr = wait_migration(dq, &["failed", "completed"], MIG_TIMEOUT);
+    let dr = wait_migration(dq, &["failed", "completed"], mig_timeout());
     assert_eq!(dr["status"], "failed", "{dr}");
     assert!(
         dr["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
@@ -445,11 +451,11 @@ fn preempt_channel_serves_requests() {
         &[("postcopy-ram", true), ("postcopy-preempt", true)],
     );
     migrate_slowly(&mut sq, "postcopy-preempt", &uri);
-    let r = wait_migration(&mut sq, &["active", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["active", "failed"], mig_timeout());
     assert_eq!(r["status"], "active", "{r}");
     // Let the guest dirty what was sent, then switch.
     let last = src.passes().last().copied().unwrap_or(0);
-    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.wait_pass_beyond(last + 1, boot_timeout());
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
     completed_with_requests(&mut sq, &mut dq);
     assert_continues(&src, &dst);
@@ -519,13 +525,20 @@ fn damaged_preempt_channel_is_refused() {
     );
 }
 
-/// A 4 GiB guest (two RAM blocks, across the 32-bit hole) in postcopy.
+/// A 4 GiB guest (two RAM blocks, across the 32-bit hole) in postcopy. The
+/// guest kernel uses only part of the RAM ([`small_kernel_ram`]), with its
+/// workload's pages above 4 GiB; the VMMs handle all 4 GiB.
 #[test]
 fn four_gib_guest_postcopy() {
     if !kvm_available("four_gib_guest_postcopy") {
         return;
     }
-    let big = |n: &str| VmmBuilder::new(n).smp(2).mem("4G");
+    let big = |n: &str| {
+        VmmBuilder::new(n)
+            .smp(2)
+            .mem("4G")
+            .append_more(&small_kernel_ram(3 << 30, 1 << 30))
+    };
     let mut src = running_source(big("src"), &big("big"));
     let (dst, _dq, port) = postcopy_destination(big("dst"), false);
     let mut sq = src.qmp();
@@ -533,7 +546,7 @@ fn four_gib_guest_postcopy() {
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
     sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(r["ram"]["total"], 4u64 << 30, "{r}");
     assert_continues(&src, &dst);

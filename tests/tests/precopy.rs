@@ -5,7 +5,9 @@ use std::time::Duration;
 use serde_json::json;
 use tests::*;
 
-const MIG_TIMEOUT: Duration = Duration::from_secs(120);
+fn mig_timeout() -> Duration {
+    scaled(Duration::from_secs(120))
+}
 
 fn base() -> VmmBuilder {
     VmmBuilder::new("src").smp(2)
@@ -20,7 +22,7 @@ fn live_tcp_dirtying_guest() {
     }
     let snap = snapshot(&base());
     let mut src = base().incoming(&format!("file:{}", snap.display())).spawn();
-    let p0 = src.wait_pass_beyond(2, BOOT_TIMEOUT);
+    let p0 = src.wait_pass_beyond(2, boot_timeout());
     let port = free_port();
     let mut dst = base().incoming(&format!("tcp:127.0.0.1:{port}")).spawn();
     let mut dq = dst.qmp();
@@ -35,19 +37,19 @@ fn live_tcp_dirtying_guest() {
         .unwrap();
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
     assert!(r["ram"]["transferred"].as_u64().unwrap() > 16 << 20, "{r}");
     assert!(r["downtime"].is_u64(), "{r}");
     sq.wait_event(
         "MIGRATION",
         |e| e["data"]["status"] == "completed",
-        MIG_TIMEOUT,
+        mig_timeout(),
     )
     .unwrap();
     assert_eq!(run_state(&mut sq), "postmigrate");
     let before = src.passes().last().copied().unwrap_or(p0);
-    let after = dst.wait_pass_beyond(before + 2, BOOT_TIMEOUT);
+    let after = dst.wait_pass_beyond(before + 2, boot_timeout());
     assert!(after > before);
     assert_eq!(run_state(&mut dq), "running");
     // The destination never booted: its console continues the source's.
@@ -63,7 +65,7 @@ fn running_source(name: &str) -> Vmm {
         .smp(2)
         .incoming(&format!("file:{}", snap.display()))
         .spawn();
-    src.wait_pass_beyond(2, BOOT_TIMEOUT);
+    src.wait_pass_beyond(2, boot_timeout());
     src
 }
 
@@ -83,14 +85,14 @@ fn base_named(name: &str) -> VmmBuilder {
 fn migrate(c: &mut Client, uri: &str) -> serde_json::Value {
     c.execute("migrate", json!({ "uri": uri }))
         .expect("migrate");
-    wait_migration(c, &["completed", "failed", "cancelled"], MIG_TIMEOUT)
+    wait_migration(c, &["completed", "failed", "cancelled"], mig_timeout())
 }
 
 /// The source failed (or was cancelled) and its guest goes on unharmed.
 fn assert_source_survived(src: &mut Vmm, sq: &mut Client) {
     assert_eq!(run_state(sq), "running");
     let last = src.passes().last().copied().unwrap_or(0);
-    src.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    src.wait_pass_beyond(last + 1, boot_timeout());
     src.assert_no_corrupt();
 }
 
@@ -150,7 +152,7 @@ fn memory_identical(mut src: Vmm, dst: VmmBuilder, uri: &str) {
     let r = migrate(&mut sq, uri);
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(run_state(&mut sq), "postmigrate");
-    let dr = wait_migration(&mut dq, &["completed"], MIG_TIMEOUT);
+    let dr = wait_migration(&mut dq, &["completed"], mig_timeout());
     assert_eq!(
         thp.map(|_| true),
         ram_huge_pages(dst.pid(), 128 << 20),
@@ -178,7 +180,7 @@ fn exec_and_file_save_restore() {
     assert_eq!(run_state(&mut sq), "postmigrate");
     let last = src.passes().last().copied().unwrap_or(0);
     let dst = destination("dst", &format!("exec:cat {}", file.display()));
-    dst.wait_pass_beyond(last, BOOT_TIMEOUT);
+    dst.wait_pass_beyond(last, boot_timeout());
     dst.assert_no_corrupt();
     assert!(!dst.serial.text().contains("GUEST-READY"));
 
@@ -190,7 +192,7 @@ fn exec_and_file_save_restore() {
     assert_eq!(r["status"], "completed", "{r}");
     let last = dst.passes().last().copied().unwrap_or(0);
     let third = destination("third", &format!("file:{}", file2.display()));
-    third.wait_pass_beyond(last, BOOT_TIMEOUT);
+    third.wait_pass_beyond(last, boot_timeout());
     third.assert_no_corrupt();
 }
 
@@ -216,7 +218,7 @@ fn chain_a_b_c_with_deferred_incoming() {
     let r = migrate(&mut aq, &format!("tcp:127.0.0.1:{pb}"));
     assert_eq!(r["status"], "completed", "{r}");
     let last = a.passes().last().copied().unwrap_or(0);
-    b.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    b.wait_pass_beyond(last + 1, boot_timeout());
     let pc = free_port();
     cq.execute(
         "migrate-incoming",
@@ -226,7 +228,7 @@ fn chain_a_b_c_with_deferred_incoming() {
     let r = migrate(&mut bq, &format!("tcp:127.0.0.1:{pc}"));
     assert_eq!(r["status"], "completed", "{r}");
     let last = b.passes().last().copied().unwrap_or(0);
-    c.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    c.wait_pass_beyond(last + 1, boot_timeout());
     assert_eq!(run_state(&mut cq), "running");
     for v in [&a, &b, &c] {
         v.assert_no_corrupt();
@@ -274,10 +276,10 @@ fn destination_killed_mid_migration_then_retry() {
     .unwrap();
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    wait_migration(&mut sq, &["active"], MIG_TIMEOUT);
+    wait_migration(&mut sq, &["active"], mig_timeout());
     std::thread::sleep(Duration::from_millis(1500));
     dst.kill();
-    let r = wait_migration(&mut sq, &["failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["failed"], mig_timeout());
     assert!(
         r["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
         "{r}"
@@ -297,7 +299,7 @@ fn retry_completes(src: &Vmm, sq: &mut Client) {
     let r = migrate(sq, &format!("tcp:127.0.0.1:{port}"));
     assert_eq!(r["status"], "completed", "{r}");
     let last = src.passes().last().copied().unwrap_or(0);
-    dst2.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst2.wait_pass_beyond(last + 1, boot_timeout());
     dst2.assert_no_corrupt();
 }
 
@@ -325,7 +327,7 @@ fn destination_lost_at_the_drained_ping_then_retry() {
         "{r}"
     );
     assert_source_survived(&mut src, &mut sq);
-    assert!(!dst.wait_exit(MIG_TIMEOUT).success());
+    assert!(!dst.wait_exit(mig_timeout()).success());
     retry_completes(&src, &mut sq);
 }
 
@@ -356,9 +358,13 @@ fn cancel_in_setup_rounds_and_after_completion() {
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
     sq.execute("migrate_cancel", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(
+        &mut sq,
+        &["cancelled", "failed", "completed"],
+        mig_timeout(),
+    );
     assert_eq!(r["status"], "cancelled", "{r}");
-    let st = d1.wait_exit(MIG_TIMEOUT);
+    let st = d1.wait_exit(mig_timeout());
     assert!(
         !st.success(),
         "the destination must leave inmigrate with an error"
@@ -374,22 +380,26 @@ fn cancel_in_setup_rounds_and_after_completion() {
     sq.wait_event(
         "MIGRATION_PASS",
         |e| e["data"]["pass"].as_u64() >= Some(2),
-        MIG_TIMEOUT,
+        mig_timeout(),
     )
     .unwrap();
     let r = sq.execute("query-migrate", json!({})).unwrap();
     assert_eq!(r["status"], "active", "{r}");
     assert!(r["expected-downtime"].as_u64().unwrap_or(0) > 1, "{r}");
     sq.execute("migrate-cancel", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(
+        &mut sq,
+        &["cancelled", "failed", "completed"],
+        mig_timeout(),
+    );
     assert_eq!(r["status"], "cancelled", "{r}");
     sq.wait_event(
         "MIGRATION",
         |e| e["data"]["status"] == "cancelled",
-        MIG_TIMEOUT,
+        mig_timeout(),
     )
     .unwrap();
-    let st = d2.wait_exit(MIG_TIMEOUT);
+    let st = d2.wait_exit(mig_timeout());
     assert!(!st.success());
     assert!(
         d2.stderr.text().contains("incoming migration failed"),
@@ -412,7 +422,7 @@ fn cancel_in_setup_rounds_and_after_completion() {
     let r = sq.execute("query-migrate", json!({})).unwrap();
     assert_eq!(r["status"], "completed", "{r}");
     let last = src.passes().last().copied().unwrap_or(0);
-    d3.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    d3.wait_pass_beyond(last + 1, boot_timeout());
     d3.assert_no_corrupt();
 }
 
@@ -430,7 +440,7 @@ fn damaged_stream(tamper: Tamper, dst_mem: &str, expect: &[&str]) {
     let relay = Relay::start(port, tamper);
     let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{}", relay.port));
     assert_eq!(r["status"], "failed", "{r}");
-    let st = dst.wait_exit(MIG_TIMEOUT);
+    let st = dst.wait_exit(mig_timeout());
     assert!(!st.success());
     let err = dst.stderr.text();
     assert!(
@@ -521,7 +531,7 @@ fn stopped_in_pre_switchover(paused: bool) -> (Vmm, Client, Vmm) {
     let dst = destination("dst", &format!("tcp:127.0.0.1:{port}"));
     sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .unwrap();
-    wait_migration(&mut sq, &["pre-switchover"], MIG_TIMEOUT);
+    wait_migration(&mut sq, &["pre-switchover"], mig_timeout());
     assert_eq!(run_state(&mut sq), "finish-migrate");
     (src, sq, dst)
 }
@@ -539,10 +549,10 @@ fn pause_before_switchover_then_continue() {
     assert_eq!(r["status"], "pre-switchover", "{r}");
     sq.execute("migrate-continue", json!({"state": "pre-switchover"}))
         .unwrap();
-    let r = wait_migration(&mut sq, &["completed", "failed"], MIG_TIMEOUT);
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
     assert_eq!(r["status"], "completed", "{r}");
     let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst.wait_pass_beyond(last + 1, boot_timeout());
     dst.assert_no_corrupt();
 }
 
@@ -556,7 +566,11 @@ fn paused_source_cancelled_at_switchover_stays_paused() {
     }
     let (mut src, mut sq, dst) = stopped_in_pre_switchover(true);
     sq.execute("migrate_cancel", json!({})).unwrap();
-    let r = wait_migration(&mut sq, &["cancelled", "failed", "completed"], MIG_TIMEOUT);
+    let r = wait_migration(
+        &mut sq,
+        &["cancelled", "failed", "completed"],
+        mig_timeout(),
+    );
     assert_eq!(r["status"], "cancelled", "{r}");
     assert_eq!(run_state(&mut sq), "paused");
     sq.execute("cont", json!({})).unwrap();
@@ -565,21 +579,28 @@ fn paused_source_cancelled_at_switchover_stays_paused() {
 }
 
 /// A 4 GiB guest: RAM continues above 4 GiB after the 32-bit hole, so the
-/// stream carries two RAM blocks. Boots once (about 90 s here) into its own
-/// snapshot.
+/// stream carries two RAM blocks, all 4 GiB of them tracked, sent and
+/// received. The guest kernel uses only part of it ([`small_kernel_ram`]:
+/// its boot then costs what the standard guest's does), with 128 MiB at
+/// 4 GiB where the workload's pages are. Boots once into its own snapshot.
 #[test]
 fn four_gib_guest_across_the_hole() {
     if !kvm_available("four_gib_guest_across_the_hole") {
         return;
     }
-    let big = || VmmBuilder::new("big").smp(2).mem("4G");
+    let big = || {
+        VmmBuilder::new("big")
+            .smp(2)
+            .mem("4G")
+            .append_more(&small_kernel_ram(3 << 30, 1 << 30))
+    };
     let snap = snapshot(&big());
     let mut src = VmmBuilder::new("src")
         .smp(2)
         .mem("4G")
         .incoming(&format!("file:{}", snap.display()))
         .spawn();
-    src.wait_pass_beyond(2, BOOT_TIMEOUT);
+    src.wait_pass_beyond(2, boot_timeout());
     let port = free_port();
     let mut dst = VmmBuilder::new("dst")
         .smp(2)
@@ -592,7 +613,7 @@ fn four_gib_guest_across_the_hole() {
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(r["ram"]["total"], 4u64 << 30, "{r}");
     let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last + 1, BOOT_TIMEOUT);
+    dst.wait_pass_beyond(last + 1, boot_timeout());
     src.assert_no_corrupt();
     dst.assert_no_corrupt();
 }

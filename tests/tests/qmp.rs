@@ -25,7 +25,7 @@ fn running(name: &str) -> Vmm {
     let b = VmmBuilder::new(name).smp(2);
     let snap = snapshot(&b);
     let vm = b.incoming(&format!("file:{}", snap.display())).spawn();
-    vm.wait_pass_beyond(2, BOOT_TIMEOUT);
+    vm.wait_pass_beyond(2, boot_timeout());
     vm
 }
 
@@ -33,13 +33,13 @@ fn running(name: &str) -> Vmm {
 fn raw(vm: &mut Vmm) -> Client {
     // Vmm::qmp waits for the socket; a negotiated client proves it is up.
     drop(vm.qmp());
-    Client::connect_unix_raw(vm.qmp_path(), QMP_TIMEOUT).expect("connect")
+    Client::connect_unix_raw(vm.qmp_path(), qmp_timeout()).expect("connect")
 }
 
 /// Send one line, return the next message.
 fn ask(c: &mut Client, line: &str) -> Value {
     c.send_raw(format!("{line}\n")).expect("send");
-    c.read_message(QMP_TIMEOUT).expect("reply")
+    c.read_message(qmp_timeout()).expect("reply")
 }
 
 /// The error class of an error reply (panics on anything else).
@@ -65,7 +65,7 @@ fn assert_alive(c: &mut Client) {
 /// Wait until minivmm's fd count is back to `baseline` (closing happens
 /// asynchronously in its event loop).
 fn assert_fds_back_to(vm: &Vmm, baseline: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     loop {
         let n = fd_count(vm.pid());
         if n <= baseline {
@@ -87,7 +87,7 @@ fn greeting_shape() {
     let mut vm = paused("greet");
     drop(vm.qmp());
     let mut s = UnixStream::connect(vm.qmp_path()).expect("connect");
-    s.set_read_timeout(Some(QMP_TIMEOUT)).unwrap();
+    s.set_read_timeout(Some(qmp_timeout())).unwrap();
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while !line.ends_with(b"\n") {
@@ -274,9 +274,9 @@ fn oversized_input_closes_only_that_connection() {
     big.resize(big.len() + (6 << 20), b'a');
     // The server may close while we are still writing: that is fine.
     let _ = c.send_raw(&big);
-    let deadline = Instant::now() + QMP_TIMEOUT;
+    let deadline = Instant::now() + qmp_timeout();
     loop {
-        match c.read_message(QMP_TIMEOUT) {
+        match c.read_message(qmp_timeout()) {
             Ok(m) => assert!(m.get("error").is_some(), "unexpected message {m}"),
             Err(ClientError::Closed) | Err(ClientError::Io(_)) => break,
             Err(e) => panic!("the connection was not closed: {e}"),
@@ -304,8 +304,8 @@ fn client_disconnecting_mid_reply() {
         .collect();
     for _ in 0..5 {
         let mut s = UnixStream::connect(vm.qmp_path()).expect("connect");
-        s.set_write_timeout(Some(QMP_TIMEOUT)).unwrap();
-        s.set_read_timeout(Some(QMP_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(qmp_timeout())).unwrap();
+        s.set_read_timeout(Some(qmp_timeout())).unwrap();
         s.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
             .unwrap();
         // Megabytes of replies are queued; read a few bytes of them and go.
@@ -335,7 +335,7 @@ fn fifty_clients_leave_no_fds_behind() {
             // Connect and leave before reading anything.
             0 => drop(UnixStream::connect(vm.qmp_path()).expect("connect")),
             // Read the greeting only.
-            1 => drop(Client::connect_unix_raw(vm.qmp_path(), QMP_TIMEOUT).expect("greeting")),
+            1 => drop(Client::connect_unix_raw(vm.qmp_path(), qmp_timeout()).expect("greeting")),
             // A full session.
             _ => {
                 let mut c = vm.qmp();
@@ -354,7 +354,7 @@ fn fifty_clients_leave_no_fds_behind() {
     // An event reaches all of them.
     monitor.execute("cont", json!({})).expect("cont");
     for c in all.iter_mut() {
-        c.wait_event("RESUME", |_| true, QMP_TIMEOUT)
+        c.wait_event("RESUME", |_| true, qmp_timeout())
             .expect("RESUME on every client");
     }
     drop(all);
@@ -373,7 +373,7 @@ fn events_only_after_negotiation() {
     let mut b = vm.qmp();
     assert_eq!(run_state(&mut b), "prelaunch");
     b.execute("cont", json!({})).expect("cont");
-    let ev = b.wait_event("RESUME", |_| true, QMP_TIMEOUT).unwrap();
+    let ev = b.wait_event("RESUME", |_| true, qmp_timeout()).unwrap();
     let ts = &ev["timestamp"];
     assert!(
         ts["seconds"].as_u64().unwrap() > 1_600_000_000
@@ -382,7 +382,7 @@ fn events_only_after_negotiation() {
     );
     assert_eq!(run_state(&mut b), "running");
     b.execute("stop", json!({})).expect("stop");
-    b.wait_event("STOP", |_| true, QMP_TIMEOUT).unwrap();
+    b.wait_event("STOP", |_| true, qmp_timeout()).unwrap();
     assert_eq!(run_state(&mut b), "paused");
 
     // Nothing was queued for the client that had not negotiated: the first
@@ -391,7 +391,7 @@ fn events_only_after_negotiation() {
     assert_eq!(r, json!({"return": {}, "id": 1}));
     b.execute("cont", json!({})).expect("cont");
     for c in [&mut late, &mut b] {
-        c.wait_event("RESUME", |_| true, QMP_TIMEOUT)
+        c.wait_event("RESUME", |_| true, qmp_timeout())
             .expect("RESUME on both clients");
     }
 }
@@ -422,7 +422,7 @@ fn stop_cont_on_running_guest() {
 
     a.execute("stop", json!({})).expect("stop");
     for c in [&mut a, &mut b] {
-        c.wait_event("STOP", |_| true, QMP_TIMEOUT).expect("STOP");
+        c.wait_event("STOP", |_| true, qmp_timeout()).expect("STOP");
     }
     let st = b.execute("query-status", json!({})).unwrap();
     assert_eq!(st, json!({"running": false, "status": "paused"}));
@@ -433,12 +433,12 @@ fn stop_cont_on_running_guest() {
     let last = *vm.passes().last().unwrap_or(&0);
     b.execute("cont", json!({})).expect("cont");
     for c in [&mut a, &mut b] {
-        c.wait_event("RESUME", |_| true, QMP_TIMEOUT)
+        c.wait_event("RESUME", |_| true, qmp_timeout())
             .expect("RESUME");
     }
     assert!(a.take_events().iter().all(|e| e["event"] != "STOP"));
     assert_eq!(run_state(&mut a), "running");
-    vm.wait_pass_beyond(last, BOOT_TIMEOUT);
+    vm.wait_pass_beyond(last, boot_timeout());
     vm.assert_no_corrupt();
 }
 
@@ -453,9 +453,11 @@ fn system_reset_reboots_guest() {
     // A restored guest never printed GUEST-READY: one after the reset is new.
     assert!(!vm.serial.text().contains("GUEST-READY"));
     c.execute("system_reset", json!({})).expect("system_reset");
-    let ev = c.wait_event("RESET", |_| true, QMP_TIMEOUT).expect("RESET");
+    let ev = c
+        .wait_event("RESET", |_| true, qmp_timeout())
+        .expect("RESET");
     assert_eq!(ev["data"]["guest"], false, "{ev}");
-    vm.wait_serial("GUEST-READY", BOOT_TIMEOUT);
+    vm.wait_serial("GUEST-READY", boot_timeout());
     assert_eq!(run_state(&mut c), "running");
     assert!(vm.exited().is_none());
 }
@@ -471,15 +473,15 @@ fn quit_exits_zero() {
     let mut c = vm.qmp();
     assert_eq!(c.execute("quit", json!({})).expect("quit"), json!({}));
     let ev = watcher
-        .wait_event("SHUTDOWN", |_| true, QMP_TIMEOUT)
+        .wait_event("SHUTDOWN", |_| true, qmp_timeout())
         .expect("SHUTDOWN");
     assert_eq!(ev["data"]["guest"], false, "{ev}");
     assert_eq!(ev["data"]["reason"], "host-qmp-quit", "{ev}");
-    let st = vm.wait_exit(QMP_TIMEOUT);
+    let st = vm.wait_exit(qmp_timeout());
     assert_eq!(st.code(), Some(0), "{st}\n{}", vm.stderr.text());
     assert!(!vm.stderr.text().contains("panicked"));
     assert!(matches!(
-        watcher.read_message(QMP_TIMEOUT),
+        watcher.read_message(qmp_timeout()),
         Err(ClientError::Closed) | Err(ClientError::Io(_))
     ));
 }
@@ -643,17 +645,17 @@ fn several_listeners_unix_and_tcp() {
         .arg(&format!("unix:{},server,nowait", second.display()))
         .spawn();
     let mut u = vm.qmp();
-    let mut t = Client::connect_tcp(("127.0.0.1", port), QMP_TIMEOUT).expect("tcp QMP");
-    let mut u2 = Client::connect_unix(&second, QMP_TIMEOUT).expect("second unix QMP");
+    let mut t = Client::connect_tcp(("127.0.0.1", port), qmp_timeout()).expect("tcp QMP");
+    let mut u2 = Client::connect_unix(&second, qmp_timeout()).expect("second unix QMP");
     assert_eq!(run_state(&mut t), "prelaunch");
     t.execute("cont", json!({})).expect("cont over tcp");
     for c in [&mut u, &mut t, &mut u2] {
-        c.wait_event("RESUME", |_| true, QMP_TIMEOUT)
+        c.wait_event("RESUME", |_| true, qmp_timeout())
             .expect("RESUME");
     }
     u2.execute("stop", json!({})).expect("stop");
     for c in [&mut u, &mut t, &mut u2] {
-        c.wait_event("STOP", |_| true, QMP_TIMEOUT).expect("STOP");
+        c.wait_event("STOP", |_| true, qmp_timeout()).expect("STOP");
     }
 }
 
@@ -685,7 +687,7 @@ fn qmp_shell_drives_minivmm() {
         &shell,
         &[sock.to_str().unwrap()],
         Some(b"query-status\nstop\nquery-status\ncont\nquery-status\n"),
-        QMP_TIMEOUT,
+        qmp_timeout(),
     );
     assert!(out.status.success(), "qmp-shell failed: {out:?}");
     let replies = qmp_shell_replies(&out.stdout);
@@ -702,13 +704,13 @@ fn qmp_shell_drives_minivmm() {
         out.stdout
     );
     watch
-        .wait_event("STOP", |_| true, QMP_TIMEOUT)
+        .wait_event("STOP", |_| true, qmp_timeout())
         .expect("STOP");
     watch
-        .wait_event("RESUME", |_| true, QMP_TIMEOUT)
+        .wait_event("RESUME", |_| true, qmp_timeout())
         .expect("RESUME");
     let last = *vm.passes().last().unwrap_or(&0);
-    vm.wait_pass_beyond(last, BOOT_TIMEOUT);
+    vm.wait_pass_beyond(last, boot_timeout());
     vm.assert_no_corrupt();
 }
 
@@ -732,7 +734,7 @@ fn socat_pipes_raw_json() {
         &socat,
         &["-t", "30", "-", &format!("UNIX-CONNECT:{}", sock.display())],
         Some(input.as_bytes()),
-        QMP_TIMEOUT,
+        qmp_timeout(),
     );
     assert!(out.status.success(), "socat failed: {out:?}");
     let msgs: Vec<Value> = out
