@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     match control::run(*config) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("minivmm: {}", control::error_chain(&e));
+            eprintln!("minivmm: {}", migration::error_chain(&e));
             ExitCode::from(1)
         }
     }

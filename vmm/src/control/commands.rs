@@ -1,0 +1,281 @@
+//! QMP and HMP commands: what each does to the VM, its run state and its
+//! migrations. The QMP server parses and checks the arguments
+//! (`qmp::Command`); the commands it answers itself (`qmp_capabilities`,
+//! `query-version`, `query-commands`) never reach here.
+
+use std::io::Write;
+
+use qmp::{Command, QmpError};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress};
+
+use migration::status::Status;
+
+use super::migrations::{ColoMode, IncomingStartError};
+use super::runstate::{self, Input, RunState};
+use super::{generic, Control, ControlError};
+use crate::cli::Incoming as CliIncoming;
+use crate::vm::VmError;
+
+/// A failure of the VM behind a command, as a QMP error.
+fn control_err(e: ControlError) -> QmpError {
+    generic(migration::error_chain(&e))
+}
+
+impl Control {
+    fn pmemsave(&self, val: u64, size: u64, filename: &str) -> Result<(), QmpError> {
+        let mem = self.vm.memory();
+        let layout = &self.vm.shape().layout;
+        let end = val
+            .checked_add(size)
+            .ok_or_else(|| generic("Invalid parameter 'size'"))?;
+        if !layout.ranges.iter().any(|&(s, l)| val >= s && end <= s + l) {
+            return Err(generic(format!(
+                "pmemsave: [{val:#x}, {end:#x}) is not inside one guest RAM range {:?}",
+                layout
+                    .ranges
+                    .iter()
+                    .map(|&(s, l)| format!("[{s:#x}, {:#x})", s + l))
+                    .collect::<Vec<_>>()
+            )));
+        }
+        let mut f = std::fs::File::create(filename)
+            .map_err(|e| generic(format!("Could not open '{filename}': {e}")))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut addr = val;
+        while addr < end {
+            let n = ((end - addr) as usize).min(buf.len());
+            mem.read_slice(&mut buf[..n], GuestAddress(addr))
+                .map_err(|e| generic(format!("pmemsave: reading {addr:#x}: {e}")))?;
+            f.write_all(&buf[..n])
+                .map_err(|e| generic(format!("writing '{filename}': {e}")))?;
+            addr += n as u64;
+        }
+        Ok(())
+    }
+
+    fn hmp(&mut self, line: &str) -> Result<Value, QmpError> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let out = match words.as_slice() {
+            ["info", "status"] => format!(
+                "VM status: {}\r\n",
+                match self.runstate {
+                    RunState::Running => "running".to_string(),
+                    RunState::Paused => "paused".to_string(),
+                    s => format!("paused ({})", s.as_str()),
+                }
+            ),
+            ["info", "version"] => format!("{} (minivmm)\r\n", env!("CARGO_PKG_VERSION")),
+            ["info", "name"] => format!("{}\r\n", self.config.name.clone().unwrap_or_default()),
+            ["info", "migrate"] => {
+                let j = self.mig.query();
+                let mut s = String::new();
+                if let Some(st) = j.get("status").and_then(Value::as_str) {
+                    s += &format!("Migration status: {st}\r\n");
+                }
+                for k in ["total-time", "setup-time", "downtime", "expected-downtime"] {
+                    if let Some(v) = j.get(k) {
+                        s += &format!("{k}: {v} ms\r\n");
+                    }
+                }
+                if let Some(ram) = j.get("ram").and_then(Value::as_object) {
+                    for (k, v) in ram {
+                        s += &format!("{k}: {v}\r\n");
+                    }
+                }
+                if let Some(e) = j.get("error-desc").and_then(Value::as_str) {
+                    s += &format!("error: {e}\r\n");
+                }
+                s
+            }
+            ["info", "cpus"] => (0..self.vm.shape().vcpus)
+                .map(|i| {
+                    format!(
+                        "{}CPU #{i}: thread_id={}\r\n",
+                        if i == 0 { "* " } else { "  " },
+                        std::process::id()
+                    )
+                })
+                .collect(),
+            ["stop"] => {
+                self.execute(Command::Stop)?;
+                String::new()
+            }
+            ["cont" | "c"] => {
+                self.execute(Command::Cont)?;
+                String::new()
+            }
+            [] => String::new(),
+            [cmd, ..] => format!("unknown command: '{cmd}'\r\n"),
+        };
+        Ok(json!(out))
+    }
+
+    pub(super) fn execute(&mut self, cmd: Command) -> Result<Value, QmpError> {
+        let vm_err = |e: VmError| generic(migration::error_chain(&e));
+        match cmd {
+            Command::QueryStatus => Ok(json!({
+                "running": self.runstate == RunState::Running,
+                "status": self.runstate.as_str(),
+            })),
+            Command::QueryName => Ok(match &self.config.name {
+                Some(n) => json!({"name": n}),
+                None => json!({}),
+            }),
+            Command::Stop => {
+                // QEMU: stop during inmigrate keeps the guest paused after migration.
+                let vcpus_running = self.vm.is_running();
+                self.enter(Input::Stop { vcpus_running })
+                    .map_err(control_err)?;
+                Ok(json!({}))
+            }
+            Command::Cont => {
+                let input = Input::Cont {
+                    memory_incomplete: self.mig.guest_incomplete,
+                    colo: self.mig.colo_mode != ColoMode::None,
+                };
+                let step = runstate::step(self.runstate, input).map_err(|e| generic(e.to_string()))?;
+                self.apply(step).map_err(control_err)?;
+                Ok(json!({}))
+            }
+            Command::Quit => {
+                self.shutdown_event("host-qmp-quit", false);
+                self.quit = true;
+                Ok(json!({}))
+            }
+            Command::SystemReset => {
+                self.vm.reset().map_err(vm_err)?;
+                self.events.send("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
+                Ok(json!({}))
+            }
+            Command::SystemPowerdown => Err(generic(
+                "system_powerdown needs ACPI, which minivmm does not emulate; use quit, or poweroff/reboot inside the guest",
+            )),
+            Command::QueryCpusFast => Ok(Value::Array(
+                (0..self.vm.shape().vcpus)
+                    .map(|i| {
+                        json!({
+                            "cpu-index": i,
+                            "qom-path": format!("/machine/unattached/device[{i}]"),
+                            "thread-id": std::process::id(),
+                            "target": "x86_64",
+                            "props": {"core-id": 0, "thread-id": 0, "socket-id": i},
+                        })
+                    })
+                    .collect(),
+            )),
+            Command::Pmemsave(a) => {
+                self.pmemsave(a.val, a.size, &a.filename)?;
+                Ok(json!({}))
+            }
+            Command::Memsave(_) => Err(generic("memsave is not supported; use pmemsave with a guest-physical address")),
+            Command::HumanMonitorCommand(a) => self.hmp(&a.command_line),
+            Command::Migrate(a) => self.migrate(&a.uri, a.resume),
+            Command::MigrateIncoming(a) => {
+                if self.config.incoming != Some(CliIncoming::Defer) {
+                    return Err(generic("The incoming migration has already been started; use -incoming defer"));
+                }
+                if self.mig.incoming.is_some() || self.runstate != RunState::InMigrate {
+                    return Err(generic("The incoming migration has already been started"));
+                }
+                let _ = a.exit_on_error;
+                self.start_incoming(&a.uri).map_err(|e| match e {
+                    IncomingStartError::Transport(t) => generic(migration::error_chain(&t)),
+                    IncomingStartError::Other(s) => generic(s),
+                })?;
+                Ok(json!({}))
+            }
+            Command::MigrateCancel => {
+                if let Some(s) = &self.mig.outgoing {
+                    let status = s.info().status;
+                    if !status.is_final() && status != Status::Cancelling {
+                        s.info().status = Status::Cancelling;
+                        if self.mig.caps.events {
+                            self.events.send("MIGRATION", Some(json!({"status": "cancelling"})));
+                        }
+                        s.request_cancel();
+                    }
+                }
+                Ok(json!({}))
+            }
+            Command::MigrateContinue(_) => match &self.mig.outgoing {
+                Some(s) if s.info().status == Status::PreSwitchover => {
+                    s.release_switchover();
+                    Ok(json!({}))
+                }
+                _ => Err(generic("Migration not in pre-switchover state")),
+            },
+            Command::MigrateSetCapabilities(a) => {
+                if self.mig.active() {
+                    return Err(generic("There's a migration process in progress"));
+                }
+                let mut caps = self.mig.caps;
+                for c in a.capabilities {
+                    caps.set(c.capability.as_str(), c.state).map_err(generic)?;
+                }
+                caps.check().map_err(generic)?;
+                self.mig.caps = caps;
+                Ok(json!({}))
+            }
+            Command::QueryMigrateCapabilities => Ok(self.mig.caps.to_json()),
+            Command::MigrateSetParameters(p) => {
+                let mut n = self.mig.params;
+                if let Some(v) = p.downtime_limit {
+                    n.downtime_limit_ms = v;
+                }
+                if let Some(v) = p.max_bandwidth {
+                    n.max_bandwidth = v;
+                }
+                if let Some(v) = p.x_checkpoint_delay {
+                    n.x_checkpoint_delay_ms = u64::from(v);
+                }
+                if let Some(v) = p.max_postcopy_bandwidth {
+                    n.max_postcopy_bandwidth = v;
+                }
+                if let Some(v) = p.cpu_throttle_initial {
+                    n.cpu_throttle_initial = v;
+                }
+                if let Some(v) = p.cpu_throttle_increment {
+                    n.cpu_throttle_increment = v;
+                }
+                if let Some(v) = p.max_cpu_throttle {
+                    n.max_cpu_throttle = v;
+                }
+                self.mig.params = n;
+                Ok(json!({}))
+            }
+            Command::QueryMigrateParameters => Ok(self.mig.params.to_json()),
+            Command::QueryMigrate => Ok(self.mig.query()),
+            Command::MigrateStartPostcopy => {
+                match &self.mig.outgoing {
+                    Some(s) => {
+                        if !self.mig.outgoing_postcopy {
+                            return Err(generic("Enable postcopy with migrate_set_capability before the start of migration"));
+                        }
+                        s.start_postcopy
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        Ok(json!({}))
+                    }
+                    // After the end (or before any migration): nothing to switch.
+                    None if self.mig.last_outgoing.info().status != Status::None => Ok(json!({})),
+                    None => Err(generic("Postcopy must be started after migration has been started")),
+                }
+            }
+            Command::XColoLostHeartbeat => match self.mig.colo_mode {
+                ColoMode::Primary => {
+                    self.mig.last_outgoing.request_failover(false);
+                    Ok(json!({}))
+                }
+                ColoMode::Secondary => {
+                    self.mig.last_incoming.request_failover(true);
+                    Ok(json!({}))
+                }
+                ColoMode::None => Err(generic("VM is not in COLO mode")),
+            },
+            Command::QueryColoStatus => Ok(self.mig.colo_status()),
+            Command::QmpCapabilities(_) | Command::QueryVersion | Command::QueryCommands => {
+                Err(generic("handled by the QMP server"))
+            }
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The control thread's side of migration: the state of this process's
+//! migrations ([`Migrations`]), starting them (`migrate`, `-incoming`,
+//! `migrate-incoming`), and serving the engine threads.
+//!
+//! How a `migrate` travels: QMP `migrate` → [`Control::migrate`] builds a
+//! `migration::Outgoing` (the guest RAM as `KvmRam`, the machine as a
+//! [`ProxyMachine`], the shared status) and starts the `mig-outgoing`
+//! thread → the engine asks for the machine through [`ProxyMachine`],
+//! which posts a [`MachineRequest`] to the control loop and waits for the
+//! answer ([`Control::machine_request`]) → the engine reports progress as
+//! `migration::Event`s, which the loop turns into run-state changes and
+//! QMP events ([`Control::migration_event`]) → `query-migrate` reads the
+//! shared status the engine writes.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use migration::colo::ExitReason;
+use migration::precopy::{self, Event as MigEvent, IncomingMachine, Machine, Stopped};
+use migration::status::{Capabilities, Parameters, Shared, Status};
+use migration::stream::DeviceBlob;
+use migration::transport::{Listener, TransportError, Uri};
+use qmp::QmpError;
+
+use super::runstate::Input;
+use super::{generic, Control, CtlMsg, CtlSender};
+use crate::migrate::{self, KvmRam};
+use crate::vm::MachineState;
+
+/// What a migration thread asks of the machine.
+pub enum MachineRequest {
+    /// Stop and save all device state (final round, postcopy switch, COLO
+    /// checkpoint).
+    Stop(Sender<Result<Stopped, String>>),
+    /// Resume after a failed migration.
+    Resume(Sender<Result<(), String>>),
+    /// Load all device state (incoming).
+    Load(Vec<DeviceBlob>, Sender<Result<(), String>>),
+    /// Postcopy failed on the destination: stop the guest for good.
+    Abandon(String, Sender<Result<(), String>>),
+    /// This side's migration capabilities.
+    Caps(Sender<Result<Capabilities, String>>),
+    /// COLO primary: hold (true) or release and pass (false) console output.
+    HoldOutput(bool, Sender<Result<(), String>>),
+    /// COLO primary: release the held console output.
+    ReleaseOutput(Sender<Result<(), String>>),
+    /// COLO secondary: load a checkpoint, guest stays paused.
+    ColoLoad(Vec<DeviceBlob>, Sender<Result<(), String>>),
+    /// COLO secondary: failover, run the guest.
+    ColoTakeover(Sender<Result<(), String>>),
+}
+
+/// The machine as a migration thread sees it.
+pub(super) struct ProxyMachine(pub(super) CtlSender);
+
+impl Machine for ProxyMachine {
+    fn stop(&mut self) -> Result<Stopped, String> {
+        self.0.request(MachineRequest::Stop)
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.0.request(MachineRequest::Resume)
+    }
+    fn hold_output(&mut self, hold: bool) -> Result<(), String> {
+        self.0.request(|tx| MachineRequest::HoldOutput(hold, tx))
+    }
+    fn release_output(&mut self) -> Result<(), String> {
+        self.0.request(MachineRequest::ReleaseOutput)
+    }
+}
+
+impl IncomingMachine for ProxyMachine {
+    fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        self.0.request(|tx| MachineRequest::Load(blobs, tx))
+    }
+    fn capabilities(&mut self) -> Capabilities {
+        self.0.request(MachineRequest::Caps).unwrap_or_default()
+    }
+    fn colo_load(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        self.0.request(|tx| MachineRequest::ColoLoad(blobs, tx))
+    }
+    fn colo_takeover(&mut self) -> Result<(), String> {
+        self.0.request(MachineRequest::ColoTakeover)
+    }
+    fn abandon(&mut self, why: &str) {
+        // Bounded: if the control thread itself waits on a missing page,
+        // the caller releases userfaultfd next, which unblocks it.
+        let (tx, rx) = channel();
+        self.0.send(CtlMsg::Machine(MachineRequest::Abandon(
+            why.to_string(),
+            tx,
+        )));
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
+    }
+}
+
+/// This side's COLO role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColoMode {
+    /// Not in COLO.
+    None,
+    /// Sends checkpoints.
+    Primary,
+    /// Receives them.
+    Secondary,
+}
+
+impl ColoMode {
+    /// QMP name (`query-colo-status`, `COLO_EXIT`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Primary => "primary",
+            Self::Secondary => "secondary",
+        }
+    }
+
+    /// The role of the incoming (secondary) or outgoing (primary) side.
+    fn of_side(incoming: bool) -> Self {
+        if incoming {
+            Self::Secondary
+        } else {
+            Self::Primary
+        }
+    }
+}
+
+/// Everything the control thread keeps about migrations.
+pub struct Migrations {
+    /// `migrate-set-capabilities`.
+    pub caps: Capabilities,
+    /// `migrate-set-parameters`.
+    pub params: Parameters,
+    /// The running outgoing migration.
+    pub outgoing: Option<Arc<Shared>>,
+    /// The running outgoing migration was started with postcopy-ram.
+    pub outgoing_postcopy: bool,
+    /// The running incoming migration.
+    pub incoming: Option<Arc<Shared>>,
+    /// The last outgoing migration's state (query-migrate on the source).
+    pub last_outgoing: Arc<Shared>,
+    /// The last incoming migration's state (query-migrate on the destination).
+    pub last_incoming: Arc<Shared>,
+    /// The guest ran when the outgoing migration started (it runs again
+    /// if the migration fails).
+    pub was_running: bool,
+    /// Postcopy failed after this destination started the guest: its RAM
+    /// is incomplete and it must not run again.
+    pub guest_incomplete: bool,
+    /// COLO role now.
+    pub colo_mode: ColoMode,
+    /// The role before COLO last ended.
+    pub colo_last_mode: ColoMode,
+    /// Why COLO last ended (`None`: it never did).
+    pub colo_reason: Option<ExitReason>,
+    /// COLO secondary: the machine state of the last complete checkpoint,
+    /// loaded into KVM only at takeover (the guest does not run before).
+    pub colo_state: Option<Box<MachineState>>,
+}
+
+impl Default for Migrations {
+    fn default() -> Self {
+        Self {
+            caps: Capabilities::default(),
+            params: Parameters::default(),
+            outgoing: None,
+            outgoing_postcopy: false,
+            incoming: None,
+            last_outgoing: Arc::new(Shared::default()),
+            last_incoming: Arc::new(Shared::default()),
+            was_running: false,
+            guest_incomplete: false,
+            colo_mode: ColoMode::None,
+            colo_last_mode: ColoMode::None,
+            colo_reason: None,
+            colo_state: None,
+        }
+    }
+}
+
+impl Migrations {
+    /// A migration is under way (an incoming one only once its source has
+    /// connected: before that, capabilities may still be set, as in QEMU).
+    pub fn active(&self) -> bool {
+        self.outgoing.is_some()
+            || self
+                .incoming
+                .as_ref()
+                .is_some_and(|s| s.info().status != Status::Setup)
+    }
+
+    /// `query-migrate`: the destination shows its incoming migration, the
+    /// source its outgoing.
+    pub fn query(&self) -> Value {
+        if self.incoming.is_some() || self.last_outgoing.info().status == Status::None {
+            let j = self.last_incoming.info().to_json();
+            if j.as_object().is_some_and(|o| !o.is_empty()) {
+                return j;
+            }
+        }
+        self.last_outgoing.info().to_json()
+    }
+
+    /// `query-colo-status`.
+    pub fn colo_status(&self) -> Value {
+        json!({
+            "mode": self.colo_mode.as_str(),
+            "last-mode": self.colo_last_mode.as_str(),
+            "reason": self.colo_reason.map_or("none", ExitReason::as_str),
+        })
+    }
+}
+
+/// Why an incoming migration could not start.
+pub(super) enum IncomingStartError {
+    Transport(TransportError),
+    Other(String),
+}
+
+impl Control {
+    /// Serve one request of a migration thread.
+    pub(super) fn machine_request(&mut self, req: MachineRequest) {
+        match req {
+            MachineRequest::Stop(reply) => {
+                let _ = reply.send(self.migration_stop());
+            }
+            MachineRequest::Resume(reply) => {
+                // A COLO primary always runs between checkpoints.
+                let run = self.mig.was_running || self.mig.colo_mode == ColoMode::Primary;
+                let _ = reply.send(self.enter(Input::MigrationResume { run }).map_err(chain));
+            }
+            MachineRequest::Load(blobs, reply) => {
+                let _ = reply.send(self.load_incoming(blobs));
+            }
+            MachineRequest::Caps(reply) => {
+                let _ = reply.send(Ok(self.mig.caps));
+            }
+            MachineRequest::HoldOutput(hold, reply) => {
+                let _ = reply.send(
+                    self.gate
+                        .set_hold(hold)
+                        .map_err(|e| format!("console output: {e}")),
+                );
+            }
+            MachineRequest::ReleaseOutput(reply) => {
+                let _ = reply.send(
+                    self.gate
+                        .release()
+                        .map_err(|e| format!("console output: {e}")),
+                );
+            }
+            MachineRequest::ColoLoad(blobs, reply) => {
+                // Checked now (sections, versions, vCPU count); loading into
+                // KVM waits for a takeover, which costs the checkpoint pause
+                // nothing and keeps KVM from writing the clock pages here.
+                let r = migrate::from_blobs(blobs, self.vm.shape()).map(|(st, _)| {
+                    self.mig.colo_state = Some(Box::new(st));
+                });
+                let r = r.and_then(|()| self.enter(Input::ColoCheckpoint).map_err(chain));
+                let _ = reply.send(r);
+            }
+            MachineRequest::ColoTakeover(reply) => {
+                let r = match self.mig.colo_state.take() {
+                    Some(st) => {
+                        self.vm.ram_loaded();
+                        self.vm
+                            .restore_state(&st)
+                            .map_err(super::ControlError::from)
+                            .and_then(|()| self.enter(Input::ColoTakeover))
+                            .map_err(chain)
+                    }
+                    None => Err("no COLO checkpoint to take over from".to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            MachineRequest::Abandon(why, reply) => {
+                eprintln!("minivmm: postcopy failed, the guest is stopped: {why}");
+                self.mig.guest_incomplete = true;
+                let vcpus_running = self.vm.is_running();
+                let r = self
+                    .enter(Input::PostcopyAbandoned { vcpus_running })
+                    .map_err(chain);
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Stop the vCPUs and save the machine for a migration.
+    fn migration_stop(&mut self) -> Result<Stopped, String> {
+        let was = self.vm.is_running();
+        let colo_primary = self.mig.colo_mode == ColoMode::Primary;
+        if !colo_primary {
+            self.mig.was_running = was;
+        }
+        let saved = self.vm.pause_and_save();
+        if !self.vm.is_running() {
+            // The vCPUs are paused already: the step only sets the state
+            // and sends STOP if they ran.
+            self.stopped(was, Input::MigrationStopped { colo_primary });
+        }
+        let st = saved.map_err(|e| migration::error_chain(&e))?;
+        let devices = migrate::to_blobs(&st, self.mig.was_running)?;
+        Ok(Stopped { devices })
+    }
+
+    fn load_incoming(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        let (st, running) = migrate::from_blobs(blobs, self.vm.shape())?;
+        self.vm
+            .restore_state(&st)
+            .map_err(|e| migration::error_chain(&e))?;
+        let run = running && !self.config.start_paused;
+        self.enter(Input::IncomingLoaded { run }).map_err(chain)
+    }
+
+    /// Progress of a migration thread (`incoming`: which side).
+    pub(super) fn migration_event(
+        &mut self,
+        incoming: bool,
+        event: MigEvent,
+    ) -> Result<(), super::ControlError> {
+        match event {
+            MigEvent::Status(s) => self.migration_status(incoming, s)?,
+            MigEvent::Pass(n) => {
+                if self.mig.caps.events && !incoming {
+                    self.events.send("MIGRATION_PASS", Some(json!({"pass": n})));
+                }
+            }
+            MigEvent::ColoExit(reason) => {
+                let mode = ColoMode::of_side(incoming);
+                self.mig.colo_last_mode = mode;
+                self.mig.colo_mode = ColoMode::None;
+                self.mig.colo_reason = Some(reason);
+                // The primary runs alone: the secondary's copy stays paused.
+                self.enter(Input::ColoExit)?;
+                self.events.send(
+                    "COLO_EXIT",
+                    Some(json!({"mode": mode.as_str(), "reason": reason.as_str()})),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn migration_status(&mut self, incoming: bool, s: Status) -> Result<(), super::ControlError> {
+        if s == Status::Colo {
+            self.mig.colo_mode = ColoMode::of_side(incoming);
+        }
+        if self.mig.caps.events {
+            self.events
+                .send("MIGRATION", Some(json!({"status": s.as_str()})));
+        }
+        if !s.is_final() {
+            return Ok(());
+        }
+        if !incoming {
+            self.mig.outgoing = None;
+            // A COLO primary that completed left COLO and runs alone.
+            let colo_alone = self.mig.colo_last_mode == ColoMode::Primary && s == Status::Completed;
+            let source_done = !colo_alone
+                && (s == Status::Completed || self.mig.last_outgoing.info().postcopy_after_run);
+            return self.enter(Input::OutgoingEnded { source_done });
+        }
+        self.mig.incoming = None;
+        if s == Status::Completed {
+            self.vm.ram_loaded();
+            return Ok(());
+        }
+        let desc = self
+            .mig
+            .last_incoming
+            .info()
+            .error_desc
+            .clone()
+            .unwrap_or_default();
+        if self.mig.guest_incomplete {
+            // Postcopy broke after the switch: stay up, paused, so the
+            // user can inspect it; `cont` is refused.
+            eprintln!("minivmm: incoming postcopy migration failed: {desc}");
+            return Ok(());
+        }
+        eprintln!("minivmm: incoming migration failed: {desc}");
+        Err(super::ControlError::IncomingFailed(desc))
+    }
+
+    fn mig_events(&self, incoming: bool) -> precopy::EventSink {
+        let tx = self.ctl_tx.clone();
+        Arc::new(move |event| tx.send(CtlMsg::Migration { incoming, event }))
+    }
+
+    /// Listen for an incoming migration on `uri` and start its thread.
+    pub(super) fn start_incoming(&mut self, uri: &str) -> Result<(), IncomingStartError> {
+        let uri = Uri::parse(uri).map_err(IncomingStartError::Transport)?;
+        let listener = Listener::bind(&uri).map_err(IncomingStartError::Transport)?;
+        self.vm
+            .discard_ram()
+            .map_err(|e| IncomingStartError::Other(e.to_string()))?;
+        self.enter(Input::IncomingStarted)
+            .map_err(|e| IncomingStartError::Other(chain(e)))?;
+        let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
+        let shared = Arc::new(Shared::default());
+        shared.info().status = Status::Setup;
+        self.mig.last_incoming = shared.clone();
+        self.mig.incoming = Some(shared.clone());
+        let inc = precopy::Incoming {
+            config: migrate::machine_config(self.vm.shape(), &ram),
+            ram,
+            machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
+            shared,
+            events: self.mig_events(true),
+        };
+        let events = inc.events.clone();
+        std::thread::Builder::new()
+            .name("mig-incoming".into())
+            .spawn(move || match listener.accept() {
+                Ok(chan) => {
+                    precopy::run_incoming(inc, chan, Some(&listener));
+                }
+                Err(e) => {
+                    inc.shared.info().error_desc = Some(migration::error_chain(&e));
+                    inc.shared.info().status = Status::Failed;
+                    events(MigEvent::Status(Status::Failed));
+                }
+            })
+            .map_err(|e| IncomingStartError::Other(e.to_string()))?;
+        Ok(())
+    }
+
+    /// QMP `migrate`: start the outgoing migration thread.
+    pub(super) fn migrate(&mut self, uri: &str, resume: bool) -> Result<Value, QmpError> {
+        if resume {
+            return Err(generic("postcopy recovery (resume) is not supported"));
+        }
+        if self.mig.outgoing.is_some() {
+            return Err(generic("There's a migration process in progress"));
+        }
+        if self.mig.incoming.is_some() || self.runstate == super::RunState::InMigrate {
+            return Err(generic("Guest is waiting for an incoming migration"));
+        }
+        if self.mig.caps.x_colo && self.mig.caps.postcopy_ram {
+            return Err(generic("x-colo and postcopy-ram cannot be used together"));
+        }
+        let uri = Uri::parse(uri).map_err(|e| generic(e.to_string()))?;
+        let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
+        let shared = Arc::new(Shared::default());
+        shared.info().status = Status::Setup;
+        self.mig.last_outgoing = shared.clone();
+        self.mig.outgoing = Some(shared.clone());
+        self.mig.outgoing_postcopy = self.mig.caps.postcopy_ram;
+        self.mig.was_running = self.vm.is_running();
+        let out = precopy::Outgoing {
+            uri,
+            config: migrate::machine_config(self.vm.shape(), &ram),
+            ram,
+            machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
+            params: self.mig.params,
+            caps: self.mig.caps,
+            shared,
+            events: self.mig_events(false),
+        };
+        std::thread::Builder::new()
+            .name("mig-outgoing".into())
+            .spawn(move || {
+                precopy::run_outgoing(out);
+            })
+            .map_err(|e| generic(format!("cannot start the migration thread: {e}")))?;
+        Ok(json!({}))
+    }
+}
+
+/// An error and its causes on one line, for a migration thread.
+fn chain(e: impl std::error::Error) -> String {
+    migration::error_chain(&e)
+}
