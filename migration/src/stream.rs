@@ -751,6 +751,28 @@ pub fn read_rp<R: Read>(r: &mut Reader<R>) -> Result<(u16, Vec<u8>), StreamError
     Ok((kind, data))
 }
 
+/// Reads a whole COMMAND section, its type byte included: (command, data).
+pub fn read_command(r: &mut Reader<impl Read>) -> Result<(u16, Vec<u8>), StreamError> {
+    r.begin_section();
+    let at = r.offset();
+    match r.u8("section type")? {
+        section::COMMAND => read_command_body(r),
+        other => Err(StreamError::invalid(
+            at,
+            format!("section type {other:#04x}, expected a command"),
+        )),
+    }
+}
+
+/// Reads a COMMAND section after its type byte, checking its CRC.
+pub fn read_command_body(r: &mut Reader<impl Read>) -> Result<(u16, Vec<u8>), StreamError> {
+    let c = r.be16("command")?;
+    let len = r.be16("command length")?;
+    let data = r.vec(len as usize, "command data")?;
+    r.check_crc("command")?;
+    Ok((c, data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,10 +22,10 @@ use qmp::{Command, ErrorClass, QmpError};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 
-use migration::precopy::{self, Event as MigEvent, IncomingMachine, Machine, Stopped};
 use migration::status::{Capabilities, Parameters, Shared, Status};
 use migration::stream::DeviceBlob;
 use migration::transport::{Listener, Uri};
+use migration::{Event as MigEvent, IncomingMachine, Machine, Stopped};
 
 use crate::boot::BootSpec;
 use crate::cli::{Config, Incoming, SerialSpec};
@@ -734,7 +734,7 @@ impl Control {
         Ok(())
     }
 
-    fn mig_events(&self, incoming: bool) -> precopy::EventSink {
+    fn mig_events(&self, incoming: bool) -> migration::EventSink {
         let tx = self.ctl_tx.clone();
         Arc::new(move |event| tx.send(CtlMsg::Migration { incoming, event }))
     }
@@ -751,7 +751,7 @@ impl Control {
         shared.info().status = Status::Setup;
         self.incoming_mig = shared.clone();
         self.incoming = Some(shared.clone());
-        let inc = precopy::Incoming {
+        let inc = migration::Incoming {
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
             machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
@@ -764,7 +764,7 @@ impl Control {
             .name("mig-incoming".into())
             .spawn(move || match listener.accept() {
                 Ok(chan) => {
-                    precopy::run_incoming(inc, chan, Some(&listener));
+                    migration::run_incoming(inc, chan, Some(&listener));
                 }
                 Err(e) => {
                     inc.shared.info().error_desc = Some(error_chain(&e));
@@ -1122,7 +1122,7 @@ impl Control {
         self.outgoing = Some(shared.clone());
         self.outgoing_postcopy = self.caps.postcopy_ram;
         self.was_running_before_migration = self.vm.is_running();
-        let out = precopy::Outgoing {
+        let out = migration::Outgoing {
             uri,
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
@@ -1135,7 +1135,7 @@ impl Control {
         std::thread::Builder::new()
             .name("mig-outgoing".into())
             .spawn(move || {
-                precopy::run_outgoing(out);
+                migration::run_outgoing(out);
             })
             .map_err(|e| generic(format!("cannot start the migration thread: {e}")))?;
         Ok(json!({}))
