@@ -315,9 +315,7 @@ pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), Migratio
             // The link or the protocol broke: stop, keep the output held,
             // and wait for the user to pick the survivor.
             let desc = crate::machine::error_chain(&e);
-            eprintln!(
-                "minivmm: COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat"
-            );
+            log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
             p.shared.info().error_desc = Some(desc);
             let _ = p.machine.stop();
             if let Some(c) = p
@@ -648,7 +646,7 @@ pub(crate) fn run_secondary<R: BufRead>(
             cache.discard_partial();
             if !dest.shared.failover_requested() {
                 let desc = crate::machine::error_chain(&e);
-                eprintln!("minivmm: COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
+                log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
                 dest.shared.info().error_desc = Some(desc);
                 closer.close();
                 dest.shared.wait_failover();

@@ -83,11 +83,11 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
                 // The destination may be running the guest: resuming ours
                 // would fork it. It stays stopped; the user decides.
                 o.shared.info().postcopy_after_run = true;
-                eprintln!("minivmm: postcopy failed after the destination started the guest; the guest stays stopped here");
+                log::error!("postcopy failed after the destination started the guest; the guest stays stopped here");
             } else if stopped {
                 // Running again, or paused if it was (not finish-migrate).
                 if let Err(re) = o.machine.resume() {
-                    eprintln!("minivmm: migration failed and the guest could not be resumed: {re}");
+                    log::error!("migration failed and the guest could not be resumed: {re}");
                 }
             }
             let cancelled = o.shared.cancelled();
