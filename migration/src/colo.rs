@@ -54,7 +54,7 @@ use crate::ram::{
     begin_ram_section, end_ram_section, send_dirty, Bitmap, GuestRam, PagePlacer, RamError,
     RamReader, RamRecordError, RamWriter, StagingPlacer, MAX_SECTION_PAGES, RAM_SECTION_ID,
 };
-use crate::return_path::{send_rp, ReturnPath, RpWriter};
+use crate::return_path::{send_rp, ReturnPath, RpMessage, RpWriter};
 use crate::status::{Shared, Status};
 use crate::stream::{self, rp, section, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE};
 
@@ -206,10 +206,8 @@ fn expect_rp(p: &mut Primary<'_, impl Sink>, want: u32) -> Result<(), MigrationE
             return Err(MigrationError::Cancelled);
         }
         match p.rpath.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ok((rp::COLO, d))) => {
-                let got = <[u8; 4]>::try_from(&d[..])
-                    .map(u32::from_be_bytes)
-                    .unwrap_or(u32::MAX);
+            Ok(Ok(RpMessage::Colo(v))) => {
+                let got = v.unwrap_or(u32::MAX);
                 if got != want {
                     return Err(ColoError::Unexpected {
                         got,
@@ -219,8 +217,8 @@ fn expect_rp(p: &mut Primary<'_, impl Sink>, want: u32) -> Result<(), MigrationE
                 }
                 return Ok(());
             }
-            Ok(Ok((k, d))) => {
-                if let Some(e) = p.rpath.error(k, &d) {
+            Ok(Ok(m)) => {
+                if let Some(e) = p.rpath.error(m) {
                     return Err(e);
                 }
             }

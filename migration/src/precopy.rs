@@ -42,11 +42,11 @@ use crate::ram::{
     begin_ram_section, end_ram_section, send_dirty, AtomicBitmap, Bitmap, GuestRam, PagePlacer,
     RamError, RamReader, RamWriter, Throttle, RAM_IDSTR, RAM_SECTION_ID, RAM_SECTION_VERSION,
 };
-use crate::return_path::ReturnPath;
+use crate::return_path::{ReturnPath, RpMessage};
 use crate::sched::RealTimeSection;
 use crate::status::{Parameters, Shared, Status};
 use crate::stream::{
-    self, ping, rp, section, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE,
+    self, ping, section, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE,
 };
 
 // ---------------------------------------------------------------- source
@@ -298,9 +298,9 @@ pub(crate) fn wait_verdict(rpath: &mut ReturnPath, shared: &Shared) -> Result<()
             return Err(MigrationError::Cancelled);
         }
         match rpath.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok((rp::SHUT, d))) if d == [0, 0, 0, 0] => return Ok(()),
-            Ok(Ok((k, d))) => {
-                if let Some(e) = rpath.error(k, &d) {
+            Ok(Ok(RpMessage::Shut(0))) => return Ok(()),
+            Ok(Ok(m)) => {
+                if let Some(e) = rpath.error(m) {
                     return Err(e);
                 }
             }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::machine::MigrationError;
-use crate::stream::{self, cmd, rp, Reader, Sink, StreamError, Writer};
+use crate::stream::{self, rp, Command, Reader, Sink, StreamError, Writer};
 use crate::transport::Channel;
 
 /// The destination's return path, shared by the incoming and fault threads.
@@ -42,13 +42,101 @@ pub(crate) fn writer_of(chan: &mut Channel) -> RpWriter {
     )))
 }
 
-/// One message from the reader thread, or the error that ended it.
-pub(crate) type RpMessage = Result<(u16, Vec<u8>), StreamError>;
+/// A page request (REQ_PAGES_ID or REQ_PAGES), its payload parsed:
+/// `be64` offset, `be32` length[, `u8` len, block name].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Byte offset in the block.
+    pub start: u64,
+    /// Bytes asked for.
+    pub len: u32,
+    /// REQ_PAGES_ID: the block's name; REQ_PAGES (`None`): the last block
+    /// named on the same channel.
+    pub block: Option<Vec<u8>>,
+}
+
+impl PageRequest {
+    /// The message as sent: its type and payload.
+    pub fn encode(&self) -> (u16, Vec<u8>) {
+        let mut data = Vec::with_capacity(13 + 32);
+        data.extend_from_slice(&self.start.to_be_bytes());
+        data.extend_from_slice(&self.len.to_be_bytes());
+        match &self.block {
+            None => (rp::REQ_PAGES, data),
+            Some(name) => {
+                data.push(name.len() as u8);
+                data.extend_from_slice(name);
+                (rp::REQ_PAGES_ID, data)
+            }
+        }
+    }
+}
+
+/// A return-path message, parsed in one place ([`RpMessage::parse`]).
+/// A SHUT or PONG of another length than 4 bytes is [`RpMessage::Other`],
+/// which every receiver ignores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RpMessage {
+    /// SHUT: `be32` flag, 0 for success.
+    Shut(u32),
+    /// PONG: the `be32` value of the PING.
+    Pong(u32),
+    /// REQ_PAGES_ID or REQ_PAGES.
+    PageRequest(PageRequest),
+    /// A page request whose payload does not parse: why.
+    BadPageRequest(&'static str),
+    /// ERROR_DESC: the destination's error text.
+    ErrorDesc(String),
+    /// COLO: the secondary's `be32` message (`None`: not 4 bytes).
+    Colo(Option<u32>),
+    /// Anything else: its type.
+    Other(u16),
+}
+
+impl RpMessage {
+    /// Parse a message of type `kind` with payload `data`.
+    pub fn parse(kind: u16, data: &[u8]) -> Self {
+        let be32 = <[u8; 4]>::try_from(data).map(u32::from_be_bytes).ok();
+        match (kind, be32) {
+            (rp::SHUT, Some(v)) => Self::Shut(v),
+            (rp::PONG, Some(v)) => Self::Pong(v),
+            (rp::REQ_PAGES_ID | rp::REQ_PAGES, _) => match parse_page_request(kind, data) {
+                Ok(r) => Self::PageRequest(r),
+                Err(why) => Self::BadPageRequest(why),
+            },
+            (rp::ERROR_DESC, _) => Self::ErrorDesc(String::from_utf8_lossy(data).into_owned()),
+            (rp::COLO, v) => Self::Colo(v),
+            (other, _) => Self::Other(other),
+        }
+    }
+}
+
+/// A page request's payload, or why it does not parse.
+fn parse_page_request(kind: u16, d: &[u8]) -> Result<PageRequest, &'static str> {
+    if d.len() < 12 {
+        return Err("shorter than 12 bytes");
+    }
+    let start = u64::from_be_bytes(d[0..8].try_into().map_err(|_| "offset")?);
+    let len = u32::from_be_bytes(d[8..12].try_into().map_err(|_| "length")?);
+    let block = if kind == rp::REQ_PAGES_ID {
+        let n = *d.get(12).ok_or("missing block name")? as usize;
+        Some(d.get(13..13 + n).ok_or("block name cut short")?.to_vec())
+    } else {
+        None
+    };
+    Ok(PageRequest { start, len, block })
+}
+
+/// One frame from the reader thread, or the error that ended it.
+type RpFrame = Result<(u16, Vec<u8>), StreamError>;
+
+/// One message, or the error that ended the return path.
+pub(crate) type RpResult = Result<RpMessage, StreamError>;
 
 /// The source's end of the return path: the messages its reader thread
 /// reads, and the destination's last error description.
 pub(crate) struct ReturnPath {
-    rx: Receiver<RpMessage>,
+    rx: Receiver<RpFrame>,
     last_desc: Option<String>,
 }
 
@@ -80,30 +168,32 @@ impl ReturnPath {
     }
 
     /// The next message, if one is there.
-    pub(crate) fn try_recv(&self) -> Result<RpMessage, TryRecvError> {
-        self.rx.try_recv()
+    pub(crate) fn try_recv(&self) -> Result<RpResult, TryRecvError> {
+        self.rx
+            .try_recv()
+            .map(|m| m.map(|(k, d)| RpMessage::parse(k, &d)))
     }
 
     /// The next message, waiting up to `timeout`.
-    pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<RpMessage, RecvTimeoutError> {
-        self.rx.recv_timeout(timeout)
+    pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<RpResult, RecvTimeoutError> {
+        self.rx
+            .recv_timeout(timeout)
+            .map(|m| m.map(|(k, d)| RpMessage::parse(k, &d)))
     }
 
     /// Turn a return-path message into an error, if it reports one (an
     /// ERROR_DESC is kept for the SHUT(1) that follows it).
-    pub(crate) fn error(&mut self, kind: u16, data: &[u8]) -> Option<MigrationError> {
-        match kind {
-            rp::ERROR_DESC => {
-                self.last_desc = Some(String::from_utf8_lossy(data).into_owned());
+    pub(crate) fn error(&mut self, m: RpMessage) -> Option<MigrationError> {
+        match m {
+            RpMessage::ErrorDesc(desc) => {
+                self.last_desc = Some(desc);
                 None
             }
-            rp::SHUT if data.len() == 4 && data != [0, 0, 0, 0] => {
-                Some(MigrationError::Destination(
-                    self.last_desc
-                        .take()
-                        .unwrap_or_else(|| "the destination reported an error".into()),
-                ))
-            }
+            RpMessage::Shut(flag) if flag != 0 => Some(MigrationError::Destination(
+                self.last_desc
+                    .take()
+                    .unwrap_or_else(|| "the destination reported an error".into()),
+            )),
             _ => None,
         }
     }
@@ -116,10 +206,10 @@ impl ReturnPath {
     /// Read what has arrived without waiting: an error if the destination
     /// reported one or the return path broke.
     pub(crate) fn check(&mut self) -> Result<(), MigrationError> {
-        while let Ok(m) = self.rx.try_recv() {
+        while let Ok(m) = self.try_recv() {
             match m {
-                Ok((k, d)) => {
-                    if let Some(e) = self.error(k, &d) {
+                Ok(m) => {
+                    if let Some(e) = self.error(m) {
                         return Err(e);
                     }
                 }
@@ -136,17 +226,17 @@ impl ReturnPath {
         w: &mut Writer<W>,
         value: u32,
     ) -> Result<(), MigrationError> {
-        w.command(cmd::PING, &value.to_be_bytes())?;
+        w.write_command(&Command::Ping(value))?;
         w.flush()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline
                 .checked_duration_since(Instant::now())
                 .ok_or(MigrationError::PeerLost("destination"))?;
-            match self.rx.recv_timeout(left) {
-                Ok(Ok((rp::PONG, d))) if d == value.to_be_bytes() => return Ok(()),
-                Ok(Ok((k, d))) => {
-                    if let Some(e) = self.error(k, &d) {
+            match self.recv_timeout(left) {
+                Ok(Ok(RpMessage::Pong(v))) if v == value => return Ok(()),
+                Ok(Ok(m)) => {
+                    if let Some(e) = self.error(m) {
                         return Err(e);
                     }
                 }
@@ -164,14 +254,61 @@ impl ReturnPath {
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
-            match self.rx.recv_timeout(left) {
-                Ok(Ok((k, d))) => {
-                    if let Some(e) = self.error(k, &d) {
+            match self.recv_timeout(left) {
+                Ok(Ok(m)) => {
+                    if let Some(e) = self.error(m) {
                         return Some(e);
                     }
                 }
                 _ => return self.take_desc(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Page requests read back as encoded; malformed payloads say why;
+    /// a SHUT or PONG of another length is ignored as before, a COLO
+    /// message of another length is no message value.
+    #[test]
+    fn return_path_messages_parse() {
+        for block in [None, Some(b"pc.ram".to_vec())] {
+            let req = PageRequest {
+                start: 0x5000,
+                len: 4096,
+                block,
+            };
+            let (k, d) = req.encode();
+            assert_eq!(RpMessage::parse(k, &d), RpMessage::PageRequest(req));
+        }
+        let cases: [(u16, &[u8], RpMessage); 9] = [
+            (rp::SHUT, &[0, 0, 0, 1], RpMessage::Shut(1)),
+            (rp::SHUT, &[0, 0, 1], RpMessage::Other(rp::SHUT)),
+            (rp::PONG, &[0, 0, 0, 2], RpMessage::Pong(2)),
+            (rp::PONG, &[], RpMessage::Other(rp::PONG)),
+            (rp::COLO, &[0, 0, 0, 6], RpMessage::Colo(Some(6))),
+            (rp::COLO, &[6], RpMessage::Colo(None)),
+            (rp::ERROR_DESC, b"no", RpMessage::ErrorDesc("no".into())),
+            (
+                rp::REQ_PAGES,
+                &[0; 11],
+                RpMessage::BadPageRequest("shorter than 12 bytes"),
+            ),
+            (
+                rp::REQ_PAGES_ID,
+                &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+                RpMessage::BadPageRequest("block name cut short"),
+            ),
+        ];
+        for (k, d, want) in cases {
+            assert_eq!(RpMessage::parse(k, d), want, "type {k:#x} {d:?}");
+        }
+        assert_eq!(
+            RpMessage::parse(rp::REQ_PAGES_ID, &[0; 12]),
+            RpMessage::BadPageRequest("missing block name")
+        );
     }
 }

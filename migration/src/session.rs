@@ -37,7 +37,7 @@ use crate::ram::GuestRam;
 use crate::return_path::{send_rp, writer_of, ReturnPath, RpWriter};
 use crate::sched::RealTimeSection;
 use crate::status::{Capabilities, Parameters, Shared, Status};
-use crate::stream::{self, cmd, ping, rp, section, BufSink, Reader, StreamError, Writer};
+use crate::stream::{self, ping, rp, section, BufSink, Command, Reader, StreamError, Writer};
 use crate::transport::{self, Channel, Listener, Uri};
 
 /// The source's main stream.
@@ -130,7 +130,7 @@ fn outgoing(
     let cfg = serde_json::to_vec(&o.config).map_err(|e| MigrationError::Config(e.to_string()))?;
     stream::write_config(&mut w, &cfg)?;
     let mut rpath = if chan.duplex {
-        w.command(cmd::OPEN_RETURN_PATH, &[])?;
+        w.write_command(&Command::OpenReturnPath)?;
         let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
         Some(ReturnPath::spawn(reader))
     } else {
@@ -161,7 +161,7 @@ fn outgoing(
                 o.uri
             )));
         }
-        w.command(cmd::ENABLE_COLO, &[])?;
+        w.write_command(&Command::EnableColo)?;
         if let Some(rpath) = &mut rpath {
             rpath.ping_and_wait(&mut w, ping::COLO)?;
         }
@@ -400,7 +400,7 @@ fn incoming(
         // The source opens its return path right after the configuration
         // (on a duplex channel): open ours so run_incoming can tell it why.
         if chan.duplex {
-            if let Ok((cmd::OPEN_RETURN_PATH, _)) = stream::read_command(&mut r) {
+            if let Ok(Command::OpenReturnPath) = stream::read_command(&mut r) {
                 *rp_writer = Some(writer_of(chan));
             }
         }
@@ -514,9 +514,8 @@ impl Dest<'_> {
         at: u64,
         ram_started: bool,
     ) -> Result<Option<Package>, MigrationError> {
-        let (c, data) = stream::read_command_body(r)?;
-        match c {
-            cmd::OPEN_RETURN_PATH => {
+        match stream::read_command_body(r, at)? {
+            Command::OpenReturnPath => {
                 if !self.chan.duplex {
                     return Err(
                         StreamError::invalid(at, "OPEN_RETURN_PATH on a one-way channel").into(),
@@ -524,17 +523,17 @@ impl Dest<'_> {
                 }
                 *self.rp_writer = Some(writer_of(self.chan));
             }
-            cmd::POSTCOPY_ADVISE => self.postcopy_advise(at, &data, ram_started)?,
-            cmd::POSTCOPY_RAM_DISCARD => {
+            Command::PostcopyAdvise(data) => self.postcopy_advise(at, &data, ram_started)?,
+            Command::PostcopyRamDiscard(data) => {
                 let p = self.post.as_ref().ok_or_else(|| {
                     StreamError::invalid(at, "POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE")
                 })?;
                 p.discard(&data)?;
             }
-            cmd::PACKAGED => return self.packaged(r, at, &data, ram_started).map(Some),
-            cmd::POSTCOPY_PREEMPT => self.postcopy_preempt(at)?,
-            cmd::PING => self.ping(at, &data)?,
-            cmd::ENABLE_COLO => {
+            Command::Packaged(len) => return self.packaged(r, at, len, ram_started).map(Some),
+            Command::PostcopyPreempt => self.postcopy_preempt(at)?,
+            Command::Ping(v) => self.ping(at, v)?,
+            Command::EnableColo => {
                 if self.rp_writer.is_none() {
                     return Err(
                         StreamError::invalid(at, "ENABLE_COLO without a return path").into(),
@@ -547,10 +546,10 @@ impl Dest<'_> {
                 self.chan.batching.stop();
                 self.colo = true;
             }
-            other => {
+            other @ (Command::PostcopyListen | Command::PostcopyRun | Command::Unknown(_)) => {
                 return Err(StreamError::invalid(
                     at,
-                    format!("unexpected command {other} in a precopy stream"),
+                    format!("unexpected command {} in a precopy stream", other.number()),
                 )
                 .into());
             }
@@ -587,16 +586,13 @@ impl Dest<'_> {
         &mut self,
         r: &mut Reader<R>,
         at: u64,
-        data: &[u8],
+        len: u32,
         ram_started: bool,
     ) -> Result<Package, MigrationError> {
         let p = self
             .post
             .clone()
             .ok_or_else(|| StreamError::invalid(at, "PACKAGED without POSTCOPY_ADVISE"))?;
-        let len = <[u8; 4]>::try_from(data)
-            .map(u32::from_be_bytes)
-            .map_err(|_| StreamError::invalid(at, "PACKAGED needs a 4-byte length"))?;
         if len > crate::postcopy::MAX_PACKAGE {
             return Err(
                 StreamError::invalid(at, format!("package of {len} bytes (limit 64 MiB)")).into(),
@@ -635,12 +631,9 @@ impl Dest<'_> {
 
     /// PING: answer PONG; before the source's stop, stop batching, and
     /// before the postcopy switch, enter real-time.
-    fn ping(&mut self, at: u64, data: &[u8]) -> Result<(), MigrationError> {
-        if data.len() != 4 {
-            return Err(StreamError::invalid(at, "PING needs 4 bytes").into());
-        }
+    fn ping(&mut self, at: u64, v: u32) -> Result<(), MigrationError> {
         if let Some(w) = self.rp_writer.as_ref() {
-            send_rp(w, rp::PONG, data).map_err(|e| StreamError::Io {
+            send_rp(w, rp::PONG, &v.to_be_bytes()).map_err(|e| StreamError::Io {
                 offset: at,
                 source: e,
             })?;
@@ -648,11 +641,11 @@ impl Dest<'_> {
         // The source stops its guest after this answer
         // (precopy's final round or the postcopy switch):
         // from here every message is urgent.
-        if data[..] == ping::DRAINED.to_be_bytes() || data[..] == ping::SWITCH.to_be_bytes() {
+        if v == ping::DRAINED || v == ping::SWITCH {
             self.chan.batching.stop();
         }
         // The postcopy switch follows: real-time until RUN.
-        if self.post.is_some() && data[..] == ping::SWITCH.to_be_bytes() {
+        if self.post.is_some() && v == ping::SWITCH {
             self.switch.get_or_insert_with(RealTimeSection::enter);
         }
         Ok(())

@@ -23,9 +23,9 @@ use crate::ram::{
     AtomicBitmap, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, StagingPlacer,
     MAX_SECTION_PAGES, RAM_SECTION_ID,
 };
-use crate::return_path::{send_rp, RpWriter};
+use crate::return_path::{send_rp, PageRequest, RpWriter};
 use crate::status::Shared;
-use crate::stream::{rp, section, Reader, StreamError, PAGE_SIZE};
+use crate::stream::{section, Reader, StreamError, PAGE_SIZE};
 
 /// Fault-service statistics.
 #[derive(Default)]
@@ -401,9 +401,11 @@ impl DestPostcopy {
             self.zero_or_wake(paddr);
             return Ok(());
         }
-        let mut data = Vec::with_capacity(13 + 32);
-        data.extend_from_slice(&(page * PAGE_SIZE as u64).to_be_bytes());
-        data.extend_from_slice(&(PAGE_SIZE as u32).to_be_bytes());
+        let mut req = PageRequest {
+            start: page * PAGE_SIZE as u64,
+            len: PAGE_SIZE as u32,
+            block: None,
+        };
         // The preempt channel while it is up, else the return path. A
         // REQ_PAGES names no block: it means the last one named on the same
         // channel.
@@ -413,15 +415,11 @@ impl DestPostcopy {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let key = (urgent.is_some(), block);
-        let kind = if *last_block == Some(key) {
-            rp::REQ_PAGES
-        } else {
-            let name = &self.ram.blocks()[block].name;
-            data.push(name.len() as u8);
-            data.extend_from_slice(name.as_bytes());
+        if *last_block != Some(key) {
+            req.block = Some(self.ram.blocks()[block].name.as_bytes().to_vec());
             *last_block = Some(key);
-            rp::REQ_PAGES_ID
-        };
+        }
+        let (kind, data) = req.encode();
         self.stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())

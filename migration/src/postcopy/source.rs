@@ -18,10 +18,10 @@ use crate::ram::{
     begin_ram_section, end_ram_section, AtomicBitmap, Bitmap, GuestRam, RamWriter, Throttle,
     RAM_SECTION_ID,
 };
-use crate::return_path::ReturnPath;
+use crate::return_path::{PageRequest, ReturnPath, RpMessage};
 use crate::status::{Parameters, Shared, Status};
 use crate::stream::{
-    self, cmd, ping, rp, section, BufSink, Reader, Sink, StreamError, Writer, PAGE_SIZE,
+    self, ping, section, BufSink, Command, Reader, Sink, StreamError, Writer, PAGE_SIZE,
 };
 use crate::transport::{Closer, Uri};
 
@@ -33,7 +33,7 @@ pub(crate) fn advise_source<W: Sink>(
     let mut data = Vec::with_capacity(16);
     data.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
     data.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
-    w.command(cmd::POSTCOPY_ADVISE, &data)?;
+    w.write_command(&Command::PostcopyAdvise(data))?;
     rpath.ping_and_wait(w, ping::ADVISE)
 }
 
@@ -90,7 +90,7 @@ fn send_discards<W: Sink>(
                 data.extend_from_slice(&(len * PAGE_SIZE as u64).to_be_bytes());
                 total += len;
             }
-            w.command(cmd::POSTCOPY_RAM_DISCARD, &data)?;
+            w.write_command(&Command::PostcopyRamDiscard(data))?;
         }
     }
     Ok(total)
@@ -123,42 +123,40 @@ fn send_package<W: Sink>(
     devices: &[stream::DeviceBlob],
 ) -> Result<(), MigrationError> {
     let mut pw = Writer::new(Vec::new());
-    pw.command(cmd::POSTCOPY_LISTEN, &[])?;
+    pw.write_command(&Command::PostcopyListen)?;
     for (i, d) in devices.iter().enumerate() {
         stream::write_device(&mut pw, RAM_SECTION_ID + 1 + i as u32, d)?;
     }
-    pw.command(cmd::POSTCOPY_RUN, &[])?;
-    pw.command(cmd::PING, &ping::RUNNING.to_be_bytes())?;
+    pw.write_command(&Command::PostcopyRun)?;
+    pw.write_command(&Command::Ping(ping::RUNNING))?;
     pw.u8(section::EOF)?;
     let pkg = std::mem::take(pw.get_mut());
     let len = u32::try_from(pkg.len())
         .ok()
         .filter(|&l| l <= MAX_PACKAGE)
         .ok_or_else(|| StreamError::invalid(w.offset(), "device package over 64 MiB"))?;
-    w.command(cmd::PACKAGED, &len.to_be_bytes())?;
+    w.write_command(&Command::Packaged(len))?;
     w.bytes(&pkg)?;
     w.flush()?;
     Ok(())
 }
 
 /// Parse a page request: `(block, first page, pages)`.
+/// `req` is a page request as parsed ([`RpMessage::PageRequest`], or the
+/// reason of a [`RpMessage::BadPageRequest`]).
 fn parse_request(
-    kind: u16,
-    d: &[u8],
+    req: Result<&PageRequest, &str>,
     ram: &dyn GuestRam,
     last_block: &mut Option<usize>,
 ) -> Result<(usize, u64, u64), PostcopyError> {
     let bad = |why: &str| PostcopyError::Protocol(format!("bad page request: {why}"));
-    if d.len() < 12 {
-        return Err(bad("shorter than 12 bytes"));
-    }
-    let start = u64::from_be_bytes(d[0..8].try_into().map_err(|_| bad("offset"))?);
-    let len = u32::from_be_bytes(d[8..12].try_into().map_err(|_| bad("length"))?);
-    let block = if kind == rp::REQ_PAGES_ID {
-        let n = *d.get(12).ok_or_else(|| bad("missing block name"))? as usize;
-        let name = d
-            .get(13..13 + n)
-            .ok_or_else(|| bad("block name cut short"))?;
+    let &PageRequest {
+        start,
+        len,
+        ref block,
+    } = req.map_err(bad)?;
+    let block = if let Some(name) = block {
+        let name = &name[..];
         let b = ram
             .blocks()
             .iter()
@@ -217,7 +215,7 @@ pub(crate) fn connect_preempt<W: Sink>(
     pw.be32(stream::PREEMPT_MAGIC)?;
     pw.be32(stream::PREEMPT_VERSION)?;
     pw.flush()?;
-    w.command(cmd::POSTCOPY_PREEMPT, &[])?;
+    w.write_command(&Command::PostcopyPreempt)?;
     rpath.ping_and_wait(w, ping::PREEMPT)?;
     Ok(Preempt {
         w: pw,
@@ -291,13 +289,17 @@ fn urgent_loop(
             Err(_) if finishing.load(Ordering::SeqCst) => break,
             Err(e) => return Err(e.into()),
         };
-        if k != rp::REQ_PAGES && k != rp::REQ_PAGES_ID {
-            return Err(PostcopyError::Protocol(format!(
-                "message type {k:#06x} on the preempt channel (only page requests)"
-            ))
-            .into());
-        }
-        let (b, first, n) = parse_request(k, &d, ram, &mut req_block)?;
+        let req = match RpMessage::parse(k, &d) {
+            RpMessage::PageRequest(r) => Ok(r),
+            RpMessage::BadPageRequest(why) => Err(why),
+            _ => {
+                return Err(PostcopyError::Protocol(format!(
+                    "message type {k:#06x} on the preempt channel (only page requests)"
+                ))
+                .into())
+            }
+        };
+        let (b, first, n) = parse_request(req.as_ref().map_err(|w| *w), ram, &mut req_block)?;
         count.fetch_add(1, Ordering::Relaxed);
         let mut in_section = 0;
         for pg in first..first + n {
@@ -453,8 +455,8 @@ fn source_background<W: Sink>(
         // Requests and replies from the destination.
         loop {
             match p.rpath.try_recv() {
-                Ok(Ok((k @ (rp::REQ_PAGES | rp::REQ_PAGES_ID), d))) => {
-                    let (b, first, n) = parse_request(k, &d, p.ram, &mut req_block)?;
+                Ok(Ok(RpMessage::PageRequest(req))) => {
+                    let (b, first, n) = parse_request(Ok(&req), p.ram, &mut req_block)?;
                     requests.fetch_add(1, Ordering::Relaxed);
                     for pg in first..first + n {
                         if dirty[b].test_and_clear(pg) {
@@ -462,7 +464,10 @@ fn source_background<W: Sink>(
                         }
                     }
                 }
-                Ok(Ok((k, d))) => source_reply(p, k, &d)?,
+                Ok(Ok(RpMessage::BadPageRequest(why))) => {
+                    parse_request(Err(why), p.ram, &mut req_block)?;
+                }
+                Ok(Ok(m)) => source_reply(p, m)?,
                 Ok(Err(_)) | Err(TryRecvError::Disconnected) => {
                     return Err(MigrationError::PeerLost("destination"))
                 }
@@ -536,17 +541,13 @@ fn source_background<W: Sink>(
 
 /// A return-path message other than a page request: RUN acknowledged (the
 /// end of the downtime) or an error.
-fn source_reply<W: Sink>(
-    p: &mut SourcePhase<'_, W>,
-    kind: u16,
-    data: &[u8],
-) -> Result<(), MigrationError> {
-    if kind == rp::PONG && data == ping::RUNNING.to_be_bytes() {
+fn source_reply<W: Sink>(p: &mut SourcePhase<'_, W>, m: RpMessage) -> Result<(), MigrationError> {
+    if m == RpMessage::Pong(ping::RUNNING) {
         p.running = true;
         p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
         return Ok(());
     }
-    match p.rpath.error(kind, data) {
+    match p.rpath.error(m) {
         Some(e) => Err(e),
         None => Ok(()),
     }
@@ -567,12 +568,12 @@ fn finish_source<W: Sink>(
             return Err(MigrationError::Cancelled);
         }
         match p.rpath.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok((rp::SHUT, d))) if d == [0, 0, 0, 0] => break,
-            Ok(Ok((rp::REQ_PAGES | rp::REQ_PAGES_ID, _))) => {
+            Ok(Ok(RpMessage::Shut(0))) => break,
+            Ok(Ok(RpMessage::PageRequest(_) | RpMessage::BadPageRequest(_))) => {
                 // Late requests for pages already on their way.
                 requests.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Ok((k, d))) => source_reply(p, k, &d)?,
+            Ok(Ok(m)) => source_reply(p, m)?,
             Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(MigrationError::PeerLost("destination"))
             }
