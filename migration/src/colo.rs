@@ -275,6 +275,33 @@ fn device_buffer(devices: &[DeviceBlob]) -> Result<Vec<u8>, MigrationError> {
     Ok(std::mem::take(b.get_mut()))
 }
 
+/// Primary, the secondary ready: run the guest with its output held and
+/// checkpoint every x-checkpoint-delay ms, until failover is requested
+/// (`Ok`) or a checkpoint fails.
+fn checkpoints<W: Sink>(p: &mut Primary<'_, W>) -> Result<(), MigrationError> {
+    let mut stats = Stats::default();
+    set_status(p.shared, p.events, Status::Colo);
+    p.machine
+        .hold_output(true)
+        .map_err(MigrationError::Machine)?;
+    p.machine.resume().map_err(MigrationError::Machine)?;
+    loop {
+        let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
+        if p.shared.wait_failover_timeout(delay) {
+            // Leave COLO on request: tell the secondary, run alone.
+            let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
+            return Ok(());
+        }
+        let (pause, bytes) = checkpoint(p)?;
+        stats.record(pause, bytes);
+        let mut i = p.shared.info();
+        i.extra.insert("x-colo".into(), stats.json());
+        i.ram.transferred = p.w.offset();
+        i.ram.duplicate = p.rw.zero_pages;
+        i.ram.normal = p.rw.normal_pages;
+    }
+}
+
 /// Primary: runs after the first migration's EOF. Returns when COLO ended
 /// by failover (the guest then runs here alone).
 pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), MigrationError> {
@@ -282,31 +309,9 @@ pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), Migratio
     // waits for it (a resumed guest's vCPUs must not delay its next step).
     crate::sched::prefer_this_thread();
     p.w.flush()?;
-    let mut stats = Stats::default();
     // Until the secondary is ready this is an ordinary failed migration.
     expect_rp(&mut p, msg::CHECKPOINT_READY)?;
-    let ended = (|| -> Result<(), MigrationError> {
-        set_status(p.shared, p.events, Status::Colo);
-        p.machine
-            .hold_output(true)
-            .map_err(MigrationError::Machine)?;
-        p.machine.resume().map_err(MigrationError::Machine)?;
-        loop {
-            let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
-            if p.shared.wait_failover_timeout(delay) {
-                // Leave COLO on request: tell the secondary, run alone.
-                let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
-                return Ok(());
-            }
-            let (pause, bytes) = checkpoint(&mut p)?;
-            stats.record(pause, bytes);
-            let mut i = p.shared.info();
-            i.extra.insert("x-colo".into(), stats.json());
-            i.ram.transferred = p.w.offset();
-            i.ram.duplicate = p.rw.zero_pages;
-            i.ram.normal = p.rw.normal_pages;
-        }
-    })();
+    let ended = checkpoints(&mut p);
     let reason = match ended {
         Ok(()) => ExitReason::Request,
         Err(e) => {
@@ -585,6 +590,41 @@ fn parse_devices(buf: &[u8]) -> Result<Vec<DeviceBlob>, MigrationError> {
     }
 }
 
+/// Secondary: the checkpoints, until the primary leaves COLO (`Ok`) or
+/// one fails.
+fn receive_checkpoints<R: BufRead>(
+    dest: &mut Destination<'_>,
+    r: &mut Reader<R>,
+    rr: &mut RamReader,
+    rp: &RpWriter,
+    cache: &mut RamCache,
+) -> Result<(), MigrationError> {
+    let mut stats = Stats::default();
+    loop {
+        let m = r.be32("COLO message")?;
+        match m {
+            msg::CHECKPOINT_REQUEST => {
+                let t = Instant::now();
+                let before = r.offset();
+                receive_checkpoint(dest, r, rr, rp, cache)?;
+                stats.record(t.elapsed(), r.offset() - before);
+                dest.shared
+                    .info()
+                    .extra
+                    .insert("x-colo".into(), stats.json());
+            }
+            msg::PRIMARY_EXIT => return Ok(()),
+            got => {
+                return Err(ColoError::Unexpected {
+                    got,
+                    expected: msg::CHECKPOINT_REQUEST,
+                }
+                .into())
+            }
+        }
+    }
+}
+
 /// Secondary: runs after the first migration's EOF with its device state.
 /// Returns when COLO ended: by failover (the guest runs here) or because
 /// the primary left COLO (the guest stays paused here).
@@ -606,32 +646,7 @@ pub(crate) fn run_secondary<R: BufRead>(
     *dest.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer.clone());
     send_colo(&rp, msg::CHECKPOINT_READY)?;
     set_status(dest.shared, dest.events, Status::Colo);
-    let mut stats = Stats::default();
-    let res = (|| -> Result<bool, MigrationError> {
-        loop {
-            let m = r.be32("COLO message")?;
-            match m {
-                msg::CHECKPOINT_REQUEST => {
-                    let t = Instant::now();
-                    let before = r.offset();
-                    receive_checkpoint(&mut dest, &mut r, &mut rr, &rp, &mut cache)?;
-                    stats.record(t.elapsed(), r.offset() - before);
-                    dest.shared
-                        .info()
-                        .extra
-                        .insert("x-colo".into(), stats.json());
-                }
-                msg::PRIMARY_EXIT => return Ok(false),
-                got => {
-                    return Err(ColoError::Unexpected {
-                        got,
-                        expected: msg::CHECKPOINT_REQUEST,
-                    }
-                    .into())
-                }
-            }
-        }
-    })();
+    let res = receive_checkpoints(&mut dest, &mut r, &mut rr, &rp, &mut cache);
     let _ = dest.ram.stop_dirty_log();
     match res {
         Ok(_) => {
