@@ -175,7 +175,7 @@ impl Stats {
 
 // ---------------------------------------------------------------- primary
 
-/// What the primary's COLO loop needs from the precopy engine.
+/// What the primary's COLO loop needs from the session (after precopy).
 pub(crate) struct Primary<'a, W: Sink> {
     /// Main stream (the first migration's EOF already sent).
     pub w: &'a mut Writer<W>,

@@ -37,7 +37,7 @@ pub(crate) fn advise_source<W: Sink>(
     rpath.ping_and_wait(w, ping::ADVISE)
 }
 
-/// What the source's postcopy phase needs from the precopy engine.
+/// What the source's postcopy phase needs from the session (after precopy).
 pub(crate) struct SourcePhase<'a, W: Sink> {
     /// The main stream.
     pub w: &'a mut Writer<W>,

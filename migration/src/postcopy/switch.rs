@@ -37,28 +37,30 @@ pub(crate) fn accept_preempt(l: &Listener) -> Result<PreemptIn, MigrationError> 
     let reader: Box<dyn Read + Send> =
         std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
     let mut r = Reader::new(std::io::BufReader::with_capacity(256 << 10, reader));
-    let check = |r: &mut Reader<_>| -> Result<(), StreamError> {
-        let magic = r.be32("preempt channel magic")?;
-        let version = r.be32("preempt channel version")?;
-        if magic != stream::PREEMPT_MAGIC || version != stream::PREEMPT_VERSION {
-            return Err(StreamError::invalid(
-                0,
-                format!(
-                    "second connection starts {magic:#010x} {version}, not a preempt channel \
-                     ({:#010x} {})",
-                    stream::PREEMPT_MAGIC,
-                    stream::PREEMPT_VERSION
-                ),
-            ));
-        }
-        Ok(())
-    };
-    check(&mut r).map_err(|e| PostcopyError::Preempt(Box::new(e.into())))?;
+    check_preempt_header(&mut r).map_err(|e| PostcopyError::Preempt(Box::new(e.into())))?;
     Ok(PreemptIn {
         r,
         w: std::mem::replace(&mut chan.writer, Box::new(std::io::sink())),
         closer: chan.closer,
     })
+}
+
+/// The first bytes of a preempt channel: its magic and version.
+fn check_preempt_header(r: &mut Reader<impl Read>) -> Result<(), StreamError> {
+    let magic = r.be32("preempt channel magic")?;
+    let version = r.be32("preempt channel version")?;
+    if magic != stream::PREEMPT_MAGIC || version != stream::PREEMPT_VERSION {
+        return Err(StreamError::invalid(
+            0,
+            format!(
+                "second connection starts {magic:#010x} {version}, not a preempt channel \
+                 ({:#010x} {})",
+                stream::PREEMPT_MAGIC,
+                stream::PREEMPT_VERSION
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Destination: a PACKAGED command arrived (the switch). Runs LISTEN (hands
