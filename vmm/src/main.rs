@@ -69,3 +69,23 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use log::Log;
+
+    /// The workspace crates' records are shown (the migration library's
+    /// warnings among them), dependencies' and debug records are not.
+    #[test]
+    fn logger_shows_the_workspace_crates_records() {
+        let shown = |target: &str, level| {
+            super::LOGGER.enabled(&log::Metadata::builder().target(target).level(level).build())
+        };
+        assert!(shown("migration::colo", log::Level::Warn));
+        assert!(shown("migration::session", log::Level::Error));
+        assert!(shown("minivmm::control", log::Level::Info));
+        assert!(!shown("migration::session", log::Level::Debug));
+        assert!(!shown("mio::poll", log::Level::Warn));
+        assert!(!shown("migrationx", log::Level::Warn));
+    }
+}
