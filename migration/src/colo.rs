@@ -3,8 +3,9 @@
 //! to a secondary whose guest does not run (periodic mode) until failover.
 //!
 //! This module owns the checkpoint transaction on both sides, the
-//! secondary's RAM cache and the failover paths. The precopy engine
-//! ([`crate::precopy`]) runs the first migration and hands over here.
+//! secondary's RAM cache and the failover paths. The session
+//! ([`crate::session`]) runs the first migration (precopy) and hands over
+//! here.
 //!
 //! ```text
 //! primary (P)                                  secondary (S)
@@ -48,14 +49,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::postcopy::{send_rp, RpWriter};
-use crate::precopy::{
-    begin_ram_section, end_ram_section, rp_error, send_dirty, set_status, Event, EventSink,
-    Incoming, Machine, MigrationError, RpReceiver, MAX_SECTION_PAGES, RAM_SECTION_ID,
-};
+use crate::machine::{set_status, Destination, Event, EventSink, Machine, MigrationError};
 use crate::ram::{
-    Bitmap, GuestRam, PagePlacer, RamError, RamReader, RamRecordError, RamWriter, StagingPlacer,
+    begin_ram_section, end_ram_section, send_dirty, Bitmap, GuestRam, PagePlacer, RamError,
+    RamReader, RamRecordError, RamWriter, StagingPlacer, MAX_SECTION_PAGES, RAM_SECTION_ID,
 };
+use crate::return_path::{send_rp, ReturnPath, RpMessage, RpWriter};
 use crate::status::{Shared, Status};
 use crate::stream::{self, rp, section, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE};
 
@@ -100,24 +99,7 @@ const MAX_VMSTATE: u64 = 64 << 20;
 /// the link dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why COLO ended (QEMU's COLOExitReason).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// `x-colo-lost-heartbeat`.
-    Request,
-    /// An error ended it.
-    Error,
-}
-
-impl ExitReason {
-    /// QMP name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Request => "request",
-            Self::Error => "error",
-        }
-    }
-}
+pub use crate::machine::ExitReason;
 
 /// COLO errors.
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +175,7 @@ impl Stats {
 
 // ---------------------------------------------------------------- primary
 
-/// What the primary's COLO loop needs from the precopy engine.
+/// What the primary's COLO loop needs from the session (after precopy).
 pub(crate) struct Primary<'a, W: Sink> {
     /// Main stream (the first migration's EOF already sent).
     pub w: &'a mut Writer<W>,
@@ -206,16 +188,14 @@ pub(crate) struct Primary<'a, W: Sink> {
     /// Pages sent: all of them after the first migration, so a dirty page
     /// has been written and goes without a populated check.
     pub sent: &'a mut [Bitmap],
-    /// Return path.
-    pub rx: &'a RpReceiver,
+    /// Return path (and the secondary's error text).
+    pub rpath: &'a mut ReturnPath,
     /// Stop, save, resume, output.
     pub machine: &'a mut dyn Machine,
     /// Status.
     pub shared: &'a Arc<Shared>,
     /// Events.
     pub events: &'a EventSink,
-    /// Destination error text.
-    pub last_desc: &'a mut Option<String>,
 }
 
 /// Wait for one COLO message from the secondary.
@@ -225,11 +205,9 @@ fn expect_rp(p: &mut Primary<'_, impl Sink>, want: u32) -> Result<(), MigrationE
         if p.shared.failover_requested() {
             return Err(MigrationError::Cancelled);
         }
-        match p.rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ok((rp::COLO, d))) => {
-                let got = <[u8; 4]>::try_from(&d[..])
-                    .map(u32::from_be_bytes)
-                    .unwrap_or(u32::MAX);
+        match p.rpath.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok(RpMessage::Colo(v))) => {
+                let got = v.unwrap_or(u32::MAX);
                 if got != want {
                     return Err(ColoError::Unexpected {
                         got,
@@ -239,8 +217,8 @@ fn expect_rp(p: &mut Primary<'_, impl Sink>, want: u32) -> Result<(), MigrationE
                 }
                 return Ok(());
             }
-            Ok(Ok((k, d))) => {
-                if let Some(e) = rp_error(k, &d, p.last_desc) {
+            Ok(Ok(m)) => {
+                if let Some(e) = p.rpath.error(m) {
                     return Err(e);
                 }
             }
@@ -266,7 +244,9 @@ fn checkpoint<W: Sink>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migrat
     let devices = p.machine.stop().map_err(MigrationError::Machine)?.devices;
     p.w.be32(msg::VMSTATE_SEND)?;
     p.ram.sync_dirty_log(p.dirty)?;
-    send_dirty(p.w, p.rw, p.ram, p.dirty, p.sent, &mut |_, _, _| Ok(true))?;
+    send_dirty(p.w, p.rw, p.ram, p.dirty, p.sent, &mut |_, _, _| {
+        Ok::<_, MigrationError>(true)
+    })?;
     begin_ram_section(p.w, p.rw, section::END)?;
     end_ram_section(p.w, p.rw)?;
     let blob = device_buffer(&devices)?;
@@ -295,47 +275,50 @@ fn device_buffer(devices: &[DeviceBlob]) -> Result<Vec<u8>, MigrationError> {
     Ok(std::mem::take(b.get_mut()))
 }
 
+/// Primary, the secondary ready: run the guest with its output held and
+/// checkpoint every x-checkpoint-delay ms, until failover is requested
+/// (`Ok`) or a checkpoint fails.
+fn checkpoints<W: Sink>(p: &mut Primary<'_, W>) -> Result<(), MigrationError> {
+    let mut stats = Stats::default();
+    set_status(p.shared, p.events, Status::Colo);
+    p.machine
+        .hold_output(true)
+        .map_err(MigrationError::Machine)?;
+    p.machine.resume().map_err(MigrationError::Machine)?;
+    loop {
+        let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
+        if p.shared.wait_failover_timeout(delay) {
+            // Leave COLO on request: tell the secondary, run alone.
+            let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
+            return Ok(());
+        }
+        let (pause, bytes) = checkpoint(p)?;
+        stats.record(pause, bytes);
+        let mut i = p.shared.info();
+        i.extra.insert("x-colo".into(), stats.json());
+        i.ram.transferred = p.w.offset();
+        i.ram.duplicate = p.rw.zero_pages;
+        i.ram.normal = p.rw.normal_pages;
+    }
+}
+
 /// Primary: runs after the first migration's EOF. Returns when COLO ended
 /// by failover (the guest then runs here alone).
 pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), MigrationError> {
     // Between checkpoints this thread sleeps; in one, the stopped guest
     // waits for it (a resumed guest's vCPUs must not delay its next step).
-    crate::prefer_this_thread();
+    crate::sched::prefer_this_thread();
     p.w.flush()?;
-    let mut stats = Stats::default();
     // Until the secondary is ready this is an ordinary failed migration.
     expect_rp(&mut p, msg::CHECKPOINT_READY)?;
-    let ended = (|| -> Result<(), MigrationError> {
-        set_status(p.shared, p.events, Status::Colo);
-        p.machine
-            .hold_output(true)
-            .map_err(MigrationError::Machine)?;
-        p.machine.resume().map_err(MigrationError::Machine)?;
-        loop {
-            let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
-            if p.shared.wait_failover_timeout(delay) {
-                // Leave COLO on request: tell the secondary, run alone.
-                let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
-                return Ok(());
-            }
-            let (pause, bytes) = checkpoint(&mut p)?;
-            stats.record(pause, bytes);
-            let mut i = p.shared.info();
-            i.extra.insert("x-colo".into(), stats.json());
-            i.ram.transferred = p.w.offset();
-            i.ram.duplicate = p.rw.zero_pages;
-            i.ram.normal = p.rw.normal_pages;
-        }
-    })();
+    let ended = checkpoints(&mut p);
     let reason = match ended {
         Ok(()) => ExitReason::Request,
         Err(e) => {
             // The link or the protocol broke: stop, keep the output held,
             // and wait for the user to pick the survivor.
-            let desc = crate::error_chain(&e);
-            eprintln!(
-                "minivmm: COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat"
-            );
+            let desc = crate::machine::error_chain(&e);
+            log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
             p.shared.info().error_desc = Some(desc);
             let _ = p.machine.stop();
             if let Some(c) = p
@@ -510,7 +493,7 @@ fn read_msg<R: Read>(r: &mut Reader<R>, want: u32) -> Result<(), MigrationError>
 
 /// One checkpoint on the secondary, after checkpoint-request was read.
 fn receive_checkpoint<R: BufRead>(
-    inc: &mut Incoming,
+    dest: &mut Destination<'_>,
     r: &mut Reader<R>,
     rr: &mut RamReader,
     rp: &RpWriter,
@@ -554,19 +537,19 @@ fn receive_checkpoint<R: BufRead>(
     // Everything is here: only now touch the guest.
     send_colo(rp, msg::VMSTATE_RECEIVED)?;
     let devices = parse_devices(&buf)?;
-    let mut own: Vec<Bitmap> = inc
+    let mut own: Vec<Bitmap> = dest
         .ram
         .blocks()
         .iter()
         .map(|b| Bitmap::new(b.pages()))
         .collect();
-    inc.ram.sync_dirty_log(&mut own)?;
-    cache.commit(&*inc.ram, &own)?;
+    dest.ram.sync_dirty_log(&mut own)?;
+    cache.commit(&**dest.ram, &own)?;
     // The commit's own writes are in the log now; they match the cache, so
     // drop them (else every page ever received is copied again each time).
     let mut ours = own;
-    inc.ram.sync_dirty_log(&mut ours)?;
-    inc.machine
+    dest.ram.sync_dirty_log(&mut ours)?;
+    dest.machine
         .colo_load(devices)
         .map_err(MigrationError::Machine)?;
     send_colo(rp, msg::VMSTATE_LOADED)?;
@@ -607,11 +590,46 @@ fn parse_devices(buf: &[u8]) -> Result<Vec<DeviceBlob>, MigrationError> {
     }
 }
 
+/// Secondary: the checkpoints, until the primary leaves COLO (`Ok`) or
+/// one fails.
+fn receive_checkpoints<R: BufRead>(
+    dest: &mut Destination<'_>,
+    r: &mut Reader<R>,
+    rr: &mut RamReader,
+    rp: &RpWriter,
+    cache: &mut RamCache,
+) -> Result<(), MigrationError> {
+    let mut stats = Stats::default();
+    loop {
+        let m = r.be32("COLO message")?;
+        match m {
+            msg::CHECKPOINT_REQUEST => {
+                let t = Instant::now();
+                let before = r.offset();
+                receive_checkpoint(dest, r, rr, rp, cache)?;
+                stats.record(t.elapsed(), r.offset() - before);
+                dest.shared
+                    .info()
+                    .extra
+                    .insert("x-colo".into(), stats.json());
+            }
+            msg::PRIMARY_EXIT => return Ok(()),
+            got => {
+                return Err(ColoError::Unexpected {
+                    got,
+                    expected: msg::CHECKPOINT_REQUEST,
+                }
+                .into())
+            }
+        }
+    }
+}
+
 /// Secondary: runs after the first migration's EOF with its device state.
 /// Returns when COLO ended: by failover (the guest runs here) or because
 /// the primary left COLO (the guest stays paused here).
 pub(crate) fn run_secondary<R: BufRead>(
-    inc: &mut Incoming,
+    mut dest: Destination<'_>,
     closer: crate::transport::Closer,
     mut r: Reader<R>,
     mut rr: RamReader,
@@ -619,62 +637,37 @@ pub(crate) fn run_secondary<R: BufRead>(
     devices: Vec<DeviceBlob>,
 ) -> Result<(), MigrationError> {
     // The primary's stopped guest waits for each step of this thread.
-    crate::prefer_this_thread();
-    inc.machine
+    crate::sched::prefer_this_thread();
+    dest.machine
         .colo_load(devices)
         .map_err(MigrationError::Machine)?;
-    let mut cache = RamCache::new(&*inc.ram)?;
-    inc.ram.start_dirty_log()?;
-    *inc.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer.clone());
+    let mut cache = RamCache::new(&**dest.ram)?;
+    dest.ram.start_dirty_log()?;
+    *dest.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer.clone());
     send_colo(&rp, msg::CHECKPOINT_READY)?;
-    set_status(&inc.shared, &inc.events, Status::Colo);
-    let mut stats = Stats::default();
-    let res = (|| -> Result<bool, MigrationError> {
-        loop {
-            let m = r.be32("COLO message")?;
-            match m {
-                msg::CHECKPOINT_REQUEST => {
-                    let t = Instant::now();
-                    let before = r.offset();
-                    receive_checkpoint(inc, &mut r, &mut rr, &rp, &mut cache)?;
-                    stats.record(t.elapsed(), r.offset() - before);
-                    inc.shared
-                        .info()
-                        .extra
-                        .insert("x-colo".into(), stats.json());
-                }
-                msg::PRIMARY_EXIT => return Ok(false),
-                got => {
-                    return Err(ColoError::Unexpected {
-                        got,
-                        expected: msg::CHECKPOINT_REQUEST,
-                    }
-                    .into())
-                }
-            }
-        }
-    })();
-    let _ = inc.ram.stop_dirty_log();
+    set_status(dest.shared, dest.events, Status::Colo);
+    let res = receive_checkpoints(&mut dest, &mut r, &mut rr, &rp, &mut cache);
+    let _ = dest.ram.stop_dirty_log();
     match res {
         Ok(_) => {
             // The primary runs alone; this copy is stale and stays paused.
             closer.close();
-            (inc.events)(Event::ColoExit(ExitReason::Request));
+            (dest.events)(Event::ColoExit(ExitReason::Request));
             Ok(())
         }
         Err(e) => {
             cache.discard_partial();
-            if !inc.shared.failover_requested() {
-                let desc = crate::error_chain(&e);
-                eprintln!("minivmm: COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
-                inc.shared.info().error_desc = Some(desc);
+            if !dest.shared.failover_requested() {
+                let desc = crate::machine::error_chain(&e);
+                log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
+                dest.shared.info().error_desc = Some(desc);
                 closer.close();
-                inc.shared.wait_failover();
+                dest.shared.wait_failover();
             }
-            inc.machine
+            dest.machine
                 .colo_takeover()
                 .map_err(MigrationError::Machine)?;
-            (inc.events)(Event::ColoExit(ExitReason::Request));
+            (dest.events)(Event::ColoExit(ExitReason::Request));
             Ok(())
         }
     }

@@ -4,12 +4,18 @@
 //! The VMM implements [`GuestRam`] over its memory and KVM's dirty log; the
 //! tests here implement it over plain vectors. Pages are addressed as
 //! (block index, page index in block).
+//!
+//! It also owns the sending of RAM sections that every engine uses
+//! (precopy's rounds, postcopy's phase after the switch, COLO's
+//! checkpoints): a section's header and footer, the dirty pages as PART
+//! sections (`send_dirty`) and the pacing of them (`Throttle`).
 
 use std::io::{BufRead, Read, Write};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::stream::{ram_flag, Reader, Sink, StreamError, Writer, PAGE_SIZE};
+use crate::stream::{ram_flag, section, Reader, Sink, StreamError, Writer, PAGE_SIZE};
 
 /// One contiguous RAM block (one memslot in the VMM).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -739,6 +745,128 @@ impl RamReader {
                 self.zero_pages += 1;
             }
             self.pages += 1;
+        }
+    }
+}
+
+// ------------------------------------------------- sending RAM sections
+
+/// Section id of RAM.
+pub const RAM_SECTION_ID: u32 = 1;
+/// Version of the RAM section.
+pub const RAM_SECTION_VERSION: u32 = 4;
+/// The RAM section's name in its START section.
+pub(crate) const RAM_IDSTR: &str = "ram";
+
+/// Most pages in one RAM section the source sends in a precopy round (a
+/// receiver that stages sections holds one at a time).
+pub const SECTION_PAGES: u64 = 256;
+/// Most pages a receiver that stages (postcopy after LISTEN, COLO) accepts
+/// in one section.
+pub const MAX_SECTION_PAGES: usize = 1024;
+
+/// Start a RAM section of `kind` (PART or END) after START: its header,
+/// and the record writer forgets its block (the first record names it).
+pub(crate) fn begin_ram_section<W: Sink>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+    kind: u8,
+) -> Result<(), StreamError> {
+    w.begin_section();
+    w.u8(kind)?;
+    w.be32(RAM_SECTION_ID)?;
+    rw.new_section();
+    Ok(())
+}
+
+/// End a RAM section: EOS and the footer.
+pub(crate) fn end_ram_section<W: Sink>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+) -> Result<(), StreamError> {
+    rw.write_eos(w)?;
+    w.footer(RAM_SECTION_ID)
+}
+
+/// Send every page set in `dirty` (clearing it, and setting it in `sent`)
+/// as PART sections of at most [`SECTION_PAGES`] pages.
+/// `progress(offset, writer, bytes)` runs after each page; when it returns
+/// `false` the round stops early (the switch to postcopy).
+pub(crate) fn send_dirty<W: Sink, E: From<StreamError> + From<RamError>>(
+    w: &mut Writer<W>,
+    rw: &mut RamWriter,
+    ram: &dyn GuestRam,
+    dirty: &mut [Bitmap],
+    sent: &mut [Bitmap],
+    progress: &mut dyn FnMut(u64, &RamWriter, u64) -> Result<bool, E>,
+) -> Result<(), E> {
+    let mut in_section = 0u64;
+    'blocks: for (b, bm) in dirty.iter_mut().enumerate() {
+        let mut p = 0;
+        while let Some(page) = bm.next_set(p) {
+            bm.test_and_clear(page);
+            let fresh = !sent[b].get(page);
+            sent[b].set(page);
+            if in_section == 0 {
+                begin_ram_section(w, rw, section::PART)?;
+            }
+            let before = w.offset();
+            rw.send_page(w, ram, b, page, fresh)??;
+            in_section += 1;
+            if in_section == SECTION_PAGES {
+                end_ram_section(w, rw)?;
+                in_section = 0;
+            }
+            p = page + 1;
+            if !progress(w.offset(), rw, w.offset() - before)? {
+                break 'blocks;
+            }
+        }
+    }
+    if in_section > 0 {
+        end_ram_section(w, rw)?;
+    }
+    Ok(())
+}
+
+/// Paces writes to a byte rate.
+pub(crate) struct Throttle {
+    rate: u64,
+    window_start: Instant,
+    window_bytes: u64,
+    unchecked: u64,
+}
+
+impl Throttle {
+    pub(crate) fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            window_start: Instant::now(),
+            window_bytes: 0,
+            unchecked: 0,
+        }
+    }
+
+    pub(crate) fn account(&mut self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.window_bytes += bytes;
+        // Read the clock once per millisecond's worth of bytes, not per
+        // page: a clock read costs more than copying a zero-page record.
+        self.unchecked += bytes;
+        if self.unchecked < (self.rate / 1000).max(PAGE_SIZE as u64) {
+            return;
+        }
+        self.unchecked = 0;
+        let due = Duration::from_secs_f64(self.window_bytes as f64 / self.rate as f64);
+        let spent = self.window_start.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+        if self.window_start.elapsed() > Duration::from_millis(100) {
+            self.window_start = Instant::now();
+            self.window_bytes = 0;
         }
     }
 }

@@ -451,6 +451,11 @@ impl<W: Write> Writer<W> {
         self.be32(crc)
     }
 
+    /// A command, as [`Command::number`] and [`Command::payload`].
+    pub fn write_command(&mut self, c: &Command) -> Result<(), StreamError> {
+        self.command(c.number(), &c.payload())
+    }
+
     /// A command with payload.
     pub fn command(&mut self, cmd: u16, data: &[u8]) -> Result<(), StreamError> {
         let len = u16::try_from(data.len())
@@ -751,9 +756,144 @@ pub fn read_rp<R: Read>(r: &mut Reader<R>) -> Result<(u16, Vec<u8>), StreamError
     Ok((kind, data))
 }
 
+/// A COMMAND section of the main stream (or of the postcopy package),
+/// parsed: the command numbers of [`cmd`] with their payloads. Parsing
+/// ([`Command::parse`]) checks the lengths of the payloads that have one
+/// fixed length; the engines check what the payloads mean.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// [`cmd::OPEN_RETURN_PATH`] (a payload, never sent, is ignored).
+    OpenReturnPath,
+    /// [`cmd::PING`]: `be32` value (one of [`ping`]).
+    Ping(u32),
+    /// [`cmd::POSTCOPY_ADVISE`]: the source's page sizes (the destination
+    /// checks them: `be64` 4096 twice).
+    PostcopyAdvise(Vec<u8>),
+    /// [`cmd::POSTCOPY_LISTEN`].
+    PostcopyListen,
+    /// [`cmd::POSTCOPY_RUN`].
+    PostcopyRun,
+    /// [`cmd::POSTCOPY_RAM_DISCARD`]: `u8` 0, `u8 len`, block name, then
+    /// `be64 start, be64 length` pairs (checked against the block there).
+    PostcopyRamDiscard(Vec<u8>),
+    /// [`cmd::PACKAGED`]: `be32` length of the package that follows.
+    Packaged(u32),
+    /// [`cmd::ENABLE_COLO`].
+    EnableColo,
+    /// [`cmd::POSTCOPY_PREEMPT`].
+    PostcopyPreempt,
+    /// A command number minivmm does not know.
+    Unknown(u16),
+}
+
+impl Command {
+    /// Parse command `c` with payload `data`, read at stream offset `at`.
+    pub fn parse(at: u64, c: u16, data: Vec<u8>) -> Result<Self, StreamError> {
+        let be32 = |what: &str| {
+            <[u8; 4]>::try_from(&data[..])
+                .map(u32::from_be_bytes)
+                .map_err(|_| StreamError::invalid(at, what))
+        };
+        Ok(match c {
+            cmd::OPEN_RETURN_PATH => Self::OpenReturnPath,
+            cmd::PING => Self::Ping(be32("PING needs 4 bytes")?),
+            cmd::POSTCOPY_ADVISE => Self::PostcopyAdvise(data),
+            cmd::POSTCOPY_LISTEN => Self::PostcopyListen,
+            cmd::POSTCOPY_RUN => Self::PostcopyRun,
+            cmd::POSTCOPY_RAM_DISCARD => Self::PostcopyRamDiscard(data),
+            cmd::PACKAGED => Self::Packaged(be32("PACKAGED needs a 4-byte length")?),
+            cmd::ENABLE_COLO => Self::EnableColo,
+            cmd::POSTCOPY_PREEMPT => Self::PostcopyPreempt,
+            other => Self::Unknown(other),
+        })
+    }
+
+    /// Its command number ([`cmd`]).
+    pub fn number(&self) -> u16 {
+        match self {
+            Self::OpenReturnPath => cmd::OPEN_RETURN_PATH,
+            Self::Ping(_) => cmd::PING,
+            Self::PostcopyAdvise(_) => cmd::POSTCOPY_ADVISE,
+            Self::PostcopyListen => cmd::POSTCOPY_LISTEN,
+            Self::PostcopyRun => cmd::POSTCOPY_RUN,
+            Self::PostcopyRamDiscard(_) => cmd::POSTCOPY_RAM_DISCARD,
+            Self::Packaged(_) => cmd::PACKAGED,
+            Self::EnableColo => cmd::ENABLE_COLO,
+            Self::PostcopyPreempt => cmd::POSTCOPY_PREEMPT,
+            Self::Unknown(c) => *c,
+        }
+    }
+
+    /// Its payload as sent.
+    pub fn payload(&self) -> Vec<u8> {
+        match self {
+            Self::Ping(v) | Self::Packaged(v) => v.to_be_bytes().to_vec(),
+            Self::PostcopyAdvise(d) | Self::PostcopyRamDiscard(d) => d.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Reads a whole COMMAND section, its type byte included.
+pub fn read_command(r: &mut Reader<impl Read>) -> Result<Command, StreamError> {
+    r.begin_section();
+    let at = r.offset();
+    match r.u8("section type")? {
+        section::COMMAND => read_command_body(r, at),
+        other => Err(StreamError::invalid(
+            at,
+            format!("section type {other:#04x}, expected a command"),
+        )),
+    }
+}
+
+/// Reads a COMMAND section after its type byte (at `at`), checking its
+/// CRC, and parses it.
+pub fn read_command_body(r: &mut Reader<impl Read>, at: u64) -> Result<Command, StreamError> {
+    let c = r.be16("command")?;
+    let len = r.be16("command length")?;
+    let data = r.vec(len as usize, "command data")?;
+    r.check_crc("command")?;
+    Command::parse(at, c, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command reads back as written (number, payload, bytes), and
+    /// a fixed-length payload of another length is an error naming it.
+    #[test]
+    fn commands_round_trip_and_check_their_lengths() {
+        let all = [
+            Command::OpenReturnPath,
+            Command::Ping(ping::SWITCH),
+            Command::PostcopyAdvise([0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 16, 0].to_vec()),
+            Command::PostcopyListen,
+            Command::PostcopyRun,
+            Command::PostcopyRamDiscard(vec![0, 3, b'r', b'a', b'm']),
+            Command::Packaged(1234),
+            Command::EnableColo,
+            Command::PostcopyPreempt,
+            Command::Unknown(0x77),
+        ];
+        for c in all {
+            let mut w = Writer::new(Vec::new());
+            w.write_command(&c).unwrap();
+            let mut raw = Writer::new(Vec::new());
+            raw.command(c.number(), &c.payload()).unwrap();
+            assert_eq!(w.get_mut(), raw.get_mut());
+            let bytes = std::mem::take(w.get_mut());
+            assert_eq!(read_command(&mut Reader::new(&bytes[..])).unwrap(), c);
+        }
+        for (c, why) in [
+            (cmd::PING, "PING needs 4 bytes"),
+            (cmd::PACKAGED, "PACKAGED needs a 4-byte length"),
+        ] {
+            let e = Command::parse(9, c, vec![1, 2, 3]).unwrap_err().to_string();
+            assert_eq!(e, format!("invalid stream at offset 9: {why}"));
+        }
+    }
 
     /// `read_with` hands out the same bytes and CRC whether they lie in the
     /// transport's buffer or straddle its refill, and reports truncation.

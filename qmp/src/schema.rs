@@ -627,6 +627,17 @@ impl MigrationStatus {
             MigrationStatus::WaitUnplug => "wait-unplug",
         }
     }
+
+    /// Has the migration ended (or never started)?
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::None
+                | MigrationStatus::Completed
+                | MigrationStatus::Failed
+                | MigrationStatus::Cancelled
+        )
+    }
 }
 
 /// `migrate-continue {state}`: the status the migration is expected to be in

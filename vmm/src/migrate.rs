@@ -247,8 +247,8 @@ pub fn from_blobs(
 }
 
 /// The configuration both sides must share.
-pub fn machine_config(shape: &VmShape, ram: &KvmRam) -> migration::precopy::MachineConfig {
-    migration::precopy::MachineConfig {
+pub fn machine_config(shape: &VmShape, ram: &KvmRam) -> migration::MachineConfig {
+    migration::MachineConfig {
         machine: "minivmm-pc".into(),
         vcpus: u32::from(shape.vcpus),
         cpu: shape.cpu.name().into(),

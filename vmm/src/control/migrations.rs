@@ -17,11 +17,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use migration::colo::ExitReason;
-use migration::precopy::{self, Event as MigEvent, IncomingMachine, Machine, Stopped};
 use migration::status::{Capabilities, Parameters, Shared, Status};
 use migration::stream::DeviceBlob;
 use migration::transport::{Listener, TransportError, Uri};
+use migration::{Event as MigEvent, ExitReason, IncomingMachine, Machine, Stopped};
 use qmp::QmpError;
 
 use super::runstate::Input;
@@ -383,7 +382,7 @@ impl Control {
         Err(super::ControlError::IncomingFailed(desc))
     }
 
-    fn mig_events(&self, incoming: bool) -> precopy::EventSink {
+    fn mig_events(&self, incoming: bool) -> migration::EventSink {
         let tx = self.ctl_tx.clone();
         Arc::new(move |event| tx.send(CtlMsg::Migration { incoming, event }))
     }
@@ -402,7 +401,7 @@ impl Control {
         shared.info().status = Status::Setup;
         self.mig.last_incoming = shared.clone();
         self.mig.incoming = Some(shared.clone());
-        let inc = precopy::Incoming {
+        let inc = migration::Incoming {
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
             machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
@@ -414,7 +413,7 @@ impl Control {
             .name("mig-incoming".into())
             .spawn(move || match listener.accept() {
                 Ok(chan) => {
-                    precopy::run_incoming(inc, chan, Some(&listener));
+                    migration::run_incoming(inc, chan, Some(&listener));
                 }
                 Err(e) => {
                     inc.shared.info().error_desc = Some(migration::error_chain(&e));
@@ -448,7 +447,7 @@ impl Control {
         self.mig.outgoing = Some(shared.clone());
         self.mig.outgoing_postcopy = self.mig.caps.postcopy_ram;
         self.mig.was_running = self.vm.is_running();
-        let out = precopy::Outgoing {
+        let out = migration::Outgoing {
             uri,
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
@@ -461,7 +460,7 @@ impl Control {
         std::thread::Builder::new()
             .name("mig-outgoing".into())
             .spawn(move || {
-                precopy::run_outgoing(out);
+                migration::run_outgoing(out);
             })
             .map_err(|e| generic(format!("cannot start the migration thread: {e}")))?;
         Ok(json!({}))

@@ -29,7 +29,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use qmp::{ErrorClass, QmpError};
 use serde_json::json;
 
-use migration::precopy::Event as MigEvent;
+use migration::Event as MigEvent;
 
 use self::migrations::{IncomingStartError, MachineRequest, Migrations};
 use self::runstate::{Input, RunState, Step, Vcpus};

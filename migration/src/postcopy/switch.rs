@@ -1,0 +1,344 @@
+//! Postcopy, the destination's switch: the preempt channel accepted at
+//! POSTCOPY_PREEMPT, then the package (PACKAGED): LISTEN starts the
+//! listen (and preempt) threads, RUN loads the devices and starts the
+//! guest, and the incoming thread waits until every page has come.
+//!
+//! See [`crate::postcopy`] for the message sequence.
+
+use std::io::{BufRead, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::dest::DestPostcopy;
+use super::PostcopyError;
+use crate::machine::{set_status, Destination, MigrationError};
+use crate::ram::RamReader;
+use crate::return_path::send_rp;
+use crate::sched::RealTimeSection;
+use crate::status::Status;
+use crate::stream::{self, rp, section, Command, DeviceBlob, Reader, StreamError};
+use crate::transport::{Closer, Listener};
+
+/// The destination's end of the preempt channel, accepted and checked.
+pub(crate) struct PreemptIn {
+    r: Reader<std::io::BufReader<Box<dyn Read + Send>>>,
+    w: Box<dyn Write + Send>,
+    closer: Closer,
+}
+
+/// How long the destination waits for the preempt connection the source
+/// announced (it connects before announcing it).
+const PREEMPT_ACCEPT: Duration = Duration::from_secs(10);
+
+/// Destination, at POSTCOPY_PREEMPT: accept the second connection and check
+/// that it starts as a preempt channel.
+pub(crate) fn accept_preempt(l: &Listener) -> Result<PreemptIn, MigrationError> {
+    let mut chan = l.accept_within(PREEMPT_ACCEPT)?;
+    let reader: Box<dyn Read + Send> =
+        std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+    let mut r = Reader::new(std::io::BufReader::with_capacity(256 << 10, reader));
+    check_preempt_header(&mut r).map_err(|e| PostcopyError::Preempt(Box::new(e.into())))?;
+    Ok(PreemptIn {
+        r,
+        w: std::mem::replace(&mut chan.writer, Box::new(std::io::sink())),
+        closer: chan.closer,
+    })
+}
+
+/// The first bytes of a preempt channel: its magic and version.
+fn check_preempt_header(r: &mut Reader<impl Read>) -> Result<(), StreamError> {
+    let magic = r.be32("preempt channel magic")?;
+    let version = r.be32("preempt channel version")?;
+    if magic != stream::PREEMPT_MAGIC || version != stream::PREEMPT_VERSION {
+        return Err(StreamError::invalid(
+            0,
+            format!(
+                "second connection starts {magic:#010x} {version}, not a preempt channel \
+                 ({:#010x} {})",
+                stream::PREEMPT_MAGIC,
+                stream::PREEMPT_VERSION
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Destination: a PACKAGED command arrived (the switch). Runs LISTEN (hands
+/// the main stream to the listen thread), loads the devices at RUN, then
+/// waits until the listen thread has every page. On failure the guest is
+/// stopped before userfaultfd is released. `main`: the main stream and its
+/// RAM record state; `switch` ends at RUN.
+pub(crate) fn dest_package<R: BufRead + Send + 'static>(
+    dest: Destination<'_>,
+    closer: Closer,
+    post: Arc<DestPostcopy>,
+    pkg: Vec<u8>,
+    main: (Reader<R>, RamReader),
+    preempt: Option<PreemptIn>,
+    switch: RealTimeSection,
+) -> Result<(), MigrationError> {
+    let preempt_closer = preempt.as_ref().map(|p| p.closer.clone());
+    let mut s = Switch {
+        dest,
+        closer,
+        post,
+        preempt,
+        preempt_closer,
+        switch: Some(switch),
+        main: Some(main),
+        devices: Vec::new(),
+        listen: None,
+        urgent: None,
+        fault: None,
+        ran: false,
+    };
+    let res = s.read_package(&pkg);
+    s.finish(res)
+}
+
+/// A thread of the switch that reads a stream.
+type StreamThread = std::thread::JoinHandle<Result<(), MigrationError>>;
+
+/// The destination's switch, from PACKAGED until every page is there.
+struct Switch<'a, R> {
+    dest: Destination<'a>,
+    /// Shuts the main stream.
+    closer: Closer,
+    post: Arc<DestPostcopy>,
+    /// The preempt channel, until LISTEN starts its thread.
+    preempt: Option<PreemptIn>,
+    /// Shuts the preempt channel.
+    preempt_closer: Option<Closer>,
+    /// Real-time until RUN.
+    switch: Option<RealTimeSection>,
+    /// The main stream and its RAM record state, until LISTEN hands them
+    /// to the listen thread.
+    main: Option<(Reader<R>, RamReader)>,
+    /// Device state from the package, loaded at RUN.
+    devices: Vec<DeviceBlob>,
+    listen: Option<StreamThread>,
+    /// The preempt thread.
+    urgent: Option<StreamThread>,
+    fault: Option<std::thread::JoinHandle<()>>,
+    /// RUN came: the guest runs here.
+    ran: bool,
+}
+
+impl<R: BufRead + Send + 'static> Switch<'_, R> {
+    /// The package's sections, until its EOF.
+    fn read_package(&mut self, pkg: &[u8]) -> Result<(), MigrationError> {
+        let mut pr = Reader::new(pkg);
+        loop {
+            pr.begin_section();
+            let at = pr.offset();
+            match pr.u8("package section type")? {
+                section::COMMAND => match stream::read_command_body(&mut pr, at)? {
+                    Command::PostcopyListen => self.listen(at)?,
+                    Command::PostcopyRun => self.run(at)?,
+                    Command::Ping(v) => {
+                        send_rp(&self.post.rp, rp::PONG, &v.to_be_bytes()).map_err(|e| {
+                            StreamError::Io {
+                                offset: at,
+                                source: e,
+                            }
+                        })?;
+                    }
+                    other => {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!(
+                                "unexpected command {} in the postcopy package",
+                                other.number()
+                            ),
+                        )
+                        .into())
+                    }
+                },
+                section::FULL => {
+                    let id = pr.be32("section id")?;
+                    let blob = stream::read_device_body(&mut pr, id)?;
+                    if self
+                        .devices
+                        .iter()
+                        .any(|d| d.name == blob.name && d.instance == blob.instance)
+                    {
+                        return Err(StreamError::invalid(
+                            at,
+                            format!(
+                                "device '{}' instance {} sent twice",
+                                blob.name, blob.instance
+                            ),
+                        )
+                        .into());
+                    }
+                    self.devices.push(blob);
+                }
+                section::EOF => return Ok(()),
+                other => {
+                    return Err(StreamError::invalid(
+                        at,
+                        format!("unexpected section type {other:#04x} in the postcopy package"),
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// POSTCOPY_LISTEN: userfaultfd and the fault thread, then the preempt
+    /// and listen threads.
+    fn listen(&mut self, at: u64) -> Result<(), MigrationError> {
+        let Some((mut r, mut rr)) = self.main.take() else {
+            return Err(StreamError::invalid(at, "second POSTCOPY_LISTEN").into());
+        };
+        self.fault = Some(self.post.listen()?);
+        set_status(self.dest.shared, self.dest.events, Status::PostcopyActive);
+        // A failed channel shuts the other one too, so
+        // that neither thread waits on a dead stream.
+        if let Some(pi) = self.preempt.take() {
+            self.urgent = Some(self.spawn_preempt(pi)?);
+        }
+        let (p, shared) = (self.post.clone(), self.dest.shared.clone());
+        let other = self.preempt_closer.clone();
+        self.listen = Some(
+            std::thread::Builder::new()
+                .name("postcopy-listen".into())
+                .spawn(move || {
+                    let r = p.listen_loop(&mut r, &mut rr, &shared);
+                    if let (Err(_), Some(c)) = (&r, &other) {
+                        c.close();
+                    }
+                    r
+                })
+                .map_err(|e| {
+                    PostcopyError::Protocol(format!("cannot start the listen thread: {e}"))
+                })?,
+        );
+        Ok(())
+    }
+
+    /// The preempt thread, placing the pages of the preempt channel; its
+    /// request direction goes to the fault thread.
+    fn spawn_preempt(&self, mut pi: PreemptIn) -> Result<StreamThread, MigrationError> {
+        let w = std::mem::replace(&mut pi.w, Box::new(std::io::sink()));
+        *self.post.urgent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Mutex::new(w)));
+        let (p, main) = (self.post.clone(), self.closer.clone());
+        Ok(std::thread::Builder::new()
+            .name("postcopy-preempt".into())
+            .spawn(move || {
+                let r = p
+                    .preempt_loop(&mut pi.r)
+                    .map_err(|e| PostcopyError::Preempt(Box::new(e)).into());
+                if r.is_err() {
+                    main.close();
+                }
+                r
+            })
+            .map_err(|e| {
+                PostcopyError::Protocol(format!("cannot start the preempt thread: {e}"))
+            })?)
+    }
+
+    /// POSTCOPY_RUN: load the devices and start the guest.
+    fn run(&mut self, at: u64) -> Result<(), MigrationError> {
+        if self.listen.is_none() || self.ran {
+            return Err(StreamError::invalid(at, "POSTCOPY_RUN before LISTEN or twice").into());
+        }
+        self.dest
+            .machine
+            .load_devices(std::mem::take(&mut self.devices))
+            .map_err(MigrationError::Machine)?;
+        // The guest runs: the switch is over.
+        self.switch.take();
+        self.ran = true;
+        Ok(())
+    }
+
+    /// After the package (`res`): wait for the listen and preempt threads,
+    /// check every page came; on failure stop the guest, then release
+    /// userfaultfd. Notes the fault statistics.
+    fn finish(self, res: Result<(), MigrationError>) -> Result<(), MigrationError> {
+        let Switch {
+            dest,
+            closer,
+            post,
+            preempt,
+            preempt_closer,
+            switch,
+            main,
+            devices,
+            listen,
+            urgent,
+            fault,
+            ran,
+        } = self;
+        if res.is_err() {
+            // Unblock the listen and preempt threads' reads.
+            closer.close();
+            if let Some(c) = &preempt_closer {
+                c.close();
+            }
+        }
+        let listened = join_threads(listen, urgent);
+        let result = res.and(listened).and_then(|()| {
+            if !ran {
+                return Err(
+                    PostcopyError::Protocol("the package had no POSTCOPY_RUN".into()).into(),
+                );
+            }
+            post.finish().map_err(MigrationError::from)
+        });
+        if let Err(e) = &result {
+            // Stop the vCPUs before releasing userfaultfd: released, the pages
+            // that never came would read as zeros.
+            dest.machine.abandon(&crate::machine::error_chain(e));
+            post.release();
+        }
+        if let Some(f) = fault {
+            let _ = f.join();
+        }
+        let stats = post.stats_json();
+        {
+            let mut i = dest.shared.info();
+            i.ram.postcopy_requests = stats["requests"].as_u64().unwrap_or(0);
+            i.extra.insert("x-postcopy-faults".into(), stats);
+        }
+        // What is left goes in the order the switch held it before.
+        drop(main);
+        drop(devices);
+        drop(preempt_closer);
+        drop(switch);
+        drop(preempt);
+        result
+    }
+}
+
+/// Wait for the listen and preempt threads; the first failure is the cause.
+fn join_threads(
+    listen: Option<StreamThread>,
+    urgent: Option<StreamThread>,
+) -> Result<(), MigrationError> {
+    let listened = match listen {
+        Some(h) => h.join().unwrap_or_else(|_| {
+            Err(PostcopyError::Protocol("the listen thread panicked".into()).into())
+        }),
+        None => Err(PostcopyError::Protocol("the package had no POSTCOPY_LISTEN".into()).into()),
+    };
+    // The source ends the preempt channel before the main stream's END.
+    let urgent_done = match urgent {
+        Some(h) => h.join().unwrap_or_else(|_| {
+            Err(PostcopyError::Protocol("the preempt thread panicked".into()).into())
+        }),
+        None => Ok(()),
+    };
+    // The first failure is the cause; the other channel was shut after it.
+    match (listened, urgent_done) {
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(main), Err(pre)) => Err(if matches!(main, MigrationError::Stream(_)) {
+            pre
+        } else {
+            main
+        }),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}

@@ -1,0 +1,314 @@
+//! The return path: messages from the destination back to the source, on
+//! the same connection (`be16 type, be16 len, data`, see [`crate::stream`]).
+//!
+//! ```text
+//! source                                   destination
+//! OPEN_RETURN_PATH (command)       ---->   takes the channel's writer ([`writer_of`])
+//! PING n                           ---->
+//!                                  <----   PONG n
+//!                                  <----   REQ_PAGES_ID / REQ_PAGES (postcopy)
+//!                                  <----   COLO m (COLO secondary)
+//!                                  <----   SHUT 0, or ERROR_DESC text + SHUT 1
+//! ```
+//!
+//! This module owns both ends: the destination's writer ([`RpWriter`],
+//! [`send_rp`]) and the source's `ReturnPath`, which owns the reader
+//! thread and the last error description the destination sent (reported
+//! when its SHUT(1) comes, or when the connection breaks).
+
+use std::io::{BufReader, Read, Write};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::machine::MigrationError;
+use crate::stream::{self, rp, Command, Reader, Sink, StreamError, Writer};
+use crate::transport::Channel;
+
+/// The destination's return path, shared by the incoming and fault threads.
+pub type RpWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Send one return-path message.
+pub fn send_rp(w: &RpWriter, kind: u16, data: &[u8]) -> std::io::Result<()> {
+    let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
+    stream::write_rp(&mut *g, kind, data)
+}
+
+/// The destination's end of the return path: the channel's writer, taken.
+pub(crate) fn writer_of(chan: &mut Channel) -> RpWriter {
+    Arc::new(Mutex::new(std::mem::replace(
+        &mut chan.writer,
+        Box::new(std::io::sink()),
+    )))
+}
+
+/// A page request (REQ_PAGES_ID or REQ_PAGES), its payload parsed:
+/// `be64` offset, `be32` length[, `u8` len, block name].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Byte offset in the block.
+    pub start: u64,
+    /// Bytes asked for.
+    pub len: u32,
+    /// REQ_PAGES_ID: the block's name; REQ_PAGES (`None`): the last block
+    /// named on the same channel.
+    pub block: Option<Vec<u8>>,
+}
+
+impl PageRequest {
+    /// The message as sent: its type and payload.
+    pub fn encode(&self) -> (u16, Vec<u8>) {
+        let mut data = Vec::with_capacity(13 + 32);
+        data.extend_from_slice(&self.start.to_be_bytes());
+        data.extend_from_slice(&self.len.to_be_bytes());
+        match &self.block {
+            None => (rp::REQ_PAGES, data),
+            Some(name) => {
+                data.push(name.len() as u8);
+                data.extend_from_slice(name);
+                (rp::REQ_PAGES_ID, data)
+            }
+        }
+    }
+}
+
+/// A return-path message, parsed in one place ([`RpMessage::parse`]).
+/// A SHUT or PONG of another length than 4 bytes is [`RpMessage::Other`],
+/// which every receiver ignores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RpMessage {
+    /// SHUT: `be32` flag, 0 for success.
+    Shut(u32),
+    /// PONG: the `be32` value of the PING.
+    Pong(u32),
+    /// REQ_PAGES_ID or REQ_PAGES.
+    PageRequest(PageRequest),
+    /// A page request whose payload does not parse: why.
+    BadPageRequest(&'static str),
+    /// ERROR_DESC: the destination's error text.
+    ErrorDesc(String),
+    /// COLO: the secondary's `be32` message (`None`: not 4 bytes).
+    Colo(Option<u32>),
+    /// Anything else: its type.
+    Other(u16),
+}
+
+impl RpMessage {
+    /// Parse a message of type `kind` with payload `data`.
+    pub fn parse(kind: u16, data: &[u8]) -> Self {
+        let be32 = <[u8; 4]>::try_from(data).map(u32::from_be_bytes).ok();
+        match (kind, be32) {
+            (rp::SHUT, Some(v)) => Self::Shut(v),
+            (rp::PONG, Some(v)) => Self::Pong(v),
+            (rp::REQ_PAGES_ID | rp::REQ_PAGES, _) => match parse_page_request(kind, data) {
+                Ok(r) => Self::PageRequest(r),
+                Err(why) => Self::BadPageRequest(why),
+            },
+            (rp::ERROR_DESC, _) => Self::ErrorDesc(String::from_utf8_lossy(data).into_owned()),
+            (rp::COLO, v) => Self::Colo(v),
+            (other, _) => Self::Other(other),
+        }
+    }
+}
+
+/// A page request's payload, or why it does not parse.
+fn parse_page_request(kind: u16, d: &[u8]) -> Result<PageRequest, &'static str> {
+    if d.len() < 12 {
+        return Err("shorter than 12 bytes");
+    }
+    let start = u64::from_be_bytes(d[0..8].try_into().map_err(|_| "offset")?);
+    let len = u32::from_be_bytes(d[8..12].try_into().map_err(|_| "length")?);
+    let block = if kind == rp::REQ_PAGES_ID {
+        let n = *d.get(12).ok_or("missing block name")? as usize;
+        Some(d.get(13..13 + n).ok_or("block name cut short")?.to_vec())
+    } else {
+        None
+    };
+    Ok(PageRequest { start, len, block })
+}
+
+/// One frame from the reader thread, or the error that ended it.
+type RpFrame = Result<(u16, Vec<u8>), StreamError>;
+
+/// One message, or the error that ended the return path.
+pub(crate) type RpResult = Result<RpMessage, StreamError>;
+
+/// The source's end of the return path: the messages its reader thread
+/// reads, and the destination's last error description.
+pub(crate) struct ReturnPath {
+    rx: Receiver<RpFrame>,
+    last_desc: Option<String>,
+}
+
+impl ReturnPath {
+    /// Start the reader thread: it reads messages into a channel until the
+    /// peer closes.
+    pub(crate) fn spawn(reader: Box<dyn Read + Send>) -> Self {
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("mig-return".into())
+            .spawn(move || {
+                // It mostly sleeps; when a postcopy page request arrives, a
+                // guest is waiting for it.
+                crate::sched::prefer_this_thread();
+                let mut r = Reader::new(BufReader::new(reader));
+                loop {
+                    let m = stream::read_rp(&mut r);
+                    let end = m.is_err();
+                    if tx.send(m).is_err() || end {
+                        break;
+                    }
+                }
+            })
+            .ok();
+        Self {
+            rx,
+            last_desc: None,
+        }
+    }
+
+    /// The next message, if one is there.
+    pub(crate) fn try_recv(&self) -> Result<RpResult, TryRecvError> {
+        self.rx
+            .try_recv()
+            .map(|m| m.map(|(k, d)| RpMessage::parse(k, &d)))
+    }
+
+    /// The next message, waiting up to `timeout`.
+    pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<RpResult, RecvTimeoutError> {
+        self.rx
+            .recv_timeout(timeout)
+            .map(|m| m.map(|(k, d)| RpMessage::parse(k, &d)))
+    }
+
+    /// Turn a return-path message into an error, if it reports one (an
+    /// ERROR_DESC is kept for the SHUT(1) that follows it).
+    pub(crate) fn error(&mut self, m: RpMessage) -> Option<MigrationError> {
+        match m {
+            RpMessage::ErrorDesc(desc) => {
+                self.last_desc = Some(desc);
+                None
+            }
+            RpMessage::Shut(flag) if flag != 0 => Some(MigrationError::Destination(
+                self.last_desc
+                    .take()
+                    .unwrap_or_else(|| "the destination reported an error".into()),
+            )),
+            _ => None,
+        }
+    }
+
+    /// The destination's last error description, as an error, if it sent one.
+    pub(crate) fn take_desc(&mut self) -> Option<MigrationError> {
+        self.last_desc.take().map(MigrationError::Destination)
+    }
+
+    /// Read what has arrived without waiting: an error if the destination
+    /// reported one or the return path broke.
+    pub(crate) fn check(&mut self) -> Result<(), MigrationError> {
+        while let Ok(m) = self.try_recv() {
+            match m {
+                Ok(m) => {
+                    if let Some(e) = self.error(m) {
+                        return Err(e);
+                    }
+                }
+                Err(_) => return Err(MigrationError::PeerLost("destination")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Source: send PING `value` and wait for its PONG, so that the
+    /// destination has judged every command before it (or said why not).
+    pub(crate) fn ping_and_wait<W: Sink>(
+        &mut self,
+        w: &mut Writer<W>,
+        value: u32,
+    ) -> Result<(), MigrationError> {
+        w.write_command(&Command::Ping(value))?;
+        w.flush()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .ok_or(MigrationError::PeerLost("destination"))?;
+            match self.recv_timeout(left) {
+                Ok(Ok(RpMessage::Pong(v))) if v == value => return Ok(()),
+                Ok(Ok(m)) => {
+                    if let Some(e) = self.error(m) {
+                        return Err(e);
+                    }
+                }
+                _ => {
+                    return Err(self
+                        .take_desc()
+                        .unwrap_or(MigrationError::PeerLost("destination")))
+                }
+            }
+        }
+    }
+
+    /// The destination's error from the return path, waiting briefly for it.
+    pub(crate) fn destination_reason(&mut self) -> Option<MigrationError> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.recv_timeout(left) {
+                Ok(Ok(m)) => {
+                    if let Some(e) = self.error(m) {
+                        return Some(e);
+                    }
+                }
+                _ => return self.take_desc(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Page requests read back as encoded; malformed payloads say why;
+    /// a SHUT or PONG of another length is ignored as before, a COLO
+    /// message of another length is no message value.
+    #[test]
+    fn return_path_messages_parse() {
+        for block in [None, Some(b"pc.ram".to_vec())] {
+            let req = PageRequest {
+                start: 0x5000,
+                len: 4096,
+                block,
+            };
+            let (k, d) = req.encode();
+            assert_eq!(RpMessage::parse(k, &d), RpMessage::PageRequest(req));
+        }
+        let cases: [(u16, &[u8], RpMessage); 9] = [
+            (rp::SHUT, &[0, 0, 0, 1], RpMessage::Shut(1)),
+            (rp::SHUT, &[0, 0, 1], RpMessage::Other(rp::SHUT)),
+            (rp::PONG, &[0, 0, 0, 2], RpMessage::Pong(2)),
+            (rp::PONG, &[], RpMessage::Other(rp::PONG)),
+            (rp::COLO, &[0, 0, 0, 6], RpMessage::Colo(Some(6))),
+            (rp::COLO, &[6], RpMessage::Colo(None)),
+            (rp::ERROR_DESC, b"no", RpMessage::ErrorDesc("no".into())),
+            (
+                rp::REQ_PAGES,
+                &[0; 11],
+                RpMessage::BadPageRequest("shorter than 12 bytes"),
+            ),
+            (
+                rp::REQ_PAGES_ID,
+                &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+                RpMessage::BadPageRequest("block name cut short"),
+            ),
+        ];
+        for (k, d, want) in cases {
+            assert_eq!(RpMessage::parse(k, d), want, "type {k:#x} {d:?}");
+        }
+        assert_eq!(
+            RpMessage::parse(rp::REQ_PAGES_ID, &[0; 12]),
+            RpMessage::BadPageRequest("missing block name")
+        );
+    }
+}
