@@ -294,7 +294,7 @@ fn checkpoints<W: Sink>(p: &mut Primary<'_, W>) -> Result<(), MigrationError> {
         }
         let (pause, bytes) = checkpoint(p)?;
         stats.record(pause, bytes);
-        let mut i = p.shared.info();
+        let mut i = p.shared.lock_info();
         i.extra.insert("x-colo".into(), stats.json());
         i.ram.transferred = p.w.offset();
         i.ram.duplicate = p.rw.zero_pages;
@@ -319,7 +319,7 @@ pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), Migratio
             // and wait for the user to pick the survivor.
             let desc = crate::machine::error_chain(&e);
             log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
-            p.shared.info().error_desc = Some(desc);
+            p.shared.lock_info().error_desc = Some(desc);
             let _ = p.machine.stop();
             if let Some(c) = p
                 .shared
@@ -609,7 +609,7 @@ fn receive_checkpoints<R: BufRead>(
                 receive_checkpoint(dest, r, rr, rp, cache)?;
                 stats.record(t.elapsed(), r.offset() - before);
                 dest.shared
-                    .info()
+                    .lock_info()
                     .extra
                     .insert("x-colo".into(), stats.json());
             }
@@ -660,7 +660,7 @@ pub(crate) fn run_secondary<R: BufRead>(
             if !dest.shared.failover_requested() {
                 let desc = crate::machine::error_chain(&e);
                 log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
-                dest.shared.info().error_desc = Some(desc);
+                dest.shared.lock_info().error_desc = Some(desc);
                 closer.close();
                 dest.shared.wait_failover();
             }

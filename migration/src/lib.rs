@@ -36,4 +36,4 @@ pub use machine::{
     MigrationError, Stopped,
 };
 pub use sched::{fault_path_thread, normal_priority, prefer_this_thread, RealTimeSection};
-pub use session::{run_incoming, run_outgoing, Incoming, Outgoing};
+pub use session::{accept_and_run_incoming, run_incoming, run_outgoing, Incoming, Outgoing};

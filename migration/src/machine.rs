@@ -216,7 +216,7 @@ pub(crate) struct Destination<'a> {
 /// Report status `s` (once: nothing if it is the status already).
 pub(crate) fn set_status(shared: &Shared, events: &EventSink, s: Status) {
     {
-        let mut i = shared.info();
+        let mut i = shared.lock_info();
         if i.status == s {
             return;
         }
@@ -230,7 +230,7 @@ pub(crate) fn set_status(shared: &Shared, events: &EventSink, s: Status) {
 /// previous migration), and its event.
 pub(crate) fn begin_info(shared: &Shared, events: &EventSink, ram: &dyn GuestRam, status: Status) {
     {
-        let mut i = shared.info();
+        let mut i = shared.lock_info();
         *i = crate::status::Info {
             started: Some(Instant::now()),
             status,

@@ -33,7 +33,6 @@
 //! hand-over to postcopy or COLO are the session's ([`crate::session`]).
 
 use std::io::BufRead;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,7 +121,7 @@ pub(crate) fn rounds<W: Sink>(
     mut rpath: Option<&mut ReturnPath>,
     want_postcopy: bool,
 ) -> Result<(u64, RoundsEnd), MigrationError> {
-    let postcopy = move |sh: &Shared| want_postcopy && sh.start_postcopy.load(Ordering::SeqCst);
+    let postcopy = move |sh: &Shared| want_postcopy && sh.postcopy_requested();
     let mut throttle = Throttle::new(ctx.params.max_bandwidth);
     let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
     let mut pass = 0u64;
@@ -177,7 +176,7 @@ fn expected_downtime(ctx: &SourceCtx<'_>, pass: u64, remaining_bytes: u64, bandw
         u64::MAX
     };
     {
-        let mut i = ctx.shared.info();
+        let mut i = ctx.shared.lock_info();
         i.ram.dirty_sync_count = pass;
         i.ram.remaining = remaining_bytes;
         i.expected_downtime_ms = (expected_ms != u64::MAX).then_some(expected_ms);
@@ -216,7 +215,7 @@ fn round<W: Sink>(
                 if shared.cancelled() {
                     return Err(MigrationError::Cancelled);
                 }
-                let mut i = shared.info();
+                let mut i = shared.lock_info();
                 i.ram.transferred = w;
                 i.ram.remaining = remaining_bytes.saturating_sub(sent_now * PAGE_SIZE as u64);
                 i.ram.duplicate = rw.zero_pages;
@@ -228,7 +227,7 @@ fn round<W: Sink>(
     w.flush()?;
     let secs = round_start.elapsed().as_secs_f64().max(1e-6);
     let bandwidth = (w.offset() - round_bytes_start) as f64 / secs;
-    let mut i = ctx.shared.info();
+    let mut i = ctx.shared.lock_info();
     i.ram.transferred = w.offset();
     i.ram.duplicate = s.rw.zero_pages;
     i.ram.normal = s.rw.normal_pages;
@@ -263,7 +262,7 @@ pub(crate) fn final_round<W: Sink>(
     // the destination's SHUT(0) (see RealTimeSection).
     let final_round = RealTimeSection::enter();
     s.ram.sync_dirty_log(&mut s.dirty)?;
-    ctx.shared.info().ram.dirty_sync_count = pass + 1;
+    ctx.shared.lock_info().ram.dirty_sync_count = pass + 1;
     (ctx.events)(Event::Pass(pass + 1));
     send_dirty(
         w,
@@ -281,7 +280,7 @@ pub(crate) fn final_round<W: Sink>(
     w.u8(section::EOF)?;
     w.flush()?;
     {
-        let mut i = ctx.shared.info();
+        let mut i = ctx.shared.lock_info();
         i.ram.transferred = w.offset();
         i.ram.remaining = 0;
         i.ram.duplicate = s.rw.zero_pages;
@@ -398,7 +397,7 @@ impl Loader {
             // round): what follows is downtime.
             switch.get_or_insert_with(RealTimeSection::enter);
         }
-        let mut i = shared.info();
+        let mut i = shared.lock_info();
         i.ram.transferred = r.offset();
         i.ram.duplicate = self.rr.zero_pages;
         i.ram.normal = self.rr.pages - self.rr.zero_pages;

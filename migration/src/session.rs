@@ -82,7 +82,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
             if run_sent.load(Ordering::SeqCst) {
                 // The destination may be running the guest: resuming ours
                 // would fork it. It stays stopped; the user decides.
-                o.shared.info().postcopy_after_run = true;
+                o.shared.lock_info().postcopy_after_run = true;
                 log::error!("postcopy failed after the destination started the guest; the guest stays stopped here");
             } else if stopped {
                 // Running again, or paused if it was (not finish-migrate).
@@ -91,7 +91,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
                 }
             }
             let cancelled = o.shared.cancelled();
-            let mut i = o.shared.info();
+            let mut i = o.shared.lock_info();
             i.error_desc = Some(if cancelled {
                 "migration cancelled".to_string()
             } else {
@@ -105,7 +105,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
         }
     };
     {
-        let mut i = o.shared.info();
+        let mut i = o.shared.lock_info();
         i.total_time_ms = i.started.map(|s| s.elapsed().as_millis() as u64);
     }
     *o.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -204,9 +204,9 @@ fn transfer(
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     let want_postcopy = o.caps.postcopy_ram;
-    let postcopy = move |sh: &Shared| want_postcopy && sh.start_postcopy.load(Ordering::SeqCst);
+    let postcopy = move |sh: &Shared| want_postcopy && sh.postcopy_requested();
     let mut s = crate::precopy::start_ram(&mut w, o.ram.clone())?;
-    o.shared.info().setup_time_ms = start.elapsed().as_millis() as u64;
+    o.shared.lock_info().setup_time_ms = start.elapsed().as_millis() as u64;
     set_status(&o.shared, &o.events, Status::Active);
     let ctx = SourceCtx {
         shared: &o.shared,
@@ -267,7 +267,7 @@ fn transfer(
     if let Some(r) = rpath {
         crate::precopy::wait_verdict(r, &o.shared)?;
     }
-    o.shared.info().downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
+    o.shared.lock_info().downtime_ms = Some(stop_start.elapsed().as_millis() as u64);
     drop(final_round);
     Ok(())
 }
@@ -286,7 +286,7 @@ fn postcopy_phase(
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     s.ram.sync_dirty_log(&mut s.dirty)?;
-    o.shared.info().ram.dirty_sync_count = pass + 1;
+    o.shared.lock_info().ram.dirty_sync_count = pass + 1;
     (o.events)(Event::Pass(pass + 1));
     crate::postcopy::run_source(
         crate::postcopy::SourcePhase {
@@ -324,6 +324,20 @@ pub struct Incoming {
     pub events: EventSink,
 }
 
+/// Destination side: wait on `listener` for the source, then read one
+/// migration ([`run_incoming`]). A failed accept fails the migration, with
+/// its reason in `error-desc`. Returns the final status.
+pub fn accept_and_run_incoming(inc: Incoming, listener: Listener) -> Status {
+    match listener.accept() {
+        Ok(chan) => run_incoming(inc, chan, Some(&listener)),
+        Err(e) => {
+            inc.shared.lock_info().error_desc = Some(crate::machine::error_chain(&e));
+            set_status(&inc.shared, &inc.events, Status::Failed);
+            Status::Failed
+        }
+    }
+}
+
 /// Destination side: read one migration from `chan`. Returns the final status.
 pub fn run_incoming(mut inc: Incoming, mut chan: Channel, listener: Option<&Listener>) -> Status {
     begin_info(&inc.shared, &inc.events, &*inc.ram, Status::Active);
@@ -347,12 +361,12 @@ pub fn run_incoming(mut inc: Incoming, mut chan: Channel, listener: Option<&List
                 let _ = send_rp(w, rp::ERROR_DESC, desc.as_bytes());
                 let _ = send_rp(w, rp::SHUT, &1u32.to_be_bytes());
             }
-            inc.shared.info().error_desc = Some(desc);
+            inc.shared.lock_info().error_desc = Some(desc);
             Status::Failed
         }
     };
     {
-        let mut i = inc.shared.info();
+        let mut i = inc.shared.lock_info();
         i.total_time_ms = i.started.map(|s| s.elapsed().as_millis() as u64);
     }
     set_status(&inc.shared, &inc.events, status);
@@ -772,14 +786,14 @@ mod tests {
             st,
             Status::Completed,
             "{:?} / {:?}",
-            shared.info().error_desc,
-            dshared.info().error_desc
+            shared.lock_info().error_desc,
+            dshared.lock_info().error_desc
         );
         assert_eq!(
             dthread.join().unwrap(),
             Status::Completed,
             "{:?}",
-            dshared.info().error_desc
+            dshared.lock_info().error_desc
         );
         for b in 0..2 {
             assert!(
@@ -790,7 +804,7 @@ mod tests {
         assert_eq!(loaded.lock().unwrap()[0].data, b"regs");
         let ev = passes.lock().unwrap();
         assert!(ev.contains(&Event::Pass(1)) && ev.contains(&Event::Status(Status::Completed)));
-        let info = shared.info().to_json();
+        let info = shared.lock_info().to_json();
         assert_eq!(info["status"], "completed");
         // Every page went at least once; every page non-zero at the end
         // went as a normal page at least once.
@@ -842,7 +856,7 @@ mod tests {
         };
         assert_eq!(run_outgoing(out), Status::Failed);
         assert_eq!(dthread.join().unwrap(), Status::Failed);
-        let desc = shared.info().error_desc.clone().unwrap();
+        let desc = shared.lock_info().error_desc.clone().unwrap();
         assert!(
             desc.contains("destination") && desc.contains("memory"),
             "{desc}"

@@ -9,59 +9,9 @@ use serde_json::{json, Value};
 
 use crate::transport::Closer;
 
-/// `MigrationStatus`, QEMU's names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Status {
-    /// No migration yet.
-    None,
-    /// Connecting, header, first setup.
-    Setup,
-    /// Precopy rounds.
-    Active,
-    /// Waiting for `migrate-continue`.
-    PreSwitchover,
-    /// Sending the final RAM and device state after `migrate-continue`.
-    Device,
-    /// The destination runs; pages still arrive.
-    PostcopyActive,
-    /// COLO checkpointing.
-    Colo,
-    /// Done.
-    Completed,
-    /// Failed.
-    Failed,
-    /// Cancel requested.
-    Cancelling,
-    /// Cancelled.
-    Cancelled,
-}
-
-impl Status {
-    /// The QMP string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Setup => "setup",
-            Self::Active => "active",
-            Self::PreSwitchover => "pre-switchover",
-            Self::Device => "device",
-            Self::PostcopyActive => "postcopy-active",
-            Self::Colo => "colo",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Cancelling => "cancelling",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    /// Has the migration ended?
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Self::None | Self::Completed | Self::Failed | Self::Cancelled
-        )
-    }
-}
+/// The migration status, QEMU's `MigrationStatus`: the one type the QMP
+/// schema (`migrate-continue`'s argument) and the engines share.
+pub use qmp::MigrationStatus as Status;
 
 /// Migration capabilities (`migrate-set-capabilities`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -296,18 +246,24 @@ impl Info {
 }
 
 /// State shared between an engine thread and the control thread.
+///
+/// Who writes what: the engine thread owns [`Info`] (status and
+/// statistics) and the channel's closer; the control thread only reads
+/// `Info` (a copy, [`Shared::info`]) and makes requests: cancel (which also
+/// moves the status to `cancelling` at once, as QEMU's `migrate_cancel`
+/// does), the switch to postcopy, failover, `migrate-continue`.
 #[derive(Default)]
 pub struct Shared {
     /// What query-migrate shows.
-    pub info: Mutex<Info>,
+    info: Mutex<Info>,
     /// Cancel requested.
-    pub cancel: AtomicBool,
+    cancel: AtomicBool,
     /// Switch to postcopy requested.
-    pub start_postcopy: AtomicBool,
+    start_postcopy: AtomicBool,
     /// Closes the channel (cancel).
-    pub closer: Mutex<Option<Closer>>,
+    pub(crate) closer: Mutex<Option<Closer>>,
     /// COLO checkpoint period, ms (changes take effect at the next one).
-    pub checkpoint_delay_ms: AtomicU64,
+    pub(crate) checkpoint_delay_ms: AtomicU64,
     failover_flag: Mutex<bool>,
     failover_cv: Condvar,
     continue_flag: Mutex<bool>,
@@ -315,9 +271,53 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Lock the info (a poisoned lock still holds valid data).
-    pub fn info(&self) -> std::sync::MutexGuard<'_, Info> {
+    /// A migration about to start: status `setup` until its engine thread
+    /// takes over.
+    pub fn starting() -> Self {
+        let s = Self::default();
+        s.lock_info().status = Status::Setup;
+        s
+    }
+
+    /// A copy of what `query-migrate` shows.
+    pub fn info(&self) -> Info {
+        self.lock_info().clone()
+    }
+
+    /// The status now.
+    pub fn status(&self) -> Status {
+        self.lock_info().status
+    }
+
+    /// The engine's access to the info (a poisoned lock still holds valid
+    /// data).
+    pub(crate) fn lock_info(&self) -> std::sync::MutexGuard<'_, Info> {
         self.info.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `migrate_cancel`: unless the migration has ended or is being
+    /// cancelled already, move it to `cancelling` and stop it. Whether it
+    /// did (then the caller emits the `MIGRATION` event).
+    pub fn cancel(&self) -> bool {
+        {
+            let mut i = self.lock_info();
+            if i.status.is_final() || i.status == Status::Cancelling {
+                return false;
+            }
+            i.status = Status::Cancelling;
+        }
+        self.request_cancel();
+        true
+    }
+
+    /// `migrate-start-postcopy`: switch at the engine's next chance.
+    pub fn request_postcopy(&self) {
+        self.start_postcopy.store(true, Ordering::SeqCst);
+    }
+
+    /// Has the switch to postcopy been requested?
+    pub(crate) fn postcopy_requested(&self) -> bool {
+        self.start_postcopy.load(Ordering::SeqCst)
     }
 
     /// Request cancellation and unblock the channel.

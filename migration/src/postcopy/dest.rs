@@ -488,7 +488,7 @@ impl DestPostcopy {
                     }
                     self.place_section(r, rr, &mut staging, at, id, PageStream::Main)?;
                     ended = t == section::END;
-                    let mut i = shared.info();
+                    let mut i = shared.lock_info();
                     i.ram.transferred = r.offset();
                     i.ram.duplicate = rr.zero_pages;
                     i.ram.normal = rr.pages - rr.zero_pages;

@@ -351,7 +351,7 @@ pub(crate) fn run_source<W: Sink>(
     }
     // Where QEMU's postcopy `downtime` ends; minivmm's goes on until the
     // destination has loaded the devices and started the guest (PONG 2).
-    p.shared.info().extra.insert(
+    p.shared.lock_info().extra.insert(
         "x-postcopy-package-sent-ms".into(),
         json!(package_sent.as_secs_f64() * 1000.0),
     );
@@ -417,7 +417,7 @@ pub(crate) fn run_source<W: Sink>(
             (Err(u), Err(b)) => return Err(if urgent_first { u } else { b }),
         };
         {
-            let mut i = p.shared.info();
+            let mut i = p.shared.lock_info();
             i.ram.transferred += done.bytes;
             i.ram.duplicate += done.zero_pages;
             i.ram.normal += done.normal_pages;
@@ -489,7 +489,7 @@ fn source_background<W: Sink>(
             cursor = (b, pg + 1);
             urgent.clear();
             close_part(p.w, p.rw, &mut in_section)?;
-            p.shared.info().ram.postcopy_requests = requests.load(Ordering::Relaxed);
+            p.shared.lock_info().ram.postcopy_requests = requests.load(Ordering::Relaxed);
             continue;
         }
         let h = next.swap(u64::MAX, Ordering::Relaxed);
@@ -521,7 +521,7 @@ fn source_background<W: Sink>(
             close_part(p.w, p.rw, &mut in_section)?;
         }
         if sent_pages.is_multiple_of(256) {
-            let mut i = p.shared.info();
+            let mut i = p.shared.lock_info();
             i.ram.transferred = p.w.offset();
             i.ram.remaining = total.saturating_sub(sent_pages) * PAGE_SIZE as u64;
             i.ram.duplicate = p.rw.zero_pages;
@@ -530,7 +530,7 @@ fn source_background<W: Sink>(
         }
     }
     close_part(p.w, p.rw, &mut in_section)?;
-    let mut i = p.shared.info();
+    let mut i = p.shared.lock_info();
     i.ram.transferred = p.w.offset();
     i.ram.remaining = 0;
     i.ram.duplicate = p.rw.zero_pages;
@@ -544,7 +544,7 @@ fn source_background<W: Sink>(
 fn source_reply<W: Sink>(p: &mut SourcePhase<'_, W>, m: RpMessage) -> Result<(), MigrationError> {
     if m == RpMessage::Pong(ping::RUNNING) {
         p.running = true;
-        p.shared.info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
+        p.shared.lock_info().downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
         return Ok(());
     }
     match p.rpath.error(m) {
@@ -580,7 +580,7 @@ fn finish_source<W: Sink>(
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    let mut i = p.shared.info();
+    let mut i = p.shared.lock_info();
     if !p.running {
         i.downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
     }

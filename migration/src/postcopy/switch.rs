@@ -299,7 +299,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
         }
         let stats = post.stats_json();
         {
-            let mut i = dest.shared.info();
+            let mut i = dest.shared.lock_info();
             i.ram.postcopy_requests = stats["requests"].as_u64().unwrap_or(0);
             i.extra.insert("x-postcopy-faults".into(), stats);
         }

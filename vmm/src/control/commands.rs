@@ -187,19 +187,14 @@ impl Control {
             }
             Command::MigrateCancel => {
                 if let Some(s) = &self.mig.outgoing {
-                    let status = s.info().status;
-                    if !status.is_final() && status != Status::Cancelling {
-                        s.info().status = Status::Cancelling;
-                        if self.mig.caps.events {
-                            self.events.send("MIGRATION", Some(json!({"status": "cancelling"})));
-                        }
-                        s.request_cancel();
+                    if s.cancel() && self.mig.caps.events {
+                        self.events.send("MIGRATION", Some(json!({"status": "cancelling"})));
                     }
                 }
                 Ok(json!({}))
             }
             Command::MigrateContinue(_) => match &self.mig.outgoing {
-                Some(s) if s.info().status == Status::PreSwitchover => {
+                Some(s) if s.status() == Status::PreSwitchover => {
                     s.release_switchover();
                     Ok(json!({}))
                 }
@@ -252,12 +247,11 @@ impl Control {
                         if !self.mig.outgoing_postcopy {
                             return Err(generic("Enable postcopy with migrate_set_capability before the start of migration"));
                         }
-                        s.start_postcopy
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        s.request_postcopy();
                         Ok(json!({}))
                     }
                     // After the end (or before any migration): nothing to switch.
-                    None if self.mig.last_outgoing.info().status != Status::None => Ok(json!({})),
+                    None if self.mig.last_outgoing.status() != Status::None => Ok(json!({})),
                     None => Err(generic("Postcopy must be started after migration has been started")),
                 }
             }

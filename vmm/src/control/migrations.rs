@@ -186,13 +186,13 @@ impl Migrations {
             || self
                 .incoming
                 .as_ref()
-                .is_some_and(|s| s.info().status != Status::Setup)
+                .is_some_and(|s| s.status() != Status::Setup)
     }
 
     /// `query-migrate`: the destination shows its incoming migration, the
     /// source its outgoing.
     pub fn query(&self) -> Value {
-        if self.incoming.is_some() || self.last_outgoing.info().status == Status::None {
+        if self.incoming.is_some() || self.last_outgoing.status() == Status::None {
             let j = self.last_incoming.info().to_json();
             if j.as_object().is_some_and(|o| !o.is_empty()) {
                 return j;
@@ -397,8 +397,7 @@ impl Control {
         self.enter(Input::IncomingStarted)
             .map_err(|e| IncomingStartError::Other(chain(e)))?;
         let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
-        let shared = Arc::new(Shared::default());
-        shared.info().status = Status::Setup;
+        let shared = Arc::new(Shared::starting());
         self.mig.last_incoming = shared.clone();
         self.mig.incoming = Some(shared.clone());
         let inc = migration::Incoming {
@@ -408,18 +407,10 @@ impl Control {
             shared,
             events: self.mig_events(true),
         };
-        let events = inc.events.clone();
         std::thread::Builder::new()
             .name("mig-incoming".into())
-            .spawn(move || match listener.accept() {
-                Ok(chan) => {
-                    migration::run_incoming(inc, chan, Some(&listener));
-                }
-                Err(e) => {
-                    inc.shared.info().error_desc = Some(migration::error_chain(&e));
-                    inc.shared.info().status = Status::Failed;
-                    events(MigEvent::Status(Status::Failed));
-                }
+            .spawn(move || {
+                migration::accept_and_run_incoming(inc, listener);
             })
             .map_err(|e| IncomingStartError::Other(e.to_string()))?;
         Ok(())
@@ -441,8 +432,7 @@ impl Control {
         }
         let uri = Uri::parse(uri).map_err(|e| generic(e.to_string()))?;
         let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
-        let shared = Arc::new(Shared::default());
-        shared.info().status = Status::Setup;
+        let shared = Arc::new(Shared::starting());
         self.mig.last_outgoing = shared.clone();
         self.mig.outgoing = Some(shared.clone());
         self.mig.outgoing_postcopy = self.mig.caps.postcopy_ram;
