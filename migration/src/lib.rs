@@ -33,7 +33,7 @@ pub mod transport;
 
 pub use machine::{
     error_chain, Event, EventSink, ExitReason, IncomingMachine, Machine, MachineConfig,
-    MigrationError, Stopped,
+    MachineError, MigrationError, Stopped,
 };
 pub use sched::{fault_path_thread, normal_priority, prefer_this_thread, RealTimeSection};
 pub use session::{accept_and_run_incoming, run_incoming, run_outgoing, Incoming, Outgoing};

@@ -40,8 +40,11 @@ pub enum MigrationError {
     #[error("configuration mismatch: {0}")]
     Config(String),
     /// The VMM could not stop, save, load or resume the machine.
-    #[error("machine: {0}")]
-    Machine(String),
+    #[error("machine")]
+    Machine(#[source] MachineError),
+    /// An `exec:` migration command failed.
+    #[error("exec command")]
+    Exec(#[source] transport::ExecError),
     /// The destination reported a failure.
     #[error("destination failed: {0}")]
     Destination(String),
@@ -57,6 +60,27 @@ pub enum MigrationError {
     /// Cancelled by the user.
     #[error("migration cancelled")]
     Cancelled,
+}
+
+/// What the VMM behind a [`Machine`] or [`IncomingMachine`] could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// The VMM no longer answers (it is shutting down).
+    #[error("the VMM is shutting down")]
+    Gone,
+    /// This machine cannot do it at all.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// The VMM's own error, shown as it is (its type is the VMM's).
+    #[error(transparent)]
+    Vmm(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl MachineError {
+    /// Wrap a VMM error.
+    pub fn vmm(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Vmm(Box::new(e))
+    }
 }
 
 /// What both sides must agree on.
@@ -127,18 +151,22 @@ pub trait Machine: Send {
     /// checkpoint) and save the state of every device, vCPUs included, as
     /// of that instant: one request, so each vCPU reads its state as it
     /// parks instead of being woken again for it.
-    fn stop(&mut self) -> Result<Stopped, String>;
+    fn stop(&mut self) -> Result<Stopped, MachineError>;
     /// Run the vCPUs again after a failed migration.
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), MachineError>;
     /// COLO output commit: hold the guest's console output from now on
     /// (`true`), or release everything held and stop holding (`false`).
-    fn hold_output(&mut self, _hold: bool) -> Result<(), String> {
-        Err("this machine cannot hold its output (COLO)".into())
+    fn hold_output(&mut self, _hold: bool) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "this machine cannot hold its output (COLO)",
+        ))
     }
     /// COLO: release the output held so far (the guest is stopped and the
     /// secondary has loaded a checkpoint covering it).
-    fn release_output(&mut self) -> Result<(), String> {
-        Err("this machine cannot hold its output (COLO)".into())
+    fn release_output(&mut self) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "this machine cannot hold its output (COLO)",
+        ))
     }
 }
 
@@ -146,7 +174,7 @@ pub trait Machine: Send {
 pub trait IncomingMachine: Send {
     /// Load all device state (the VM is stopped; in postcopy RAM is still
     /// arriving) and start the guest unless it is to stay paused.
-    fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String>;
+    fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError>;
     /// This side's capabilities now (asked at POSTCOPY_ADVISE, ENABLE_COLO).
     fn capabilities(&mut self) -> Capabilities {
         Capabilities::default()
@@ -154,12 +182,16 @@ pub trait IncomingMachine: Send {
     /// COLO secondary: take a complete checkpoint's device state (checked
     /// now; the machine may keep it and load it at takeover, since the
     /// guest does not run before).
-    fn colo_load(&mut self, _blobs: Vec<DeviceBlob>) -> Result<(), String> {
-        Err("COLO is not supported by this machine".into())
+    fn colo_load(&mut self, _blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "COLO is not supported by this machine",
+        ))
     }
     /// COLO secondary failover: run the guest from the last checkpoint.
-    fn colo_takeover(&mut self) -> Result<(), String> {
-        Err("COLO is not supported by this machine".into())
+    fn colo_takeover(&mut self) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "COLO is not supported by this machine",
+        ))
     }
     /// Postcopy failed after the switch: stop the guest for good (its RAM
     /// is incomplete) and say why.

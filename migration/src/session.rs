@@ -261,7 +261,7 @@ fn transfer(
         });
     }
     drop(w);
-    chan.finish().map_err(MigrationError::Machine)?;
+    chan.finish().map_err(MigrationError::Exec)?;
 
     // Wait for the destination's verdict.
     if let Some(r) = rpath {
@@ -683,7 +683,7 @@ mod tests {
         resumed: Arc<AtomicBool>,
     }
     impl Machine for Src {
-        fn stop(&mut self) -> Result<Stopped, String> {
+        fn stop(&mut self) -> Result<Stopped, crate::MachineError> {
             *self.stopped.lock().unwrap() = true;
             Ok(Stopped {
                 devices: vec![DeviceBlob {
@@ -694,14 +694,14 @@ mod tests {
                 }],
             })
         }
-        fn resume(&mut self) -> Result<(), String> {
+        fn resume(&mut self) -> Result<(), crate::MachineError> {
             self.resumed.store(true, Ordering::SeqCst);
             Ok(())
         }
     }
     struct Dst(Arc<Mutex<Vec<DeviceBlob>>>);
     impl IncomingMachine for Dst {
-        fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+        fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), crate::MachineError> {
             *self.0.lock().unwrap() = blobs;
             Ok(())
         }

@@ -35,9 +35,20 @@ pub struct Capabilities {
     pub postcopy_blocktime: bool,
 }
 
+/// A capability setting refused (QEMU's texts).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapabilityError {
+    /// Not a capability minivmm knows.
+    #[error("Parameter 'capability' does not accept value '{0}'")]
+    Unknown(String),
+    /// `postcopy-preempt` without `postcopy-ram`.
+    #[error("Postcopy preempt requires postcopy-ram")]
+    PreemptWithoutPostcopy,
+}
+
 impl Capabilities {
     /// Set one by its QMP name (aliases included).
-    pub fn set(&mut self, name: &str, on: bool) -> Result<(), String> {
+    pub fn set(&mut self, name: &str, on: bool) -> Result<(), CapabilityError> {
         let slot = match name {
             "events" => &mut self.events,
             "postcopy-ram" | "x-postcopy-ram" => &mut self.postcopy_ram,
@@ -47,11 +58,7 @@ impl Capabilities {
             "pause-before-switchover" => &mut self.pause_before_switchover,
             "auto-converge" => &mut self.auto_converge,
             "postcopy-blocktime" => &mut self.postcopy_blocktime,
-            _ => {
-                return Err(format!(
-                    "Parameter 'capability' does not accept value '{name}'"
-                ))
-            }
+            _ => return Err(CapabilityError::Unknown(name.to_string())),
         };
         *slot = on;
         Ok(())
@@ -59,9 +66,9 @@ impl Capabilities {
 
     /// Refuse combinations that cannot work (checked after a whole
     /// `migrate-set-capabilities`, as QEMU does).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), CapabilityError> {
         if self.postcopy_preempt && !self.postcopy_ram {
-            return Err("Postcopy preempt requires postcopy-ram".into());
+            return Err(CapabilityError::PreemptWithoutPostcopy);
         }
         Ok(())
     }
@@ -409,7 +416,11 @@ mod tests {
         let mut c = Capabilities::default();
         c.set("x-postcopy-ram", true).unwrap();
         assert!(c.postcopy_ram);
-        assert!(c.set("xbzrle2", true).unwrap_err().contains("xbzrle2"));
+        assert!(c
+            .set("xbzrle2", true)
+            .unwrap_err()
+            .to_string()
+            .contains("xbzrle2"));
         let mut i = Info::default();
         assert_eq!(i.to_json(), json!({}));
         i.status = Status::Completed;
@@ -427,7 +438,7 @@ mod tests {
         let mut c = Capabilities::default();
         c.set("postcopy-preempt", true).unwrap();
         assert_eq!(
-            c.check().unwrap_err(),
+            c.check().unwrap_err().to_string(),
             "Postcopy preempt requires postcopy-ram"
         );
         c.set("postcopy-ram", true).unwrap();

@@ -71,6 +71,17 @@ pub enum TransportError {
     OneChannel(String),
 }
 
+/// How an `exec:` command's child ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// Waiting for it failed.
+    #[error("waiting for the command")]
+    Wait(#[source] std::io::Error),
+    /// It exited with a failure.
+    #[error("ended with {0}")]
+    Status(std::process::ExitStatus),
+}
+
 impl Uri {
     /// Parse a URI.
     pub fn parse(s: &str) -> Result<Self, TransportError> {
@@ -186,15 +197,15 @@ pub struct Channel {
 
 impl Channel {
     /// Wait for an exec child to finish; its failure is an error.
-    pub fn finish(&mut self) -> Result<(), String> {
+    pub fn finish(&mut self) -> Result<(), ExecError> {
         if let Some(c) = self.child.take() {
             let status = c
                 .lock()
-                .map_err(|_| "child lock poisoned".to_string())?
+                .unwrap_or_else(|e| e.into_inner())
                 .wait()
-                .map_err(|e| e.to_string())?;
+                .map_err(ExecError::Wait)?;
             if !status.success() {
-                return Err(format!("exec command ended with {status}"));
+                return Err(ExecError::Status(status));
             }
         }
         Ok(())

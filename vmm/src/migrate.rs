@@ -167,17 +167,79 @@ struct GlobalState {
     running: bool,
 }
 
-fn blob<T: Serialize>(name: &str, instance: u32, v: &T) -> Result<DeviceBlob, String> {
+/// A device state section that cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// Serialising a device's state failed.
+    #[error("encoding {name}")]
+    Encode {
+        /// Section name.
+        name: String,
+        /// Why.
+        #[source]
+        source: postcard::Error,
+    },
+    /// A section this machine needs is not in the stream.
+    #[error("device state '{name}' instance {instance} is missing from the stream")]
+    Missing {
+        /// Section name.
+        name: String,
+        /// Instance.
+        instance: u32,
+    },
+    /// A section of another version.
+    #[error("device state '{name}' has version {version}, this minivmm reads {DEVICE_VERSION}")]
+    Version {
+        /// Section name.
+        name: String,
+        /// Its version.
+        version: u32,
+    },
+    /// A section that does not decode.
+    #[error("device state '{name}' instance {instance} is corrupt")]
+    Corrupt {
+        /// Section name.
+        name: String,
+        /// Instance.
+        instance: u32,
+        /// Why.
+        #[source]
+        source: postcard::Error,
+    },
+    /// A section with bytes after its state.
+    #[error("device state '{name}' instance {instance} is corrupt: {extra} bytes after its end")]
+    Trailing {
+        /// Section name.
+        name: String,
+        /// Instance.
+        instance: u32,
+        /// How many.
+        extra: usize,
+    },
+    /// A section no device of this machine reads.
+    #[error("unknown device state '{name}' instance {instance} in the stream")]
+    Unknown {
+        /// Section name.
+        name: String,
+        /// Instance.
+        instance: u32,
+    },
+}
+
+fn blob<T: Serialize>(name: &str, instance: u32, v: &T) -> Result<DeviceBlob, DeviceStateError> {
     Ok(DeviceBlob {
         name: name.into(),
         instance,
         version: DEVICE_VERSION,
-        data: postcard::to_allocvec(v).map_err(|e| format!("encoding {name}: {e}"))?,
+        data: postcard::to_allocvec(v).map_err(|source| DeviceStateError::Encode {
+            name: name.into(),
+            source,
+        })?,
     })
 }
 
 /// Machine state to device blobs.
-pub fn to_blobs(st: &MachineState, running: bool) -> Result<Vec<DeviceBlob>, String> {
+pub fn to_blobs(st: &MachineState, running: bool) -> Result<Vec<DeviceBlob>, DeviceStateError> {
     let mut out = Vec::new();
     for v in &st.vcpus {
         out.push(blob("cpu", u32::from(v.id), v)?);
@@ -195,27 +257,33 @@ fn take<T: for<'de> Deserialize<'de>>(
     blobs: &mut Vec<DeviceBlob>,
     name: &str,
     instance: u32,
-) -> Result<T, String> {
+) -> Result<T, DeviceStateError> {
     let i = blobs
         .iter()
         .position(|b| b.name == name && b.instance == instance)
-        .ok_or_else(|| {
-            format!("device state '{name}' instance {instance} is missing from the stream")
+        .ok_or_else(|| DeviceStateError::Missing {
+            name: name.into(),
+            instance,
         })?;
     let b = blobs.swap_remove(i);
     if b.version != DEVICE_VERSION {
-        return Err(format!(
-            "device state '{name}' has version {}, this minivmm reads {DEVICE_VERSION}",
-            b.version
-        ));
+        return Err(DeviceStateError::Version {
+            name: name.into(),
+            version: b.version,
+        });
     }
-    let corrupt = |e: &dyn std::fmt::Display| {
-        format!("device state '{name}' instance {instance} is corrupt: {e}")
-    };
     match postcard::take_from_bytes(&b.data) {
         Ok((v, [])) => Ok(v),
-        Ok((_, rest)) => Err(corrupt(&format!("{} bytes after its end", rest.len()))),
-        Err(e) => Err(corrupt(&e)),
+        Ok((_, rest)) => Err(DeviceStateError::Trailing {
+            name: name.into(),
+            instance,
+            extra: rest.len(),
+        }),
+        Err(source) => Err(DeviceStateError::Corrupt {
+            name: name.into(),
+            instance,
+            source,
+        }),
     }
 }
 
@@ -223,7 +291,7 @@ fn take<T: for<'de> Deserialize<'de>>(
 pub fn from_blobs(
     mut blobs: Vec<DeviceBlob>,
     shape: &VmShape,
-) -> Result<(MachineState, bool), String> {
+) -> Result<(MachineState, bool), DeviceStateError> {
     let mut vcpus = Vec::new();
     for id in 0..shape.vcpus {
         vcpus.push(take(&mut blobs, "cpu", u32::from(id))?);
@@ -238,10 +306,10 @@ pub fn from_blobs(
     };
     let g: GlobalState = take(&mut blobs, "globalstate", 0)?;
     if let Some(b) = blobs.first() {
-        return Err(format!(
-            "unknown device state '{}' instance {} in the stream",
-            b.name, b.instance
-        ));
+        return Err(DeviceStateError::Unknown {
+            name: b.name.clone(),
+            instance: b.instance,
+        });
     }
     Ok((st, g.running))
 }

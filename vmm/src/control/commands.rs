@@ -206,9 +206,10 @@ impl Control {
                 }
                 let mut caps = self.mig.caps;
                 for c in a.capabilities {
-                    caps.set(c.capability.as_str(), c.state).map_err(generic)?;
+                    caps.set(c.capability.as_str(), c.state)
+                        .map_err(|e| generic(e.to_string()))?;
                 }
-                caps.check().map_err(generic)?;
+                caps.check().map_err(|e| generic(e.to_string()))?;
                 self.mig.caps = caps;
                 Ok(json!({}))
             }

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use migration::status::{Capabilities, Parameters, Shared, Status};
 use migration::stream::DeviceBlob;
 use migration::transport::{Listener, TransportError, Uri};
-use migration::{Event as MigEvent, ExitReason, IncomingMachine, Machine, Stopped};
+use migration::{Event as MigEvent, ExitReason, IncomingMachine, Machine, MachineError, Stopped};
 use qmp::QmpError;
 
 use super::runstate::Input;
@@ -32,54 +32,54 @@ use crate::vm::MachineState;
 pub enum MachineRequest {
     /// Stop and save all device state (final round, postcopy switch, COLO
     /// checkpoint).
-    Stop(Sender<Result<Stopped, String>>),
+    Stop(Sender<Result<Stopped, MachineError>>),
     /// Resume after a failed migration.
-    Resume(Sender<Result<(), String>>),
+    Resume(Sender<Result<(), MachineError>>),
     /// Load all device state (incoming).
-    Load(Vec<DeviceBlob>, Sender<Result<(), String>>),
+    Load(Vec<DeviceBlob>, Sender<Result<(), MachineError>>),
     /// Postcopy failed on the destination: stop the guest for good.
-    Abandon(String, Sender<Result<(), String>>),
+    Abandon(String, Sender<Result<(), MachineError>>),
     /// This side's migration capabilities.
-    Caps(Sender<Result<Capabilities, String>>),
+    Caps(Sender<Result<Capabilities, MachineError>>),
     /// COLO primary: hold (true) or release and pass (false) console output.
-    HoldOutput(bool, Sender<Result<(), String>>),
+    HoldOutput(bool, Sender<Result<(), MachineError>>),
     /// COLO primary: release the held console output.
-    ReleaseOutput(Sender<Result<(), String>>),
+    ReleaseOutput(Sender<Result<(), MachineError>>),
     /// COLO secondary: load a checkpoint, guest stays paused.
-    ColoLoad(Vec<DeviceBlob>, Sender<Result<(), String>>),
+    ColoLoad(Vec<DeviceBlob>, Sender<Result<(), MachineError>>),
     /// COLO secondary: failover, run the guest.
-    ColoTakeover(Sender<Result<(), String>>),
+    ColoTakeover(Sender<Result<(), MachineError>>),
 }
 
 /// The machine as a migration thread sees it.
 pub(super) struct ProxyMachine(pub(super) CtlSender);
 
 impl Machine for ProxyMachine {
-    fn stop(&mut self) -> Result<Stopped, String> {
+    fn stop(&mut self) -> Result<Stopped, MachineError> {
         self.0.request(MachineRequest::Stop)
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), MachineError> {
         self.0.request(MachineRequest::Resume)
     }
-    fn hold_output(&mut self, hold: bool) -> Result<(), String> {
+    fn hold_output(&mut self, hold: bool) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::HoldOutput(hold, tx))
     }
-    fn release_output(&mut self) -> Result<(), String> {
+    fn release_output(&mut self) -> Result<(), MachineError> {
         self.0.request(MachineRequest::ReleaseOutput)
     }
 }
 
 impl IncomingMachine for ProxyMachine {
-    fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+    fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::Load(blobs, tx))
     }
     fn capabilities(&mut self) -> Capabilities {
         self.0.request(MachineRequest::Caps).unwrap_or_default()
     }
-    fn colo_load(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
+    fn colo_load(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::ColoLoad(blobs, tx))
     }
-    fn colo_takeover(&mut self) -> Result<(), String> {
+    fn colo_takeover(&mut self) -> Result<(), MachineError> {
         self.0.request(MachineRequest::ColoTakeover)
     }
     fn abandon(&mut self, why: &str) {
@@ -227,7 +227,10 @@ impl Control {
             MachineRequest::Resume(reply) => {
                 // A COLO primary always runs between checkpoints.
                 let run = self.mig.was_running || self.mig.colo_mode == ColoMode::Primary;
-                let _ = reply.send(self.enter(Input::MigrationResume { run }).map_err(chain));
+                let _ = reply.send(
+                    self.enter(Input::MigrationResume { run })
+                        .map_err(MachineError::vmm),
+                );
             }
             MachineRequest::Load(blobs, reply) => {
                 let _ = reply.send(self.load_incoming(blobs));
@@ -239,24 +242,27 @@ impl Control {
                 let _ = reply.send(
                     self.gate
                         .set_hold(hold)
-                        .map_err(|e| format!("console output: {e}")),
+                        .map_err(|e| MachineError::vmm(ProxyError::Output(e))),
                 );
             }
             MachineRequest::ReleaseOutput(reply) => {
                 let _ = reply.send(
                     self.gate
                         .release()
-                        .map_err(|e| format!("console output: {e}")),
+                        .map_err(|e| MachineError::vmm(ProxyError::Output(e))),
                 );
             }
             MachineRequest::ColoLoad(blobs, reply) => {
                 // Checked now (sections, versions, vCPU count); loading into
                 // KVM waits for a takeover, which costs the checkpoint pause
                 // nothing and keeps KVM from writing the clock pages here.
-                let r = migrate::from_blobs(blobs, self.vm.shape()).map(|(st, _)| {
-                    self.mig.colo_state = Some(Box::new(st));
-                });
-                let r = r.and_then(|()| self.enter(Input::ColoCheckpoint).map_err(chain));
+                let r = match migrate::from_blobs(blobs, self.vm.shape()) {
+                    Ok((st, _)) => {
+                        self.mig.colo_state = Some(Box::new(st));
+                        self.enter(Input::ColoCheckpoint).map_err(MachineError::vmm)
+                    }
+                    Err(e) => Err(MachineError::vmm(e)),
+                };
                 let _ = reply.send(r);
             }
             MachineRequest::ColoTakeover(reply) => {
@@ -267,9 +273,9 @@ impl Control {
                             .restore_state(&st)
                             .map_err(super::ControlError::from)
                             .and_then(|()| self.enter(Input::ColoTakeover))
-                            .map_err(chain)
+                            .map_err(MachineError::vmm)
                     }
-                    None => Err("no COLO checkpoint to take over from".to_string()),
+                    None => Err(MachineError::vmm(ProxyError::NoCheckpoint)),
                 };
                 let _ = reply.send(r);
             }
@@ -279,14 +285,14 @@ impl Control {
                 let vcpus_running = self.vm.is_running();
                 let r = self
                     .enter(Input::PostcopyAbandoned { vcpus_running })
-                    .map_err(chain);
+                    .map_err(MachineError::vmm);
                 let _ = reply.send(r);
             }
         }
     }
 
     /// Stop the vCPUs and save the machine for a migration.
-    fn migration_stop(&mut self) -> Result<Stopped, String> {
+    fn migration_stop(&mut self) -> Result<Stopped, MachineError> {
         let was = self.vm.is_running();
         let colo_primary = self.mig.colo_mode == ColoMode::Primary;
         if !colo_primary {
@@ -298,18 +304,18 @@ impl Control {
             // and sends STOP if they ran.
             self.stopped(was, Input::MigrationStopped { colo_primary });
         }
-        let st = saved.map_err(|e| migration::error_chain(&e))?;
-        let devices = migrate::to_blobs(&st, self.mig.was_running)?;
+        let st = saved.map_err(MachineError::vmm)?;
+        let devices = migrate::to_blobs(&st, self.mig.was_running).map_err(MachineError::vmm)?;
         Ok(Stopped { devices })
     }
 
-    fn load_incoming(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), String> {
-        let (st, running) = migrate::from_blobs(blobs, self.vm.shape())?;
-        self.vm
-            .restore_state(&st)
-            .map_err(|e| migration::error_chain(&e))?;
+    fn load_incoming(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
+        let (st, running) =
+            migrate::from_blobs(blobs, self.vm.shape()).map_err(MachineError::vmm)?;
+        self.vm.restore_state(&st).map_err(MachineError::vmm)?;
         let run = running && !self.config.start_paused;
-        self.enter(Input::IncomingLoaded { run }).map_err(chain)
+        self.enter(Input::IncomingLoaded { run })
+            .map_err(MachineError::vmm)
     }
 
     /// Progress of a migration thread (`incoming`: which side).
@@ -395,7 +401,7 @@ impl Control {
             .discard_ram()
             .map_err(|e| IncomingStartError::Other(e.to_string()))?;
         self.enter(Input::IncomingStarted)
-            .map_err(|e| IncomingStartError::Other(chain(e)))?;
+            .map_err(|e| IncomingStartError::Other(migration::error_chain(&e)))?;
         let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
         let shared = Arc::new(Shared::starting());
         self.mig.last_incoming = shared.clone();
@@ -457,7 +463,13 @@ impl Control {
     }
 }
 
-/// An error and its causes on one line, for a migration thread.
-fn chain(e: impl std::error::Error) -> String {
-    migration::error_chain(&e)
+/// What the control thread itself could not do for a migration thread.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Holding or releasing the guest's console output (COLO).
+    #[error("console output")]
+    Output(#[source] std::io::Error),
+    /// A COLO takeover before any checkpoint arrived.
+    #[error("no COLO checkpoint to take over from")]
+    NoCheckpoint,
 }

@@ -29,7 +29,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use qmp::{ErrorClass, QmpError};
 use serde_json::json;
 
-use migration::Event as MigEvent;
+use migration::{Event as MigEvent, MachineError};
 
 use self::migrations::{IncomingStartError, MachineRequest, Migrations};
 use self::runstate::{Input, RunState, Step, Vcpus};
@@ -115,12 +115,11 @@ impl CtlSender {
 
     fn request<T>(
         &self,
-        make: impl FnOnce(Sender<Result<T, String>>) -> MachineRequest,
-    ) -> Result<T, String> {
+        make: impl FnOnce(Sender<Result<T, MachineError>>) -> MachineRequest,
+    ) -> Result<T, MachineError> {
         let (tx, rx) = channel();
         self.send(CtlMsg::Machine(make(tx)));
-        rx.recv()
-            .map_err(|_| "the VMM is shutting down".to_string())?
+        rx.recv().map_err(|_| MachineError::Gone)?
     }
 }
 
