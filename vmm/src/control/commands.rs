@@ -170,10 +170,23 @@ impl Control {
             }
             Command::Memsave(_) => Err(generic("memsave is not supported; use pmemsave with a guest-physical address")),
             Command::HumanMonitorCommand(a) => self.hmp(&a.command_line),
+            Command::QmpCapabilities(_) | Command::QueryVersion | Command::QueryCommands => {
+                Err(generic("handled by the QMP server"))
+            }
+            cmd => self.migration_command(cmd),
+        }
+    }
+
+    /// The migration commands (`migrate`, `migrate-set-*`, `query-migrate*`,
+    /// postcopy and COLO).
+    fn migration_command(&mut self, cmd: Command) -> Result<Value, QmpError> {
+        match cmd {
             Command::Migrate(a) => self.migrate(&a.uri, a.resume),
             Command::MigrateIncoming(a) => {
                 if self.config.incoming != Some(CliIncoming::Defer) {
-                    return Err(generic("The incoming migration has already been started; use -incoming defer"));
+                    return Err(generic(
+                        "The incoming migration has already been started; use -incoming defer",
+                    ));
                 }
                 if self.mig.incoming.is_some() || self.runstate != RunState::InMigrate {
                     return Err(generic("The incoming migration has already been started"));
@@ -188,7 +201,8 @@ impl Control {
             Command::MigrateCancel => {
                 if let Some(s) = &self.mig.outgoing {
                     if s.cancel() && self.mig.caps.events {
-                        self.events.send("MIGRATION", Some(json!({"status": "cancelling"})));
+                        self.events
+                            .send("MIGRATION", Some(json!({"status": "cancelling"})));
                     }
                 }
                 Ok(json!({}))
@@ -253,7 +267,9 @@ impl Control {
                     }
                     // After the end (or before any migration): nothing to switch.
                     None if self.mig.last_outgoing.status() != Status::None => Ok(json!({})),
-                    None => Err(generic("Postcopy must be started after migration has been started")),
+                    None => Err(generic(
+                        "Postcopy must be started after migration has been started",
+                    )),
                 }
             }
             Command::XColoLostHeartbeat => match self.mig.colo_mode {
@@ -268,9 +284,7 @@ impl Control {
                 ColoMode::None => Err(generic("VM is not in COLO mode")),
             },
             Command::QueryColoStatus => Ok(self.mig.colo_status()),
-            Command::QmpCapabilities(_) | Command::QueryVersion | Command::QueryCommands => {
-                Err(generic("handled by the QMP server"))
-            }
+            _ => Err(generic("not a migration command")),
         }
     }
 }
