@@ -445,21 +445,7 @@ impl Loader {
     ) -> Result<(), MigrationError> {
         let id = r.be32("section id")?;
         let blob = stream::read_device_body(r, id)?;
-        if self
-            .devices
-            .iter()
-            .any(|d| d.name == blob.name && d.instance == blob.instance)
-        {
-            return Err(StreamError::invalid(
-                at,
-                format!(
-                    "device '{}' instance {} sent twice",
-                    blob.name, blob.instance
-                ),
-            )
-            .into());
-        }
-        self.devices.push(blob);
+        stream::add_device(&mut self.devices, blob, at)?;
         Ok(())
     }
 

@@ -646,6 +646,29 @@ pub fn write_device<W: Write>(
     w.footer(id)
 }
 
+/// Keep a device's state read from the FULL section at stream offset `at`,
+/// refusing a second section for the same device.
+pub fn add_device(
+    devices: &mut Vec<DeviceBlob>,
+    blob: DeviceBlob,
+    at: u64,
+) -> Result<(), StreamError> {
+    if devices
+        .iter()
+        .any(|d| d.name == blob.name && d.instance == blob.instance)
+    {
+        return Err(StreamError::invalid(
+            at,
+            format!(
+                "device '{}' instance {} sent twice",
+                blob.name, blob.instance
+            ),
+        ));
+    }
+    devices.push(blob);
+    Ok(())
+}
+
 /// Read the body of a FULL section (after its type byte and id).
 pub fn read_device_body<R: Read>(r: &mut Reader<R>, id: u32) -> Result<DeviceBlob, StreamError> {
     let name = r.idstr("device section name")?;

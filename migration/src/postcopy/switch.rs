@@ -157,21 +157,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
                 section::FULL => {
                     let id = pr.be32("section id")?;
                     let blob = stream::read_device_body(&mut pr, id)?;
-                    if self
-                        .devices
-                        .iter()
-                        .any(|d| d.name == blob.name && d.instance == blob.instance)
-                    {
-                        return Err(StreamError::invalid(
-                            at,
-                            format!(
-                                "device '{}' instance {} sent twice",
-                                blob.name, blob.instance
-                            ),
-                        )
-                        .into());
-                    }
-                    self.devices.push(blob);
+                    stream::add_device(&mut self.devices, blob, at)?;
                 }
                 section::EOF => return Ok(()),
                 other => {
