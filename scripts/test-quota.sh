@@ -58,9 +58,17 @@ fi
 
 PARENT="$CG_ROOT/minivmm-quota-$$"
 WRAPDIR="$(mktemp -d /tmp/minivmm-quota.XXXXXX)"
+TEST_PID=
 cleanup() {
     local rc=$?
     local d
+    # The test run (its own process group: test.sh, cargo, the test
+    # binaries and their VMMs) goes first.
+    if [ -n "$TEST_PID" ] && kill -0 "$TEST_PID" 2>/dev/null; then
+        kill -TERM -- "-$TEST_PID" 2>/dev/null || true
+        sleep 2
+        kill -KILL -- "-$TEST_PID" 2>/dev/null || true
+    fi
     # Whatever is still inside (nothing, normally: the harness kills its
     # processes) goes, then the cgroups.
     for d in "$PARENT"/vmm-*; do
@@ -102,5 +110,8 @@ chmod +x "$WRAPDIR/minivmm"
 
 echo "test-quota.sh: every minivmm held to $PERCENT % of a CPU (cgroup v$CG_VER, $PARENT)"
 start=$SECONDS
-MINIVMM_BIN="$WRAPDIR/minivmm" "$ROOT/test.sh" "$@"
+MINIVMM_BIN="$WRAPDIR/minivmm" setsid "$ROOT/test.sh" "$@" &
+TEST_PID=$!
+wait "$TEST_PID"
+TEST_PID=
 echo "test-quota.sh: passed in $((SECONDS - start)) s with every minivmm at $PERCENT % of a CPU"

@@ -467,6 +467,13 @@ impl Clone for VcpuState {
     }
 }
 
+/// Set the saved TSC of `st` to 0 (a reset's power-on value).
+pub fn zero_tsc(st: &mut VcpuState) {
+    for m in st.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+        m.data = 0;
+    }
+}
+
 /// Read the full state of a stopped vCPU.
 pub fn save_vcpu(vcpu: &VcpuFd, id: u8, msr_list: &[u32]) -> Result<VcpuState, CpuError> {
     let k = |what| move |e| CpuError::Kvm(what, e);

@@ -435,6 +435,13 @@ impl Vm {
             .fd
             .get_clock()
             .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?;
+        // The TSC starts again from 0 on every vCPU, as at power-on (and as
+        // QEMU resets it): KVM synchronises host writes of 0 across vCPUs,
+        // whereas the same non-zero value written more than a second apart
+        // (vCPU threads held back by a CPU quota) leaves them skewed.
+        for v in &mut initial.vcpus {
+            cpu::zero_tsc(v);
+        }
         self.restore_state(&initial)?;
         if was_running {
             self.resume()?;
