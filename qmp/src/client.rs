@@ -46,6 +46,14 @@ pub enum ClientError {
     /// No (matching) message before the deadline.
     #[error("timed out waiting for the QMP server")]
     Timeout,
+    /// No such event before the deadline ([`Client::wait_event`]).
+    #[error("no {event} event within {after:?}")]
+    NoEvent {
+        /// The event waited for.
+        event: String,
+        /// How long.
+        after: Duration,
+    },
     /// The server closed the connection.
     #[error("the QMP server closed the connection")]
     Closed,
@@ -308,7 +316,13 @@ impl Client {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let msg = self.next_until(deadline)?;
+            let msg = self.next_until(deadline).map_err(|e| match e {
+                ClientError::Timeout => ClientError::NoEvent {
+                    event: name.to_string(),
+                    after: timeout,
+                },
+                e => e,
+            })?;
             if msg.get("event").is_some() {
                 if matches(&msg) {
                     return Ok(msg);

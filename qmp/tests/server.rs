@@ -247,7 +247,7 @@ fn client_round_trip() {
     assert_eq!(names, ["MIGRATION", "MIGRATION_PASS"]);
     assert!(matches!(
         c.wait_event("NEVER", |_| true, Duration::from_millis(50)),
-        Err(ClientError::Timeout)
+        Err(ClientError::NoEvent { ref event, .. }) if event == "NEVER"
     ));
 
     let mut t = Client::connect_tcp(ts.tcp, TIMEOUT).unwrap();

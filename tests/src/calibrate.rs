@@ -86,6 +86,14 @@ pub fn calibration() -> &'static Calibration {
         }
         let c = load_or_measure();
         eprintln!("{}", c.describe());
+        // A test that fails (a limit ran out, or anything else) says
+        // which calibration its limits came from.
+        let line = c.describe();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            eprintln!("({line})");
+        }));
         c
     })
 }
