@@ -20,7 +20,7 @@ KERNEL=${MINIVMM_KERNEL:-$ROOT/guest-images/out/vmlinux}
 INITRD=${MINIVMM_INITRD:-$ROOT/guest-images/out/initramfs.cpio}
 MEM=${DEMO_MEM:-32}
 RATE=${DEMO_RATE:-32}
-BOOT_TIMEOUT=240
+BOOT_TIMEOUT=600   # seconds without new console output (see wait_serial)
 MIG_TIMEOUT=180
 
 for f in "$BIN" "$KERNEL" "$INITRD"; do
@@ -49,16 +49,26 @@ qmp() {
 # jget EXPR: evaluate a Python expression on the JSON read from stdin (as j).
 jget() { python3 -c "import json,sys; j=json.load(sys.stdin); print($1)"; }
 
-# wait_serial FILE REGEX TIMEOUT PID: wait for a line matching REGEX.
+# wait_serial FILE REGEX TIMEOUT PID: wait for a line matching REGEX. A
+# guest still printing is not hung: TIMEOUT counts from the last new
+# console output (the guest kernel runs in an emulator on some hosts, at a
+# speed that differs between machines), up to WAIT_CAP seconds in all.
+WAIT_CAP=1800
 wait_serial() {
-    local file=$1 re=$2 timeout=$3 pid=$4 end=$((SECONDS + $3))
+    local file=$1 re=$2 timeout=$3 pid=$4
+    local start=$SECONDS end=$((SECONDS + $3)) size=-1 now
     until grep -qE "$re" "$file" 2>/dev/null; do
         if ! kill -0 "$pid" 2>/dev/null; then
             echo "demo: minivmm (pid $pid) exited while waiting for /$re/" >&2
             return 1
         fi
-        if [ $SECONDS -ge $end ]; then
-            echo "demo: no /$re/ in $file within ${timeout}s" >&2
+        now=$(stat -c %s "$file" 2>/dev/null || echo 0)
+        if [ "$now" != "$size" ]; then
+            size=$now
+            end=$((SECONDS + timeout))
+        fi
+        if [ $SECONDS -ge $end ] || [ $((SECONDS - start)) -ge $WAIT_CAP ]; then
+            echo "demo: no /$re/ in $file after $((SECONDS - start)) s (no new output for ${timeout} s, or ${WAIT_CAP} s in all)" >&2
             return 1
         fi
         sleep 0.2
