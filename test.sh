@@ -37,6 +37,8 @@ summary() {
     fi
 }
 trap summary EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 "$ROOT/setup.sh" --no-demo
 cargo build --release --workspace
