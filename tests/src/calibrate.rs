@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::{minivmm_bin, root, tail, VmmBuilder};
+use crate::{file_identity, lock_exclusive, minivmm_bin, root, tail, VmmBuilder};
 
 /// Time to `GUEST-READY` of the standard guest on the machine the base
 /// limits were written for (docs/benchmarks.md, "Guest boot").
@@ -85,10 +85,10 @@ pub fn calibration() -> &'static Calibration {
             };
         }
         let c = load_or_measure();
-        eprintln!("{}", c.describe());
+        let line = c.describe();
+        eprintln!("{line}");
         // A test that fails (a limit ran out, or anything else) says
         // which calibration its limits came from.
-        let line = c.describe();
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             previous(info);
@@ -129,19 +129,7 @@ fn file() -> PathBuf {
 
 /// What identifies the binary a measurement was made with.
 fn binary_key() -> String {
-    let bin = minivmm_bin();
-    let meta = std::fs::metadata(&bin).ok();
-    let mtime = meta
-        .as_ref()
-        .and_then(|m| m.modified().ok())
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!(
-        "{}:{}:{mtime}",
-        bin.display(),
-        meta.map(|m| m.len()).unwrap_or(0)
-    )
+    file_identity(&minivmm_bin()).unwrap_or_default()
 }
 
 fn now_unix() -> u64 {
@@ -190,9 +178,7 @@ fn load_or_measure() -> Calibration {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).expect("target dir");
     }
-    let lock = std::fs::File::create(path.with_extension("lock")).expect("calibration lock");
-    // SAFETY: flock on a valid fd; released when `lock` is closed.
-    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    let _lock = lock_exclusive(&path.with_extension("lock"));
     if let Some(c) = load() {
         return c;
     }

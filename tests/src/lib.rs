@@ -695,14 +695,13 @@ pub fn snapshot(b: &VmmBuilder) -> PathBuf {
         kernel(),
         b.initrd.clone().unwrap_or_else(initrd),
     ] {
-        let m = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        (p.display().to_string(), m.len(), m.modified().ok()).hash(&mut h);
+        file_identity(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .hash(&mut h);
     }
     (&b.mem, b.smp, &b.append).hash(&mut h);
     let path = dir.join(format!("{:016x}.qevm", h.finish()));
-    let lock = std::fs::File::create(dir.join("lock")).expect("lock file");
-    // SAFETY: flock on a valid fd; released when `lock` is closed.
-    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    let _lock = lock_exclusive(&dir.join("lock"));
     if !path.exists() {
         let mut vm = b.clone().spawn();
         vm.wait_serial("GUEST-READY", boot_timeout());
@@ -721,6 +720,29 @@ pub fn snapshot(b: &VmmBuilder) -> PathBuf {
         std::fs::rename(&tmp, &path).expect("rename snapshot");
     }
     path
+}
+
+/// What identifies a version of the file at `p`: its path, size and
+/// modification time (snapshots and the calibration are kept per version
+/// of the binary and images).
+pub(crate) fn file_identity(p: &Path) -> std::io::Result<String> {
+    let m = std::fs::metadata(p)?;
+    let mtime = m
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!("{}:{}:{mtime}", p.display(), m.len()))
+}
+
+/// An exclusive lock on `path` (created if missing), shared between test
+/// processes; held until the returned file is dropped.
+pub(crate) fn lock_exclusive(path: &Path) -> std::fs::File {
+    let f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("lock file {}: {e}", path.display()));
+    // SAFETY: flock on a valid fd; released when `f` is closed.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+    f
 }
 
 /// What a short-lived minivmm run printed and how it ended.

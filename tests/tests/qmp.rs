@@ -732,7 +732,12 @@ fn socat_pipes_raw_json() {
     // -t: after our EOF, wait for the replies (the server closes when done).
     let out = run_program(
         &socat,
-        &["-t", "30", "-", &format!("UNIX-CONNECT:{}", sock.display())],
+        &[
+            "-t",
+            &qmp_timeout().as_secs().to_string(),
+            "-",
+            &format!("UNIX-CONNECT:{}", sock.display()),
+        ],
         Some(input.as_bytes()),
         qmp_timeout(),
     );

@@ -385,10 +385,7 @@ impl Control {
             Step::To(state, Vcpus::Pause) => {
                 let was = self.vm.is_running();
                 self.vm.pause()?;
-                self.runstate = state;
-                if was {
-                    self.events.send("STOP", None);
-                }
+                self.paused_into(state, was);
             }
             Step::To(state, Vcpus::Resume) => {
                 self.vm.resume()?;
@@ -413,10 +410,16 @@ impl Control {
     /// state `input` leads to, and send `STOP` if they ran.
     fn stopped(&mut self, was: bool, input: Input) {
         if let Ok(Step::To(state, _)) = runstate::step(self.runstate, input) {
-            self.runstate = state;
-            if was {
-                self.events.send("STOP", None);
-            }
+            self.paused_into(state, was);
+        }
+    }
+
+    /// The vCPUs are paused: take `state`, and send `STOP` if they ran
+    /// before (`was`).
+    fn paused_into(&mut self, state: RunState, was: bool) {
+        self.runstate = state;
+        if was {
+            self.events.send("STOP", None);
         }
     }
 
