@@ -29,6 +29,8 @@
 //!                              <----  COLO 6 vmstate-loaded
 //! P releases the held output, resumes its guest
 //! be32 7 primary-exit (minivmm)  ---->  P left COLO on request; S leaves COLO, stays paused
+//! be32 8 heartbeat (minivmm)     ---->  between checkpoints, every quarter of
+//!                                       x-peer-timeout; S skips it
 //! ```
 //!
 //! COLO messages from P travel raw on the main stream as QEMU sends them;
@@ -36,8 +38,10 @@
 //! A checkpoint is applied only once all of it has arrived: one that breaks
 //! off half way leaves guest RAM and device state at the previous one.
 //!
-//! Failover: a broken link or a protocol error stops checkpointing on both
-//! sides, which then wait for `x-colo-lost-heartbeat` (the primary with its
+//! Failover: a broken link, a peer silent for `x-peer-timeout` (dead,
+//! frozen or cut off: each side keeps the other's reading direction busy,
+//! P with heartbeats, S with the return path's keepalive) or a protocol
+//! error stops checkpointing on both sides, which then wait for `x-colo-lost-heartbeat` (the primary with its
 //! guest stopped and its output held). On the secondary the command resumes
 //! the guest from the last complete checkpoint; on the primary it releases
 //! the output and runs alone.
@@ -76,6 +80,8 @@ pub mod msg {
     pub const VMSTATE_LOADED: u32 = 6;
     /// minivmm: P leaves COLO on request and runs alone.
     pub const PRIMARY_EXIT: u32 = 7;
+    /// minivmm: P is alive (between checkpoints); S skips it.
+    pub const HEARTBEAT: u32 = 8;
 
     /// The name QEMU's COLOMessage uses.
     pub fn name(m: u32) -> &'static str {
@@ -88,6 +94,7 @@ pub mod msg {
             VMSTATE_RECEIVED => "vmstate-received",
             VMSTATE_LOADED => "vmstate-loaded",
             PRIMARY_EXIT => "primary-exit",
+            HEARTBEAT => "heartbeat",
             _ => "unknown",
         }
     }
@@ -222,8 +229,9 @@ fn expect_rp(p: &mut Primary<'_, impl Sink>, want: u32) -> Result<(), MigrationE
                     return Err(e);
                 }
             }
-            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
-                return Err(MigrationError::PeerLost("secondary"))
+            Ok(Err(e)) => return Err(MigrationError::PeerLost("secondary", Some(e))),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::PeerLost("secondary", None))
             }
             Err(RecvTimeoutError::Timeout) => {
                 if Instant::now() > deadline {
@@ -286,8 +294,7 @@ fn checkpoints<W: Sink>(p: &mut Primary<'_, W>) -> Result<(), MigrationError> {
         .map_err(MigrationError::Machine)?;
     p.machine.resume().map_err(MigrationError::Machine)?;
     loop {
-        let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
-        if p.shared.wait_failover_timeout(delay) {
+        if idle(p)? {
             // Leave COLO on request: tell the secondary, run alone.
             let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
             return Ok(());
@@ -299,6 +306,33 @@ fn checkpoints<W: Sink>(p: &mut Primary<'_, W>) -> Result<(), MigrationError> {
         i.ram.transferred = p.w.offset();
         i.ram.duplicate = p.rw.zero_pages;
         i.ram.normal = p.rw.normal_pages;
+    }
+}
+
+/// Primary, between checkpoints: wait x-checkpoint-delay ms (its value now:
+/// a change takes effect at once), sending a
+/// heartbeat every keepalive interval and watching the return path (a
+/// secondary that reported an error or went silent ends COLO at once).
+/// `true`: failover was requested meanwhile.
+fn idle<W: Sink>(p: &mut Primary<'_, W>) -> Result<bool, MigrationError> {
+    let start = Instant::now();
+    loop {
+        // Read each time: a new x-checkpoint-delay applies at once (QEMU).
+        let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
+        let end = start + delay;
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let slice = p.rpath.keepalive().map_or(left, |k| k.min(left));
+        if p.shared.wait_failover_timeout(slice) {
+            return Ok(true);
+        }
+        p.rpath.check()?;
+        if p.rpath.keepalive().is_some() && Instant::now() < end {
+            p.w.be32(msg::HEARTBEAT)?;
+            p.w.flush()?;
+        }
     }
 }
 
@@ -479,8 +513,18 @@ fn send_colo(rp: &RpWriter, m: u32) -> Result<(), MigrationError> {
     })
 }
 
+/// The primary's next COLO message, its heartbeats skipped.
+fn next_msg<R: Read>(r: &mut Reader<R>) -> Result<u32, MigrationError> {
+    loop {
+        let m = r.be32("COLO message")?;
+        if m != msg::HEARTBEAT {
+            return Ok(m);
+        }
+    }
+}
+
 fn read_msg<R: Read>(r: &mut Reader<R>, want: u32) -> Result<(), MigrationError> {
-    let got = r.be32("COLO message")?;
+    let got = next_msg(r)?;
     if got != want {
         return Err(ColoError::Unexpected {
             got,
@@ -601,7 +645,7 @@ fn receive_checkpoints<R: BufRead>(
 ) -> Result<(), MigrationError> {
     let mut stats = Stats::default();
     loop {
-        let m = r.be32("COLO message")?;
+        let m = next_msg(r)?;
         match m {
             msg::CHECKPOINT_REQUEST => {
                 let t = Instant::now();

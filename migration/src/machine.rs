@@ -54,9 +54,12 @@ pub enum MigrationError {
     /// COLO ([`crate::colo::ColoError`]).
     #[error(transparent)]
     Colo(EngineError),
-    /// The peer went away.
+    /// The peer went away (with what the reader saw, if anything).
     #[error("connection to the {0} was lost")]
-    PeerLost(&'static str),
+    PeerLost(&'static str, #[source] Option<StreamError>),
+    /// The peer is alive (keepalives come) but did not answer in time.
+    #[error("the {0} did not answer within {1:?}")]
+    NoAnswer(&'static str, std::time::Duration),
     /// Cancelled by the user.
     #[error("migration cancelled")]
     Cancelled,

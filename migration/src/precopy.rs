@@ -45,7 +45,7 @@ use crate::return_path::{ReturnPath, RpMessage};
 use crate::sched::RealTimeSection;
 use crate::status::{Parameters, Shared, Status};
 use crate::stream::{
-    self, ping, section, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE,
+    self, ping, section, Command, DeviceBlob, Reader, Sink, StreamError, Writer, PAGE_SIZE,
 };
 
 // ---------------------------------------------------------------- source
@@ -236,28 +236,46 @@ fn round<W: Sink>(
     Ok(bandwidth)
 }
 
-/// Source, guest stopped (sync `pass` done): with
-/// `pause_before_switchover`, wait in pre-switchover for migrate-continue
-/// (as in QEMU); then the last dirty pages, END, every device and EOF.
+/// Source, guest stopped, with `pause-before-switchover`: wait in
+/// pre-switchover for migrate-continue (as in QEMU). Meanwhile the main
+/// stream carries keepalives and the return path is watched, so a lost
+/// destination fails it.
+pub(crate) fn pre_switchover<W: Sink>(
+    w: &mut Writer<W>,
+    ctx: &SourceCtx<'_>,
+    mut rpath: Option<&mut ReturnPath>,
+) -> Result<(), MigrationError> {
+    set_status(ctx.shared, ctx.events, Status::PreSwitchover);
+    let slice = rpath
+        .as_ref()
+        .and_then(|r| r.keepalive())
+        .unwrap_or(Duration::from_secs(3600));
+    while !ctx.shared.wait_switchover_timeout(slice) {
+        if let Some(r) = rpath.as_deref_mut() {
+            r.check()?;
+            w.write_command(&Command::Ping(ping::ALIVE))?;
+            w.flush()?;
+        }
+    }
+    if ctx.shared.cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    set_status(ctx.shared, ctx.events, Status::Device);
+    Ok(())
+}
+
+/// Source, guest stopped (sync `pass` done, pre-switchover passed): the
+/// last dirty pages, END, every device and EOF.
 /// Returns the real-time section the rest of the downtime runs in (see
 /// [`RealTimeSection`]), entered before the last sync.
 pub(crate) fn final_round<W: Sink>(
     w: &mut Writer<W>,
     s: &mut SourceRam,
     ctx: &SourceCtx<'_>,
-    pause_before_switchover: bool,
     pass: u64,
     devices: &[DeviceBlob],
     stop_start: Instant,
 ) -> Result<RealTimeSection, MigrationError> {
-    if pause_before_switchover {
-        set_status(ctx.shared, ctx.events, Status::PreSwitchover);
-        ctx.shared.wait_switchover();
-        if ctx.shared.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        set_status(ctx.shared, ctx.events, Status::Device);
-    }
     // The rest is downtime, bounded by downtime-limit: real-time until
     // the destination's SHUT(0) (see RealTimeSection).
     let final_round = RealTimeSection::enter();
@@ -303,9 +321,8 @@ pub(crate) fn wait_verdict(rpath: &mut ReturnPath, shared: &Shared) -> Result<()
                     return Err(e);
                 }
             }
-            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(MigrationError::PeerLost("destination"));
-            }
+            Ok(Err(e)) => return Err(rpath.lost(Some(e))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(rpath.lost(None)),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
     }

@@ -6,15 +6,28 @@
 //! OPEN_RETURN_PATH (command)       ---->   takes the channel's writer ([`writer_of`])
 //! PING n                           ---->
 //!                                  <----   PONG n
+//!                                  <----   PONG 0 (keepalive, every peer timeout / 4)
 //!                                  <----   REQ_PAGES_ID / REQ_PAGES (postcopy)
 //!                                  <----   COLO m (COLO secondary)
 //!                                  <----   SHUT 0, or ERROR_DESC text + SHUT 1
 //! ```
 //!
 //! This module owns both ends: the destination's writer ([`RpWriter`],
-//! [`send_rp`]) and the source's `ReturnPath`, which owns the reader
-//! thread and the last error description the destination sent (reported
-//! when its SHUT(1) comes, or when the connection breaks).
+//! [`send_rp`]) with its keepalive thread, and the source's `ReturnPath`,
+//! which owns the reader thread and the last error description the
+//! destination sent (reported when its SHUT(1) comes, or when the
+//! connection breaks).
+//!
+//! **Keepalives.** Each side's socket reads fail after the peer timeout
+//! without progress ([`crate::transport::PeerSilent`]), so each side keeps
+//! the direction its peer reads from busy: the destination sends PONG 0
+//! ([`ping::ALIVE`]) on the return path every quarter of its timeout from
+//! the moment it opens it, whatever its engine is doing (a thread of its
+//! own, [`writer_of`]); the source sends PING 0 on the main stream where it
+//! would otherwise leave it idle ([`ReturnPath::ping_and_wait`], and COLO's
+//! own heartbeat between checkpoints). Either side that is alive is
+//! therefore never silent for long; one that is dead, frozen or cut off
+//! is noticed within the timeout.
 
 use std::io::{BufReader, Read, Write};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, TryRecvError};
@@ -22,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::machine::MigrationError;
-use crate::stream::{self, rp, Command, Reader, Sink, StreamError, Writer};
+use crate::stream::{self, ping, rp, Command, Reader, Sink, StreamError, Writer};
 use crate::transport::Channel;
 
 /// The destination's return path, shared by the incoming and fault threads.
@@ -34,12 +47,36 @@ pub fn send_rp(w: &RpWriter, kind: u16, data: &[u8]) -> std::io::Result<()> {
     stream::write_rp(&mut *g, kind, data)
 }
 
+/// How often a side that must keep a direction busy sends a keepalive.
+pub fn keepalive_interval(peer_timeout: Duration) -> Duration {
+    (peer_timeout / 4).max(Duration::from_millis(50))
+}
+
 /// The destination's end of the return path: the channel's writer, taken.
+/// On a socket, a thread sends the keepalive (PONG 0) every quarter of the
+/// peer timeout until the writer is dropped or a write fails.
 pub(crate) fn writer_of(chan: &mut Channel) -> RpWriter {
-    Arc::new(Mutex::new(std::mem::replace(
+    let w: RpWriter = Arc::new(Mutex::new(std::mem::replace(
         &mut chan.writer,
         Box::new(std::io::sink()),
-    )))
+    )));
+    if let Some(t) = chan.peer_timeout {
+        let weak = Arc::downgrade(&w);
+        let every = keepalive_interval(t);
+        let spawned = std::thread::Builder::new()
+            .name("mig-keepalive".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let Some(w) = weak.upgrade() else { break };
+                if send_rp(&w, rp::PONG, &ping::ALIVE.to_be_bytes()).is_err() {
+                    break;
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("no keepalive thread for the return path: {e}");
+        }
+    }
+    w
 }
 
 /// A page request (REQ_PAGES_ID or REQ_PAGES), its payload parsed:
@@ -127,6 +164,10 @@ fn parse_page_request(kind: u16, d: &[u8]) -> Result<PageRequest, &'static str> 
     Ok(PageRequest { start, len, block })
 }
 
+/// The longest the source waits for the PONG of one of its PINGs (the
+/// destination alive, keepalives coming, but no answer).
+const PONG_WAIT: Duration = Duration::from_secs(30);
+
 /// One frame from the reader thread, or the error that ended it.
 type RpFrame = Result<(u16, Vec<u8>), StreamError>;
 
@@ -138,12 +179,16 @@ pub(crate) type RpResult = Result<RpMessage, StreamError>;
 pub(crate) struct ReturnPath {
     rx: Receiver<RpFrame>,
     last_desc: Option<String>,
+    /// How often the source sends a keepalive where it waits (`None`:
+    /// no bound on the peer, no keepalives).
+    keepalive: Option<Duration>,
 }
 
 impl ReturnPath {
     /// Start the reader thread: it reads messages into a channel until the
-    /// peer closes.
-    pub(crate) fn spawn(reader: Box<dyn Read + Send>) -> Self {
+    /// peer closes. `peer_timeout` is the channel's
+    /// ([`Channel::peer_timeout`]).
+    pub(crate) fn spawn(reader: Box<dyn Read + Send>, peer_timeout: Option<Duration>) -> Self {
         let (tx, rx) = channel();
         std::thread::Builder::new()
             .name("mig-return".into())
@@ -164,7 +209,21 @@ impl ReturnPath {
         Self {
             rx,
             last_desc: None,
+            keepalive: peer_timeout.map(keepalive_interval),
         }
+    }
+
+    /// How often to send a keepalive while waiting (see the module doc).
+    pub(crate) fn keepalive(&self) -> Option<Duration> {
+        self.keepalive
+    }
+
+    /// The error for a return path that ended: the destination's own
+    /// description if it sent one, else the connection lost (with why, if
+    /// the reader saw it).
+    pub(crate) fn lost(&mut self, cause: Option<StreamError>) -> MigrationError {
+        self.take_desc()
+            .unwrap_or(MigrationError::PeerLost("destination", cause))
     }
 
     /// The next message, if one is there.
@@ -206,21 +265,27 @@ impl ReturnPath {
     /// Read what has arrived without waiting: an error if the destination
     /// reported one or the return path broke.
     pub(crate) fn check(&mut self) -> Result<(), MigrationError> {
-        while let Ok(m) = self.try_recv() {
+        loop {
+            let m = match self.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => return Err(self.lost(None)),
+            };
             match m {
                 Ok(m) => {
                     if let Some(e) = self.error(m) {
                         return Err(e);
                     }
                 }
-                Err(_) => return Err(MigrationError::PeerLost("destination")),
+                Err(e) => return Err(self.lost(Some(e))),
             }
         }
-        Ok(())
     }
 
     /// Source: send PING `value` and wait for its PONG, so that the
     /// destination has judged every command before it (or said why not).
+    /// While it waits, the main stream carries keepalives (PING 0), which
+    /// the destination answers in turn after its work.
     pub(crate) fn ping_and_wait<W: Sink>(
         &mut self,
         w: &mut Writer<W>,
@@ -228,22 +293,26 @@ impl ReturnPath {
     ) -> Result<(), MigrationError> {
         w.write_command(&Command::Ping(value))?;
         w.flush()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + PONG_WAIT;
         loop {
             let left = deadline
                 .checked_duration_since(Instant::now())
-                .ok_or(MigrationError::PeerLost("destination"))?;
-            match self.recv_timeout(left) {
+                .ok_or(MigrationError::NoAnswer("destination", PONG_WAIT))?;
+            let slice = self.keepalive.map_or(left, |k| k.min(left));
+            match self.recv_timeout(slice) {
                 Ok(Ok(RpMessage::Pong(v))) if v == value => return Ok(()),
                 Ok(Ok(m)) => {
                     if let Some(e) = self.error(m) {
                         return Err(e);
                     }
                 }
-                _ => {
-                    return Err(self
-                        .take_desc()
-                        .unwrap_or(MigrationError::PeerLost("destination")))
+                Ok(Err(e)) => return Err(self.lost(Some(e))),
+                Err(RecvTimeoutError::Disconnected) => return Err(self.lost(None)),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.keepalive.is_some() {
+                        w.write_command(&Command::Ping(ping::ALIVE))?;
+                        w.flush()?;
+                    }
                 }
             }
         }

@@ -119,7 +119,7 @@ fn outgoing(
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     let start = Instant::now();
-    let mut chan: Channel = transport::connect(&o.uri)?;
+    let mut chan: Channel = transport::connect(&o.uri, o.params.peer_timeout())?;
     *o.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
     if o.shared.cancelled() {
         return Err(MigrationError::Cancelled);
@@ -132,7 +132,7 @@ fn outgoing(
     let mut rpath = if chan.duplex {
         w.write_command(&Command::OpenReturnPath)?;
         let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
-        Some(ReturnPath::spawn(reader))
+        Some(ReturnPath::spawn(reader, chan.peer_timeout))
     } else {
         None
     };
@@ -146,7 +146,12 @@ fn outgoing(
         })?;
         crate::postcopy::advise_source(&mut w, rpath)?;
         if o.caps.postcopy_preempt {
-            preempt = Some(crate::postcopy::connect_preempt(&o.uri, &mut w, rpath)?);
+            preempt = Some(crate::postcopy::connect_preempt(
+                &o.uri,
+                o.params.peer_timeout(),
+                &mut w,
+                rpath,
+            )?);
         }
     }
     if o.caps.x_colo {
@@ -179,12 +184,12 @@ fn outgoing(
     match result {
         // A broken connection is usually the destination giving up: if it
         // said why on the return path, report that instead of EPIPE.
-        Err(e @ (MigrationError::Stream(StreamError::Io { .. }) | MigrationError::PeerLost(_))) => {
-            Err(rpath
-                .as_mut()
-                .and_then(ReturnPath::destination_reason)
-                .unwrap_or(e))
-        }
+        Err(
+            e @ (MigrationError::Stream(StreamError::Io { .. }) | MigrationError::PeerLost(..)),
+        ) => Err(rpath
+            .as_mut()
+            .and_then(ReturnPath::destination_reason)
+            .unwrap_or(e)),
         r => r,
     }
 }
@@ -236,15 +241,11 @@ fn transfer(
         events: &o.events,
         params: &o.params,
     };
-    let final_round = crate::precopy::final_round(
-        &mut w,
-        &mut s,
-        &ctx,
-        o.caps.pause_before_switchover,
-        pass,
-        &devices,
-        stop_start,
-    )?;
+    if o.caps.pause_before_switchover {
+        crate::precopy::pre_switchover(&mut w, &ctx, rpath.as_deref_mut())?;
+    }
+    let final_round =
+        crate::precopy::final_round(&mut w, &mut s, &ctx, pass, &devices, stop_start)?;
     if let (true, Some(r)) = (o.caps.x_colo, rpath.as_deref_mut()) {
         drop(final_round);
         let ram = s.ram.clone();
@@ -328,7 +329,11 @@ pub struct Incoming {
 /// migration ([`run_incoming`]). A failed accept fails the migration, with
 /// its reason in `error-desc`. Returns the final status.
 pub fn accept_and_run_incoming(inc: Incoming, listener: Listener) -> Status {
-    match listener.accept() {
+    // The bound as set when the source connects (see Shared::peer_timeout).
+    let accepted = listener
+        .wait_for_peer(None)
+        .and_then(|_| listener.accept(inc.shared.peer_timeout()));
+    match accepted {
         Ok(chan) => run_incoming(inc, chan, Some(&listener)),
         Err(e) => {
             inc.shared.lock_info().error_desc = Some(crate::machine::error_chain(&e));
@@ -639,7 +644,11 @@ impl Dest<'_> {
         let l = self
             .listener
             .ok_or_else(|| StreamError::invalid(at, "POSTCOPY_PREEMPT on a one-way channel"))?;
-        self.preempt = Some(crate::postcopy::accept_preempt(l)?);
+        let bound = self
+            .chan
+            .peer_timeout
+            .unwrap_or(self.inc.shared.peer_timeout());
+        self.preempt = Some(crate::postcopy::accept_preempt(l, bound)?);
         Ok(())
     }
 
@@ -741,8 +750,9 @@ mod tests {
             shared: dshared.clone(),
             events: Arc::new(|_| {}),
         };
-        let dthread =
-            std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap(), None));
+        let dthread = std::thread::spawn(move || {
+            run_incoming(inc, listener.accept(Duration::from_secs(20)).unwrap(), None)
+        });
 
         let stopped = Arc::new(Mutex::new(false));
         let writer_src = src.clone();
@@ -836,8 +846,9 @@ mod tests {
             shared: Arc::new(Shared::default()),
             events: Arc::new(|_| {}),
         };
-        let dthread =
-            std::thread::spawn(move || run_incoming(inc, listener.accept().unwrap(), None));
+        let dthread = std::thread::spawn(move || {
+            run_incoming(inc, listener.accept(Duration::from_secs(20)).unwrap(), None)
+        });
         let src = Arc::new(VecRam::new(&[64 * 4096]));
         let shared = Arc::new(Shared::default());
         let resumed = Arc::new(AtomicBool::new(false));
@@ -861,6 +872,81 @@ mod tests {
             desc.contains("destination") && desc.contains("memory"),
             "{desc}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A destination that accepts and then reads nothing (a frozen
+    /// process): the source's writes give up after x-peer-timeout, the
+    /// migration fails saying the peer stopped answering, and the source's
+    /// guest was never stopped. Then the mirror case: a source that sends
+    /// its header and falls silent fails the destination the same way.
+    #[test]
+    fn silent_peer_fails_the_migration_within_the_peer_timeout() {
+        let dir = std::env::temp_dir().join(format!("mig-silent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = Uri::Unix(dir.join("s"));
+        let listener = transport::Listener::bind(&uri).unwrap();
+        // Accept, then neither read nor write until the source has given up.
+        let frozen = std::thread::spawn(move || {
+            let c = listener.accept(Duration::from_secs(60)).unwrap();
+            std::thread::sleep(Duration::from_secs(6));
+            drop(c);
+        });
+        let src = Arc::new(VecRam::new(&[4096 * 4096]));
+        for p in 0..4096 {
+            src.guest_write(0, p, (p % 250) as u8 + 1);
+        }
+        let shared = Arc::new(Shared::default());
+        let stopped = Arc::new(Mutex::new(false));
+        let out = Outgoing {
+            uri: uri.clone(),
+            config: config(&src),
+            ram: src.clone(),
+            machine: Box::new(Src {
+                stopped: stopped.clone(),
+                resumed: Arc::new(AtomicBool::new(false)),
+            }),
+            params: Parameters {
+                x_peer_timeout_ms: 1000,
+                ..Default::default()
+            },
+            caps: Capabilities::default(),
+            shared: shared.clone(),
+            events: Arc::new(|_| {}),
+        };
+        let t = std::time::Instant::now();
+        assert_eq!(run_outgoing(out), Status::Failed);
+        let took = t.elapsed();
+        let desc = shared.lock_info().error_desc.clone().unwrap();
+        assert!(desc.contains("stopped answering"), "{desc}");
+        assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+        assert!(!*stopped.lock().unwrap(), "the guest was stopped");
+        frozen.join().unwrap();
+
+        // The mirror: the source falls silent after its header.
+        let listener = transport::Listener::bind(&uri).unwrap();
+        let dst = Arc::new(VecRam::new(&[64 * 4096]));
+        let dshared = Arc::new(Shared::default());
+        dshared.set_peer_timeout_ms(1000);
+        let inc = Incoming {
+            config: config(&dst),
+            ram: dst.clone(),
+            machine: Box::new(Dst(Arc::new(Mutex::new(Vec::new())))),
+            shared: dshared.clone(),
+            events: Arc::new(|_| {}),
+        };
+        let dthread = std::thread::spawn(move || accept_and_run_incoming(inc, listener));
+        let mut c = transport::connect(&uri, Duration::from_secs(60)).unwrap();
+        let mut w = Writer::new(&mut c.writer);
+        stream::write_header(&mut w).unwrap();
+        w.flush().unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(dthread.join().unwrap(), Status::Failed);
+        let took = t.elapsed();
+        let desc = dshared.lock_info().error_desc.clone().unwrap();
+        assert!(desc.contains("stopped answering"), "{desc}");
+        assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+        drop(c);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

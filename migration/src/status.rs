@@ -106,6 +106,9 @@ pub struct Parameters {
     pub cpu_throttle_increment: u8,
     /// Auto-converge: most throttle, percent.
     pub max_cpu_throttle: u8,
+    /// Longest a migration peer may make no progress (nothing received,
+    /// nothing accepted), ms: `x-peer-timeout`.
+    pub x_peer_timeout_ms: u64,
 }
 
 impl Default for Parameters {
@@ -118,9 +121,14 @@ impl Default for Parameters {
             cpu_throttle_initial: 20,
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
+            x_peer_timeout_ms: DEFAULT_PEER_TIMEOUT_MS,
         }
     }
 }
+
+/// Default `x-peer-timeout`, ms: a dead, frozen or unreachable peer is
+/// noticed within 20 s.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 20_000;
 
 impl Parameters {
     /// `query-migrate-parameters` reply.
@@ -133,7 +141,13 @@ impl Parameters {
             "cpu-throttle-initial": self.cpu_throttle_initial,
             "cpu-throttle-increment": self.cpu_throttle_increment,
             "max-cpu-throttle": self.max_cpu_throttle,
+            "x-peer-timeout": self.x_peer_timeout_ms,
         })
+    }
+
+    /// `x-peer-timeout` as a duration.
+    pub fn peer_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.x_peer_timeout_ms)
     }
 }
 
@@ -271,6 +285,9 @@ pub struct Shared {
     pub(crate) closer: Mutex<Option<Closer>>,
     /// COLO checkpoint period, ms (changes take effect at the next one).
     pub(crate) checkpoint_delay_ms: AtomicU64,
+    /// `x-peer-timeout`, ms, for the connections still to be made (a
+    /// destination sets it before its source connects; 0: the default).
+    peer_timeout_ms: AtomicU64,
     failover_flag: Mutex<bool>,
     failover_cv: Condvar,
     continue_flag: Mutex<bool>,
@@ -351,6 +368,25 @@ impl Shared {
         self.checkpoint_delay_ms.load(Ordering::SeqCst)
     }
 
+    /// Set the COLO checkpoint period (the next wait between checkpoints
+    /// uses it).
+    pub fn set_checkpoint_delay_ms(&self, ms: u64) {
+        self.checkpoint_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Set `x-peer-timeout` for connections made from now on.
+    pub fn set_peer_timeout_ms(&self, ms: u64) {
+        self.peer_timeout_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// The bound on the peer for a connection made now.
+    pub fn peer_timeout(&self) -> std::time::Duration {
+        match self.peer_timeout_ms.load(Ordering::SeqCst) {
+            0 => std::time::Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS),
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
+
     /// `x-colo-lost-heartbeat`: end COLO here. With `close`, also shut the
     /// channel so that a blocked read returns (the secondary).
     pub fn request_failover(&self, close: bool) {
@@ -397,13 +433,15 @@ impl Shared {
         self.continue_cv.notify_all();
     }
 
-    /// Block until `migrate-continue` or cancel.
-    pub fn wait_switchover(&self) {
-        let mut g = self.continue_flag.lock().unwrap_or_else(|e| e.into_inner());
-        while !*g {
-            g = self.continue_cv.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
-        *g = false;
+    /// Wait up to `d` for `migrate-continue` or cancel; whether it came
+    /// (then it is consumed).
+    pub fn wait_switchover_timeout(&self, d: std::time::Duration) -> bool {
+        let g = self.continue_flag.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut g, _) = self
+            .continue_cv
+            .wait_timeout_while(g, d, |f| !*f)
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *g, false)
     }
 }
 

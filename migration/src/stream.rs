@@ -123,6 +123,10 @@ pub mod rp {
 /// waits at until the destination's PONG says it has read (and judged)
 /// everything before it.
 pub mod ping {
+    /// Keepalive, both ways: PING 0 from the source where its main stream
+    /// would idle, PONG 0 from the destination's keepalive thread (and as
+    /// the answer to PING 0). Nobody waits for it.
+    pub const ALIVE: u32 = 0;
     /// After POSTCOPY_ADVISE: postcopy can work there.
     pub const ADVISE: u32 = 1;
     /// In the postcopy package, after RUN: the guest runs there (the end of

@@ -10,6 +10,19 @@
 //! An incoming TCP stream also carries a [`ReadBatching`] handle: while
 //! pages flow the kernel wakes the reader per MiB instead of per
 //! segment, until the destination stops it before anything urgent.
+//!
+//! **A peer that stops answering.** Every socket a migration uses is
+//! bounded by the peer timeout (`x-peer-timeout`): a read that gets
+//! nothing for that long (`SO_RCVTIMEO`), a write that can hand nothing
+//! to the kernel for that long (`SO_SNDTIMEO`: the peer's window stays
+//! shut), and TCP data left unacknowledged for that long
+//! (`TCP_USER_TIMEOUT`: the link is down) all fail with [`PeerSilent`].
+//! Connecting is bounded the same way. Live peers keep every direction a
+//! side reads from busy with keepalives (the destination's return path,
+//! [`crate::return_path`]; the source where its main stream would idle):
+//! so only a dead, frozen or unreachable peer trips the bound. Channels
+//! that idle by design (the postcopy preempt channel's reading side) lift
+//! the read bound ([`Closer::unbound_reads`]).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,6 +32,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A parsed migration URI.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +83,82 @@ pub enum TransportError {
     /// The transport has no room for a second connection.
     #[error("'{0}' cannot carry a second channel")]
     OneChannel(String),
+}
+
+/// The peer made no progress for the peer timeout: nothing came, nothing
+/// could be sent, or what was sent stayed unacknowledged. Carried inside
+/// the [`std::io::Error`] (kind `TimedOut`) of the read or write that gave
+/// up.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer stopped answering: no progress for {0:?} (x-peer-timeout)")]
+pub struct PeerSilent(pub Duration);
+
+impl PeerSilent {
+    /// `e` as a [`PeerSilent`] error if it is a socket timeout, else as it is.
+    fn map(e: std::io::Error, timeout: Duration) -> std::io::Error {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, PeerSilent(timeout))
+            }
+            _ => e,
+        }
+    }
+
+    /// Is `e` (or what it wraps) a peer timeout?
+    pub fn is(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cur = Some(e);
+        while let Some(c) = cur {
+            if c.is::<PeerSilent>() {
+                return true;
+            }
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                if io.get_ref().is_some_and(|i| i.is::<PeerSilent>()) {
+                    return true;
+                }
+            }
+            cur = c.source();
+        }
+        false
+    }
+}
+
+/// A socket half whose timeouts read as [`PeerSilent`].
+struct Bounded<S> {
+    s: S,
+    timeout: Duration,
+}
+
+impl<S: Read> Read for Bounded<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s
+            .read(buf)
+            .map_err(|e| PeerSilent::map(e, self.timeout))
+    }
+}
+
+impl<S: Write> Write for Bounded<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.s
+            .write(buf)
+            .map_err(|e| PeerSilent::map(e, self.timeout))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush().map_err(|e| PeerSilent::map(e, self.timeout))
+    }
+}
+
+/// Bound a TCP socket's reads, writes and unacknowledged data by `t`.
+fn bound_tcp(s: &TcpStream, t: Duration) -> std::io::Result<()> {
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))?;
+    let ms = t.as_millis().min(u32::MAX as u128) as libc::c_int;
+    set_int(s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
+}
+
+/// Bound a unix socket's reads and writes by `t`.
+fn bound_unix(s: &UnixStream, t: Duration) -> std::io::Result<()> {
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))
 }
 
 /// How an `exec:` command's child ended badly.
@@ -147,6 +237,16 @@ impl Closer {
         };
     }
 
+    /// Let reads on this channel wait as long as they must (a channel that
+    /// idles by design); writes stay bounded. A no-op for pipes and files.
+    pub fn unbound_reads(&self) {
+        let _ = match self {
+            Self::Tcp(s) => s.set_read_timeout(None),
+            Self::Unix(s) => s.set_read_timeout(None),
+            _ => return,
+        };
+    }
+
     /// Shut the reading direction down: a read blocked on it returns end
     /// of stream. A no-op for pipes and files.
     pub fn shutdown_read(&self) {
@@ -192,6 +292,8 @@ pub struct Channel {
     pub closer: Closer,
     /// Batched wake-ups of `reader` (incoming TCP only; see [`ReadBatching`]).
     pub batching: ReadBatching,
+    /// The bound on the peer (sockets; `None` for pipes and files).
+    pub peer_timeout: Option<Duration>,
     child: Option<Arc<Mutex<Child>>>,
 }
 
@@ -220,39 +322,73 @@ fn io<'a>(what: &'static str, uri: &'a Uri) -> impl FnOnce(std::io::Error) -> Tr
     }
 }
 
+/// A connected socket as a channel, its reads and writes bounded by
+/// `timeout` (`bound` sets the socket's options).
 fn socket_channel<S>(
     s: S,
+    timeout: Duration,
+    bound: impl Fn(&S, Duration) -> std::io::Result<()>,
     closer: impl FnOnce(Arc<S>) -> Closer,
     duplicate: impl Fn(&S) -> std::io::Result<S>,
 ) -> std::io::Result<Channel>
 where
     S: Read + Write + Send + 'static,
 {
+    bound(&s, timeout)?;
     let r = duplicate(&s)?;
     let c = duplicate(&s)?;
     Ok(Channel {
-        reader: Box::new(r),
-        writer: Box::new(s),
+        reader: Box::new(Bounded { s: r, timeout }),
+        writer: Box::new(Bounded { s, timeout }),
         duplex: true,
         closer: closer(Arc::new(c)),
         batching: ReadBatching::none(),
+        peer_timeout: Some(timeout),
         child: None,
     })
 }
 
-/// Open the outgoing side.
-pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
+/// Connect to `addr` (resolved), each attempt bounded by `timeout`.
+fn connect_tcp(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(PeerSilent::map(e, timeout)),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address")
+    }))
+}
+
+/// Open the outgoing side. On sockets, the peer must make progress at
+/// least every `peer_timeout` (see the module doc).
+pub fn connect(uri: &Uri, peer_timeout: Duration) -> Result<Channel, TransportError> {
     match uri {
         Uri::Tcp(addr) => {
-            let s = TcpStream::connect(addr).map_err(io("cannot connect to", uri))?;
+            let s = connect_tcp(addr, peer_timeout).map_err(io("cannot connect to", uri))?;
             let _ = s.set_nodelay(true);
-            socket_channel(s, Closer::Tcp, TcpStream::try_clone)
-                .map_err(io("cannot use socket", uri))
+            socket_channel(
+                s,
+                peer_timeout,
+                bound_tcp,
+                Closer::Tcp,
+                TcpStream::try_clone,
+            )
+            .map_err(io("cannot use socket", uri))
         }
         Uri::Unix(path) => {
             let s = UnixStream::connect(path).map_err(io("cannot connect to", uri))?;
-            socket_channel(s, Closer::Unix, UnixStream::try_clone)
-                .map_err(io("cannot use socket", uri))
+            socket_channel(
+                s,
+                peer_timeout,
+                bound_unix,
+                Closer::Unix,
+                UnixStream::try_clone,
+            )
+            .map_err(io("cannot use socket", uri))
         }
         Uri::Exec(cmd) => {
             let mut child = Command::new("/bin/sh")
@@ -272,6 +408,7 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
                 duplex: false,
                 closer: Closer::Child(child.clone()),
                 batching: ReadBatching::none(),
+                peer_timeout: None,
                 child: Some(child),
             })
         }
@@ -283,6 +420,7 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
                 duplex: false,
                 closer: Closer::Nothing,
                 batching: ReadBatching::none(),
+                peer_timeout: None,
                 child: None,
             })
         }
@@ -323,6 +461,8 @@ const BATCH_STOPPED: u8 = 2;
 pub struct ReadBatching {
     state: Arc<AtomicU8>,
     socket: Option<Arc<TcpStream>>,
+    /// The socket's read bound when not batching (the peer timeout).
+    idle: Duration,
 }
 
 impl ReadBatching {
@@ -331,6 +471,7 @@ impl ReadBatching {
         Self {
             state: Arc::new(AtomicU8::new(BATCH_STOPPED)),
             socket: None,
+            idle: Duration::ZERO,
         }
     }
 
@@ -351,19 +492,29 @@ impl ReadBatching {
             return;
         }
         if let Some(s) = &self.socket {
-            let _ = set_batching(s, false);
+            let _ = set_batching(s, false, self.idle);
         }
     }
 }
 
 /// Set the `SOL_SOCKET` option `opt` of socket `s` to the int `value`.
 fn set_socket_int(s: &impl AsRawFd, opt: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+    set_int(s, libc::SOL_SOCKET, opt, value)
+}
+
+/// Set the option `opt` at `level` of socket `s` to the int `value`.
+fn set_int(
+    s: &impl AsRawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     // SAFETY: the fd is an open socket owned by `s`; the option value is a
     // valid c_int of the size passed.
     let r = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             opt,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -376,16 +527,19 @@ fn set_socket_int(s: &impl AsRawFd, opt: libc::c_int, value: libc::c_int) -> std
 }
 
 /// The socket options of [`ReadBatching`], on or off.
-fn set_batching(s: &TcpStream, on: bool) -> std::io::Result<()> {
+/// Off, reads wait up to the peer timeout `idle` again.
+fn set_batching(s: &TcpStream, on: bool, idle: Duration) -> std::io::Result<()> {
     set_socket_int(s, libc::SO_RCVLOWAT, if on { BATCH_LOW_WATER } else { 1 })?;
-    s.set_read_timeout(on.then_some(BATCH_WAIT))
+    s.set_read_timeout(Some(if on { BATCH_WAIT } else { idle }))
 }
 
 /// The reading side of an incoming TCP channel; see [`ReadBatching`].
+/// Not batching, a read waits up to `idle` (the peer timeout).
 struct BatchedReads {
     s: TcpStream,
     on: bool,
     state: Arc<AtomicU8>,
+    idle: Duration,
 }
 
 impl Read for BatchedReads {
@@ -399,10 +553,10 @@ impl Read for BatchedReads {
             match self.s.read(buf) {
                 Ok(n) => {
                     if !self.on && state == BATCH_ALLOWED && n >= BATCH_FLOWING {
-                        self.on = set_batching(&self.s, true).is_ok();
+                        self.on = set_batching(&self.s, true, self.idle).is_ok();
                         if self.on && self.state.load(AtomicOrdering::SeqCst) == BATCH_STOPPED {
                             // Stopped meanwhile (another thread): undo.
-                            let _ = set_batching(&self.s, false);
+                            let _ = set_batching(&self.s, false, self.idle);
                             self.on = false;
                         }
                     }
@@ -416,10 +570,10 @@ impl Read for BatchedReads {
                         ) =>
                 {
                     // Nothing came for BATCH_WAIT: the stream paused.
-                    set_batching(&self.s, false)?;
+                    set_batching(&self.s, false, self.idle)?;
                     self.on = false;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(PeerSilent::map(e, self.idle)),
             }
         }
     }
@@ -469,70 +623,98 @@ impl Listener {
         }
     }
 
-    /// Accept one more connection (the postcopy preempt channel) if one
-    /// comes within `timeout`.
-    pub fn accept_within(&self, timeout: std::time::Duration) -> Result<Channel, TransportError> {
+    /// Wait until a connection is there to accept: up to `timeout`, or
+    /// without bound (`None`). Whether one came. Pipes and files are
+    /// always ready.
+    pub fn wait_for_peer(&self, timeout: Option<Duration>) -> Result<bool, TransportError> {
         let (fd, uri) = match self {
             Self::Tcp(l, uri) => (l.as_raw_fd(), uri),
             Self::Unix(l, _, uri) => (l.as_raw_fd(), uri),
-            Self::Exec(_, uri) | Self::File(_, uri) => {
-                return Err(TransportError::OneChannel(uri.to_string()))
-            }
+            Self::Exec(..) | Self::File(..) => return Ok(true),
         };
         let mut p = libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        if n < 0 {
-            return Err(io("cannot accept on", uri)(std::io::Error::last_os_error()));
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        loop {
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n >= 0 {
+                return Ok(n > 0);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io("cannot accept on", uri)(e));
+            }
         }
-        if n == 0 {
-            return Err(TransportError::NoSecondChannel(uri.to_string(), timeout));
-        }
-        self.accept()
     }
 
-    /// Wait for the source and return the channel (reader = stream, writer = return path).
-    pub fn accept(&self) -> Result<Channel, TransportError> {
+    /// Accept one more connection (the postcopy preempt channel) if one
+    /// comes within `timeout`; its peer bound is `peer_timeout`.
+    pub fn accept_within(
+        &self,
+        timeout: Duration,
+        peer_timeout: Duration,
+    ) -> Result<Channel, TransportError> {
+        if let Self::Exec(_, uri) | Self::File(_, uri) = self {
+            return Err(TransportError::OneChannel(uri.to_string()));
+        }
+        if !self.wait_for_peer(Some(timeout))? {
+            let uri = match self {
+                Self::Tcp(_, u) | Self::Unix(_, _, u) | Self::Exec(_, u) | Self::File(_, u) => u,
+            };
+            return Err(TransportError::NoSecondChannel(uri.to_string(), timeout));
+        }
+        self.accept(peer_timeout)
+    }
+
+    /// Wait for the source and return the channel (reader = stream, writer
+    /// = return path). Waiting for a source has no bound (as `-incoming`);
+    /// once connected, the source must make progress at least every
+    /// `peer_timeout` (see the module doc).
+    pub fn accept(&self, peer_timeout: Duration) -> Result<Channel, TransportError> {
         match self {
             Self::Tcp(l, uri) => {
                 let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
                 let _ = s.set_nodelay(true);
+                bound_tcp(&s, peer_timeout).map_err(io("cannot use socket", uri))?;
                 let w = s.try_clone().map_err(io("cannot use socket", uri))?;
                 let c = Arc::new(s.try_clone().map_err(io("cannot use socket", uri))?);
                 let batching = ReadBatching {
                     state: Arc::new(AtomicU8::new(BATCH_NOT_YET)),
                     socket: Some(c.clone()),
+                    idle: peer_timeout,
                 };
                 Ok(Channel {
                     reader: Box::new(BatchedReads {
                         s,
                         on: false,
                         state: batching.state.clone(),
+                        idle: peer_timeout,
                     }),
-                    writer: Box::new(w),
+                    writer: Box::new(Bounded {
+                        s: w,
+                        timeout: peer_timeout,
+                    }),
                     duplex: true,
                     closer: Closer::Tcp(c),
                     batching,
+                    peer_timeout: Some(peer_timeout),
                     child: None,
                 })
             }
             Self::Unix(l, _, uri) => {
                 let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
-                let w = s.try_clone().map_err(io("cannot use socket", uri))?;
-                let c = s.try_clone().map_err(io("cannot use socket", uri))?;
-                Ok(Channel {
-                    reader: Box::new(s),
-                    writer: Box::new(w),
-                    duplex: true,
-                    closer: Closer::Unix(Arc::new(c)),
-                    batching: ReadBatching::none(),
-                    child: None,
-                })
+                socket_channel(
+                    s,
+                    peer_timeout,
+                    bound_unix,
+                    Closer::Unix,
+                    UnixStream::try_clone,
+                )
+                .map_err(io("cannot use socket", uri))
             }
             Self::Exec(cmd, uri) => {
                 let mut child = Command::new("/bin/sh")
@@ -552,6 +734,7 @@ impl Listener {
                     duplex: false,
                     closer: Closer::Child(child.clone()),
                     batching: ReadBatching::none(),
+                    peer_timeout: None,
                     child: Some(child),
                 })
             }
@@ -563,6 +746,7 @@ impl Listener {
                     duplex: false,
                     closer: Closer::Nothing,
                     batching: ReadBatching::none(),
+                    peer_timeout: None,
                     child: None,
                 })
             }
@@ -658,7 +842,7 @@ mod tests {
             assert_eq!(&a, b"pong");
             s.write_all(&vec![9u8; 1 << 20]).unwrap();
         });
-        let mut c = l.accept().unwrap();
+        let mut c = l.accept(Duration::from_secs(20)).unwrap();
         c.batching.allow();
         std::thread::sleep(std::time::Duration::from_millis(100));
         let mut got = vec![0u8; 1 << 20];
@@ -677,7 +861,7 @@ mod tests {
         peer.join().unwrap();
         c.batching.stop();
         assert_eq!(rcvlowat(&sock), 1);
-        assert_eq!(sock.read_timeout().unwrap(), None);
+        assert_eq!(sock.read_timeout().unwrap(), Some(Duration::from_secs(20)));
     }
 
     #[test]
@@ -686,13 +870,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("s");
         let uri = Uri::parse(&format!("exec:cat > {}", f.display())).unwrap();
-        let mut c = connect(&uri).unwrap();
+        let mut c = connect(&uri, Duration::from_secs(5)).unwrap();
         c.writer.write_all(b"hello").unwrap();
         drop(std::mem::replace(&mut c.writer, Box::new(std::io::sink())));
         c.finish().unwrap();
         let l = Listener::bind(&Uri::parse(&format!("file:{}", f.display())).unwrap()).unwrap();
         let mut s = String::new();
-        l.accept().unwrap().reader.read_to_string(&mut s).unwrap();
+        l.accept(Duration::from_secs(5))
+            .unwrap()
+            .reader
+            .read_to_string(&mut s)
+            .unwrap();
         assert_eq!(s, "hello");
         std::fs::remove_dir_all(&dir).unwrap();
     }

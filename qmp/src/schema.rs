@@ -697,7 +697,14 @@ pub struct MigrateSetParameters {
     /// multifd channel count (1-255); accepted, multifd itself is not implemented.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multifd_channels: Option<u8>,
+    /// minivmm: longest a migration peer may make no progress, ms
+    /// ([`PEER_TIMEOUT_RANGE_MS`]); applies to connections made after it is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_peer_timeout: Option<u64>,
 }
+
+/// Allowed `x-peer-timeout`, ms: 1 s to 1 h.
+pub const PEER_TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
 
 impl MigrateSetParameters {
     /// The range checks QEMU's `migrate_params_check` makes on the values
@@ -740,6 +747,15 @@ impl MigrateSetParameters {
             return expects(
                 "downtime_limit",
                 "an integer in the range of 0 to 2000 seconds",
+            );
+        }
+        if self
+            .x_peer_timeout
+            .is_some_and(|t| !PEER_TIMEOUT_RANGE_MS.contains(&t))
+        {
+            return expects(
+                "x_peer_timeout",
+                "an integer in the range of 1000 to 3600000 milliseconds",
             );
         }
         if self.multifd_channels == Some(0) {

@@ -23,6 +23,7 @@ pub use qmp::{Client, ClientError};
 use serde_json::{json, Value};
 
 mod calibrate;
+pub mod netns;
 pub use calibrate::{boot_timeout, calibration, qmp_timeout, scaled, Calibration};
 
 /// The workspace root.
@@ -251,6 +252,7 @@ pub struct VmmBuilder {
     serial_stdin: bool,
     initrd: Option<PathBuf>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl VmmBuilder {
@@ -266,7 +268,14 @@ impl VmmBuilder {
             serial_stdin: false,
             initrd: None,
             env: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Run it in network namespace `ns` (see [`netns::TwoHosts`]).
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.into());
+        self
     }
 
     /// Boot this initramfs instead of [`initrd()`] (e.g. [`busybox_initrd()`]).
@@ -379,17 +388,31 @@ impl VmmBuilder {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; the closure runs in the child
-        // between fork and exec and touches nothing else.
+        // The namespace is opened here; the child joins it before exec.
+        let ns = self.netns.as_ref().map(|n| {
+            std::fs::File::open(Path::new("/run/netns").join(n))
+                .unwrap_or_else(|e| panic!("network namespace {n}: {e}"))
+        });
+        let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        // SAFETY: prctl and setns are async-signal-safe; the closure runs in
+        // the child between fork and exec and touches nothing else (`ns_fd`
+        // is an open fd of the parent, inherited, valid until `ns` drops
+        // after spawn).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(fd) = ns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", minivmm_bin().display()));
+        drop(ns);
         let serial = Capture::default();
         let stderr = Capture::default();
         if let Some(o) = child.stdout.take() {
@@ -596,6 +619,21 @@ impl Vmm {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Send signal `sig` (e.g. `libc::SIGSTOP` to freeze it, `SIGCONT`).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.pid();
+        assert!(pid != 0, "{} has no process", self.name);
+        // SAFETY: kill(2) on our own child's pid (not yet reaped: `child`
+        // is still held), with a valid signal number.
+        let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+        assert_eq!(
+            r,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// SIGKILL it.

@@ -202,12 +202,16 @@ pub(crate) struct Preempt {
 
 /// Source, at the start when `postcopy-preempt` is on: connect the second
 /// channel, identify it, and have the destination accept it (PING 4).
+/// Both directions idle between requests: only its writes are bounded by
+/// the peer timeout (the main stream and the return path watch the peer).
 pub(crate) fn connect_preempt<W: Sink>(
     uri: &Uri,
+    peer_timeout: std::time::Duration,
     w: &mut Writer<W>,
     rpath: &mut ReturnPath,
 ) -> Result<Preempt, MigrationError> {
-    let mut chan = crate::transport::connect(uri)?;
+    let mut chan = crate::transport::connect(uri, peer_timeout)?;
+    chan.closer.unbound_reads();
     let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
     let reader: Box<dyn Read + Send> =
         std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
@@ -468,9 +472,8 @@ fn source_background<W: Sink>(
                     parse_request(Err(why), p.ram, &mut req_block)?;
                 }
                 Ok(Ok(m)) => source_reply(p, m)?,
-                Ok(Err(_)) | Err(TryRecvError::Disconnected) => {
-                    return Err(MigrationError::PeerLost("destination"))
-                }
+                Ok(Err(e)) => return Err(p.rpath.lost(Some(e))),
+                Err(TryRecvError::Disconnected) => return Err(p.rpath.lost(None)),
                 Err(TryRecvError::Empty) => break,
             }
         }
@@ -574,9 +577,8 @@ fn finish_source<W: Sink>(
                 requests.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Ok(m)) => source_reply(p, m)?,
-            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(MigrationError::PeerLost("destination"))
-            }
+            Ok(Err(e)) => return Err(p.rpath.lost(Some(e))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(p.rpath.lost(None)),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
     }

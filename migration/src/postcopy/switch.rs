@@ -31,9 +31,15 @@ pub(crate) struct PreemptIn {
 const PREEMPT_ACCEPT: Duration = Duration::from_secs(10);
 
 /// Destination, at POSTCOPY_PREEMPT: accept the second connection and check
-/// that it starts as a preempt channel.
-pub(crate) fn accept_preempt(l: &Listener) -> Result<PreemptIn, MigrationError> {
-    let mut chan = l.accept_within(PREEMPT_ACCEPT)?;
+/// that it starts as a preempt channel. It idles between requests: only its
+/// writes are bounded by the peer timeout (the main stream and the return
+/// path watch the source).
+pub(crate) fn accept_preempt(
+    l: &Listener,
+    peer_timeout: Duration,
+) -> Result<PreemptIn, MigrationError> {
+    let mut chan = l.accept_within(PREEMPT_ACCEPT, peer_timeout)?;
+    chan.closer.unbound_reads();
     let reader: Box<dyn Read + Send> =
         std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
     let mut r = Reader::new(std::io::BufReader::with_capacity(256 << 10, reader));

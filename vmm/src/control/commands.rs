@@ -238,6 +238,11 @@ impl Control {
                 }
                 if let Some(v) = p.x_checkpoint_delay {
                     n.x_checkpoint_delay_ms = u64::from(v);
+                    // A running COLO primary waits this long from its
+                    // next checkpoint on (as QEMU).
+                    if let Some(out) = &self.mig.outgoing {
+                        out.set_checkpoint_delay_ms(n.x_checkpoint_delay_ms);
+                    }
                 }
                 if let Some(v) = p.max_postcopy_bandwidth {
                     n.max_postcopy_bandwidth = v;
@@ -250,6 +255,13 @@ impl Control {
                 }
                 if let Some(v) = p.max_cpu_throttle {
                     n.max_cpu_throttle = v;
+                }
+                if let Some(v) = p.x_peer_timeout {
+                    n.x_peer_timeout_ms = v;
+                    // A destination still waiting for its source uses it.
+                    if let Some(inc) = &self.mig.incoming {
+                        inc.set_peer_timeout_ms(v);
+                    }
                 }
                 self.mig.params = n;
                 Ok(json!({}))

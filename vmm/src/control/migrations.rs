@@ -404,6 +404,7 @@ impl Control {
             .map_err(|e| IncomingStartError::Other(migration::error_chain(&e)))?;
         let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
         let shared = Arc::new(Shared::starting());
+        shared.set_peer_timeout_ms(self.mig.params.x_peer_timeout_ms);
         self.mig.last_incoming = shared.clone();
         self.mig.incoming = Some(shared.clone());
         let inc = migration::Incoming {
