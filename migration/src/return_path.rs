@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::machine::MigrationError;
 use crate::stream::{self, ping, rp, Command, Reader, Sink, StreamError, Writer};
-use crate::transport::Channel;
+use crate::transport::{Channel, Closer, PeerSilent};
 
 /// The destination's return path, shared by the incoming and fault threads.
 pub type RpWriter = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -188,7 +188,15 @@ impl ReturnPath {
     /// Start the reader thread: it reads messages into a channel until the
     /// peer closes. `peer_timeout` is the channel's
     /// ([`Channel::peer_timeout`]).
-    pub(crate) fn spawn(reader: Box<dyn Read + Send>, peer_timeout: Option<Duration>) -> Self {
+    /// A destination that falls silent for the peer timeout is gone: the
+    /// thread then shuts the whole channel (`closer`), so that a write
+    /// blocked or queued behind a slow rate limit fails at once instead of
+    /// at its own timeout.
+    pub(crate) fn spawn(
+        reader: Box<dyn Read + Send>,
+        peer_timeout: Option<Duration>,
+        closer: Closer,
+    ) -> Self {
         let (tx, rx) = channel();
         std::thread::Builder::new()
             .name("mig-return".into())
@@ -199,6 +207,11 @@ impl ReturnPath {
                 let mut r = Reader::new(BufReader::new(reader));
                 loop {
                     let m = stream::read_rp(&mut r);
+                    if let Err(e) = &m {
+                        if PeerSilent::is(e) {
+                            closer.close();
+                        }
+                    }
                     let end = m.is_err();
                     if tx.send(m).is_err() || end {
                         break;
@@ -319,6 +332,8 @@ impl ReturnPath {
     }
 
     /// The destination's error from the return path, waiting briefly for it.
+    /// A return path that fell silent (the destination stopped answering)
+    /// is a reason too: it explains the broken pipe that follows.
     pub(crate) fn destination_reason(&mut self) -> Option<MigrationError> {
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
@@ -329,6 +344,7 @@ impl ReturnPath {
                         return Some(e);
                     }
                 }
+                Ok(Err(e)) if PeerSilent::is(&e) => return Some(self.lost(Some(e))),
                 _ => return self.take_desc(),
             }
         }

@@ -132,7 +132,11 @@ fn outgoing(
     let mut rpath = if chan.duplex {
         w.write_command(&Command::OpenReturnPath)?;
         let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
-        Some(ReturnPath::spawn(reader, chan.peer_timeout))
+        Some(ReturnPath::spawn(
+            reader,
+            chan.peer_timeout,
+            chan.closer.clone(),
+        ))
     } else {
         None
     };
