@@ -29,7 +29,8 @@ import subprocess
 import tempfile
 import time
 
-from miglib import (Guest, common_args, fmt, log, machine_note, make_snapshot, median, pct,
+import miglib
+from miglib import (in_source_ns, mig_uri, Guest, common_args, fmt, log, machine_note, make_snapshot, median, pct,
                     source_and_destination, start_from)
 
 BYTES_RE = re.compile(r"bytes_sent:(\d+)")
@@ -37,8 +38,12 @@ BYTES_RE = re.compile(r"bytes_sent:(\d+)")
 
 def sent_bytes(port):
     """bytes_sent summed over the established sockets whose peer port is
-    `port` (the primary's side of the COLO connection)."""
-    r = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
+    `port` (the primary's side of the COLO connection; across a two-host
+    link, in the primary's namespace, to the port it connects to)."""
+    if miglib.NET:
+        port = miglib.NET.source_port()
+    r = subprocess.run(in_source_ns(["ss", "-tinH", "state", "established",
+                                     f"( dport = :{port} )"]),
                        capture_output=True, text=True, timeout=10)
     return sum(int(m) for m in BYTES_RE.findall(r.stdout))
 
@@ -74,7 +79,7 @@ def colo_point(g, snap, wd, window, delay):
         pq.cmd("migrate-set-capabilities", caps)
         pq.cmd("migrate-set-parameters", {"x-checkpoint-delay": delay})
         t_mig = time.monotonic()
-        pq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        pq.cmd("migrate", {"uri": mig_uri(port)})
         r = pq.wait_status(("colo", "failed", "completed"), 180)
         if r.get("status") != "colo":
             raise RuntimeError(f"{g.kind}: COLO did not start: {r}")

@@ -64,6 +64,98 @@ signal.signal(signal.SIGTERM, _on_signal)
 signal.signal(signal.SIGINT, _on_signal)
 
 
+# ---------------------------------------------------------- two hosts
+
+class Net:
+    """Two hosts on this machine: a source and a destination network
+    namespace joined by a veth pair, both directions shaped with tbf to
+    `rate` (tc syntax), and with `delay_ms` not None a user-space relay
+    (tests' `relay` binary) in the source's namespace that holds each
+    chunk `delay_ms` in each direction (this host's kernel has no netem).
+    Use as a context manager; while active, `source_and_destination` and
+    `mig_uri` put the VMs and the migration on it. Needs root and
+    iproute2. Everything is removed at exit, also on failure."""
+
+    SRC_IP, DST_IP, PORT, RELAY_PORT = "10.77.0.1", "10.77.0.2", 4444, 5555
+
+    def __init__(self, rate, delay_ms=None, relay_bin=None):
+        self.rate, self.delay_ms, self.relay_bin = rate, delay_ms, relay_bin
+        base = f"mvb{os.getpid()}"
+        self.src, self.dst = base + "s", base + "d"
+        self.relay = None
+
+    def label(self):
+        d = "" if self.delay_ms is None else f" + relay {self.delay_ms} ms each way"
+        return f"{self.rate}{d}"
+
+    def _run(self, *args):
+        subprocess.run(list(args), check=True, capture_output=True, timeout=30)
+
+    def __enter__(self):
+        global NET
+        for ns in (self.src, self.dst):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            self._run("ip", "netns", "add", ns)
+            self._run("ip", "-n", ns, "link", "set", "lo", "up")
+        self._run("ip", "link", "add", self.src, "netns", self.src, "type", "veth",
+                  "peer", "name", self.dst, "netns", self.dst)
+        bps = {"gbit": 10**9, "mbit": 10**6, "kbit": 10**3}
+        unit = next(u for u in bps if self.rate.endswith(u))
+        burst = max(int(self.rate[:-len(unit)]) * bps[unit] // 8 // 100, 64 << 10)
+        for ns, ip in ((self.src, self.SRC_IP), (self.dst, self.DST_IP)):
+            self._run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ns)
+            self._run("ip", "-n", ns, "link", "set", ns, "up")
+            self._run("tc", "-n", ns, "qdisc", "replace", "dev", ns, "root", "tbf", "rate",
+                      self.rate, "burst", str(burst), "latency", "50ms")
+        if self.delay_ms is not None:
+            self.relay = subprocess.Popen(
+                ["ip", "netns", "exec", self.src, self.relay_bin,
+                 "--listen", f"127.0.0.1:{self.RELAY_PORT}",
+                 "--to", f"{self.DST_IP}:{self.PORT}", "--delay-ms", str(self.delay_ms)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=_pdeathsig)
+            _PROCS.append(self.relay)
+            time.sleep(0.3)
+        NET = self
+        return self
+
+    def __exit__(self, *exc):
+        global NET
+        NET = None
+        if self.relay:
+            self.relay.kill()
+            self.relay.wait()
+        for ns in (self.src, self.dst):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        return False
+
+    def wrap(self, argv, side):
+        return ["ip", "netns", "exec", self.src if side == "src" else self.dst] + list(argv)
+
+    def source_uri(self):
+        if self.relay:
+            return f"tcp:127.0.0.1:{self.RELAY_PORT}"
+        return f"tcp:{self.DST_IP}:{self.PORT}"
+
+    def source_port(self):
+        """The port the source's migration connects to."""
+        return self.RELAY_PORT if self.relay else self.PORT
+
+
+NET = None
+
+
+def mig_uri(port):
+    """The URI the source migrates to: the destination listening on `port`
+    on loopback, or across the two-host link while a `Net` is active."""
+    return NET.source_uri() if NET else f"tcp:127.0.0.1:{port}"
+
+
+def in_source_ns(argv):
+    """`argv` run where the source runs (its namespace while a Net is active)."""
+    return NET.wrap(argv, "src") if NET else list(argv)
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -339,10 +431,14 @@ class Guest:
     def load_uri(self, path):
         return f"file:{path}" if self.kind == "minivmm" else f"exec:cat {path}"
 
-    def spawn(self, name, workdir, incoming=None, extra=()):
+    def spawn(self, name, workdir, incoming=None, extra=(), side=None):
+        """`side` "src" or "dst": in that host's namespace while a Net is
+        active."""
         argv = list(self.base) + list(extra)
         if incoming:
             argv += ["-incoming", incoming]
+        if NET and side:
+            argv = NET.wrap(argv, side)
         return Vm(name, argv, workdir)
 
 
@@ -381,9 +477,9 @@ def make_snapshot(g, path, workdir, after_pass=1, boot_timeout=300):
     return dt
 
 
-def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120):
+def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120, side=None):
     """A VM restored from `snap`, running; waits `settle_s` after it runs."""
-    vm = g.spawn(name, workdir, incoming=g.load_uri(snap))
+    vm = g.spawn(name, workdir, incoming=g.load_uri(snap), side=side)
     q = vm.qmp
     deadline = time.monotonic() + timeout
     while True:
@@ -400,14 +496,21 @@ def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120):
 @contextlib.contextmanager
 def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0, dst_extra=()):
     """A source restored from `snap` and running, and a destination
-    (`dst_extra`: more options for it) listening on a free tcp port: yields
-    (source, destination, port) and kills both at the end, whatever
+    (`dst_extra`: more options for it) listening on a free tcp port (or,
+    while a `Net` is active, each in its host's namespace, the destination
+    on the link): yields (source, destination, port; migrate to
+    `mig_uri(port)`) and kills both at the end, whatever
     happened. The destination's QMP is up (so it listens) when this yields."""
-    src = start_from(g, names[0], snap, wd, settle_s=settle_s)
+    src = start_from(g, names[0], snap, wd, settle_s=settle_s, side="src")
     dst = None
     try:
-        port = free_port()
-        dst = g.spawn(names[1], wd, incoming=f"tcp:127.0.0.1:{port}", extra=dst_extra)
+        if NET:
+            port = NET.PORT
+            incoming = f"tcp:{NET.DST_IP}:{port}"
+        else:
+            port = free_port()
+            incoming = f"tcp:127.0.0.1:{port}"
+        dst = g.spawn(names[1], wd, incoming=incoming, extra=dst_extra, side="dst")
         dst.qmp  # noqa: B018 - connects: the destination is set up
         yield src, dst, port
     finally:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from miglib import (MIB, Guest, common_args, fmt, log, machine_note, make_snapshot, median,
+from miglib import (mig_uri, MIB, Guest, common_args, fmt, log, machine_note, make_snapshot, median,
                     source_and_destination, tcp_counters, tcp_delta)
 
 
@@ -57,7 +57,7 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False,
         if stopped:
             sq.cmd("stop")
         tcp0 = tcp_counters()
-        sq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        sq.cmd("migrate", {"uri": mig_uri(port)})
         r = sq.wait_status(("completed", "failed", "cancelled"), 300)
         tcp = tcp_delta(tcp0)
         res = {

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 
-from miglib import (MIB, Guest, QmpError, common_args, fmt, log, machine_note, make_snapshot,
+from miglib import (mig_uri, MIB, Guest, QmpError, common_args, fmt, log, machine_note, make_snapshot,
                     median, source_and_destination, tcp_counters, tcp_delta)
 
 SWITCH_PASS = 2
@@ -110,7 +110,7 @@ def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False):
                                           "downtime-limit": downtime_limit})
         t_mig = time.monotonic()
         tcp0 = tcp_counters()
-        sq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        sq.cmd("migrate", {"uri": mig_uri(port)})
         ev = sq.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= SWITCH_PASS,
                            SWITCH_TIMEOUT)
         before = sq.cmd("query-migrate")
