@@ -65,6 +65,38 @@ pub enum MigrationError {
     Cancelled,
 }
 
+impl MigrationError {
+    /// A failure of the connection itself (reset, closed, cut short, the
+    /// peer silent for the peer timeout), as opposed to a stream that was
+    /// wrong or a side that refused: what a paused postcopy can recover
+    /// from on a new connection.
+    pub fn is_link_failure(&self) -> bool {
+        match self {
+            Self::Stream(StreamError::Io { .. } | StreamError::Truncated { .. })
+            | Self::Records(RamRecordError::Stream(
+                StreamError::Io { .. } | StreamError::Truncated { .. },
+            ))
+            | Self::PeerLost(..)
+            | Self::NoAnswer(..) => true,
+            Self::Postcopy(e) => {
+                // PostcopyError::Preempt wraps the preempt channel's error.
+                let mut cur = e.source();
+                while let Some(c) = cur {
+                    if let Some(m) = c.downcast_ref::<MigrationError>() {
+                        return m.is_link_failure();
+                    }
+                    if let Some(m) = c.downcast_ref::<Box<MigrationError>>() {
+                        return m.is_link_failure();
+                    }
+                    cur = c.source();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
 /// What the VMM behind a [`Machine`] or [`IncomingMachine`] could not do.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {

@@ -122,7 +122,7 @@ pub(crate) fn rounds<W: Sink>(
     want_postcopy: bool,
 ) -> Result<(u64, RoundsEnd), MigrationError> {
     let postcopy = move |sh: &Shared| want_postcopy && sh.postcopy_requested();
-    let mut throttle = Throttle::new(ctx.params.max_bandwidth);
+    let mut throttle = Throttle::new(&ctx.shared.max_bandwidth);
     let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
     let mut pass = 0u64;
     // The destination has read everything sent so far (ping::DRAINED).
@@ -165,8 +165,12 @@ pub(crate) fn rounds<W: Sink>(
 /// The downtime the pages left would take at the measured bandwidth
 /// (`u64::MAX`: not measured yet), noted with the sync's statistics.
 fn expected_downtime(ctx: &SourceCtx<'_>, pass: u64, remaining_bytes: u64, bandwidth: f64) -> u64 {
-    let bw = if ctx.params.max_bandwidth > 0 && bandwidth > 0.0 {
-        bandwidth.min(ctx.params.max_bandwidth as f64)
+    let limit = ctx
+        .shared
+        .max_bandwidth
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let bw = if limit > 0 && bandwidth > 0.0 {
+        bandwidth.min(limit as f64)
     } else {
         bandwidth
     };
@@ -190,7 +194,7 @@ fn round<W: Sink>(
     w: &mut Writer<W>,
     s: &mut SourceRam,
     ctx: &SourceCtx<'_>,
-    throttle: &mut Throttle,
+    throttle: &mut Throttle<'_>,
     postcopy: &dyn Fn(&Shared) -> bool,
     remaining: u64,
 ) -> Result<f64, MigrationError> {

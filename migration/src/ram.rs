@@ -829,16 +829,17 @@ pub(crate) fn send_dirty<W: Sink, E: From<StreamError> + From<RamError>>(
     Ok(())
 }
 
-/// Paces writes to a byte rate.
-pub(crate) struct Throttle {
-    rate: u64,
+/// Paces writes to a byte rate, read live (0: no limit): a new rate takes
+/// effect at the next check.
+pub(crate) struct Throttle<'a> {
+    rate: &'a std::sync::atomic::AtomicU64,
     window_start: Instant,
     window_bytes: u64,
     unchecked: u64,
 }
 
-impl Throttle {
-    pub(crate) fn new(rate: u64) -> Self {
+impl<'a> Throttle<'a> {
+    pub(crate) fn new(rate: &'a std::sync::atomic::AtomicU64) -> Self {
         Self {
             rate,
             window_start: Instant::now(),
@@ -847,27 +848,38 @@ impl Throttle {
         }
     }
 
+    /// Count `bytes` written and sleep as long as the rate asks.
     pub(crate) fn account(&mut self, bytes: u64) {
-        if self.rate == 0 {
-            return;
+        if let Some(d) = self.owed(bytes) {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// Count `bytes` written; how long the writer should now wait to keep
+    /// to the rate (the caller waits, and may cut the wait short for
+    /// urgent work: the debt stays and the next call asks for it again).
+    pub(crate) fn owed(&mut self, bytes: u64) -> Option<Duration> {
+        let rate = self.rate.load(std::sync::atomic::Ordering::Relaxed);
+        if rate == 0 {
+            self.window_bytes = 0;
+            self.window_start = Instant::now();
+            return None;
         }
         self.window_bytes += bytes;
         // Read the clock once per millisecond's worth of bytes, not per
         // page: a clock read costs more than copying a zero-page record.
         self.unchecked += bytes;
-        if self.unchecked < (self.rate / 1000).max(PAGE_SIZE as u64) {
-            return;
+        if self.unchecked < (rate / 1000).max(PAGE_SIZE as u64) {
+            return None;
         }
         self.unchecked = 0;
-        let due = Duration::from_secs_f64(self.window_bytes as f64 / self.rate as f64);
+        let due = Duration::from_secs_f64(self.window_bytes as f64 / rate as f64);
         let spent = self.window_start.elapsed();
-        if due > spent {
-            std::thread::sleep(due - spent);
-        }
-        if self.window_start.elapsed() > Duration::from_millis(100) {
+        if spent > Duration::from_millis(100) && due <= spent {
             self.window_start = Instant::now();
             self.window_bytes = 0;
         }
+        due.checked_sub(spent).filter(|d| !d.is_zero())
     }
 }
 

@@ -54,7 +54,9 @@ pub fn keepalive_interval(peer_timeout: Duration) -> Duration {
 
 /// The destination's end of the return path: the channel's writer, taken.
 /// On a socket, a thread sends the keepalive (PONG 0) every quarter of the
-/// peer timeout until the writer is dropped or a write fails.
+/// peer timeout until the writer is dropped. A failed write does not end
+/// it: a paused postcopy gets a new connection behind the same writer
+/// ([`replace_writer`]).
 pub(crate) fn writer_of(chan: &mut Channel) -> RpWriter {
     let w: RpWriter = Arc::new(Mutex::new(std::mem::replace(
         &mut chan.writer,
@@ -68,15 +70,20 @@ pub(crate) fn writer_of(chan: &mut Channel) -> RpWriter {
             .spawn(move || loop {
                 std::thread::sleep(every);
                 let Some(w) = weak.upgrade() else { break };
-                if send_rp(&w, rp::PONG, &ping::ALIVE.to_be_bytes()).is_err() {
-                    break;
-                }
+                let _ = send_rp(&w, rp::PONG, &ping::ALIVE.to_be_bytes());
             });
         if let Err(e) = spawned {
             log::warn!("no keepalive thread for the return path: {e}");
         }
     }
     w
+}
+
+/// Put a new connection's writer behind the return path `w` (a postcopy
+/// recovery): its users, the keepalive thread included, write there from
+/// now on.
+pub(crate) fn replace_writer(w: &RpWriter, new: Box<dyn Write + Send>) {
+    *w.lock().unwrap_or_else(|e| e.into_inner()) = new;
 }
 
 /// A page request (REQ_PAGES_ID or REQ_PAGES), its payload parsed:
@@ -126,6 +133,18 @@ pub enum RpMessage {
     ErrorDesc(String),
     /// COLO: the secondary's `be32` message (`None`: not 4 bytes).
     Colo(Option<u32>),
+    /// RECV_BITMAP: pages a paused postcopy destination has, from page
+    /// `first` of `block`, one bit each (LSB first).
+    RecvBitmap {
+        /// The block's name.
+        block: Vec<u8>,
+        /// The page of the first bit.
+        first: u64,
+        /// The bits.
+        bits: Vec<u8>,
+    },
+    /// RESUME_ACK: `be32` number of blocks whose bitmaps were sent.
+    ResumeAck(u32),
     /// Anything else: its type.
     Other(u16),
 }
@@ -143,9 +162,32 @@ impl RpMessage {
             },
             (rp::ERROR_DESC, _) => Self::ErrorDesc(String::from_utf8_lossy(data).into_owned()),
             (rp::COLO, v) => Self::Colo(v),
+            (rp::RESUME_ACK, Some(v)) => Self::ResumeAck(v),
+            (rp::RECV_BITMAP, _) => match parse_bitmap(data) {
+                Some((block, first, bits)) => Self::RecvBitmap { block, first, bits },
+                None => Self::Other(kind),
+            },
             (other, _) => Self::Other(other),
         }
     }
+}
+
+/// A RECV_BITMAP payload: block name, first page, bits.
+fn parse_bitmap(d: &[u8]) -> Option<(Vec<u8>, u64, Vec<u8>)> {
+    let n = *d.first()? as usize;
+    let name = d.get(1..1 + n)?.to_vec();
+    let first = u64::from_be_bytes(d.get(1 + n..9 + n)?.try_into().ok()?);
+    Some((name, first, d.get(9 + n..)?.to_vec()))
+}
+
+/// A RECV_BITMAP payload for `bits` of block `name` from page `first`.
+pub(crate) fn encode_bitmap(name: &[u8], first: u64, bits: &[u8]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(9 + name.len() + bits.len());
+    d.push(name.len() as u8);
+    d.extend_from_slice(name);
+    d.extend_from_slice(&first.to_be_bytes());
+    d.extend_from_slice(bits);
+    d
 }
 
 /// A page request's payload, or why it does not parse.

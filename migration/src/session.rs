@@ -72,6 +72,8 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
     o.shared
         .checkpoint_delay_ms
         .store(o.params.x_checkpoint_delay_ms, Ordering::SeqCst);
+    o.shared
+        .set_bandwidths(o.params.max_bandwidth, o.params.max_postcopy_bandwidth);
     let mut stopped = false;
     let run_sent = AtomicBool::new(false);
     let result = outgoing(&mut o, &mut stopped, &run_sent);
@@ -568,6 +570,14 @@ impl Dest<'_> {
                 // Checkpoints are waited for: no batching.
                 self.chan.batching.stop();
                 self.colo = true;
+            }
+            Command::PostcopyRecvBitmap | Command::PostcopyResume => {
+                return Err(StreamError::invalid(
+                    at,
+                    "a postcopy recovery, but no postcopy is paused here \
+                     (migrate-recover on the paused destination gives its address)",
+                )
+                .into());
             }
             other @ (Command::PostcopyListen | Command::PostcopyRun | Command::Unknown(_)) => {
                 return Err(StreamError::invalid(

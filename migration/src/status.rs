@@ -7,7 +7,15 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::transport::Closer;
+use crate::transport::{Closer, Listener, Uri};
+
+/// What a paused postcopy is told to do to recover.
+pub enum Recover {
+    /// Source (`migrate` with `resume`): connect to this URI.
+    Connect(Uri),
+    /// Destination (`migrate-recover`): accept the source on this listener.
+    Listen(Listener),
+}
 
 /// The migration status, QEMU's `MigrationStatus`: the one type the QMP
 /// schema (`migrate-continue`'s argument) and the engines share.
@@ -285,6 +293,11 @@ pub struct Shared {
     pub(crate) closer: Mutex<Option<Closer>>,
     /// COLO checkpoint period, ms (changes take effect at the next one).
     pub(crate) checkpoint_delay_ms: AtomicU64,
+    /// `max-bandwidth`, bytes/s, as the running rounds read it.
+    pub(crate) max_bandwidth: AtomicU64,
+    /// `max-postcopy-bandwidth`, bytes/s (0: none), as the running
+    /// postcopy background stream reads it.
+    pub(crate) max_postcopy_bandwidth: AtomicU64,
     /// `x-peer-timeout`, ms, for the connections still to be made (a
     /// destination sets it before its source connects; 0: the default).
     peer_timeout_ms: AtomicU64,
@@ -292,6 +305,8 @@ pub struct Shared {
     failover_cv: Condvar,
     continue_flag: Mutex<bool>,
     continue_cv: Condvar,
+    recover: Mutex<Option<Recover>>,
+    recover_cv: Condvar,
 }
 
 impl Shared {
@@ -356,6 +371,60 @@ impl Shared {
             c.close();
         }
         self.release_switchover();
+        let _g = self.recover.lock().unwrap_or_else(|e| e.into_inner());
+        self.recover_cv.notify_all();
+    }
+
+    /// `migrate-pause`: break the connection of a postcopy in
+    /// `postcopy-active` (or `postcopy-recover`) on purpose; its engine
+    /// then pauses as for a broken link. Whether there was one to break.
+    pub fn pause(&self) -> bool {
+        if !matches!(
+            self.status(),
+            Status::PostcopyActive | Status::PostcopyRecover
+        ) {
+            return false;
+        }
+        if let Some(c) = self
+            .closer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.close();
+        }
+        true
+    }
+
+    /// `migrate` with `resume` (source) or `migrate-recover` (destination)
+    /// on a paused postcopy: hand the engine what to recover with (a newer
+    /// request replaces one not yet taken).
+    pub fn request_recover(&self, r: Recover) {
+        *self.recover.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.recover_cv.notify_all();
+    }
+
+    /// A paused postcopy: wait for the user's recovery request (`None`:
+    /// cancelled).
+    pub(crate) fn wait_recover(&self) -> Option<Recover> {
+        let mut g = self.recover.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.cancelled() {
+                return None;
+            }
+            if let Some(r) = g.take() {
+                return Some(r);
+            }
+            g = self.recover_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// A recovery request, if one is waiting (without blocking).
+    pub(crate) fn try_recover(&self) -> Option<Recover> {
+        self.recover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Cancel requested?
@@ -372,6 +441,15 @@ impl Shared {
     /// uses it).
     pub fn set_checkpoint_delay_ms(&self, ms: u64) {
         self.checkpoint_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// `migrate-set-parameters` during a migration: the running engine
+    /// paces by the new `max-bandwidth` and `max-postcopy-bandwidth` from
+    /// its next write on (as QEMU).
+    pub fn set_bandwidths(&self, max_bandwidth: u64, max_postcopy_bandwidth: u64) {
+        self.max_bandwidth.store(max_bandwidth, Ordering::SeqCst);
+        self.max_postcopy_bandwidth
+            .store(max_postcopy_bandwidth, Ordering::SeqCst);
     }
 
     /// Set `x-peer-timeout` for connections made from now on.

@@ -96,6 +96,11 @@ pub mod cmd {
     /// minivmm: the postcopy preempt channel (requested pages) has been
     /// connected; the destination accepts it now.
     pub const POSTCOPY_PREEMPT: u16 = 9;
+    /// minivmm: a source resuming a paused postcopy asks for the pages the
+    /// destination has (RECV_BITMAP messages, then RESUME_ACK).
+    pub const POSTCOPY_RECV_BITMAP: u16 = 10;
+    /// minivmm: the source resumes sending pages on this connection.
+    pub const POSTCOPY_RESUME: u16 = 11;
 }
 
 /// First bytes of the postcopy preempt channel: `be32` "QEVP", `be32` 1.
@@ -117,6 +122,12 @@ pub mod rp {
     pub const ERROR_DESC: u16 = 0x4d01;
     /// minivmm extension: a COLO message from the secondary (`be32`).
     pub const COLO: u16 = 0x4d02;
+    /// minivmm extension: pages a paused postcopy destination has: `u8
+    /// len`, block name, `be64` first page, then one bit per page (bit `i`
+    /// of byte `j`: page `first + 8j + i`).
+    pub const RECV_BITMAP: u16 = 0x4d03;
+    /// minivmm extension: every RECV_BITMAP is sent; `be32` block count.
+    pub const RESUME_ACK: u16 = 0x4d04;
 }
 
 /// The `be32` values of the source's PINGs: each marks a point the source
@@ -809,6 +820,10 @@ pub enum Command {
     EnableColo,
     /// [`cmd::POSTCOPY_PREEMPT`].
     PostcopyPreempt,
+    /// [`cmd::POSTCOPY_RECV_BITMAP`].
+    PostcopyRecvBitmap,
+    /// [`cmd::POSTCOPY_RESUME`].
+    PostcopyResume,
     /// A command number minivmm does not know.
     Unknown(u16),
 }
@@ -831,6 +846,8 @@ impl Command {
             cmd::PACKAGED => Self::Packaged(be32("PACKAGED needs a 4-byte length")?),
             cmd::ENABLE_COLO => Self::EnableColo,
             cmd::POSTCOPY_PREEMPT => Self::PostcopyPreempt,
+            cmd::POSTCOPY_RECV_BITMAP => Self::PostcopyRecvBitmap,
+            cmd::POSTCOPY_RESUME => Self::PostcopyResume,
             other => Self::Unknown(other),
         })
     }
@@ -847,6 +864,8 @@ impl Command {
             Self::Packaged(_) => cmd::PACKAGED,
             Self::EnableColo => cmd::ENABLE_COLO,
             Self::PostcopyPreempt => cmd::POSTCOPY_PREEMPT,
+            Self::PostcopyRecvBitmap => cmd::POSTCOPY_RECV_BITMAP,
+            Self::PostcopyResume => cmd::POSTCOPY_RESUME,
             Self::Unknown(c) => *c,
         }
     }

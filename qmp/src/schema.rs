@@ -44,6 +44,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "migrate_cancel",
     "migrate-cancel",
     "migrate-continue",
+    "migrate-pause",
+    "migrate-recover",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
     "migrate-set-parameters",
@@ -101,6 +103,12 @@ pub enum Command {
     MigrateCancel,
     /// `migrate-continue`: leave `pre-switchover`.
     MigrateContinue(MigrateContinueArgs),
+    /// `migrate-pause`: break a postcopy's connection on purpose (either
+    /// side): both sides go to `postcopy-paused`.
+    MigratePause,
+    /// `migrate-recover {uri}` on a paused postcopy destination: listen on
+    /// `uri` for the source's `migrate {uri, resume: true}`.
+    MigrateRecover(MigrateRecoverArgs),
     /// `migrate-set-capabilities`.
     MigrateSetCapabilities(MigrateSetCapabilitiesArgs),
     /// `query-migrate-capabilities`.
@@ -172,6 +180,8 @@ impl Command {
             }
             "migrate_cancel" | "migrate-cancel" => none(arguments, Command::MigrateCancel),
             "migrate-continue" => from_arguments(arguments).map(Command::MigrateContinue),
+            "migrate-pause" => none(arguments, Command::MigratePause),
+            "migrate-recover" => from_arguments(arguments).map(Command::MigrateRecover),
             "migrate-set-capabilities" => {
                 from_arguments(arguments).map(Command::MigrateSetCapabilities)
             }
@@ -215,6 +225,8 @@ impl Command {
             Command::MigrateIncoming(_) => "migrate-incoming",
             Command::MigrateCancel => "migrate_cancel",
             Command::MigrateContinue(_) => "migrate-continue",
+            Command::MigratePause => "migrate-pause",
+            Command::MigrateRecover(_) => "migrate-recover",
             Command::MigrateSetCapabilities(_) => "migrate-set-capabilities",
             Command::QueryMigrateCapabilities => "query-migrate-capabilities",
             Command::MigrateSetParameters(_) => "migrate-set-parameters",
@@ -638,6 +650,15 @@ impl MigrationStatus {
                 | MigrationStatus::Cancelled
         )
     }
+}
+
+/// `migrate-recover {uri}`: where a paused postcopy destination listens for
+/// its source again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRecoverArgs {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub uri: String,
 }
 
 /// `migrate-continue {state}`: the status the migration is expected to be in

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ use crate::ram::{
 };
 use crate::return_path::{send_rp, PageRequest, RpWriter};
 use crate::status::Shared;
-use crate::stream::{section, Reader, StreamError, PAGE_SIZE};
+use crate::stream::{rp, section, Reader, StreamError, PAGE_SIZE};
 
 /// Fault-service statistics.
 #[derive(Default)]
@@ -58,6 +58,10 @@ struct Pending {
     sent: Option<Instant>,
 }
 
+/// How often the listen thread refreshes `x-postcopy-faults` in
+/// `query-migrate` while pages come.
+const STATS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Most slow faults (1 ms or more) kept with their breakdown.
 const SLOW_FAULTS_KEPT: usize = 16;
 
@@ -85,6 +89,9 @@ pub struct DestPostcopy {
     stop: vmm_sys_util::eventfd::EventFd,
     registered: AtomicBool,
     dropper: PageDropper,
+    /// Bumped at each postcopy recovery: a request on a new connection
+    /// names its block again.
+    connection: AtomicU64,
 }
 
 // SAFETY: the raw mapping addresses are plain integers here; the memory
@@ -191,6 +198,7 @@ impl DestPostcopy {
             stop,
             registered: AtomicBool::new(false),
             dropper: PageDropper::new(),
+            connection: AtomicU64::new(0),
         })
     }
 
@@ -362,7 +370,7 @@ impl DestPostcopy {
         &self,
         addr: usize,
         at: Instant,
-        last_block: &mut Option<(bool, usize)>,
+        last_block: &mut Option<(bool, usize, u64)>,
     ) -> Result<(), std::io::Error> {
         let Some(block) = self
             .maps
@@ -414,7 +422,11 @@ impl DestPostcopy {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let key = (urgent.is_some(), block);
+        let key = (
+            urgent.is_some(),
+            block,
+            self.connection.load(Ordering::SeqCst),
+        );
         if *last_block != Some(key) {
             req.block = Some(self.ram.blocks()[block].name.as_bytes().to_vec());
             *last_block = Some(key);
@@ -432,7 +444,12 @@ impl DestPostcopy {
                 *self.urgent.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(())
             }
-            None => send_rp(&self.rp, kind, &data),
+            None => {
+                // A broken return path: the postcopy pauses, and the
+                // request, still pending, is sent again on the new one.
+                let _ = send_rp(&self.rp, kind, &data);
+                Ok(())
+            }
         };
         if let Some(p) = self
             .pending
@@ -472,6 +489,7 @@ impl DestPostcopy {
         crate::sched::prefer_this_thread();
         let mut staging = StagingPlacer::new(MAX_SECTION_PAGES);
         let mut ended = false;
+        let mut stats_at = Instant::now();
         loop {
             r.begin_section();
             let at = r.offset();
@@ -488,10 +506,18 @@ impl DestPostcopy {
                     }
                     self.place_section(r, rr, &mut staging, at, id, PageStream::Main)?;
                     ended = t == section::END;
+                    // The fault statistics, live (every quarter second).
+                    let stats = (stats_at.elapsed() >= STATS_EVERY).then(|| {
+                        stats_at = Instant::now();
+                        self.stats_json()
+                    });
                     let mut i = shared.lock_info();
                     i.ram.transferred = r.offset();
                     i.ram.duplicate = rr.zero_pages;
                     i.ram.normal = rr.pages - rr.zero_pages;
+                    if let Some(st) = stats {
+                        i.extra.insert("x-postcopy-faults".into(), st);
+                    }
                 }
                 section::EOF if ended => return Ok(()),
                 other => {
@@ -561,6 +587,67 @@ impl DestPostcopy {
                 }
             }
         }
+    }
+
+    /// A paused postcopy: requests go on the return path from now on (the
+    /// preempt channel is gone with the connection).
+    pub(super) fn pause(&self) {
+        *self.urgent.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Recovery, after POSTCOPY_RECV_BITMAP: tell the source, block by
+    /// block, which pages are here (RECV_BITMAP, 32 KiB of bits each),
+    /// then RESUME_ACK.
+    pub(super) fn send_bitmaps(&self) -> std::io::Result<()> {
+        const CHUNK_PAGES: u64 = 8 * 32 * 1024;
+        for (b, rec) in self.received.iter().enumerate() {
+            let name = self.ram.blocks()[b].name.as_bytes();
+            let mut first = 0;
+            while first < rec.len() {
+                let n = CHUNK_PAGES.min(rec.len() - first);
+                let mut bits = vec![0u8; n.div_ceil(8) as usize];
+                for i in 0..n {
+                    if rec.test(first + i) {
+                        bits[(i / 8) as usize] |= 1 << (i % 8);
+                    }
+                }
+                let data = crate::return_path::encode_bitmap(name, first, &bits);
+                send_rp(&self.rp, rp::RECV_BITMAP, &data)?;
+                first += n;
+            }
+        }
+        send_rp(
+            &self.rp,
+            rp::RESUME_ACK,
+            &(self.received.len() as u32).to_be_bytes(),
+        )
+    }
+
+    /// Recovery, at POSTCOPY_RESUME: a new connection (requests name
+    /// their block again), and every request still pending asked again.
+    pub(super) fn resume(&self) -> std::io::Result<()> {
+        self.connection.fetch_add(1, Ordering::SeqCst);
+        let mut keys: Vec<(usize, u64)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        keys.sort_unstable();
+        for (block, page) in keys {
+            if self.received[block].test(page) {
+                continue;
+            }
+            let (kind, data) = PageRequest {
+                start: page * PAGE_SIZE as u64,
+                len: PAGE_SIZE as u32,
+                block: Some(self.ram.blocks()[block].name.as_bytes().to_vec()),
+            }
+            .encode();
+            send_rp(&self.rp, kind, &data)?;
+        }
+        Ok(())
     }
 
     /// Every page there? Then release userfaultfd.

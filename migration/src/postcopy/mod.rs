@@ -56,23 +56,104 @@
 //! source shuts the channel's reading side, the urgent thread ends the
 //! channel with EOF, and only then does END go on the main stream.
 //!
-//! After RUN, the guest exists on the destination only: if the connection
-//! breaks, the source keeps its copy stopped (resuming it would fork the
-//! guest) and the destination stops its vCPUs instead of letting them wait
-//! on a page that can never arrive.
+//! After RUN, the guest exists on the destination only. If the connection
+//! breaks then (a reset, a side silent for `x-peer-timeout`, EOF,
+//! `migrate-pause`), both sides enter `postcopy-paused` ([`Pause`]): the
+//! source keeps its copy stopped and every page not yet sent; the
+//! destination's guest runs on, a vCPU that faults on a missing page waits,
+//! and its request is kept. A stream that was wrong (a bad CRC, a protocol
+//! error) or a side that refused still fails the migration for good.
+//!
+//! ```text
+//! destination: migrate-recover uri=URI (listens)   source: migrate uri=URI resume=true
+//! header, OPEN_RETURN_PATH                ---->  the return path moves to this connection
+//! POSTCOPY_RECV_BITMAP                    ---->  postcopy-recover on both sides
+//!                                         <----  RECV_BITMAP (block, first page, bits) ...
+//!                                         <----  RESUME_ACK (be32 blocks)
+//! source: to send = every page the destination lacks (final: the guest is stopped)
+//! POSTCOPY_RESUME                         ---->  a new listen thread reads this stream
+//!                                         <----  REQ_PAGES_ID for every pending fault
+//! PART ... END, EOF (as above)            ---->  postcopy-active ... completed
+//!                                         <----  SHUT 0
+//! ```
+//!
+//! Pages of a section cut off by the break were never placed (a section is
+//! placed only once its CRC checked), so the bitmap asks for them again and
+//! no page is placed twice. A failure during the handshake or after it
+//! pauses again; recovery can be tried any number of times. After a
+//! recovery the preempt channel is not reopened: requests go on the return
+//! path and requested pages on the main stream.
 
 mod dest;
 mod dropper;
 mod source;
 mod switch;
 
+use std::time::Instant;
+
+use crate::machine::{set_status, EventSink, MigrationError};
+use crate::status::{Shared, Status};
+
+/// A postcopy paused by a broken connection, on either side: the status,
+/// the reason in `error-desc`, and the time paused (`query-migrate`'s
+/// `x-postcopy-paused-ms`, with `x-postcopy-recoveries`).
+pub(crate) struct Pause {
+    since: Instant,
+}
+
+impl Pause {
+    /// The connection broke (`cause`): shut what is left of it and report
+    /// `postcopy-paused`.
+    pub(crate) fn begin(shared: &Shared, events: &EventSink, cause: &MigrationError) -> Self {
+        let p = Self {
+            since: Instant::now(),
+        };
+        p.again(shared, events, cause);
+        p
+    }
+
+    /// A recovery attempt failed (`e`): paused again.
+    pub(crate) fn again(&self, shared: &Shared, events: &EventSink, e: &MigrationError) {
+        if let Some(c) = shared
+            .closer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.close();
+        }
+        let desc = crate::machine::error_chain(e);
+        log::warn!(
+            "postcopy paused: {desc}; recover with migrate-recover on the destination, \
+             then migrate with resume=true on the source"
+        );
+        shared.lock_info().error_desc = Some(desc);
+        set_status(shared, events, Status::PostcopyPaused);
+    }
+
+    /// Recovered: back to `postcopy-active`, the pause counted.
+    pub(crate) fn end(self, shared: &Shared, events: &EventSink) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        {
+            let mut i = shared.lock_info();
+            i.error_desc = None;
+            let add = |v: Option<&serde_json::Value>, n: u64| {
+                serde_json::json!(v.and_then(serde_json::Value::as_u64).unwrap_or(0) + n)
+            };
+            let total = add(i.extra.get("x-postcopy-paused-ms"), ms);
+            let count = add(i.extra.get("x-postcopy-recoveries"), 1);
+            i.extra.insert("x-postcopy-paused-ms".into(), total);
+            i.extra.insert("x-postcopy-recoveries".into(), count);
+        }
+        set_status(shared, events, Status::PostcopyActive);
+    }
+}
+
 pub use dest::DestPostcopy;
 pub(crate) use source::{
     advise_source, connect_preempt, discard_before_stop, run_source, Preempt, SourcePhase,
 };
 pub(crate) use switch::{accept_preempt, dest_package, PreemptIn};
-
-use crate::machine::MigrationError;
 
 /// Pages per RAM section after the switch: small (64 KiB), because a
 /// requested page waits for the open background section to be finished

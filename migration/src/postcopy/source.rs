@@ -19,11 +19,14 @@ use crate::ram::{
     RAM_SECTION_ID,
 };
 use crate::return_path::{PageRequest, ReturnPath, RpMessage};
-use crate::status::{Parameters, Shared, Status};
+use crate::status::{Parameters, Recover, Shared, Status};
 use crate::stream::{
     self, ping, section, BufSink, Command, Reader, Sink, StreamError, Writer, PAGE_SIZE,
 };
 use crate::transport::{Closer, Uri};
+
+/// The source's main stream.
+type MainSink = BufSink<Box<dyn Write + Send>>;
 
 /// Source: send POSTCOPY_ADVISE and wait until the destination accepted it.
 pub(crate) fn advise_source<W: Sink>(
@@ -336,8 +339,8 @@ fn urgent_loop(
 /// requests read and served by the urgent thread), else on the main stream
 /// between two background sections. Either way the page's bit in the
 /// shared dirty set is cleared by exactly one sender.
-pub(crate) fn run_source<W: Sink>(
-    mut p: SourcePhase<'_, W>,
+pub(crate) fn run_source(
+    mut p: SourcePhase<'_, MainSink>,
     devices: &[stream::DeviceBlob],
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
@@ -360,12 +363,39 @@ pub(crate) fn run_source<W: Sink>(
         json!(package_sent.as_secs_f64() * 1000.0),
     );
     run_sent.store(true, Ordering::SeqCst);
-    let dirty: Vec<AtomicBitmap> = p.dirty.iter().map(AtomicBitmap::from).collect();
+    let mut dirty: Vec<AtomicBitmap> = p.dirty.iter().map(AtomicBitmap::from).collect();
     let next = AtomicU64::new(u64::MAX);
     let requests = AtomicU64::new(0);
+    loop {
+        let e = match send_rest(&mut p, &dirty, &next, &requests) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !e.is_link_failure() || p.shared.cancelled() {
+            return Err(e);
+        }
+        // A destination that failed for good says so on its way out; a
+        // silent one explains the broken pipe that followed.
+        let e = match p.rpath.destination_reason() {
+            Some(d @ MigrationError::Destination(_)) => return Err(d),
+            Some(silent) => silent,
+            None => e,
+        };
+        dirty = pause_and_recover(&mut p, &e)?;
+    }
+}
+
+/// The rest of the pages on the current connection(s), then END, EOF and
+/// the destination's SHUT.
+fn send_rest(
+    p: &mut SourcePhase<'_, MainSink>,
+    dirty: &[AtomicBitmap],
+    next: &AtomicU64,
+    requests: &AtomicU64,
+) -> Result<(), MigrationError> {
     let Some(mut preempt) = p.preempt.take() else {
-        source_background(&mut p, &dirty, &next, &requests, POSTCOPY_SECTION_PAGES)?;
-        return finish_source(&mut p, &requests);
+        source_background(p, dirty, next, requests, POSTCOPY_SECTION_PAGES)?;
+        return finish_source(p, requests);
     };
     // The background sender yields to the urgent path.
     crate::sched::normal_priority();
@@ -386,7 +416,7 @@ pub(crate) fn run_source<W: Sink>(
         let urgent = std::thread::Builder::new()
             .name("postcopy-urgent".into())
             .spawn_scoped(s, || {
-                let r = urgent_loop(pr, pw, ram, &dirty, sent, &next, &requests, &finishing);
+                let r = urgent_loop(pr, pw, ram, dirty, sent, next, requests, &finishing);
                 // Failing before the background ended, this is the cause:
                 // fail the background stream too, at once.
                 let first = r.is_err() && !finishing.load(Ordering::SeqCst);
@@ -398,7 +428,7 @@ pub(crate) fn run_source<W: Sink>(
                 (r, first)
             })
             .map_err(|e| PostcopyError::Protocol(format!("cannot start the urgent thread: {e}")))?;
-        let bg = source_background(&mut p, &dirty, &next, &requests, POSTCOPY_SECTION_PAGES);
+        let bg = source_background(p, dirty, next, requests, POSTCOPY_SECTION_PAGES);
         // Every page is taken: end the urgent thread's wait for requests
         // (on failure it may be blocked writing: shut the channel).
         finishing.store(true, Ordering::SeqCst);
@@ -427,8 +457,132 @@ pub(crate) fn run_source<W: Sink>(
             i.ram.normal += done.normal_pages;
             i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
         }
-        finish_source(&mut p, &requests)
+        finish_source(p, requests)
     })
+}
+
+/// How long a recovering source waits for the destination's bitmaps.
+const RECOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// The connection broke after RUN (`cause`): `postcopy-paused` until the
+/// user asks to resume (`migrate` with `resume`), then the recovery
+/// handshake on the new connection; a handshake that fails pauses again.
+/// Returns the pages still to send: every page the destination does not
+/// have (the guest is stopped here, so they are final).
+fn pause_and_recover(
+    p: &mut SourcePhase<'_, MainSink>,
+    cause: &MigrationError,
+) -> Result<Vec<AtomicBitmap>, MigrationError> {
+    let paused = super::Pause::begin(p.shared, p.events, cause);
+    loop {
+        let uri = match p.shared.wait_recover() {
+            None => return Err(MigrationError::Cancelled),
+            Some(Recover::Connect(uri)) => uri,
+            Some(Recover::Listen(_)) => continue,
+        };
+        set_status(p.shared, p.events, Status::PostcopyRecover);
+        match reconnect(p, &uri) {
+            Ok(dirty) => {
+                paused.end(p.shared, p.events);
+                return Ok(dirty);
+            }
+            Err(e) if !p.shared.cancelled() => paused.again(p.shared, p.events, &e),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The source's recovery handshake on a new connection to `uri` (see
+/// [`crate::postcopy`]): header, OPEN_RETURN_PATH, POSTCOPY_RECV_BITMAP;
+/// the destination's RECV_BITMAP messages and RESUME_ACK; POSTCOPY_RESUME.
+/// The new stream, return path and record state replace the old ones.
+fn reconnect(
+    p: &mut SourcePhase<'_, MainSink>,
+    uri: &Uri,
+) -> Result<Vec<AtomicBitmap>, MigrationError> {
+    let mut chan = crate::transport::connect(uri, p.params.peer_timeout())?;
+    if !chan.duplex {
+        return Err(PostcopyError::Refused(format!(
+            "postcopy recovery needs a return path; '{uri}' has none (use tcp: or unix:)"
+        ))
+        .into());
+    }
+    *p.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
+    let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
+    let mut w = Writer::new(BufSink::with_capacity(1 << 20, writer));
+    stream::write_header(&mut w)?;
+    w.write_command(&Command::OpenReturnPath)?;
+    w.write_command(&Command::PostcopyRecvBitmap)?;
+    w.flush()?;
+    let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+    let mut rpath = ReturnPath::spawn(reader, chan.peer_timeout, chan.closer.clone());
+    let blocks = p.ram.blocks();
+    let mut have: Vec<Bitmap> = blocks.iter().map(|b| Bitmap::new(b.pages())).collect();
+    let deadline = Instant::now() + RECOVER_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rpath.recv_timeout(left) {
+            Ok(Ok(RpMessage::RecvBitmap { block, first, bits })) => {
+                let b = blocks
+                    .iter()
+                    .position(|x| x.name.as_bytes() == block)
+                    .ok_or_else(|| {
+                        PostcopyError::Protocol(format!(
+                            "bitmap of unknown block '{}'",
+                            String::from_utf8_lossy(&block)
+                        ))
+                    })?;
+                for (i, byte) in bits.iter().enumerate() {
+                    for bit in 0..8 {
+                        let pg = first + (i * 8 + bit) as u64;
+                        if byte & (1 << bit) != 0 && pg < have[b].len() {
+                            have[b].set(pg);
+                        }
+                    }
+                }
+            }
+            Ok(Ok(RpMessage::ResumeAck(n))) => {
+                if n as usize != blocks.len() {
+                    return Err(PostcopyError::Protocol(format!(
+                        "bitmaps of {n} blocks, this machine has {}",
+                        blocks.len()
+                    ))
+                    .into());
+                }
+                break;
+            }
+            Ok(Ok(m)) => {
+                if let Some(e) = rpath.error(m) {
+                    return Err(e);
+                }
+            }
+            Ok(Err(e)) => return Err(rpath.lost(Some(e))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(rpath.lost(None)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(MigrationError::NoAnswer("destination", RECOVER_WAIT))
+            }
+        }
+    }
+    w.write_command(&Command::PostcopyResume)?;
+    w.flush()?;
+    chan.closer.limit_send_buffer(SOCKET_BUFFER);
+    let dirty = blocks
+        .iter()
+        .zip(&have)
+        .map(|(b, h)| {
+            let d = AtomicBitmap::new(b.pages());
+            for pg in 0..b.pages() {
+                if !h.get(pg) {
+                    d.test_and_set(pg);
+                }
+            }
+            d
+        })
+        .collect();
+    *p.w = w;
+    *p.rpath = rpath;
+    *p.rw = RamWriter::new();
+    Ok(dirty)
 }
 
 /// The background stream of the postcopy phase: every page still dirty,
@@ -443,7 +597,7 @@ fn source_background<W: Sink>(
     requests: &AtomicU64,
     section_pages: u64,
 ) -> Result<(), MigrationError> {
-    let mut throttle = Throttle::new(p.params.max_postcopy_bandwidth);
+    let mut throttle = Throttle::new(&p.shared.max_postcopy_bandwidth);
     let nblocks = dirty.len();
     let mut cursor = (0usize, 0u64);
     let mut in_section = 0u64;
@@ -459,20 +613,7 @@ fn source_background<W: Sink>(
         // Requests and replies from the destination.
         loop {
             match p.rpath.try_recv() {
-                Ok(Ok(RpMessage::PageRequest(req))) => {
-                    let (b, first, n) = parse_request(Ok(&req), p.ram, &mut req_block)?;
-                    requests.fetch_add(1, Ordering::Relaxed);
-                    for pg in first..first + n {
-                        if dirty[b].test_and_clear(pg) {
-                            urgent.push((b, pg));
-                        }
-                    }
-                }
-                Ok(Ok(RpMessage::BadPageRequest(why))) => {
-                    parse_request(Err(why), p.ram, &mut req_block)?;
-                }
-                Ok(Ok(m)) => source_reply(p, m)?,
-                Ok(Err(e)) => return Err(p.rpath.lost(Some(e))),
+                Ok(m) => intake(p, m, dirty, requests, &mut req_block, &mut urgent)?,
                 Err(TryRecvError::Disconnected) => return Err(p.rpath.lost(None)),
                 Err(TryRecvError::Empty) => break,
             }
@@ -517,11 +658,24 @@ fn source_background<W: Sink>(
         open_part(p.w, p.rw, in_section)?;
         let before = p.w.offset();
         p.rw.send_page(p.w, p.ram, b, pg, !p.sent[b].get(pg))??;
-        throttle.account(p.w.offset() - before);
         in_section += 1;
         sent_pages += 1;
         if in_section == section_pages {
             close_part(p.w, p.rw, &mut in_section)?;
+        }
+        // max-postcopy-bandwidth paces the background only: a request that
+        // comes while it waits ends the wait (its pages go at once, above).
+        // What is written goes out before the wait: a requested page the
+        // background took already must not sit in an open section.
+        if let Some(wait) = throttle.owed(p.w.offset() - before) {
+            close_part(p.w, p.rw, &mut in_section)?;
+            match p.rpath.recv_timeout(wait) {
+                Ok(m) => intake(p, m, dirty, requests, &mut req_block, &mut urgent)?,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(p.rpath.lost(None))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
         }
         if sent_pages.is_multiple_of(256) {
             let mut i = p.shared.lock_info();
@@ -540,6 +694,38 @@ fn source_background<W: Sink>(
     i.ram.normal = p.rw.normal_pages;
     i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
     Ok(())
+}
+
+/// One return-path message of the postcopy phase: a page request queues
+/// its pages that are still to send as `urgent` (clearing their dirty
+/// bits: no other sender takes them); anything else goes to
+/// [`source_reply`]; a broken return path is the error.
+fn intake<W: Sink>(
+    p: &mut SourcePhase<'_, W>,
+    m: crate::return_path::RpResult,
+    dirty: &[AtomicBitmap],
+    requests: &AtomicU64,
+    req_block: &mut Option<usize>,
+    urgent: &mut Vec<(usize, u64)>,
+) -> Result<(), MigrationError> {
+    match m {
+        Ok(RpMessage::PageRequest(req)) => {
+            let (b, first, n) = parse_request(Ok(&req), p.ram, req_block)?;
+            requests.fetch_add(1, Ordering::Relaxed);
+            for pg in first..first + n {
+                if dirty[b].test_and_clear(pg) {
+                    urgent.push((b, pg));
+                }
+            }
+            Ok(())
+        }
+        Ok(RpMessage::BadPageRequest(why)) => {
+            parse_request(Err(why), p.ram, req_block)?;
+            Ok(())
+        }
+        Ok(m) => source_reply(p, m),
+        Err(e) => Err(p.rpath.lost(Some(e))),
+    }
 }
 
 /// A return-path message other than a page request: RUN acknowledged (the

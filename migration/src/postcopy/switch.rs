@@ -13,11 +13,11 @@ use super::dest::DestPostcopy;
 use super::PostcopyError;
 use crate::machine::{set_status, Destination, MigrationError};
 use crate::ram::RamReader;
-use crate::return_path::send_rp;
+use crate::return_path::{replace_writer, send_rp};
 use crate::sched::RealTimeSection;
-use crate::status::Status;
+use crate::status::{Recover, Shared, Status};
 use crate::stream::{self, rp, section, Command, DeviceBlob, Reader, StreamError};
-use crate::transport::{Closer, Listener};
+use crate::transport::{Channel, Closer, Listener};
 
 /// The destination's end of the preempt channel, accepted and checked.
 pub(crate) struct PreemptIn {
@@ -84,6 +84,8 @@ pub(crate) fn dest_package<R: BufRead + Send + 'static>(
     switch: RealTimeSection,
 ) -> Result<(), MigrationError> {
     let preempt_closer = preempt.as_ref().map(|p| p.closer.clone());
+    // migrate-pause breaks this connection.
+    *dest.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer.clone());
     let mut s = Switch {
         dest,
         closer,
@@ -180,7 +182,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
     /// POSTCOPY_LISTEN: userfaultfd and the fault thread, then the preempt
     /// and listen threads.
     fn listen(&mut self, at: u64) -> Result<(), MigrationError> {
-        let Some((mut r, mut rr)) = self.main.take() else {
+        let Some((r, rr)) = self.main.take() else {
             return Err(StreamError::invalid(at, "second POSTCOPY_LISTEN").into());
         };
         self.fault = Some(self.post.listen()?);
@@ -190,22 +192,13 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
         if let Some(pi) = self.preempt.take() {
             self.urgent = Some(self.spawn_preempt(pi)?);
         }
-        let (p, shared) = (self.post.clone(), self.dest.shared.clone());
-        let other = self.preempt_closer.clone();
-        self.listen = Some(
-            std::thread::Builder::new()
-                .name("postcopy-listen".into())
-                .spawn(move || {
-                    let r = p.listen_loop(&mut r, &mut rr, &shared);
-                    if let (Err(_), Some(c)) = (&r, &other) {
-                        c.close();
-                    }
-                    r
-                })
-                .map_err(|e| {
-                    PostcopyError::Protocol(format!("cannot start the listen thread: {e}"))
-                })?,
-        );
+        self.listen = Some(spawn_listen(
+            self.post.clone(),
+            self.dest.shared.clone(),
+            r,
+            rr,
+            self.preempt_closer.clone(),
+        )?);
         Ok(())
     }
 
@@ -271,7 +264,18 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
                 c.close();
             }
         }
-        let listened = join_threads(listen, urgent);
+        let mut listened = join_threads(listen, urgent);
+        // After RUN the guest runs here: a broken connection pauses the
+        // postcopy until the user recovers it (or for good).
+        if res.is_ok() && ran {
+            while let Err(e) = &listened {
+                if !e.is_link_failure() {
+                    break;
+                }
+                listened =
+                    pause_and_recover(&dest, &post, e).and_then(|t| join_threads(Some(t), None));
+            }
+        }
         let result = res.and(listened).and_then(|()| {
             if !ran {
                 return Err(
@@ -303,6 +307,146 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
         drop(preempt);
         result
     }
+}
+
+/// The listen thread on `r` (`rr`: its RAM record state); a failure also
+/// shuts `other` (the preempt channel), so that no thread waits on a dead
+/// stream.
+fn spawn_listen<R: BufRead + Send + 'static>(
+    post: Arc<DestPostcopy>,
+    shared: Arc<Shared>,
+    mut r: Reader<R>,
+    mut rr: RamReader,
+    other: Option<Closer>,
+) -> Result<StreamThread, MigrationError> {
+    Ok(std::thread::Builder::new()
+        .name("postcopy-listen".into())
+        .spawn(move || {
+            let res = post.listen_loop(&mut r, &mut rr, &shared);
+            if let (Err(_), Some(c)) = (&res, &other) {
+                c.close();
+            }
+            res
+        })
+        .map_err(|e| PostcopyError::Protocol(format!("cannot start the listen thread: {e}")))?)
+}
+
+/// How often a paused destination waiting for its source looks for a newer
+/// `migrate-recover` (or a cancel).
+const RECOVER_POLL: Duration = Duration::from_millis(200);
+
+/// The destination's side of a postcopy whose connection broke after RUN
+/// (`cause`): `postcopy-paused`, the guest running on (vCPUs that fault on
+/// a missing page wait; their requests are kept). On `migrate-recover`
+/// it accepts the source on the new listener and runs the recovery
+/// handshake ([`handshake`]); a source that does not come is waited for
+/// until a newer `migrate-recover`; a handshake that fails pauses again.
+/// Returns the new listen thread.
+fn pause_and_recover(
+    dest: &Destination<'_>,
+    post: &Arc<DestPostcopy>,
+    cause: &MigrationError,
+) -> Result<StreamThread, MigrationError> {
+    post.pause();
+    let paused = super::Pause::begin(dest.shared, dest.events, cause);
+    let mut listener: Option<Listener> = None;
+    loop {
+        if dest.shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let newer = match &listener {
+            None => dest.shared.wait_recover(),
+            Some(l) => match l.wait_for_peer(Some(RECOVER_POLL)) {
+                Ok(true) => None,
+                Ok(false) => dest.shared.try_recover(),
+                Err(e) => {
+                    paused.again(dest.shared, dest.events, &e.into());
+                    listener = None;
+                    continue;
+                }
+            },
+        };
+        match newer {
+            Some(Recover::Listen(l)) => {
+                listener = Some(l);
+                continue;
+            }
+            Some(Recover::Connect(_)) => continue,
+            None if listener.is_none() => return Err(MigrationError::Cancelled),
+            None => {}
+        }
+        let Some(l) = &listener else { continue };
+        if !l.wait_for_peer(Some(Duration::ZERO)).unwrap_or(false) {
+            continue;
+        }
+        let chan = match l.accept(dest.shared.peer_timeout()) {
+            Ok(c) => c,
+            Err(e) => {
+                paused.again(dest.shared, dest.events, &e.into());
+                continue;
+            }
+        };
+        set_status(dest.shared, dest.events, Status::PostcopyRecover);
+        match handshake(dest, post, chan) {
+            Ok(t) => {
+                paused.end(dest.shared, dest.events);
+                return Ok(t);
+            }
+            Err(e) => paused.again(dest.shared, dest.events, &e),
+        }
+    }
+}
+
+/// The next command of `r`, which must be `want` (named `name`).
+fn expect_command(
+    r: &mut Reader<impl Read>,
+    want: &Command,
+    name: &str,
+) -> Result<(), MigrationError> {
+    let at = r.offset();
+    let got = stream::read_command(r)?;
+    if &got != want {
+        return Err(StreamError::invalid(
+            at,
+            format!(
+                "expected {name} to recover the postcopy, found command {}",
+                got.number()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The destination's recovery handshake on a new connection (see
+/// [`crate::postcopy`]): header, OPEN_RETURN_PATH (the return path moves
+/// to this connection), POSTCOPY_RECV_BITMAP (answered with the received
+/// bitmaps and RESUME_ACK), POSTCOPY_RESUME (the pending requests are
+/// asked again); then the listen thread reads this stream.
+fn handshake(
+    dest: &Destination<'_>,
+    post: &Arc<DestPostcopy>,
+    mut chan: Channel,
+) -> Result<StreamThread, MigrationError> {
+    *dest.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
+    let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+    let mut r = Reader::new(std::io::BufReader::with_capacity(4 << 20, reader));
+    stream::read_header(&mut r)?;
+    expect_command(&mut r, &Command::OpenReturnPath, "OPEN_RETURN_PATH")?;
+    if !chan.duplex {
+        return Err(PostcopyError::Refused("recovery needs a return path".into()).into());
+    }
+    replace_writer(
+        &post.rp,
+        std::mem::replace(&mut chan.writer, Box::new(std::io::sink())),
+    );
+    expect_command(&mut r, &Command::PostcopyRecvBitmap, "POSTCOPY_RECV_BITMAP")?;
+    let io = |at: u64| move |source| StreamError::Io { offset: at, source };
+    post.send_bitmaps().map_err(io(r.offset()))?;
+    expect_command(&mut r, &Command::PostcopyResume, "POSTCOPY_RESUME")?;
+    post.resume().map_err(io(r.offset()))?;
+    let rr = RamReader::new(dest.ram.blocks().to_vec());
+    spawn_listen(post.clone(), dest.shared.clone(), r, rr, None)
 }
 
 /// Wait for the listen and preempt threads; the first failure is the cause.

@@ -207,6 +207,43 @@ impl Control {
                 }
                 Ok(json!({}))
             }
+            Command::MigratePause => {
+                let paused = [&self.mig.outgoing, &self.mig.incoming]
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.pause());
+                if paused {
+                    Ok(json!({}))
+                } else {
+                    Err(generic(
+                        "migrate-pause is currently only supported during postcopy-active or postcopy-recover state",
+                    ))
+                }
+            }
+            Command::MigrateRecover(a) => {
+                let Some(inc) = self
+                    .mig
+                    .incoming
+                    .as_ref()
+                    .filter(|s| s.status() == Status::PostcopyPaused)
+                else {
+                    return Err(generic(
+                        "Migrate recover can only be run when postcopy is paused.",
+                    ));
+                };
+                let uri =
+                    migration::transport::Uri::parse(&a.uri).map_err(|e| generic(e.to_string()))?;
+                if !uri.duplex() {
+                    return Err(generic(format!(
+                        "postcopy recovery needs a return path: use tcp: or unix:, not '{}'",
+                        a.uri
+                    )));
+                }
+                let l = migration::transport::Listener::bind(&uri)
+                    .map_err(|e| generic(migration::error_chain(&e)))?;
+                inc.request_recover(migration::status::Recover::Listen(l));
+                Ok(json!({}))
+            }
             Command::MigrateContinue(_) => match &self.mig.outgoing {
                 Some(s) if s.status() == Status::PreSwitchover => {
                     s.release_switchover();
@@ -255,6 +292,9 @@ impl Control {
                 }
                 if let Some(v) = p.max_cpu_throttle {
                     n.max_cpu_throttle = v;
+                }
+                if let Some(out) = &self.mig.outgoing {
+                    out.set_bandwidths(n.max_bandwidth, n.max_postcopy_bandwidth);
                 }
                 if let Some(v) = p.x_peer_timeout {
                     n.x_peer_timeout_ms = v;

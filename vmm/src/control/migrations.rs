@@ -426,7 +426,16 @@ impl Control {
     /// QMP `migrate`: start the outgoing migration thread.
     pub(super) fn migrate(&mut self, uri: &str, resume: bool) -> Result<Value, QmpError> {
         if resume {
-            return Err(generic("postcopy recovery (resume) is not supported"));
+            // QEMU's words for a resume without a paused postcopy.
+            let paused = self
+                .mig
+                .outgoing
+                .as_ref()
+                .filter(|s| s.status() == Status::PostcopyPaused)
+                .ok_or_else(|| generic("Cannot resume if there is no paused migration"))?;
+            let uri = Uri::parse(uri).map_err(|e| generic(e.to_string()))?;
+            paused.request_recover(migration::status::Recover::Connect(uri));
+            return Ok(json!({}));
         }
         if self.mig.outgoing.is_some() {
             return Err(generic("There's a migration process in progress"));
