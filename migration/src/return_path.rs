@@ -437,5 +437,45 @@ mod tests {
             RpMessage::parse(rp::REQ_PAGES_ID, &[0; 12]),
             RpMessage::BadPageRequest("missing block name")
         );
+        // Postcopy recovery: a bitmap reads back as encoded; one cut short
+        // is no bitmap (ignored); RESUME_ACK carries the block count.
+        let d = encode_bitmap(b"pc.ram", 8, &[0xa5, 0x01]);
+        assert_eq!(
+            RpMessage::parse(rp::RECV_BITMAP, &d),
+            RpMessage::RecvBitmap {
+                block: b"pc.ram".to_vec(),
+                first: 8,
+                bits: vec![0xa5, 0x01]
+            }
+        );
+        assert_eq!(
+            RpMessage::parse(rp::RECV_BITMAP, &d[..10]),
+            RpMessage::Other(rp::RECV_BITMAP)
+        );
+        assert_eq!(
+            RpMessage::parse(rp::RESUME_ACK, &[0, 0, 0, 2]),
+            RpMessage::ResumeAck(2)
+        );
+    }
+
+    /// What a paused postcopy may recover from: the connection's own
+    /// failures, not a wrong stream or a refusal.
+    #[test]
+    fn link_failures_are_told_from_stream_errors() {
+        let io = || StreamError::Io {
+            offset: 1,
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        };
+        let truncated = || StreamError::Truncated {
+            offset: 1,
+            what: "x",
+        };
+        assert!(MigrationError::Stream(io()).is_link_failure());
+        assert!(MigrationError::Stream(truncated()).is_link_failure());
+        assert!(MigrationError::Records(truncated().into()).is_link_failure());
+        assert!(MigrationError::PeerLost("destination", None).is_link_failure());
+        assert!(!MigrationError::Stream(StreamError::invalid(1, "bad CRC")).is_link_failure());
+        assert!(!MigrationError::Destination("refused".into()).is_link_failure());
+        assert!(!MigrationError::Cancelled.is_link_failure());
     }
 }

@@ -11,7 +11,11 @@
 //! phase (precopy rounds, the final stop, postcopy, COLO between and
 //! during checkpoints), and assert that each surviving side notices within
 //! the bound (the timeout plus room for this machine, see `bound`) and
-//! keeps its guest as the engine promises.
+//! keeps its guest as the engine promises: precopy fails and the source's
+//! guest runs on (the destination exits without running it); postcopy
+//! pauses on both sides and, once the fault is healed, is recovered across
+//! the link and completes; COLO stops checkpointing on both sides and the
+//! survivor takes over.
 //!
 //! Needs root and iproute2; without them each test prints SKIP (see
 //! `tests::netns`).
