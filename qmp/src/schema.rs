@@ -1168,6 +1168,26 @@ mod tests {
             "migrate-set-parameters",
             json!({"downtime-limit": 2_000_000}),
         );
+        // minivmm's bound on a silent peer: 1 s to 1 h.
+        for t in [1_000, 3_600_000] {
+            ok("migrate-set-parameters", json!({ "x-peer-timeout": t }));
+        }
+        for t in [999, 3_600_001] {
+            bad(
+                "migrate-set-parameters",
+                json!({ "x-peer-timeout": t }),
+                "Parameter 'x_peer_timeout' expects an integer in the range of 1000 to 3600000",
+            );
+        }
+        // Postcopy recovery commands.
+        assert_eq!(ok("migrate-pause", json!({})), Command::MigratePause);
+        assert_eq!(
+            ok("migrate-recover", json!({"uri": "tcp:0:4445"})),
+            Command::MigrateRecover(MigrateRecoverArgs {
+                uri: "tcp:0:4445".into()
+            })
+        );
+        bad("migrate-recover", json!({}), "uri");
         bad(
             "migrate-set-parameters",
             json!({"downtime-limit": 2_000_001}),
