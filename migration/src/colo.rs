@@ -355,15 +355,7 @@ pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), Migratio
             log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
             p.shared.lock_info().error_desc = Some(desc);
             let _ = p.machine.stop();
-            if let Some(c) = p
-                .shared
-                .closer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-            {
-                c.close();
-            }
+            p.shared.close_channel();
             p.shared.wait_failover();
             ExitReason::Request
         }
@@ -687,7 +679,7 @@ pub(crate) fn run_secondary<R: BufRead>(
         .map_err(MigrationError::Machine)?;
     let mut cache = RamCache::new(&**dest.ram)?;
     dest.ram.start_dirty_log()?;
-    *dest.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer.clone());
+    dest.shared.set_closer(Some(closer.clone()));
     send_colo(&rp, msg::CHECKPOINT_READY)?;
     set_status(dest.shared, dest.events, Status::Colo);
     let res = receive_checkpoints(&mut dest, &mut r, &mut rr, &rp, &mut cache);

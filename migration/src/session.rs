@@ -110,7 +110,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
         let mut i = o.shared.lock_info();
         i.total_time_ms = i.started.map(|s| s.elapsed().as_millis() as u64);
     }
-    *o.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    o.shared.set_closer(None);
     set_status(&o.shared, &o.events, status);
     status
 }
@@ -122,7 +122,7 @@ fn outgoing(
 ) -> Result<(), MigrationError> {
     let start = Instant::now();
     let mut chan: Channel = transport::connect(&o.uri, o.params.peer_timeout())?;
-    *o.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
+    o.shared.set_closer(Some(chan.closer.clone()));
     if o.shared.cancelled() {
         return Err(MigrationError::Cancelled);
     }

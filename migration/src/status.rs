@@ -289,8 +289,9 @@ pub struct Shared {
     cancel: AtomicBool,
     /// Switch to postcopy requested.
     start_postcopy: AtomicBool,
-    /// Closes the channel (cancel).
-    pub(crate) closer: Mutex<Option<Closer>>,
+    /// Closes the channel (cancel, pause, failover): see
+    /// [`Shared::set_closer`], [`Shared::close_channel`].
+    closer: Mutex<Option<Closer>>,
     /// COLO checkpoint period, ms (changes take effect at the next one).
     pub(crate) checkpoint_delay_ms: AtomicU64,
     /// `max-bandwidth`, bytes/s, as the running rounds read it.
@@ -359,9 +360,23 @@ impl Shared {
         self.start_postcopy.load(Ordering::SeqCst)
     }
 
-    /// Request cancellation and unblock the channel.
-    pub fn request_cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
+    /// The current connection's closer (`None`: none, or the migration
+    /// ended): what cancel, pause and failover shut.
+    pub(crate) fn set_closer(&self, c: Option<Closer>) {
+        *self.closer.lock().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+
+    /// The current connection's closer, if any.
+    pub(crate) fn closer(&self) -> Option<Closer> {
+        self.closer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Shut the current connection, if any, so that blocked reads and
+    /// writes return.
+    pub(crate) fn close_channel(&self) {
         if let Some(c) = self
             .closer
             .lock()
@@ -370,6 +385,12 @@ impl Shared {
         {
             c.close();
         }
+    }
+
+    /// Request cancellation and unblock the channel.
+    pub fn request_cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.close_channel();
         self.release_switchover();
         let _g = self.recover.lock().unwrap_or_else(|e| e.into_inner());
         self.recover_cv.notify_all();
@@ -385,14 +406,7 @@ impl Shared {
         ) {
             return false;
         }
-        if let Some(c) = self
-            .closer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            c.close();
-        }
+        self.close_channel();
         true
     }
 
@@ -471,14 +485,7 @@ impl Shared {
         *self.failover_flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.failover_cv.notify_all();
         if close {
-            if let Some(c) = self
-                .closer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-            {
-                c.close();
-            }
+            self.close_channel();
         }
     }
 

@@ -658,13 +658,13 @@ impl Listener {
         timeout: Duration,
         peer_timeout: Duration,
     ) -> Result<Channel, TransportError> {
-        if let Self::Exec(_, uri) | Self::File(_, uri) = self {
-            return Err(TransportError::OneChannel(uri.to_string()));
-        }
+        let uri = match self {
+            Self::Tcp(_, uri) | Self::Unix(_, _, uri) => uri,
+            Self::Exec(_, uri) | Self::File(_, uri) => {
+                return Err(TransportError::OneChannel(uri.to_string()))
+            }
+        };
         if !self.wait_for_peer(Some(timeout))? {
-            let uri = match self {
-                Self::Tcp(_, u) | Self::Unix(_, _, u) | Self::Exec(_, u) | Self::File(_, u) => u,
-            };
             return Err(TransportError::NoSecondChannel(uri.to_string(), timeout));
         }
         self.accept(peer_timeout)

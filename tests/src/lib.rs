@@ -1307,6 +1307,51 @@ pub fn assert_same_memory(
     }
 }
 
+/// `migrate-set-capabilities` with each `(name, state)` of `caps`.
+pub fn set_caps(c: &mut Client, caps: &[(&str, bool)]) {
+    let caps: Vec<Value> = caps
+        .iter()
+        .map(|(n, s)| json!({"capability": n, "state": s}))
+        .collect();
+    c.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+        .expect("migrate-set-capabilities");
+}
+
+/// The guest went on at the destination (which ran it without booting):
+/// PASS numbers continue past the source's last one, and nobody saw
+/// corruption.
+pub fn assert_continues(src: &Vmm, dst: &Vmm) {
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last + 2, boot_timeout());
+    let d = dst.passes();
+    assert!(
+        d.first().is_some_and(|&f| f <= last + 1),
+        "PASS numbers jump from {last} (source) to {d:?} (destination)"
+    );
+    assert!(!dst.serial.text().contains("GUEST-READY"));
+    src.assert_no_corrupt();
+    dst.assert_no_corrupt();
+}
+
+/// COLO: the console output of the primary (what it released) followed by
+/// the secondary's (after takeover) must count PASS 1, 2, 3 ... with no
+/// gap and no repeat (output commit at work), and no CORRUPT.
+pub fn assert_output_continues(released: &str, after: &str) {
+    let text = format!("{released}{after}");
+    let passes: Vec<u64> = text.lines().filter_map(pass_number).collect();
+    assert!(passes.len() > 3, "too few PASS lines: {passes:?}");
+    for w in passes.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "PASS sequence broken across failover: {passes:?}\n--- released by the primary (tail) ---\n{}\n--- secondary ---\n{}",
+            tail(released, 600),
+            tail(after, 600)
+        );
+    }
+    assert!(!text.contains("CORRUPT"), "{text}");
+}
+
 /// The guest paused on both sides after a migration goes on at the
 /// destination after `cont`: PASS numbers past the source's last one, and
 /// no CORRUPT on either side.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tests::*;
 
 fn mig_timeout() -> Duration {
@@ -22,15 +22,6 @@ fn running_source(b: VmmBuilder, snap_of: &VmmBuilder) -> Vmm {
     let src = b.incoming(&format!("file:{}", snap.display())).spawn();
     src.wait_pass_beyond(2, boot_timeout());
     src
-}
-
-fn set_caps(c: &mut Client, caps: &[(&str, bool)]) {
-    let caps: Vec<Value> = caps
-        .iter()
-        .map(|(n, s)| json!({"capability": n, "state": s}))
-        .collect();
-    c.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
-        .expect("migrate-set-capabilities");
 }
 
 /// A destination listening on a fresh port with postcopy-ram (QMP ready).
@@ -100,21 +91,6 @@ fn completed_with_requests(sq: &mut Client, dq: &mut Client) {
     );
     assert_eq!(run_state(dq), "running");
     eprintln!("source: {r}\ndestination: {dr}");
-}
-
-/// The guest went on at the destination: PASS numbers continue past the
-/// source's last one and nobody saw corruption.
-fn assert_continues(src: &Vmm, dst: &Vmm) {
-    let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last + 2, boot_timeout());
-    let d = dst.passes();
-    assert!(
-        d.first().is_some_and(|&f| f <= last + 1),
-        "PASS numbers jump from {last} (source) to {d:?} (destination)"
-    );
-    assert!(!dst.serial.text().contains("GUEST-READY"));
-    src.assert_no_corrupt();
-    dst.assert_no_corrupt();
 }
 
 /// The migration failed before any switch, saying `why`: the source keeps
@@ -379,19 +355,7 @@ fn connection_lost(preempt: bool) {
             ("events", true),
         ],
     );
-    // Slow background transfer after the switch keeps postcopy going.
-    sq.execute(
-        "migrate-set-parameters",
-        json!({"max-postcopy-bandwidth": 1_000_000}),
-    )
-    .unwrap();
-    sq.execute(
-        "migrate",
-        json!({"uri": format!("tcp:127.0.0.1:{}", relay.port)}),
-    )
-    .unwrap();
-    sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    wait_migration(&mut sq, &["postcopy-active"], mig_timeout());
+    slow_postcopy(&mut sq, relay.port);
     let last = src.passes().last().copied().unwrap_or(0);
     dst.wait_pass_beyond(last, boot_timeout());
     relay.cut();
@@ -399,6 +363,21 @@ fn connection_lost(preempt: bool) {
     recover(&mut sq, &mut dq, 1);
     completed_with_requests(&mut sq, &mut dq);
     assert_continues(&src, &dst);
+}
+
+/// Migrate to 127.0.0.1:`port` and switch to postcopy at once, the
+/// background stream held to 1 MB/s so that the postcopy lasts; returns
+/// once the source is `postcopy-active` (capabilities set by the caller).
+fn slow_postcopy(sq: &mut Client, port: u16) {
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 1_000_000}),
+    )
+    .unwrap();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    wait_migration(sq, &["postcopy-active"], mig_timeout());
 }
 
 /// Both sides in `postcopy-paused`, saying why; the destination's guest
@@ -489,15 +468,7 @@ fn migrate_pause_on_each_side_then_recover() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("postcopy-active"), "{e}");
-    sq.execute(
-        "migrate-set-parameters",
-        json!({"max-postcopy-bandwidth": 1_000_000}),
-    )
-    .unwrap();
-    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
-        .unwrap();
-    sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    wait_migration(&mut sq, &["postcopy-active"], mig_timeout());
+    slow_postcopy(&mut sq, port);
     let last = src.passes().last().copied().unwrap_or(0);
     dst.wait_pass_beyond(last, boot_timeout());
     sq.execute("migrate-pause", json!({})).unwrap();
@@ -533,15 +504,7 @@ fn failed_recovery_pauses_again_and_can_be_retried() {
     set_caps(&mut dq, &[("events", true)]);
     let mut sq = src.qmp();
     set_caps(&mut sq, &[("postcopy-ram", true), ("events", true)]);
-    sq.execute(
-        "migrate-set-parameters",
-        json!({"max-postcopy-bandwidth": 1_000_000}),
-    )
-    .unwrap();
-    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
-        .unwrap();
-    sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    wait_migration(&mut sq, &["postcopy-active"], mig_timeout());
+    slow_postcopy(&mut sq, port);
     sq.execute("migrate-pause", json!({})).unwrap();
     both_paused(&mut sq, &mut dq);
     let port = free_port();
@@ -586,15 +549,7 @@ fn source_killed_while_paused_leaves_destination_paused() {
     set_caps(&mut dq, &[("events", true)]);
     let mut sq = src.qmp();
     set_caps(&mut sq, &[("postcopy-ram", true), ("events", true)]);
-    sq.execute(
-        "migrate-set-parameters",
-        json!({"max-postcopy-bandwidth": 1_000_000}),
-    )
-    .unwrap();
-    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
-        .unwrap();
-    sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    wait_migration(&mut sq, &["postcopy-active"], mig_timeout());
+    slow_postcopy(&mut sq, port);
     sq.execute("migrate-pause", json!({})).unwrap();
     both_paused(&mut sq, &mut dq);
     src.kill();
@@ -649,15 +604,7 @@ fn cancel_during_postcopy_with_preempt() {
         &mut sq,
         &[("postcopy-ram", true), ("postcopy-preempt", true)],
     );
-    sq.execute(
-        "migrate-set-parameters",
-        json!({"max-postcopy-bandwidth": 1_000_000}),
-    )
-    .unwrap();
-    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
-        .unwrap();
-    sq.execute("migrate-start-postcopy", json!({})).unwrap();
-    wait_migration(&mut sq, &["postcopy-active"], mig_timeout());
+    slow_postcopy(&mut sq, port);
     let last = src.passes().last().copied().unwrap_or(0);
     dst.wait_pass_beyond(last, boot_timeout());
     sq.execute("migrate_cancel", json!({})).unwrap();

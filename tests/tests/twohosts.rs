@@ -55,15 +55,6 @@ struct Setup {
     hosts: TwoHosts,
 }
 
-fn set_caps(c: &mut Client, caps: &[(&str, bool)]) {
-    let caps: Vec<Value> = caps
-        .iter()
-        .map(|(n, s)| json!({"capability": n, "state": s}))
-        .collect();
-    c.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
-        .expect("migrate-set-capabilities");
-}
-
 /// The source restored from the boot snapshot in its namespace, running;
 /// the destination (`dst_args` added) listening in the other. Both get the
 /// capabilities `caps` (and `events`) and `x-peer-timeout` (the
@@ -124,16 +115,6 @@ impl Setup {
             .execute("migrate", json!({ "uri": uri }))
             .expect("migrate");
     }
-}
-
-/// The guest went on at the destination: PASS numbers continue past the
-/// source's last one, nobody saw corruption.
-fn assert_continues(src: &Vmm, dst: &Vmm) {
-    let last = src.passes().last().copied().unwrap_or(0);
-    dst.wait_pass_beyond(last + 2, boot_timeout());
-    assert!(!dst.serial.text().contains("GUEST-READY"));
-    src.assert_no_corrupt();
-    dst.assert_no_corrupt();
 }
 
 // ------------------------------------------------------------ across the link
@@ -463,18 +444,6 @@ fn postcopy_source_frozen() {
 }
 
 // --------------------------------------------------------------------- COLO
-
-/// The primary's released output followed by the secondary's after its
-/// takeover counts PASS 1, 2, 3 ... with no gap or repeat, and no CORRUPT.
-fn assert_output_continues(released: &str, after: &str) {
-    let text = format!("{released}{after}");
-    let passes: Vec<u64> = text.lines().filter_map(pass_number).collect();
-    assert!(passes.len() > 3, "too few PASS lines: {passes:?}");
-    for w in passes.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "PASS sequence broken: {passes:?}");
-    }
-    assert!(!text.contains("CORRUPT"), "{text}");
-}
 
 fn colo_checkpoints(c: &mut Client) -> u64 {
     c.execute("query-migrate", json!({})).unwrap()["x-colo"]["checkpoints"]

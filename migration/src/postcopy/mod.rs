@@ -114,14 +114,7 @@ impl Pause {
 
     /// A recovery attempt failed (`e`): paused again.
     pub(crate) fn again(&self, shared: &Shared, events: &EventSink, e: &MigrationError) {
-        if let Some(c) = shared
-            .closer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            c.close();
-        }
+        shared.close_channel();
         let desc = crate::machine::error_chain(e);
         log::warn!(
             "postcopy paused: {desc}; recover with migrate-recover on the destination, \

@@ -353,7 +353,7 @@ pub(crate) fn run_source(
     drop(switch);
     crate::sched::prefer_this_thread();
     // From here on, little may wait ahead of a requested page.
-    if let Some(c) = &*p.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) {
+    if let Some(c) = p.shared.closer() {
         c.limit_send_buffer(SOCKET_BUFFER);
     }
     // Where QEMU's postcopy `downtime` ends; minivmm's goes on until the
@@ -401,12 +401,7 @@ fn send_rest(
     crate::sched::normal_priority();
     let finishing = AtomicBool::new(false);
     let (ram, sent) = (p.ram, p.sent);
-    let main_closer = p
-        .shared
-        .closer
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let main_closer = p.shared.closer();
     let Preempt {
         w: ref mut pw,
         r: ref mut pr,
@@ -507,7 +502,7 @@ fn reconnect(
         ))
         .into());
     }
-    *p.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
+    p.shared.set_closer(Some(chan.closer.clone()));
     let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
     let mut w = Writer::new(BufSink::with_capacity(1 << 20, writer));
     stream::write_header(&mut w)?;

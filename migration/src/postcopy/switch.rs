@@ -85,7 +85,7 @@ pub(crate) fn dest_package<R: BufRead + Send + 'static>(
 ) -> Result<(), MigrationError> {
     let preempt_closer = preempt.as_ref().map(|p| p.closer.clone());
     // migrate-pause breaks this connection.
-    *dest.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer.clone());
+    dest.shared.set_closer(Some(closer.clone()));
     let mut s = Switch {
         dest,
         closer,
@@ -428,7 +428,7 @@ fn handshake(
     post: &Arc<DestPostcopy>,
     mut chan: Channel,
 ) -> Result<StreamThread, MigrationError> {
-    *dest.shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan.closer.clone());
+    dest.shared.set_closer(Some(chan.closer.clone()));
     let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
     let mut r = Reader::new(std::io::BufReader::with_capacity(4 << 20, reader));
     stream::read_header(&mut r)?;
