@@ -240,6 +240,52 @@ fn bad_arguments_are_generic_errors() {
     assert_alive(&mut c);
 }
 
+/// The postcopy recovery commands outside a paused postcopy, and an
+/// `x-peer-timeout` out of range, are refused with QEMU's words (or
+/// minivmm's, for its own parameter); the VMM goes on answering.
+#[test]
+fn recovery_commands_without_a_paused_postcopy_are_refused() {
+    if !kvm_available("recovery_commands_without_a_paused_postcopy_are_refused") {
+        return;
+    }
+    let mut vm = paused("recover");
+    let mut c = vm.qmp();
+    let cases = [
+        (
+            "migrate",
+            json!({"uri": "tcp:127.0.0.1:1", "resume": true}),
+            "Cannot resume if there is no paused migration",
+        ),
+        (
+            "migrate-recover",
+            json!({"uri": "tcp:127.0.0.1:0"}),
+            "Migrate recover can only be run when postcopy is paused.",
+        ),
+        (
+            "migrate-pause",
+            json!({}),
+            "migrate-pause is currently only supported during postcopy-active",
+        ),
+        (
+            "migrate-set-parameters",
+            json!({"x-peer-timeout": 999}),
+            "Parameter 'x_peer_timeout' expects an integer in the range of 1000 to 3600000",
+        ),
+    ];
+    for (cmd, args, want) in cases {
+        match c.execute(cmd, args.clone()) {
+            Err(ClientError::Qmp { class, desc }) => {
+                assert_eq!(class, "GenericError", "{cmd} {args}: {desc}");
+                assert!(desc.contains(want), "{cmd} {args}: {desc}");
+            }
+            r => panic!("{cmd} {args}: {r:?}"),
+        }
+    }
+    let p = c.execute("query-migrate-parameters", json!({})).unwrap();
+    assert_eq!(p["x-peer-timeout"], 20_000, "{p}");
+    assert_eq!(run_state(&mut c), "prelaunch");
+}
+
 #[test]
 fn id_is_echoed() {
     if !kvm_available("id_is_echoed") {
