@@ -156,6 +156,11 @@ pub struct Migrations {
     /// COLO secondary: the machine state of the last complete checkpoint,
     /// loaded into KVM only at takeover (the guest does not run before).
     pub colo_state: Option<Box<MachineState>>,
+    /// The last status of the outgoing and incoming migration this thread
+    /// has acted on: query-migrate shows a final status only once the run
+    /// state has followed it (`completed` with the source in
+    /// `postmigrate`).
+    pub seen: [Status; 2],
 }
 
 impl Default for Migrations {
@@ -174,6 +179,7 @@ impl Default for Migrations {
             colo_last_mode: ColoMode::None,
             colo_reason: None,
             colo_state: None,
+            seen: [Status::None; 2],
         }
     }
 }
@@ -192,13 +198,31 @@ impl Migrations {
     /// `query-migrate`: the destination shows its incoming migration, the
     /// source its outgoing.
     pub fn query(&self) -> Value {
-        if self.incoming.is_some() || self.last_outgoing.status() == Status::None {
-            let j = self.last_incoming.info().to_json();
+        let incoming = self.incoming.is_some() || self.last_outgoing.status() == Status::None;
+        if incoming {
+            let j = self.status_json(true);
             if j.as_object().is_some_and(|o| !o.is_empty()) {
                 return j;
             }
         }
-        self.last_outgoing.info().to_json()
+        self.status_json(false)
+    }
+
+    /// One side's query-migrate answer, its final status held back until
+    /// this thread has acted on it (see `seen`).
+    fn status_json(&self, incoming: bool) -> Value {
+        let (shared, running) = if incoming {
+            (&self.last_incoming, self.incoming.is_some())
+        } else {
+            (&self.last_outgoing, self.outgoing.is_some())
+        };
+        let info = shared.info();
+        let mut j = info.to_json();
+        let seen = self.seen[usize::from(incoming)];
+        if running && info.status.is_final() && seen != Status::None {
+            j["status"] = json!(seen.as_str());
+        }
+        j
     }
 
     /// `query-colo-status`.
@@ -348,6 +372,7 @@ impl Control {
     }
 
     fn migration_status(&mut self, incoming: bool, s: Status) -> Result<(), super::ControlError> {
+        self.mig.seen[usize::from(incoming)] = s;
         if s == Status::Colo {
             self.mig.colo_mode = ColoMode::of_side(incoming);
         }
@@ -407,6 +432,7 @@ impl Control {
         shared.set_peer_timeout_ms(self.mig.params.x_peer_timeout_ms);
         self.mig.last_incoming = shared.clone();
         self.mig.incoming = Some(shared.clone());
+        self.mig.seen[1] = Status::None;
         let inc = migration::Incoming {
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
@@ -451,6 +477,7 @@ impl Control {
         let shared = Arc::new(Shared::starting());
         self.mig.last_outgoing = shared.clone();
         self.mig.outgoing = Some(shared.clone());
+        self.mig.seen[0] = Status::None;
         self.mig.outgoing_postcopy = self.mig.caps.postcopy_ram;
         self.mig.was_running = self.vm.is_running();
         let out = migration::Outgoing {
