@@ -73,7 +73,8 @@ class Net:
     (tests' `relay` binary) in the source's namespace that holds each
     chunk `delay_ms` in each direction (this host's kernel has no netem).
     Use as a context manager; while active, `source_and_destination` and
-    `mig_uri` put the VMs and the migration on it. Needs root and
+    `mig_uri` put the VMs and the migration on it; `link_down`/`link_up`
+    cut and heal the link. Needs root and
     iproute2. Everything is removed at exit, also on failure."""
 
     SRC_IP, DST_IP, PORT, RELAY_PORT = "10.77.0.1", "10.77.0.2", 4444, 5555
@@ -83,6 +84,7 @@ class Net:
         base = f"mvb{os.getpid()}"
         self.src, self.dst = base + "s", base + "d"
         self.relay = None
+        self.down = False
 
     def label(self):
         d = "" if self.delay_ms is None else f" + relay {self.delay_ms} ms each way"
@@ -128,6 +130,21 @@ class Net:
         for ns in (self.src, self.dst):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         return False
+
+    def link_down(self):
+        """Take the link down at both ends (the veth devices are named
+        after their namespaces): nothing passes either way, the sockets on
+        it stay open (TCP retransmits into nothing, neither side is told),
+        a connect gets 'Network is unreachable'."""
+        for ns in (self.src, self.dst):
+            self._run("ip", "-n", ns, "link", "set", ns, "down")
+        self.down = True
+
+    def link_up(self):
+        """Bring the link back up (addresses and shaping are kept)."""
+        for ns in (self.src, self.dst):
+            self._run("ip", "-n", ns, "link", "set", ns, "up")
+        self.down = False
 
     def wrap(self, argv, side):
         return ["ip", "netns", "exec", self.src if side == "src" else self.dst] + list(argv)

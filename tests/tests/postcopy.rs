@@ -332,7 +332,9 @@ fn connection_lost_during_postcopy_recovers() {
 }
 
 /// As above with the preempt channel (the relay cuts both connections);
-/// the recovered migration goes on without it.
+/// the recovery opens it again: the destination's preempt thread places
+/// requested pages after the recovery (the background held to 1 MB/s
+/// meanwhile, so that the guest still faults).
 #[test]
 fn connection_lost_during_postcopy_with_preempt_recovers() {
     if !kvm_available("connection_lost_during_postcopy_with_preempt_recovers") {
@@ -360,8 +362,38 @@ fn connection_lost(preempt: bool) {
     dst.wait_pass_beyond(last, boot_timeout());
     relay.cut();
     both_paused(&mut sq, &mut dq);
+    let by_preempt = |dq: &mut Client| {
+        let r = dq.execute("query-migrate", json!({})).unwrap();
+        r["x-postcopy-faults"]["serviced-by-stream"]["preempt"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = by_preempt(&mut dq);
     recover(&mut sq, &mut dq, 1);
+    if preempt {
+        sq.execute(
+            "migrate-set-parameters",
+            json!({"max-postcopy-bandwidth": 1_000_000}),
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + mig_timeout();
+        while by_preempt(&mut dq) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no page came on a reopened preempt channel within {:?}",
+                mig_timeout()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sq.execute(
+            "migrate-set-parameters",
+            json!({"max-postcopy-bandwidth": 0}),
+        )
+        .unwrap();
+    }
     completed_with_requests(&mut sq, &mut dq);
+    let r = sq.execute("query-migrate", json!({})).unwrap();
+    assert!(r["x-postcopy-pages-resent"].as_u64().is_some(), "{r}");
     assert_continues(&src, &dst);
 }
 

@@ -490,6 +490,9 @@ impl DestPostcopy {
         let mut staging = StagingPlacer::new(MAX_SECTION_PAGES);
         let mut ended = false;
         let mut stats_at = Instant::now();
+        // After a recovery the stream's offsets start again: count on.
+        let start = r.offset();
+        let base = shared.lock_info().ram.transferred.max(start) - start;
         loop {
             r.begin_section();
             let at = r.offset();
@@ -512,7 +515,7 @@ impl DestPostcopy {
                         self.stats_json()
                     });
                     let mut i = shared.lock_info();
-                    i.ram.transferred = r.offset();
+                    i.ram.transferred = base + r.offset();
                     i.ram.duplicate = rr.zero_pages;
                     i.ram.normal = rr.pages - rr.zero_pages;
                     if let Some(st) = stats {
@@ -590,9 +593,12 @@ impl DestPostcopy {
     }
 
     /// A paused postcopy: requests go on the return path from now on (the
-    /// preempt channel is gone with the connection).
+    /// preempt channel is gone with the connection), and the next one on
+    /// any channel names its block (a reopened preempt channel starts
+    /// afresh).
     pub(super) fn pause(&self) {
         *self.urgent.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.connection.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Recovery, after POSTCOPY_RECV_BITMAP: tell the source, block by

@@ -71,6 +71,9 @@
 //!                                         <----  RECV_BITMAP (block, first page, bits) ...
 //!                                         <----  RESUME_ACK (be32 blocks)
 //! source: to send = every page the destination lacks (final: the guest is stopped)
+//! [postcopy-preempt: connect the preempt channel again]
+//! POSTCOPY_PREEMPT, PING 4                ---->  accepted on the recovery listener
+//!                                         <----  PONG 4
 //! POSTCOPY_RESUME                         ---->  a new listen thread reads this stream
 //!                                         <----  REQ_PAGES_ID for every pending fault
 //! PART ... END, EOF (as above)            ---->  postcopy-active ... completed
@@ -80,9 +83,9 @@
 //! Pages of a section cut off by the break were never placed (a section is
 //! placed only once its CRC checked), so the bitmap asks for them again and
 //! no page is placed twice. A failure during the handshake or after it
-//! pauses again; recovery can be tried any number of times. After a
-//! recovery the preempt channel is not reopened: requests go on the return
-//! path and requested pages on the main stream.
+//! pauses again; recovery can be tried any number of times. Requests
+//! pending at POSTCOPY_RESUME go on the return path, later ones on the
+//! reopened preempt channel.
 
 mod dest;
 mod dropper;

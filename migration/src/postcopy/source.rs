@@ -62,10 +62,16 @@ pub(crate) struct SourcePhase<'a, W: Sink> {
     pub params: &'a Parameters,
     /// When the guest was stopped.
     pub stop_start: Instant,
-    /// The preempt channel, if `postcopy-preempt` is on.
+    /// The preempt channel, if `postcopy-preempt` is on (reopened by a
+    /// recovery).
     pub preempt: Option<Preempt>,
+    /// `postcopy-preempt` is on.
+    pub preempt_on: bool,
     /// The destination acknowledged RUN.
     pub running: bool,
+    /// Bytes sent on the connections before the current one (a recovery
+    /// starts a new stream whose offsets count from zero).
+    pub transferred_before: u64,
 }
 
 /// Source: the pages sent before and dirty since (`dirty` AND `sent`), as
@@ -381,7 +387,7 @@ pub(crate) fn run_source(
             Some(silent) => silent,
             None => e,
         };
-        dirty = pause_and_recover(&mut p, &e)?;
+        dirty = pause_and_recover(&mut p, &e, &dirty)?;
     }
 }
 
@@ -467,6 +473,7 @@ const RECOVER_WAIT: Duration = Duration::from_secs(60);
 fn pause_and_recover(
     p: &mut SourcePhase<'_, MainSink>,
     cause: &MigrationError,
+    unsent: &[AtomicBitmap],
 ) -> Result<Vec<AtomicBitmap>, MigrationError> {
     let paused = super::Pause::begin(p.shared, p.events, cause);
     loop {
@@ -476,7 +483,7 @@ fn pause_and_recover(
             Some(Recover::Listen(_)) => continue,
         };
         set_status(p.shared, p.events, Status::PostcopyRecover);
-        match reconnect(p, &uri) {
+        match reconnect(p, &uri, unsent) {
             Ok(dirty) => {
                 paused.end(p.shared, p.events);
                 return Ok(dirty);
@@ -490,10 +497,15 @@ fn pause_and_recover(
 /// The source's recovery handshake on a new connection to `uri` (see
 /// [`crate::postcopy`]): header, OPEN_RETURN_PATH, POSTCOPY_RECV_BITMAP;
 /// the destination's RECV_BITMAP messages and RESUME_ACK; POSTCOPY_RESUME.
-/// The new stream, return path and record state replace the old ones.
+/// With `postcopy-preempt`, the preempt channel is opened again before
+/// POSTCOPY_RESUME. The new stream, return path and record state replace
+/// the old ones. `unsent`: the pages not sent before the break; a page
+/// sent but not received (lost in flight) counts in
+/// `x-postcopy-pages-resent`.
 fn reconnect(
     p: &mut SourcePhase<'_, MainSink>,
     uri: &Uri,
+    unsent: &[AtomicBitmap],
 ) -> Result<Vec<AtomicBitmap>, MigrationError> {
     let mut chan = crate::transport::connect(uri, p.params.peer_timeout())?;
     if !chan.duplex {
@@ -558,22 +570,48 @@ fn reconnect(
             }
         }
     }
+    let preempt = if p.preempt_on {
+        Some(connect_preempt(
+            uri,
+            p.params.peer_timeout(),
+            &mut w,
+            &mut rpath,
+        )?)
+    } else {
+        None
+    };
     w.write_command(&Command::PostcopyResume)?;
     w.flush()?;
     chan.closer.limit_send_buffer(SOCKET_BUFFER);
+    let mut resent = 0;
     let dirty = blocks
         .iter()
         .zip(&have)
-        .map(|(b, h)| {
+        .zip(unsent)
+        .map(|((b, h), u)| {
             let d = AtomicBitmap::new(b.pages());
             for pg in 0..b.pages() {
                 if !h.get(pg) {
                     d.test_and_set(pg);
+                    resent += u64::from(!u.test(pg));
                 }
             }
             d
         })
         .collect();
+    {
+        let mut i = p.shared.lock_info();
+        p.transferred_before = i.ram.transferred.max(p.transferred_before + p.w.offset());
+        i.ram.transferred = p.transferred_before;
+        let before = i
+            .extra
+            .get("x-postcopy-pages-resent")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        i.extra
+            .insert("x-postcopy-pages-resent".into(), json!(before + resent));
+    }
+    p.preempt = preempt;
     *p.w = w;
     *p.rpath = rpath;
     *p.rw = RamWriter::new();
@@ -674,7 +712,7 @@ fn source_background<W: Sink>(
         }
         if sent_pages.is_multiple_of(256) {
             let mut i = p.shared.lock_info();
-            i.ram.transferred = p.w.offset();
+            i.ram.transferred = i.ram.transferred.max(p.transferred_before + p.w.offset());
             i.ram.remaining = total.saturating_sub(sent_pages) * PAGE_SIZE as u64;
             i.ram.duplicate = p.rw.zero_pages;
             i.ram.normal = p.rw.normal_pages;
@@ -683,7 +721,7 @@ fn source_background<W: Sink>(
     }
     close_part(p.w, p.rw, &mut in_section)?;
     let mut i = p.shared.lock_info();
-    i.ram.transferred = p.w.offset();
+    i.ram.transferred = i.ram.transferred.max(p.transferred_before + p.w.offset());
     i.ram.remaining = 0;
     i.ram.duplicate = p.rw.zero_pages;
     i.ram.normal = p.rw.normal_pages;
@@ -767,7 +805,7 @@ fn finish_source<W: Sink>(
     if !p.running {
         i.downtime_ms = Some(p.stop_start.elapsed().as_millis() as u64);
     }
-    i.ram.transferred = p.w.offset().max(i.ram.transferred);
+    i.ram.transferred = i.ram.transferred.max(p.transferred_before + p.w.offset());
     i.ram.postcopy_requests = requests.load(Ordering::Relaxed);
     Ok(())
 }

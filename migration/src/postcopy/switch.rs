@@ -190,7 +190,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
         // A failed channel shuts the other one too, so
         // that neither thread waits on a dead stream.
         if let Some(pi) = self.preempt.take() {
-            self.urgent = Some(self.spawn_preempt(pi)?);
+            self.urgent = Some(spawn_preempt(&self.post, self.closer.clone(), pi)?);
         }
         self.listen = Some(spawn_listen(
             self.post.clone(),
@@ -200,28 +200,6 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
             self.preempt_closer.clone(),
         )?);
         Ok(())
-    }
-
-    /// The preempt thread, placing the pages of the preempt channel; its
-    /// request direction goes to the fault thread.
-    fn spawn_preempt(&self, mut pi: PreemptIn) -> Result<StreamThread, MigrationError> {
-        let w = std::mem::replace(&mut pi.w, Box::new(std::io::sink()));
-        *self.post.urgent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Mutex::new(w)));
-        let (p, main) = (self.post.clone(), self.closer.clone());
-        Ok(std::thread::Builder::new()
-            .name("postcopy-preempt".into())
-            .spawn(move || {
-                let r = p
-                    .preempt_loop(&mut pi.r)
-                    .map_err(|e| PostcopyError::Preempt(Box::new(e)).into());
-                if r.is_err() {
-                    main.close();
-                }
-                r
-            })
-            .map_err(|e| {
-                PostcopyError::Protocol(format!("cannot start the preempt thread: {e}"))
-            })?)
     }
 
     /// POSTCOPY_RUN: load the devices and start the guest.
@@ -272,8 +250,8 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
                 if !e.is_link_failure() {
                     break;
                 }
-                listened =
-                    pause_and_recover(&dest, &post, e).and_then(|t| join_threads(Some(t), None));
+                listened = pause_and_recover(&dest, &post, e)
+                    .and_then(|(listen, urgent)| join_threads(Some(listen), urgent));
             }
         }
         let result = res.and(listened).and_then(|()| {
@@ -309,6 +287,31 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
     }
 }
 
+/// The preempt thread, placing the pages of the preempt channel `pi`; its
+/// request direction goes to the fault thread. Its failure shuts the main
+/// stream (`main`).
+fn spawn_preempt(
+    post: &Arc<DestPostcopy>,
+    main: Closer,
+    mut pi: PreemptIn,
+) -> Result<StreamThread, MigrationError> {
+    let w = std::mem::replace(&mut pi.w, Box::new(std::io::sink()));
+    *post.urgent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Mutex::new(w)));
+    let p = post.clone();
+    Ok(std::thread::Builder::new()
+        .name("postcopy-preempt".into())
+        .spawn(move || {
+            let r = p
+                .preempt_loop(&mut pi.r)
+                .map_err(|e| PostcopyError::Preempt(Box::new(e)).into());
+            if r.is_err() {
+                main.close();
+            }
+            r
+        })
+        .map_err(|e| PostcopyError::Protocol(format!("cannot start the preempt thread: {e}")))?)
+}
+
 /// The listen thread on `r` (`rr`: its RAM record state); a failure also
 /// shuts `other` (the preempt channel), so that no thread waits on a dead
 /// stream.
@@ -341,12 +344,12 @@ const RECOVER_POLL: Duration = Duration::from_millis(200);
 /// it accepts the source on the new listener and runs the recovery
 /// handshake ([`handshake`]); a source that does not come is waited for
 /// until a newer `migrate-recover`; a handshake that fails pauses again.
-/// Returns the new listen thread.
+/// Returns the new listen thread and preempt thread.
 fn pause_and_recover(
     dest: &Destination<'_>,
     post: &Arc<DestPostcopy>,
     cause: &MigrationError,
-) -> Result<StreamThread, MigrationError> {
+) -> Result<(StreamThread, Option<StreamThread>), MigrationError> {
     post.pause();
     let paused = super::Pause::begin(dest.shared, dest.events, cause);
     let mut listener: Option<Listener> = None;
@@ -387,12 +390,15 @@ fn pause_and_recover(
             }
         };
         set_status(dest.shared, dest.events, Status::PostcopyRecover);
-        match handshake(dest, post, chan) {
+        match handshake(dest, post, chan, l) {
             Ok(t) => {
                 paused.end(dest.shared, dest.events);
                 return Ok(t);
             }
-            Err(e) => paused.again(dest.shared, dest.events, &e),
+            Err(e) => {
+                post.pause();
+                paused.again(dest.shared, dest.events, &e);
+            }
         }
     }
 }
@@ -421,13 +427,16 @@ fn expect_command(
 /// The destination's recovery handshake on a new connection (see
 /// [`crate::postcopy`]): header, OPEN_RETURN_PATH (the return path moves
 /// to this connection), POSTCOPY_RECV_BITMAP (answered with the received
-/// bitmaps and RESUME_ACK), POSTCOPY_RESUME (the pending requests are
-/// asked again); then the listen thread reads this stream.
+/// bitmaps and RESUME_ACK), with `postcopy-preempt` POSTCOPY_PREEMPT and
+/// PING 4 (the preempt channel accepted again on `l`), POSTCOPY_RESUME
+/// (the pending requests are asked again); then the listen thread reads
+/// this stream and the preempt thread the new preempt channel.
 fn handshake(
     dest: &Destination<'_>,
     post: &Arc<DestPostcopy>,
     mut chan: Channel,
-) -> Result<StreamThread, MigrationError> {
+    l: &Listener,
+) -> Result<(StreamThread, Option<StreamThread>), MigrationError> {
     dest.shared.set_closer(Some(chan.closer.clone()));
     let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
     let mut r = Reader::new(std::io::BufReader::with_capacity(4 << 20, reader));
@@ -443,10 +452,59 @@ fn handshake(
     expect_command(&mut r, &Command::PostcopyRecvBitmap, "POSTCOPY_RECV_BITMAP")?;
     let io = |at: u64| move |source| StreamError::Io { offset: at, source };
     post.send_bitmaps().map_err(io(r.offset()))?;
-    expect_command(&mut r, &Command::PostcopyResume, "POSTCOPY_RESUME")?;
-    post.resume().map_err(io(r.offset()))?;
+    let at = r.offset();
+    let mut preempt = None;
+    match stream::read_command(&mut r)? {
+        Command::PostcopyResume => {}
+        Command::PostcopyPreempt => {
+            preempt = Some(accept_preempt(l, dest.shared.peer_timeout())?);
+            expect_command(
+                &mut r,
+                &Command::Ping(stream::ping::PREEMPT),
+                "PING 4 (preempt channel)",
+            )?;
+            send_rp(&post.rp, rp::PONG, &stream::ping::PREEMPT.to_be_bytes())
+                .map_err(io(r.offset()))?;
+            expect_command(&mut r, &Command::PostcopyResume, "POSTCOPY_RESUME")?;
+        }
+        other => {
+            return Err(StreamError::invalid(
+                at,
+                format!(
+                    "expected POSTCOPY_PREEMPT or POSTCOPY_RESUME to recover the postcopy, \
+                     found command {}",
+                    other.number()
+                ),
+            )
+            .into())
+        }
+    }
+    let preempt_closer = preempt.as_ref().map(|p| p.closer.clone());
+    let urgent = preempt
+        .map(|pi| spawn_preempt(post, chan.closer.clone(), pi))
+        .transpose()?;
+    if let Err(e) = post.resume() {
+        if let Some(c) = &preempt_closer {
+            c.close();
+        }
+        return Err(io(r.offset())(e).into());
+    }
     let rr = RamReader::new(dest.ram.blocks().to_vec());
-    spawn_listen(post.clone(), dest.shared.clone(), r, rr, None)
+    match spawn_listen(
+        post.clone(),
+        dest.shared.clone(),
+        r,
+        rr,
+        preempt_closer.clone(),
+    ) {
+        Ok(listen) => Ok((listen, urgent)),
+        Err(e) => {
+            if let Some(c) = &preempt_closer {
+                c.close();
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Wait for the listen and preempt threads; the first failure is the cause.
