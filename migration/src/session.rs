@@ -74,6 +74,8 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
         .store(o.params.x_checkpoint_delay_ms, Ordering::SeqCst);
     o.shared
         .set_bandwidths(o.params.max_bandwidth, o.params.max_postcopy_bandwidth);
+    o.shared
+        .set_auto_recover_ms(o.params.x_postcopy_auto_recover_ms);
     let mut stopped = false;
     let run_sent = AtomicBool::new(false);
     let result = outgoing(&mut o, &mut stopped, &run_sent);
@@ -307,6 +309,7 @@ fn postcopy_phase(
             events: &o.events,
             params: &o.params,
             stop_start,
+            uri: &o.uri,
             preempt_on: preempt.is_some(),
             preempt: preempt.take(),
             running: false,
@@ -478,13 +481,14 @@ impl Dest<'_> {
                         let switch = self.switch.take().unwrap_or_else(RealTimeSection::enter);
                         let closer = self.chan.closer.clone();
                         let preempt = self.preempt.take();
+                        let listener = self.listener;
                         return crate::postcopy::dest_package(
                             self.destination(),
                             closer,
                             p,
                             pkg,
                             (r, loader.rr),
-                            preempt,
+                            (preempt, listener),
                             switch,
                         );
                     }

@@ -117,6 +117,9 @@ pub struct Parameters {
     /// Longest a migration peer may make no progress (nothing received,
     /// nothing accepted), ms: `x-peer-timeout`.
     pub x_peer_timeout_ms: u64,
+    /// A postcopy whose link breaks recovers by itself for this long, ms
+    /// (0: off): `x-postcopy-auto-recover`.
+    pub x_postcopy_auto_recover_ms: u64,
 }
 
 impl Default for Parameters {
@@ -130,6 +133,7 @@ impl Default for Parameters {
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
             x_peer_timeout_ms: DEFAULT_PEER_TIMEOUT_MS,
+            x_postcopy_auto_recover_ms: 0,
         }
     }
 }
@@ -150,6 +154,7 @@ impl Parameters {
             "cpu-throttle-increment": self.cpu_throttle_increment,
             "max-cpu-throttle": self.max_cpu_throttle,
             "x-peer-timeout": self.x_peer_timeout_ms,
+            "x-postcopy-auto-recover": self.x_postcopy_auto_recover_ms,
         })
     }
 
@@ -302,6 +307,8 @@ pub struct Shared {
     /// `x-peer-timeout`, ms, for the connections still to be made (a
     /// destination sets it before its source connects; 0: the default).
     peer_timeout_ms: AtomicU64,
+    /// `x-postcopy-auto-recover`, ms (0: off), read when a postcopy pauses.
+    auto_recover_ms: AtomicU64,
     failover_flag: Mutex<bool>,
     failover_cv: Condvar,
     continue_flag: Mutex<bool>,
@@ -433,6 +440,33 @@ impl Shared {
         }
     }
 
+    /// A paused postcopy recovering by itself: wait up to `timeout` for the
+    /// user's recovery request (`Err(())`: cancelled; `Ok(None)`: none came).
+    pub(crate) fn wait_recover_for(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Recover>, ()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = self.recover.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.cancelled() {
+                return Err(());
+            }
+            if let Some(r) = g.take() {
+                return Ok(Some(r));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            g = self
+                .recover_cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// A recovery request, if one is waiting (without blocking).
     pub(crate) fn try_recover(&self) -> Option<Recover> {
         self.recover
@@ -469,6 +503,21 @@ impl Shared {
     /// Set `x-peer-timeout` for connections made from now on.
     pub fn set_peer_timeout_ms(&self, ms: u64) {
         self.peer_timeout_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Set `x-postcopy-auto-recover` (ms, 0: off) for a postcopy pausing
+    /// from now on.
+    pub fn set_auto_recover_ms(&self, ms: u64) {
+        self.auto_recover_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How long a postcopy pausing now recovers by itself (`None`: it
+    /// waits for the user).
+    pub fn auto_recover(&self) -> Option<std::time::Duration> {
+        match self.auto_recover_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
     }
 
     /// The bound on the peer for a connection made now.

@@ -615,6 +615,15 @@ impl Listener {
         })
     }
 
+    /// The URI it listens on.
+    pub fn uri(&self) -> &Uri {
+        match self {
+            Self::Tcp(_, uri) | Self::Unix(_, _, uri) | Self::Exec(_, uri) | Self::File(_, uri) => {
+                uri
+            }
+        }
+    }
+
     /// The actual TCP address (useful with port 0).
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         match self {

@@ -722,7 +722,14 @@ pub struct MigrateSetParameters {
     /// ([`PEER_TIMEOUT_RANGE_MS`]); applies to connections made after it is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub x_peer_timeout: Option<u64>,
+    /// minivmm: a postcopy whose link breaks reconnects by itself for this
+    /// long, ms (0 = off, the default; at most [`AUTO_RECOVER_MAX_MS`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_postcopy_auto_recover: Option<u64>,
 }
+
+/// Largest `x-postcopy-auto-recover`, ms: 1 h.
+pub const AUTO_RECOVER_MAX_MS: u64 = 3_600_000;
 
 /// Allowed `x-peer-timeout`, ms: 1 s to 1 h.
 pub const PEER_TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
@@ -777,6 +784,15 @@ impl MigrateSetParameters {
             return expects(
                 "x_peer_timeout",
                 "an integer in the range of 1000 to 3600000 milliseconds",
+            );
+        }
+        if self
+            .x_postcopy_auto_recover
+            .is_some_and(|t| t > AUTO_RECOVER_MAX_MS)
+        {
+            return expects(
+                "x_postcopy_auto_recover",
+                "an integer in the range of 0 to 3600000 milliseconds",
             );
         }
         if self.multifd_channels == Some(0) {
@@ -1179,6 +1195,18 @@ mod tests {
                 "Parameter 'x_peer_timeout' expects an integer in the range of 1000 to 3600000",
             );
         }
+        // Automatic postcopy recovery: off (0) to 1 h.
+        for t in [0, 3_600_000] {
+            ok(
+                "migrate-set-parameters",
+                json!({ "x-postcopy-auto-recover": t }),
+            );
+        }
+        bad(
+            "migrate-set-parameters",
+            json!({ "x-postcopy-auto-recover": 3_600_001 }),
+            "Parameter 'x_postcopy_auto_recover' expects an integer in the range of 0 to 3600000",
+        );
         // Postcopy recovery commands.
         assert_eq!(ok("migrate-pause", json!({})), Command::MigratePause);
         assert_eq!(

@@ -397,6 +397,126 @@ fn connection_lost(preempt: bool) {
     assert_continues(&src, &dst);
 }
 
+/// The relay cuts both connections the moment the destination runs the
+/// guest (its faults' requests outstanding, nothing of the background
+/// there yet): both sides pause, recover, complete, the guest intact.
+#[test]
+fn connection_lost_right_after_the_switch_recovers() {
+    if !kvm_available("connection_lost_right_after_the_switch_recovers") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    set_caps(&mut dq, &[("events", true)]);
+    let relay = Relay::start(port, Tamper::None);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true), ("events", true)]);
+    slow_postcopy(&mut sq, relay.port);
+    dq.wait_event("RESUME", |_| true, mig_timeout())
+        .expect("the destination runs the guest");
+    relay.cut();
+    both_paused(&mut sq, &mut dq);
+    recover(&mut sq, &mut dq, 1);
+    completed_with_requests(&mut sq, &mut dq);
+    assert_continues(&src, &dst);
+}
+
+/// `x-postcopy-auto-recover` on both sides: after the relay cuts the
+/// connections, both pause, the source reconnects through the relay to
+/// the destination's original listener by itself, and the postcopy
+/// recovers (`postcopy-recover`, counted) and completes with no command
+/// given; the guest intact.
+#[test]
+fn automatic_recovery_after_a_cut() {
+    if !kvm_available("automatic_recovery_after_a_cut") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    let relay = Relay::start(port, Tamper::None);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    for c in [&mut sq, &mut dq] {
+        set_caps(c, &[("events", true)]);
+        c.execute(
+            "migrate-set-parameters",
+            json!({"x-postcopy-auto-recover": 60_000}),
+        )
+        .unwrap();
+        let p = c.execute("query-migrate-parameters", json!({})).unwrap();
+        assert_eq!(p["x-postcopy-auto-recover"], 60_000, "{p}");
+    }
+    slow_postcopy(&mut sq, relay.port);
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last, boot_timeout());
+    for c in [&mut sq, &mut dq] {
+        c.take_events();
+    }
+    relay.cut();
+    for (side, c) in [("source", &mut sq), ("destination", &mut dq)] {
+        for st in ["postcopy-paused", "postcopy-recover"] {
+            c.wait_event("MIGRATION", |e| e["data"]["status"] == st, mig_timeout())
+                .unwrap_or_else(|e| panic!("{side}: {st}: {e}"));
+        }
+    }
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 0}),
+    )
+    .unwrap();
+    completed_with_requests(&mut sq, &mut dq);
+    for (side, c) in [("source", &mut sq), ("destination", &mut dq)] {
+        let r = c.execute("query-migrate", json!({})).unwrap();
+        assert_eq!(r["x-postcopy-recoveries"], 1, "{side}: {r}");
+    }
+    assert_continues(&src, &dst);
+}
+
+/// `x-postcopy-auto-recover` of 2 s with the destination unreachable (the
+/// relay gone after its cut): both sides stay `postcopy-paused` past the
+/// limit, say they gave up, and the manual recovery still works.
+#[test]
+fn automatic_recovery_gives_up_after_its_limit() {
+    if !kvm_available("automatic_recovery_gives_up_after_its_limit") {
+        return;
+    }
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    let relay = Relay::start(port, Tamper::None);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    for c in [&mut sq, &mut dq] {
+        set_caps(c, &[("events", true)]);
+        c.execute(
+            "migrate-set-parameters",
+            json!({"x-postcopy-auto-recover": 2_000}),
+        )
+        .unwrap();
+    }
+    slow_postcopy(&mut sq, relay.port);
+    relay.cut();
+    drop(relay);
+    both_paused(&mut sq, &mut dq);
+    let gave_up = |v: &Vmm| v.stderr.text().contains("x-postcopy-auto-recover");
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(20));
+    while !(gave_up(&src) && gave_up(&dst)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no side said it gave up: source {:?}, destination {:?}",
+            src.stderr.text(),
+            dst.stderr.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (side, c) in [("source", &mut sq), ("destination", &mut dq)] {
+        let r = c.execute("query-migrate", json!({})).unwrap();
+        assert_eq!(r["status"], "postcopy-paused", "{side}: {r}");
+    }
+    recover(&mut sq, &mut dq, 1);
+    completed_with_requests(&mut sq, &mut dq);
+    assert_continues(&src, &dst);
+}
+
 /// Migrate to 127.0.0.1:`port` and switch to postcopy at once, the
 /// background stream held to 1 MB/s so that the postcopy lasts; returns
 /// once the source is `postcopy-active` (capabilities set by the caller).

@@ -443,6 +443,77 @@ fn postcopy_source_frozen() {
     postcopy_fault("postcopy_source_frozen", Fault::FreezeSource);
 }
 
+/// A link flap during postcopy with `x-postcopy-auto-recover` on both
+/// sides (and the preempt channel): the link goes down until both sides
+/// have paused, comes back, and the postcopy recovers by itself (the
+/// source reconnects to the destination's original address, the preempt
+/// channel too) and completes without a command; the guest intact.
+#[test]
+fn postcopy_link_flap_recovers_by_itself() {
+    let test = "postcopy_link_flap_recovers_by_itself";
+    let caps = [("postcopy-ram", true), ("postcopy-preempt", true)];
+    let Some(mut s) = two_hosts(
+        test,
+        "100mbit",
+        &[],
+        &caps,
+        json!({"max-postcopy-bandwidth": 1_000_000}),
+    ) else {
+        return;
+    };
+    for c in [&mut s.sq, &mut s.dq] {
+        c.execute(
+            "migrate-set-parameters",
+            json!({"x-postcopy-auto-recover": 120_000}),
+        )
+        .unwrap();
+    }
+    s.migrate();
+    s.sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    wait_migration(&mut s.sq, &["postcopy-active"], mig_timeout());
+    let last = s.src.passes().last().copied().unwrap_or(0);
+    s.dst.wait_pass_beyond(last, boot_timeout());
+    for c in [&mut s.sq, &mut s.dq] {
+        c.take_events();
+    }
+    let t0 = Fault::LinkDown.inject(&mut s);
+    for (who, c) in [("source", &mut s.sq), ("destination", &mut s.dq)] {
+        c.wait_event(
+            "MIGRATION",
+            |e| e["data"]["status"] == "postcopy-paused",
+            bound(),
+        )
+        .unwrap_or_else(|e| panic!("{who}: {e}"));
+        eprintln!("{who} paused after {:?}", t0.elapsed());
+    }
+    s.hosts.link_up();
+    let up = Instant::now();
+    for (who, c) in [("source", &mut s.sq), ("destination", &mut s.dq)] {
+        c.wait_event(
+            "MIGRATION",
+            |e| e["data"]["status"] == "postcopy-active",
+            mig_timeout(),
+        )
+        .unwrap_or_else(|e| panic!("{who}: {e}"));
+        eprintln!(
+            "{who} postcopy-active {:?} after the link came back",
+            up.elapsed()
+        );
+    }
+    s.sq.execute(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 0}),
+    )
+    .unwrap();
+    for (side, c) in [("source", &mut s.sq), ("destination", &mut s.dq)] {
+        let r = wait_migration(c, &["completed", "failed"], mig_timeout());
+        assert_eq!(r["status"], "completed", "{side}: {r}");
+        assert_eq!(r["x-postcopy-recoveries"], 1, "{side}: {r}");
+    }
+    assert_eq!(run_state(&mut s.dq), "running");
+    assert_continues(&s.src, &s.dst);
+}
+
 // --------------------------------------------------------------------- COLO
 
 fn colo_checkpoints(c: &mut Client) -> u64 {

@@ -62,6 +62,8 @@ pub(crate) struct SourcePhase<'a, W: Sink> {
     pub params: &'a Parameters,
     /// When the guest was stopped.
     pub stop_start: Instant,
+    /// The destination's address (an automatic recovery connects there).
+    pub uri: &'a Uri,
     /// The preempt channel, if `postcopy-preempt` is on (reopened by a
     /// recovery).
     pub preempt: Option<Preempt>,
@@ -464,26 +466,71 @@ fn send_rest(
 
 /// How long a recovering source waits for the destination's bitmaps.
 const RECOVER_WAIT: Duration = Duration::from_secs(60);
+/// Automatic recovery: the first wait before reconnecting, doubled after
+/// each failed attempt up to [`AUTO_RETRY_MAX`].
+const AUTO_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Automatic recovery: the longest wait between two attempts.
+const AUTO_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// The connection broke after RUN (`cause`): `postcopy-paused` until the
 /// user asks to resume (`migrate` with `resume`), then the recovery
 /// handshake on the new connection; a handshake that fails pauses again.
-/// Returns the pages still to send: every page the destination does not
-/// have (the guest is stopped here, so they are final).
+/// With `x-postcopy-auto-recover`, until that time is up, the source also
+/// reconnects to the destination's original address by itself (backing
+/// off from 100 ms to 2 s between attempts); a connection refused or
+/// unreachable then stays `postcopy-paused` quietly, and a `migrate` with
+/// `resume` still comes first. Returns the pages still to send: every
+/// page the destination does not have (the guest is stopped here, so
+/// they are final).
 fn pause_and_recover(
     p: &mut SourcePhase<'_, MainSink>,
     cause: &MigrationError,
     unsent: &[AtomicBitmap],
 ) -> Result<Vec<AtomicBitmap>, MigrationError> {
     let paused = super::Pause::begin(p.shared, p.events, cause);
+    let mut auto = p.shared.auto_recover().map(|d| Instant::now() + d);
+    let mut backoff = AUTO_RETRY_FIRST;
     loop {
-        let uri = match p.shared.wait_recover() {
-            None => return Err(MigrationError::Cancelled),
-            Some(Recover::Connect(uri)) => uri,
-            Some(Recover::Listen(_)) => continue,
+        let (uri, automatic) = match auto {
+            Some(until) => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    log::warn!(
+                        "postcopy: no recovery within x-postcopy-auto-recover; \
+                         recover with migrate-recover and migrate resume=true"
+                    );
+                    auto = None;
+                    continue;
+                }
+                match p.shared.wait_recover_for(backoff.min(left)) {
+                    Err(()) => return Err(MigrationError::Cancelled),
+                    Ok(Some(Recover::Connect(uri))) => (uri, false),
+                    Ok(Some(Recover::Listen(_))) => continue,
+                    Ok(None) => {
+                        backoff = (backoff * 2).min(AUTO_RETRY_MAX);
+                        (p.uri.clone(), true)
+                    }
+                }
+            }
+            None => match p.shared.wait_recover() {
+                None => return Err(MigrationError::Cancelled),
+                Some(Recover::Connect(uri)) => (uri, false),
+                Some(Recover::Listen(_)) => continue,
+            },
+        };
+        let chan = match crate::transport::connect(&uri, p.params.peer_timeout()) {
+            Ok(c) => c,
+            Err(e) if automatic => {
+                log::debug!("postcopy: automatic recovery: {e}");
+                continue;
+            }
+            Err(e) => {
+                paused.again(p.shared, p.events, &e.into());
+                continue;
+            }
         };
         set_status(p.shared, p.events, Status::PostcopyRecover);
-        match reconnect(p, &uri, unsent) {
+        match reconnect(p, chan, &uri, unsent) {
             Ok(dirty) => {
                 paused.end(p.shared, p.events);
                 return Ok(dirty);
@@ -494,7 +541,7 @@ fn pause_and_recover(
     }
 }
 
-/// The source's recovery handshake on a new connection to `uri` (see
+/// The source's recovery handshake on `chan`, a new connection to `uri` (see
 /// [`crate::postcopy`]): header, OPEN_RETURN_PATH, POSTCOPY_RECV_BITMAP;
 /// the destination's RECV_BITMAP messages and RESUME_ACK; POSTCOPY_RESUME.
 /// With `postcopy-preempt`, the preempt channel is opened again before
@@ -504,10 +551,10 @@ fn pause_and_recover(
 /// `x-postcopy-pages-resent`.
 fn reconnect(
     p: &mut SourcePhase<'_, MainSink>,
+    mut chan: crate::transport::Channel,
     uri: &Uri,
     unsent: &[AtomicBitmap],
 ) -> Result<Vec<AtomicBitmap>, MigrationError> {
-    let mut chan = crate::transport::connect(uri, p.params.peer_timeout())?;
     if !chan.duplex {
         return Err(PostcopyError::Refused(format!(
             "postcopy recovery needs a return path; '{uri}' has none (use tcp: or unix:)"

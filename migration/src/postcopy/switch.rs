@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, Read, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::dest::DestPostcopy;
 use super::PostcopyError;
@@ -73,14 +73,16 @@ fn check_preempt_header(r: &mut Reader<impl Read>) -> Result<(), StreamError> {
 /// the main stream to the listen thread), loads the devices at RUN, then
 /// waits until the listen thread has every page. On failure the guest is
 /// stopped before userfaultfd is released. `main`: the main stream and its
-/// RAM record state; `switch` ends at RUN.
-pub(crate) fn dest_package<R: BufRead + Send + 'static>(
-    dest: Destination<'_>,
+/// RAM record state; `preempt`: the preempt channel if there is one, and
+/// the listener the source came to (an automatic recovery accepts it there
+/// again); `switch` ends at RUN.
+pub(crate) fn dest_package<'a, R: BufRead + Send + 'static>(
+    dest: Destination<'a>,
     closer: Closer,
     post: Arc<DestPostcopy>,
     pkg: Vec<u8>,
     main: (Reader<R>, RamReader),
-    preempt: Option<PreemptIn>,
+    (preempt, listener): (Option<PreemptIn>, Option<&'a Listener>),
     switch: RealTimeSection,
 ) -> Result<(), MigrationError> {
     let preempt_closer = preempt.as_ref().map(|p| p.closer.clone());
@@ -92,6 +94,7 @@ pub(crate) fn dest_package<R: BufRead + Send + 'static>(
         post,
         preempt,
         preempt_closer,
+        listener,
         switch: Some(switch),
         main: Some(main),
         devices: Vec::new(),
@@ -117,6 +120,8 @@ struct Switch<'a, R> {
     preempt: Option<PreemptIn>,
     /// Shuts the preempt channel.
     preempt_closer: Option<Closer>,
+    /// Where the source came from (automatic recovery).
+    listener: Option<&'a Listener>,
     /// Real-time until RUN.
     switch: Option<RealTimeSection>,
     /// The main stream and its RAM record state, until LISTEN hands them
@@ -227,6 +232,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
             post,
             preempt,
             preempt_closer,
+            listener,
             switch,
             main,
             devices,
@@ -250,7 +256,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
                 if !e.is_link_failure() {
                     break;
                 }
-                listened = pause_and_recover(&dest, &post, e)
+                listened = pause_and_recover(&dest, &post, e, listener)
                     .and_then(|(listen, urgent)| join_threads(Some(listen), urgent));
             }
         }
@@ -344,41 +350,68 @@ const RECOVER_POLL: Duration = Duration::from_millis(200);
 /// it accepts the source on the new listener and runs the recovery
 /// handshake ([`handshake`]); a source that does not come is waited for
 /// until a newer `migrate-recover`; a handshake that fails pauses again.
-/// Returns the new listen thread and preempt thread.
+/// With `x-postcopy-auto-recover`, until that time is up and no
+/// `migrate-recover` came, it accepts the source on `original`, the
+/// listener of the migration. Returns the new listen and preempt threads.
 fn pause_and_recover(
     dest: &Destination<'_>,
     post: &Arc<DestPostcopy>,
     cause: &MigrationError,
+    original: Option<&Listener>,
 ) -> Result<(StreamThread, Option<StreamThread>), MigrationError> {
     post.pause();
     let paused = super::Pause::begin(dest.shared, dest.events, cause);
-    let mut listener: Option<Listener> = None;
+    let mut own: Option<Listener> = None;
+    let mut auto = dest
+        .shared
+        .auto_recover()
+        .zip(original)
+        .map(|(d, l)| (Instant::now() + d, l));
+    if let Some((_, l)) = auto {
+        log::info!(
+            "postcopy paused: waiting for the source to reconnect to {}",
+            l.uri()
+        );
+    }
     loop {
         if dest.shared.cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        let newer = match &listener {
+        if auto.is_some_and(|(until, _)| Instant::now() >= until) {
+            log::warn!(
+                "postcopy: the source did not reconnect within x-postcopy-auto-recover; \
+                 recover with migrate-recover"
+            );
+            auto = None;
+        }
+        let l = own.as_ref().or(auto.map(|(_, l)| l));
+        let listening = l.is_some();
+        let newer = match l {
             None => dest.shared.wait_recover(),
             Some(l) => match l.wait_for_peer(Some(RECOVER_POLL)) {
                 Ok(true) => None,
                 Ok(false) => dest.shared.try_recover(),
                 Err(e) => {
                     paused.again(dest.shared, dest.events, &e.into());
-                    listener = None;
+                    if own.take().is_none() {
+                        auto = None;
+                    }
                     continue;
                 }
             },
         };
         match newer {
             Some(Recover::Listen(l)) => {
-                listener = Some(l);
+                own = Some(l);
                 continue;
             }
             Some(Recover::Connect(_)) => continue,
-            None if listener.is_none() => return Err(MigrationError::Cancelled),
+            None if !listening => return Err(MigrationError::Cancelled),
             None => {}
         }
-        let Some(l) = &listener else { continue };
+        let Some(l) = own.as_ref().or(auto.map(|(_, l)| l)) else {
+            continue;
+        };
         if !l.wait_for_peer(Some(Duration::ZERO)).unwrap_or(false) {
             continue;
         }

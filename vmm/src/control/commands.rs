@@ -303,6 +303,16 @@ impl Control {
                         inc.set_peer_timeout_ms(v);
                     }
                 }
+                if let Some(v) = p.x_postcopy_auto_recover {
+                    n.x_postcopy_auto_recover_ms = v;
+                    // Read when a postcopy pauses: a running one takes it.
+                    for s in [&self.mig.outgoing, &self.mig.incoming]
+                        .into_iter()
+                        .flatten()
+                    {
+                        s.set_auto_recover_ms(v);
+                    }
+                }
                 self.mig.params = n;
                 Ok(json!({}))
             }

@@ -430,6 +430,7 @@ impl Control {
         let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
         let shared = Arc::new(Shared::starting());
         shared.set_peer_timeout_ms(self.mig.params.x_peer_timeout_ms);
+        shared.set_auto_recover_ms(self.mig.params.x_postcopy_auto_recover_ms);
         self.mig.last_incoming = shared.clone();
         self.mig.incoming = Some(shared.clone());
         self.mig.seen[1] = Status::None;
