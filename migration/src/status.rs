@@ -309,6 +309,8 @@ pub struct Shared {
     peer_timeout_ms: AtomicU64,
     /// `x-postcopy-auto-recover`, ms (0: off), read when a postcopy pauses.
     auto_recover_ms: AtomicU64,
+    /// `migrate-pause` broke the connection (the pause's reason).
+    paused_by_user: AtomicBool,
     failover_flag: Mutex<bool>,
     failover_cv: Condvar,
     continue_flag: Mutex<bool>,
@@ -413,8 +415,15 @@ impl Shared {
         ) {
             return false;
         }
+        self.paused_by_user.store(true, Ordering::SeqCst);
         self.close_channel();
         true
+    }
+
+    /// Was the connection just broken by `migrate-pause`? (Asked once: the
+    /// answer resets.)
+    pub(crate) fn take_paused_by_user(&self) -> bool {
+        self.paused_by_user.swap(false, Ordering::SeqCst)
     }
 
     /// `migrate` with `resume` (source) or `migrate-recover` (destination)

@@ -369,6 +369,12 @@ fn connection_lost(preempt: bool) {
             .unwrap_or(0)
     };
     let before = by_preempt(&mut dq);
+    let counts = |c: &mut Client| {
+        let r = c.execute("query-migrate", json!({})).unwrap();
+        let n = |k: &str| r["ram"][k].as_u64().unwrap_or(0);
+        (n("transferred"), n("normal") + n("duplicate"))
+    };
+    let paused_counts = [counts(&mut sq), counts(&mut dq)];
     recover(&mut sq, &mut dq, 1);
     if preempt {
         sq.execute(
@@ -394,6 +400,17 @@ fn connection_lost(preempt: bool) {
     completed_with_requests(&mut sq, &mut dq);
     let r = sq.execute("query-migrate", json!({})).unwrap();
     assert!(r["x-postcopy-pages-resent"].as_u64().is_some(), "{r}");
+    // The statistics count on across the recovery.
+    let done = [counts(&mut sq), counts(&mut dq)];
+    for (side, (p, d)) in ["source", "destination"]
+        .iter()
+        .zip(paused_counts.iter().zip(done))
+    {
+        assert!(
+            d.0 > p.0 && d.1 > p.1,
+            "{side}: paused at {p:?}, done at {d:?}"
+        );
+    }
     assert_continues(&src, &dst);
 }
 
@@ -625,6 +642,11 @@ fn migrate_pause_on_each_side_then_recover() {
     dst.wait_pass_beyond(last, boot_timeout());
     sq.execute("migrate-pause", json!({})).unwrap();
     both_paused(&mut sq, &mut dq);
+    let paused_by_user = |c: &mut Client| {
+        let r = c.execute("query-migrate", json!({})).unwrap();
+        assert_eq!(r["error-desc"], "paused by migrate-pause", "{r}");
+    };
+    paused_by_user(&mut sq);
     // Slow again, so that there is a postcopy left to pause.
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
@@ -638,6 +660,7 @@ fn migrate_pause_on_each_side_then_recover() {
     }
     dq.execute("migrate-pause", json!({})).unwrap();
     both_paused(&mut sq, &mut dq);
+    paused_by_user(&mut dq);
     recover(&mut sq, &mut dq, 2);
     completed_with_requests(&mut sq, &mut dq);
     assert_continues(&src, &dst);

@@ -492,7 +492,14 @@ impl DestPostcopy {
         let mut stats_at = Instant::now();
         // After a recovery the stream's offsets start again: count on.
         let start = r.offset();
-        let base = shared.lock_info().ram.transferred.max(start) - start;
+        let (base, base_zero, base_normal) = {
+            let i = shared.lock_info();
+            (
+                i.ram.transferred.max(start) - start,
+                i.ram.duplicate.saturating_sub(rr.zero_pages),
+                i.ram.normal.saturating_sub(rr.pages - rr.zero_pages),
+            )
+        };
         loop {
             r.begin_section();
             let at = r.offset();
@@ -516,9 +523,10 @@ impl DestPostcopy {
                     });
                     let mut i = shared.lock_info();
                     i.ram.transferred = base + r.offset();
-                    i.ram.duplicate = rr.zero_pages;
-                    i.ram.normal = rr.pages - rr.zero_pages;
+                    i.ram.duplicate = base_zero + rr.zero_pages;
+                    i.ram.normal = base_normal + rr.pages - rr.zero_pages;
                     if let Some(st) = stats {
+                        i.ram.postcopy_requests = st["requests"].as_u64().unwrap_or(0);
                         i.extra.insert("x-postcopy-faults".into(), st);
                     }
                 }

@@ -118,7 +118,11 @@ impl Pause {
     /// A recovery attempt failed (`e`): paused again.
     pub(crate) fn again(&self, shared: &Shared, events: &EventSink, e: &MigrationError) {
         shared.close_channel();
-        let desc = crate::machine::error_chain(e);
+        let desc = if shared.take_paused_by_user() {
+            "paused by migrate-pause".to_string()
+        } else {
+            crate::machine::error_chain(e)
+        };
         log::warn!(
             "postcopy paused: {desc}; recover with migrate-recover on the destination, \
              then migrate with resume=true on the source"
@@ -130,6 +134,7 @@ impl Pause {
     /// Recovered: back to `postcopy-active`, the pause counted.
     pub(crate) fn end(self, shared: &Shared, events: &EventSink) {
         let ms = self.since.elapsed().as_millis() as u64;
+        shared.take_paused_by_user();
         {
             let mut i = shared.lock_info();
             i.error_desc = None;

@@ -470,14 +470,14 @@ const RECOVER_WAIT: Duration = Duration::from_secs(60);
 /// each failed attempt up to [`AUTO_RETRY_MAX`].
 const AUTO_RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Automatic recovery: the longest wait between two attempts.
-const AUTO_RETRY_MAX: Duration = Duration::from_secs(2);
+const AUTO_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The connection broke after RUN (`cause`): `postcopy-paused` until the
 /// user asks to resume (`migrate` with `resume`), then the recovery
 /// handshake on the new connection; a handshake that fails pauses again.
 /// With `x-postcopy-auto-recover`, until that time is up, the source also
 /// reconnects to the destination's original address by itself (backing
-/// off from 100 ms to 2 s between attempts); a connection refused or
+/// off from 100 ms to 1 s between attempts); a connection refused or
 /// unreachable then stays `postcopy-paused` quietly, and a `migrate` with
 /// `resume` still comes first. Returns the pages still to send: every
 /// page the destination does not have (the guest is stopped here, so
@@ -661,7 +661,10 @@ fn reconnect(
     p.preempt = preempt;
     *p.w = w;
     *p.rpath = rpath;
-    *p.rw = RamWriter::new();
+    // A new stream: fresh record state, the page counts going on.
+    let old = std::mem::replace(p.rw, RamWriter::new());
+    p.rw.zero_pages = old.zero_pages;
+    p.rw.normal_pages = old.normal_pages;
     Ok(dirty)
 }
 
