@@ -83,7 +83,10 @@
 //! Pages of a section cut off by the break were never placed (a section is
 //! placed only once its CRC checked), so the bitmap asks for them again and
 //! no page is placed twice. A failure during the handshake or after it
-//! pauses again; recovery can be tried any number of times. Requests
+//! pauses again; recovery can be tried any number of times. With
+//! `x-postcopy-auto-recover`, the same handshake runs without a command:
+//! the source connects to the original URI, the destination accepts on
+//! the listener of the migration. Requests
 //! pending at POSTCOPY_RESUME go on the return path, later ones on the
 //! reopened preempt channel.
 
