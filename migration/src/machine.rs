@@ -189,6 +189,13 @@ pub trait Machine: Send {
     fn stop(&mut self) -> Result<Stopped, MachineError>;
     /// Run the vCPUs again after a failed migration.
     fn resume(&mut self) -> Result<(), MachineError>;
+    /// auto-converge: throttle the running vCPUs to `pct` % (0: off). The
+    /// VMM lifts the throttle when the migration leaves `active`.
+    fn throttle(&mut self, _pct: u8) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "this machine cannot throttle its vCPUs (auto-converge)",
+        ))
+    }
     /// COLO output commit: hold the guest's console output from now on
     /// (`true`), or release everything held and stop holding (`false`).
     fn hold_output(&mut self, _hold: bool) -> Result<(), MachineError> {

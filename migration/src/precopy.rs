@@ -33,10 +33,11 @@
 //! hand-over to postcopy or COLO are the session's ([`crate::session`]).
 
 use std::io::BufRead;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::machine::{set_status, Event, EventSink, MigrationError};
+use crate::machine::{set_status, Event, EventSink, Machine, MigrationError};
 use crate::ram::{
     begin_ram_section, end_ram_section, send_dirty, AtomicBitmap, Bitmap, GuestRam, PagePlacer,
     RamError, RamReader, RamWriter, Throttle, RAM_IDSTR, RAM_SECTION_ID, RAM_SECTION_VERSION,
@@ -120,6 +121,7 @@ pub(crate) fn rounds<W: Sink>(
     ctx: &SourceCtx<'_>,
     mut rpath: Option<&mut ReturnPath>,
     want_postcopy: bool,
+    converge: &mut AutoConverge<'_>,
 ) -> Result<(u64, RoundsEnd), MigrationError> {
     let postcopy = move |sh: &Shared| want_postcopy && sh.postcopy_requested();
     let mut throttle = Throttle::new(&ctx.shared.max_bandwidth);
@@ -140,7 +142,8 @@ pub(crate) fn rounds<W: Sink>(
         let remaining_bytes = remaining * PAGE_SIZE as u64;
         let expected_ms = expected_downtime(ctx, pass, remaining_bytes, bandwidth);
         (ctx.events)(Event::Pass(pass));
-        if pass > 1 && (remaining == 0 || expected_ms <= ctx.params.downtime_limit_ms) {
+        let limit = ctx.shared.downtime_limit_ms.load(Ordering::Relaxed);
+        if pass > 1 && (remaining == 0 || expected_ms <= limit) {
             // Stop only once the destination has read what is already
             // on its way (up to a few MiB in socket buffers, which the
             // bandwidth above, measured at the source's writes, does
@@ -156,10 +159,111 @@ pub(crate) fn rounds<W: Sink>(
         if postcopy(ctx.shared) {
             return Ok((pass, RoundsEnd::Postcopy));
         }
+        if pass > 1 {
+            converge.after_sync(ctx, w.offset(), remaining_bytes)?;
+        }
         // One round: every page dirty at the sync.
         drained = false;
         bandwidth = round(w, s, ctx, &mut throttle, &postcopy, remaining)?;
     }
+}
+
+/// `auto-converge`, as QEMU's `migration_trigger_throttle`: over a period
+/// of at least a second (from one sync to a later one), when the bytes the
+/// guest dirtied exceed `throttle-trigger-threshold` % of the bytes sent,
+/// for the second time, throttle the vCPUs: first to
+/// `cpu-throttle-initial` %, then each time `cpu-throttle-increment` more
+/// (with `cpu-throttle-tailslow`, only as much as would bring the dirty
+/// rate down to the threshold, at most the increment), up to
+/// `max-cpu-throttle`. The throttle holds while the status is `active`:
+/// the VMM lifts it when the status changes (the stop, a switch to
+/// postcopy or COLO, the end however it comes).
+pub(crate) struct AutoConverge<'a> {
+    /// Throttles the vCPUs (`None`: auto-converge is off).
+    machine: Option<&'a mut dyn Machine>,
+    /// The throttle now, %.
+    pct: u8,
+    /// Periods in a row whose dirty bytes were over the threshold.
+    high: u32,
+    /// Start of the period: when, bytes sent by then.
+    period_start: Option<(Instant, u64)>,
+    /// Bytes dirtied in the period so far.
+    dirtied: u64,
+}
+
+/// The shortest auto-converge period (QEMU's: one second between syncs).
+const CONVERGE_PERIOD: Duration = Duration::from_secs(1);
+
+impl<'a> AutoConverge<'a> {
+    /// For a migration with `auto-converge` set (`on`), throttling through
+    /// `machine`.
+    pub(crate) fn new(on: bool, machine: &'a mut dyn Machine) -> Self {
+        Self {
+            machine: on.then_some(machine),
+            pct: 0,
+            high: 0,
+            period_start: None,
+            dirtied: 0,
+        }
+    }
+
+    /// After a sync that found `dirty_bytes` dirty, `sent` bytes sent so
+    /// far on the stream.
+    fn after_sync(
+        &mut self,
+        ctx: &SourceCtx<'_>,
+        sent: u64,
+        dirty_bytes: u64,
+    ) -> Result<(), MigrationError> {
+        let Some(machine) = self.machine.as_deref_mut() else {
+            return Ok(());
+        };
+        let Some((at, sent_then)) = self.period_start else {
+            self.period_start = Some((Instant::now(), sent));
+            return Ok(());
+        };
+        self.dirtied += dirty_bytes;
+        if at.elapsed() < CONVERGE_PERIOD {
+            return Ok(());
+        }
+        let p = ctx.params;
+        let sent_period = sent.saturating_sub(sent_then);
+        let threshold = sent_period * u64::from(p.throttle_trigger_threshold) / 100;
+        let dirtied = std::mem::take(&mut self.dirtied);
+        self.period_start = Some((Instant::now(), sent));
+        if dirtied <= threshold {
+            return Ok(());
+        }
+        self.high += 1;
+        if self.high < 2 {
+            return Ok(());
+        }
+        self.high = 0;
+        let next = next_throttle(self.pct, p, threshold, dirtied);
+        if next != self.pct {
+            machine.throttle(next).map_err(MigrationError::Machine)?;
+            log::info!("auto-converge: vCPUs throttled to {next} %");
+            self.pct = next;
+        }
+        ctx.shared.lock_info().cpu_throttle_percentage = Some(self.pct);
+        Ok(())
+    }
+}
+
+/// QEMU's `mig_throttle_guest_down`: the throttle after `now` % when a
+/// period dirtied `dirtied` bytes against a threshold of `threshold`.
+fn next_throttle(now: u8, p: &Parameters, threshold: u64, dirtied: u64) -> u8 {
+    if now == 0 {
+        return p.cpu_throttle_initial;
+    }
+    let inc = if p.cpu_throttle_tailslow {
+        let cpu_now = 100.0 - f64::from(now);
+        let cpu_ideal = cpu_now * (threshold as f64 / dirtied.max(1) as f64);
+        ((cpu_now - cpu_ideal) as u8).min(p.cpu_throttle_increment)
+    } else {
+        p.cpu_throttle_increment
+    };
+    now.saturating_add(inc).min(p.max_cpu_throttle)
 }
 
 /// The downtime the pages left would take at the measured bandwidth
@@ -522,5 +626,28 @@ impl PagePlacer for TrackingPlacer<'_> {
         self.ram.zero_page(block, page)?;
         self.mark_received(block, page);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_steps_as_qemus() {
+        let mut p = Parameters::default();
+        // First step: the initial throttle; then the increment, capped.
+        assert_eq!(next_throttle(0, &p, 50, 500), 20);
+        assert_eq!(next_throttle(20, &p, 50, 500), 30);
+        assert_eq!(next_throttle(95, &p, 50, 500), 99);
+        p.max_cpu_throttle = 60;
+        assert_eq!(next_throttle(55, &p, 50, 500), 60);
+        // Tail-slow: only as far as the dirty rate needs (dirtied twice
+        // the threshold at 80 % CPU: 40 % would do, but at most +10).
+        p.cpu_throttle_tailslow = true;
+        p.max_cpu_throttle = 99;
+        assert_eq!(next_throttle(20, &p, 100, 200), 30);
+        // Dirtied just over the threshold: a small step.
+        assert_eq!(next_throttle(20, &p, 100, 105), 23);
     }
 }

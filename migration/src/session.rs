@@ -76,6 +76,7 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
         .set_bandwidths(o.params.max_bandwidth, o.params.max_postcopy_bandwidth);
     o.shared
         .set_auto_recover_ms(o.params.x_postcopy_auto_recover_ms);
+    o.shared.set_downtime_limit_ms(o.params.downtime_limit_ms);
     let mut stopped = false;
     let run_sent = AtomicBool::new(false);
     let result = outgoing(&mut o, &mut stopped, &run_sent);
@@ -133,7 +134,11 @@ fn outgoing(
     stream::write_header(&mut w)?;
     let cfg = serde_json::to_vec(&o.config).map_err(|e| MigrationError::Config(e.to_string()))?;
     stream::write_config(&mut w, &cfg)?;
-    let mut rpath = if chan.duplex {
+    // Postcopy and COLO always need the return path; precopy uses it
+    // unless `return-path` is off (then the source does not learn whether
+    // the destination loaded the guest, as in QEMU).
+    let wants_rp = o.caps.return_path || o.caps.postcopy_ram || o.caps.x_colo;
+    let mut rpath = if chan.duplex && wants_rp {
         w.write_command(&Command::OpenReturnPath)?;
         let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
         Some(ReturnPath::spawn(
@@ -226,8 +231,15 @@ fn transfer(
         events: &o.events,
         params: &o.params,
     };
-    let (pass, end) =
-        crate::precopy::rounds(&mut w, &mut s, &ctx, rpath.as_deref_mut(), want_postcopy)?;
+    let mut converge = crate::precopy::AutoConverge::new(o.caps.auto_converge, &mut *o.machine);
+    let (pass, end) = crate::precopy::rounds(
+        &mut w,
+        &mut s,
+        &ctx,
+        rpath.as_deref_mut(),
+        want_postcopy,
+        &mut converge,
+    )?;
     if end == RoundsEnd::Postcopy {
         if let Some(r) = rpath.as_deref_mut() {
             crate::postcopy::discard_before_stop(&mut w, &*s.ram, &s.dirty, &mut s.sent, r)?;

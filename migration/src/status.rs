@@ -22,7 +22,7 @@ pub enum Recover {
 pub use qmp::MigrationStatus as Status;
 
 /// Migration capabilities (`migrate-set-capabilities`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// Emit MIGRATION and MIGRATION_PASS events.
     pub events: bool,
@@ -33,7 +33,9 @@ pub struct Capabilities {
     pub postcopy_preempt: bool,
     /// Enter COLO after the first migration.
     pub x_colo: bool,
-    /// Use a return path (always on for socket transports here).
+    /// Precopy uses a return path on socket transports (the destination's
+    /// verdict, keepalives); postcopy and COLO always do. On by default in
+    /// minivmm (QEMU's default is off).
     pub return_path: bool,
     /// Stop at pre-switchover until `migrate-continue`.
     pub pause_before_switchover: bool,
@@ -41,6 +43,21 @@ pub struct Capabilities {
     pub auto_converge: bool,
     /// Measure vCPU time blocked on postcopy faults.
     pub postcopy_blocktime: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self {
+            events: false,
+            postcopy_ram: false,
+            postcopy_preempt: false,
+            x_colo: false,
+            return_path: true,
+            pause_before_switchover: false,
+            auto_converge: false,
+            postcopy_blocktime: false,
+        }
+    }
 }
 
 /// A capability setting refused (QEMU's texts).
@@ -114,6 +131,12 @@ pub struct Parameters {
     pub cpu_throttle_increment: u8,
     /// Auto-converge: most throttle, percent.
     pub max_cpu_throttle: u8,
+    /// Auto-converge: dirtied/sent ratio of a period that counts as too
+    /// high, percent.
+    pub throttle_trigger_threshold: u8,
+    /// Auto-converge: raise the throttle only as far as the dirty rate
+    /// needs, at most by the increment.
+    pub cpu_throttle_tailslow: bool,
     /// Longest a migration peer may make no progress (nothing received,
     /// nothing accepted), ms: `x-peer-timeout`.
     pub x_peer_timeout_ms: u64,
@@ -132,6 +155,8 @@ impl Default for Parameters {
             cpu_throttle_initial: 20,
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
+            throttle_trigger_threshold: 50,
+            cpu_throttle_tailslow: false,
             x_peer_timeout_ms: DEFAULT_PEER_TIMEOUT_MS,
             x_postcopy_auto_recover_ms: 0,
         }
@@ -153,6 +178,8 @@ impl Parameters {
             "cpu-throttle-initial": self.cpu_throttle_initial,
             "cpu-throttle-increment": self.cpu_throttle_increment,
             "max-cpu-throttle": self.max_cpu_throttle,
+            "throttle-trigger-threshold": self.throttle_trigger_threshold,
+            "cpu-throttle-tailslow": self.cpu_throttle_tailslow,
             "x-peer-timeout": self.x_peer_timeout_ms,
             "x-postcopy-auto-recover": self.x_postcopy_auto_recover_ms,
         })
@@ -210,6 +237,8 @@ pub struct Info {
     pub extra: serde_json::Map<String, Value>,
     /// Postcopy failed after the destination may have started the guest.
     pub postcopy_after_run: bool,
+    /// auto-converge: the vCPU throttle now, % (`None`: not throttling).
+    pub cpu_throttle_percentage: Option<u8>,
 }
 
 impl Default for Info {
@@ -225,6 +254,7 @@ impl Default for Info {
             error_desc: None,
             extra: serde_json::Map::new(),
             postcopy_after_run: false,
+            cpu_throttle_percentage: None,
         }
     }
 }
@@ -249,6 +279,9 @@ impl Info {
         }
         if let (Some(e), false) = (self.expected_downtime_ms, self.status.is_final()) {
             m.insert("expected-downtime".into(), json!(e));
+        }
+        if let (Some(p), Status::Active) = (self.cpu_throttle_percentage, self.status) {
+            m.insert("cpu-throttle-percentage".into(), json!(p));
         }
         if self.status != Status::Setup {
             let r = &self.ram;
@@ -301,6 +334,8 @@ pub struct Shared {
     pub(crate) checkpoint_delay_ms: AtomicU64,
     /// `max-bandwidth`, bytes/s, as the running rounds read it.
     pub(crate) max_bandwidth: AtomicU64,
+    /// `downtime-limit`, ms, as the running rounds read it.
+    pub(crate) downtime_limit_ms: AtomicU64,
     /// `max-postcopy-bandwidth`, bytes/s (0: none), as the running
     /// postcopy background stream reads it.
     pub(crate) max_postcopy_bandwidth: AtomicU64,
@@ -507,6 +542,12 @@ impl Shared {
         self.max_bandwidth.store(max_bandwidth, Ordering::SeqCst);
         self.max_postcopy_bandwidth
             .store(max_postcopy_bandwidth, Ordering::SeqCst);
+    }
+
+    /// `migrate-set-parameters` during a migration: the running rounds
+    /// stop once what is left fits the new `downtime-limit` (as QEMU).
+    pub fn set_downtime_limit_ms(&self, ms: u64) {
+        self.downtime_limit_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Set `x-peer-timeout` for connections made from now on.

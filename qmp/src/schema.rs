@@ -703,19 +703,23 @@ pub struct MigrateSetParameters {
     /// auto-converge: dirty/transferred ratio that triggers throttling, % (1-100).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub throttle_trigger_threshold: Option<u8>,
-    /// Self-announce timing: accepted and ignored (no NICs).
+    /// auto-converge: step only as far as the dirty rate needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_tailslow: Option<bool>,
+    /// Self-announce timing: refused (minivmm has no network device to
+    /// announce).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub announce_initial: Option<u64>,
-    /// Accepted and ignored.
+    /// Refused, as `announce_initial`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub announce_max: Option<u64>,
-    /// Accepted and ignored.
+    /// Refused, as `announce_initial`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub announce_rounds: Option<u64>,
-    /// Accepted and ignored.
+    /// Refused, as `announce_initial`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub announce_step: Option<u64>,
-    /// multifd channel count (1-255); accepted, multifd itself is not implemented.
+    /// multifd channel count: refused (multifd is not implemented).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multifd_channels: Option<u8>,
     /// minivmm: longest a migration peer may make no progress, ms
@@ -797,6 +801,23 @@ impl MigrateSetParameters {
         }
         if self.multifd_channels == Some(0) {
             return expects("multifd_channels", "a value between 1 and 255");
+        }
+        // Known to QEMU, without effect here: refused rather than ignored.
+        if self.multifd_channels.is_some() {
+            return Err(QmpError::generic(
+                "Parameter 'multifd-channels' is not supported: minivmm has no multifd",
+            ));
+        }
+        let announce = [
+            ("announce-initial", self.announce_initial),
+            ("announce-max", self.announce_max),
+            ("announce-rounds", self.announce_rounds),
+            ("announce-step", self.announce_step),
+        ];
+        if let Some((name, _)) = announce.iter().find(|(_, v)| v.is_some()) {
+            return Err(QmpError::generic(format!(
+                "Parameter '{name}' is not supported: minivmm has no network device to announce"
+            )));
         }
         Ok(())
     }
@@ -1164,8 +1185,7 @@ mod tests {
                    "x-checkpoint-delay": 200, "max-postcopy-bandwidth": 0,
                    "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
                    "max-cpu-throttle": 99, "throttle-trigger-threshold": 50,
-                   "announce-initial": 50, "announce-max": 550,
-                   "announce-rounds": 5, "announce-step": 100, "multifd-channels": 2}),
+                   "cpu-throttle-tailslow": true}),
         );
         let Command::MigrateSetParameters(p) = c else {
             panic!("{c:?}")
@@ -1261,6 +1281,24 @@ mod tests {
             json!({"multifd-channels": 0}),
             "Parameter 'multifd_channels' expects",
         );
+        // Settings without an effect here are refused, not ignored.
+        bad(
+            "migrate-set-parameters",
+            json!({"multifd-channels": 2}),
+            "Parameter 'multifd-channels' is not supported",
+        );
+        for name in [
+            "announce-initial",
+            "announce-max",
+            "announce-rounds",
+            "announce-step",
+        ] {
+            bad(
+                "migrate-set-parameters",
+                json!({ name: 100 }),
+                &format!("Parameter '{name}' is not supported"),
+            );
+        }
         bad(
             "migrate-set-parameters",
             json!({"xbzrle-cache-size": 1}),

@@ -513,6 +513,93 @@ fn memory_size_mismatch_is_refused() {
     damaged_stream(Tamper::None, "256M", &["memory", "RAM"]);
 }
 
+/// `return-path` is on by default; turned off, precopy sends no
+/// OPEN_RETURN_PATH: the source completes once the stream is out, without
+/// the destination's verdict (as QEMU), and the guest goes on there.
+#[test]
+fn return_path_off_completes_without_a_verdict() {
+    if !kvm_available("return_path_off_completes_without_a_verdict") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    let caps = sq.execute("query-migrate-capabilities", json!({})).unwrap();
+    assert!(
+        caps.as_array()
+            .is_some_and(|a| a.contains(&json!({"capability": "return-path", "state": true}))),
+        "{caps}"
+    );
+    set_caps(&mut sq, &[("return-path", false)]);
+    let port = free_port();
+    let mut dst = destination("dst", &format!("tcp:127.0.0.1:{port}"));
+    let mut dq = dst.qmp();
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{port}"));
+    assert_eq!(r["status"], "completed", "{r}");
+    let dr = wait_migration(&mut dq, &["completed", "failed"], mig_timeout());
+    assert_eq!(dr["status"], "completed", "{dr}");
+    assert!(
+        !dst.stderr.text().contains("return path"),
+        "{}",
+        dst.stderr.text()
+    );
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last, boot_timeout());
+    dst.assert_no_corrupt();
+}
+
+/// `migrate-incoming` with `exit-on-error: false`: a damaged stream fails
+/// the incoming migration, but the destination stays up in `inmigrate`
+/// (nothing of the guest ran), query-migrate says why, and a second
+/// `migrate-incoming` takes a good migration from the same source, whose
+/// guest then runs there intact.
+#[test]
+fn exit_on_error_false_keeps_the_destination_for_another_try() {
+    if !kvm_available("exit_on_error_false_keeps_the_destination_for_another_try") {
+        return;
+    }
+    let mut src = running_source("src");
+    let mut sq = src.qmp();
+    let mut dst = base_named("dst").incoming("defer").spawn();
+    let mut dq = dst.qmp();
+    let port = free_port();
+    dq.execute(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}"), "exit-on-error": false}),
+    )
+    .unwrap();
+    let relay = Relay::start(port, Tamper::Flip { at: 3 << 20 });
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{}", relay.port));
+    assert_eq!(r["status"], "failed", "{r}");
+    let dr = wait_migration(&mut dq, &["failed", "completed"], mig_timeout());
+    assert_eq!(dr["status"], "failed", "{dr}");
+    assert!(
+        dr["error-desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("checksum mismatch")),
+        "{dr}"
+    );
+    assert!(dst.exited().is_none(), "the destination exited");
+    assert_eq!(run_state(&mut dq), "inmigrate");
+    assert!(
+        dst.passes().is_empty(),
+        "the destination ran a damaged guest"
+    );
+    assert_source_survived(&mut src, &mut sq);
+    drop(relay);
+
+    let port = free_port();
+    dq.execute(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}"), "exit-on-error": false}),
+    )
+    .unwrap();
+    let r = migrate(&mut sq, &format!("tcp:127.0.0.1:{port}"));
+    assert_eq!(r["status"], "completed", "{r}");
+    let last = src.passes().last().copied().unwrap_or(0);
+    dst.wait_pass_beyond(last, boot_timeout());
+    dst.assert_no_corrupt();
+}
+
 /// A source (paused first if `paused`) migrating with
 /// `pause-before-switchover`, stopped in `pre-switchover` (run state
 /// `finish-migrate`); its QMP client and the destination.

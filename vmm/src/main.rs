@@ -9,6 +9,7 @@ mod memory;
 mod migrate;
 mod mptable;
 mod term;
+mod throttle;
 mod vcpu;
 mod vm;
 

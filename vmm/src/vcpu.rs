@@ -120,6 +120,8 @@ pub struct VcpuContext {
     pub notify: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
     /// MSRs to save.
     pub msr_list: Arc<Vec<u32>>,
+    /// auto-converge: how long to sleep after a throttle kick.
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// A reply a vCPU thread owes: its state (save) or `()` (restore).
@@ -215,6 +217,12 @@ impl VcpuHandle {
     pub fn id(&self) -> u8 {
         self.id
     }
+
+    /// The thread's pthread id (for the throttle's kicks).
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_ref().map(JoinHandleExt::as_pthread_t)
+    }
 }
 
 impl Drop for VcpuHandle {
@@ -230,8 +238,12 @@ impl Drop for VcpuHandle {
 fn vcpu_thread(id: u8, mut fd: VcpuFd, rx: Receiver<VcpuRequest>, ctx: VcpuContext) {
     KVM_RUN_PTR.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
     let mut paused = true;
+    // A request that came while the thread slept for the throttle.
+    let mut early: Option<VcpuRequest> = None;
     loop {
-        let req = if paused {
+        let req = if early.is_some() {
+            early.take()
+        } else if paused {
             match rx.recv() {
                 Ok(r) => Some(r),
                 Err(_) => break,
@@ -263,6 +275,14 @@ fn vcpu_thread(id: u8, mut fd: VcpuFd, rx: Receiver<VcpuRequest>, ctx: VcpuConte
         if !run_once(id, &mut fd, &ctx) {
             // Fatal: park until told otherwise.
             paused = true;
+            continue;
+        }
+        if let Some(nap) = ctx.throttle.take_sleep(usize::from(id)) {
+            match rx.recv_timeout(nap) {
+                Ok(r) => early = Some(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
     }
     KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));

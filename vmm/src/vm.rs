@@ -22,6 +22,7 @@ use crate::boot::{self, BootSpec};
 use crate::cpu::{self, CpuModel, VcpuState};
 use crate::memory::{self, GuestMemoryMmap, MemLayout, PAGE_SIZE};
 use crate::mptable;
+use crate::throttle::{Throttle, ThrottleTimer};
 use crate::vcpu::{VcpuContext, VcpuError, VcpuEvent, VcpuHandle};
 use devices::cmos::{Cmos, CmosState, CMOS_BASE};
 use devices::i8042::{I8042, I8042_BASE};
@@ -103,6 +104,11 @@ pub struct Vm {
     /// Written by the i8042 when the guest asks for a reset.
     pub reset_evt: EventFd,
     _serial_irq: EventFd,
+    /// auto-converge's vCPU throttle.
+    throttle: Arc<Throttle>,
+    /// Kicks throttled vCPUs; declared before `vcpus`, so it stops before
+    /// their threads end.
+    _throttle_timer: ThrottleTimer,
     vcpus: Vec<VcpuHandle>,
     initial: Option<MachineState>,
     running: bool,
@@ -175,6 +181,7 @@ impl Vm {
             vcpu_fds.push(v);
         }
         let msr_list = Arc::new(cpu::migratable_msrs(&kvm, &vcpu_fds[0])?);
+        let throttle = Throttle::new(vcpu_fds.len());
         let mut vcpus = Vec::new();
         for (id, v) in vcpu_fds.into_iter().enumerate() {
             let ctx = VcpuContext {
@@ -182,9 +189,14 @@ impl Vm {
                 mem: mem.clone(),
                 notify: notify.clone(),
                 msr_list: msr_list.clone(),
+                throttle: throttle.clone(),
             };
             vcpus.push(VcpuHandle::spawn(id as u8, v, ctx)?);
         }
+        let threads = vcpus.iter().filter_map(VcpuHandle::pthread).collect();
+        let throttle_timer =
+            ThrottleTimer::start(throttle.clone(), threads, crate::vcpu::kick_signal())
+                .map_err(|e| VmError::Device("vcpu-throttle", e.to_string()))?;
 
         let mut vm = Self {
             fd: Arc::new(fd),
@@ -195,6 +207,8 @@ impl Vm {
             cmos,
             reset_evt,
             _serial_irq: serial_irq,
+            throttle,
+            _throttle_timer: throttle_timer,
             vcpus,
             initial: None,
             running: false,
@@ -214,6 +228,11 @@ impl Vm {
         mptable::write(mem, shape.vcpus)?;
         cpu::write_boot_tables(mem)?;
         Ok(entry)
+    }
+
+    /// auto-converge: throttle the vCPUs to `pct` % (0: off).
+    pub fn set_throttle(&self, pct: u8) {
+        self.throttle.set(pct);
     }
 
     /// The VM's shape.

@@ -191,7 +191,7 @@ impl Control {
                 if self.mig.incoming.is_some() || self.runstate != RunState::InMigrate {
                     return Err(generic("The incoming migration has already been started"));
                 }
-                let _ = a.exit_on_error;
+                self.mig.exit_on_error = a.exit_on_error;
                 self.start_incoming(&a.uri).map_err(|e| match e {
                     IncomingStartError::Transport(t) => generic(migration::error_chain(&t)),
                     IncomingStartError::Other(s) => generic(s),
@@ -293,8 +293,17 @@ impl Control {
                 if let Some(v) = p.max_cpu_throttle {
                     n.max_cpu_throttle = v;
                 }
+                if let Some(v) = p.throttle_trigger_threshold {
+                    n.throttle_trigger_threshold = v;
+                }
+                if let Some(v) = p.cpu_throttle_tailslow {
+                    n.cpu_throttle_tailslow = v;
+                }
                 if let Some(out) = &self.mig.outgoing {
+                    // The running migration paces and decides by these
+                    // from its next write and sync on (as QEMU).
                     out.set_bandwidths(n.max_bandwidth, n.max_postcopy_bandwidth);
+                    out.set_downtime_limit_ms(n.downtime_limit_ms);
                 }
                 if let Some(v) = p.x_peer_timeout {
                     n.x_peer_timeout_ms = v;

@@ -35,6 +35,8 @@ pub enum MachineRequest {
     Stop(Sender<Result<Stopped, MachineError>>),
     /// Resume after a failed migration.
     Resume(Sender<Result<(), MachineError>>),
+    /// auto-converge: throttle the vCPUs to this %.
+    Throttle(u8, Sender<Result<(), MachineError>>),
     /// Load all device state (incoming).
     Load(Vec<DeviceBlob>, Sender<Result<(), MachineError>>),
     /// Postcopy failed on the destination: stop the guest for good.
@@ -60,6 +62,9 @@ impl Machine for ProxyMachine {
     }
     fn resume(&mut self) -> Result<(), MachineError> {
         self.0.request(MachineRequest::Resume)
+    }
+    fn throttle(&mut self, pct: u8) -> Result<(), MachineError> {
+        self.0.request(|tx| MachineRequest::Throttle(pct, tx))
     }
     fn hold_output(&mut self, hold: bool) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::HoldOutput(hold, tx))
@@ -161,6 +166,11 @@ pub struct Migrations {
     /// state has followed it (`completed` with the source in
     /// `postmigrate`).
     pub seen: [Status; 2],
+    /// `migrate-incoming`'s `exit-on-error` (`-incoming URI`: true): a
+    /// failed incoming migration ends the process; false, it stays up in
+    /// `inmigrate` (the guest never ran) with the error in query-migrate,
+    /// and `migrate-incoming` may be tried again.
+    pub exit_on_error: bool,
 }
 
 impl Default for Migrations {
@@ -180,6 +190,7 @@ impl Default for Migrations {
             colo_reason: None,
             colo_state: None,
             seen: [Status::None; 2],
+            exit_on_error: true,
         }
     }
 }
@@ -248,7 +259,18 @@ impl Control {
             MachineRequest::Stop(reply) => {
                 let _ = reply.send(self.migration_stop());
             }
+            MachineRequest::Throttle(pct, reply) => {
+                // Only while the rounds run (see migration_status).
+                let active = self
+                    .mig
+                    .outgoing
+                    .as_ref()
+                    .is_some_and(|s| s.status() == Status::Active);
+                self.vm.set_throttle(if active { pct } else { 0 });
+                let _ = reply.send(Ok(()));
+            }
             MachineRequest::Resume(reply) => {
+                self.vm.set_throttle(0);
                 // A COLO primary always runs between checkpoints.
                 let run = self.mig.was_running || self.mig.colo_mode == ColoMode::Primary;
                 let _ = reply.send(
@@ -373,6 +395,10 @@ impl Control {
 
     fn migration_status(&mut self, incoming: bool, s: Status) -> Result<(), super::ControlError> {
         self.mig.seen[usize::from(incoming)] = s;
+        if !incoming && s != Status::Active {
+            // auto-converge throttles only the rounds.
+            self.vm.set_throttle(0);
+        }
         if s == Status::Colo {
             self.mig.colo_mode = ColoMode::of_side(incoming);
         }
@@ -407,6 +433,13 @@ impl Control {
             // Postcopy broke after the switch: stay up, paused, so the
             // user can inspect it; `cont` is refused.
             eprintln!("minivmm: incoming postcopy migration failed: {desc}");
+            return Ok(());
+        }
+        if !self.mig.exit_on_error {
+            eprintln!(
+                "minivmm: incoming migration failed: {desc} (exit-on-error is off: \
+                 still waiting for an incoming migration)"
+            );
             return Ok(());
         }
         eprintln!("minivmm: incoming migration failed: {desc}");

@@ -1,0 +1,180 @@
+//! Precopy that does not converge by itself, and the settings that make it:
+//! `downtime-limit` and `max-bandwidth` raised while it runs, and
+//! `auto-converge` (the vCPUs throttled until the dirty rate fits the
+//! link).
+//!
+//! The guest rewrites 16 MiB at 16 MiB/s; `max-bandwidth` holds the link to
+//! 4 MB/s, a quarter of that, so every round finds the whole working set
+//! dirty again. No test asserts a speed: "does not converge" is "still
+//! `active` after a number of rounds", and each migration that completes
+//! is checked by the guest's own integrity pass on the destination.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tests::*;
+
+fn mig_timeout() -> Duration {
+    scaled(Duration::from_secs(180))
+}
+
+fn guest(name: &str) -> VmmBuilder {
+    VmmBuilder::new(name).smp(2)
+}
+
+/// A running source (restored from the shared snapshot), a destination
+/// listening on a fresh port, and the source migrating to it at 4 MB/s
+/// with `params` (and `caps`) set first. Returns both and their clients.
+fn slow_migration(caps: &[(&str, bool)], params: serde_json::Value) -> (Vmm, Client, Vmm, Client) {
+    let snap = snapshot(&guest("base"));
+    let mut src = guest("src")
+        .incoming(&format!("file:{}", snap.display()))
+        .spawn();
+    src.wait_pass_beyond(2, boot_timeout());
+    let port = free_port();
+    let mut dst = guest("dst")
+        .incoming(&format!("tcp:127.0.0.1:{port}"))
+        .spawn();
+    let dq = dst.qmp();
+    let mut sq = src.qmp();
+    let mut caps = caps.to_vec();
+    caps.push(("events", true));
+    set_caps(&mut sq, &caps);
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 4_000_000, "downtime-limit": 300}),
+    )
+    .unwrap();
+    sq.execute("migrate-set-parameters", params).unwrap();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    (src, sq, dst, dq)
+}
+
+/// Wait for the source's `n`-th sync (MIGRATION_PASS); the migration must
+/// still be `active` then: it did not converge.
+fn still_active_at_pass(sq: &mut Client, n: u64) {
+    sq.wait_event(
+        "MIGRATION_PASS",
+        |e| e["data"]["pass"].as_u64() >= Some(n),
+        mig_timeout(),
+    )
+    .unwrap_or_else(|e| panic!("pass {n}: {e}"));
+    let r = sq.execute("query-migrate", json!({})).unwrap();
+    assert_eq!(r["status"], "active", "converged without help: {r}");
+}
+
+/// Both sides complete; the guest goes on on the destination, intact.
+fn completes(src: &Vmm, sq: &mut Client, dst: &Vmm, dq: &mut Client) -> serde_json::Value {
+    let r = wait_migration(sq, &["completed", "failed"], mig_timeout());
+    assert_eq!(r["status"], "completed", "{r}");
+    let dr = wait_migration(dq, &["completed", "failed"], mig_timeout());
+    assert_eq!(dr["status"], "completed", "{dr}");
+    assert_continues(src, dst);
+    r
+}
+
+/// A migration that does not converge at 4 MB/s with a 300 ms limit
+/// completes once `downtime-limit` is raised to 60 s while it runs (the
+/// next sync sees that the rest fits).
+#[test]
+fn raising_downtime_limit_lets_it_complete() {
+    if !kvm_available("raising_downtime_limit_lets_it_complete") {
+        return;
+    }
+    let (src, mut sq, dst, mut dq) = slow_migration(&[], json!({}));
+    still_active_at_pass(&mut sq, 4);
+    sq.execute("migrate-set-parameters", json!({"downtime-limit": 60_000}))
+        .unwrap();
+    completes(&src, &mut sq, &dst, &mut dq);
+}
+
+/// The same migration completes once `max-bandwidth` is raised to 1 GB/s
+/// while it runs.
+#[test]
+fn raising_max_bandwidth_lets_it_complete() {
+    if !kvm_available("raising_max_bandwidth_lets_it_complete") {
+        return;
+    }
+    let (src, mut sq, dst, mut dq) = slow_migration(&[], json!({}));
+    still_active_at_pass(&mut sq, 4);
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1_000_000_000}),
+    )
+    .unwrap();
+    completes(&src, &mut sq, &dst, &mut dq);
+}
+
+/// With `auto-converge` (first step 50 %, then 20 % more each time) the same
+/// migration completes by itself: `query-migrate` shows
+/// `cpu-throttle-percentage` above zero on the way, the source's log says
+/// it throttled, and the throttle ends with the migration.
+#[test]
+fn auto_converge_throttles_until_it_completes() {
+    if !kvm_available("auto_converge_throttles_until_it_completes") {
+        return;
+    }
+    let (src, mut sq, dst, mut dq) = slow_migration(
+        &[("auto-converge", true)],
+        json!({"cpu-throttle-initial": 50, "cpu-throttle-increment": 20,
+               "throttle-trigger-threshold": 50}),
+    );
+    let p = sq.execute("query-migrate-parameters", json!({})).unwrap();
+    assert_eq!(p["cpu-throttle-initial"], 50, "{p}");
+    assert_eq!(p["throttle-trigger-threshold"], 50, "{p}");
+    let deadline = Instant::now() + mig_timeout();
+    let mut most = 0;
+    let r = loop {
+        let r = sq.execute("query-migrate", json!({})).unwrap();
+        if let Some(p) = r["cpu-throttle-percentage"].as_u64() {
+            most = most.max(p);
+        }
+        if !matches!(r["status"].as_str(), Some("setup" | "active")) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "still active: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(most >= 50, "never throttled: {r}");
+    assert!(
+        src.stderr
+            .text()
+            .contains("auto-converge: vCPUs throttled to"),
+        "{}",
+        src.stderr.text()
+    );
+    let r = completes(&src, &mut sq, &dst, &mut dq);
+    assert!(r.get("cpu-throttle-percentage").is_none(), "{r}");
+    eprintln!("throttled up to {most} %: {r}");
+}
+
+/// Settings minivmm cannot act on are refused with a reason, not accepted
+/// and ignored: `multifd-channels`, the `announce-*` timings.
+#[test]
+fn settings_without_effect_are_refused() {
+    if !kvm_available("settings_without_effect_are_refused") {
+        return;
+    }
+    let mut vm = guest("vm").arg("-S").spawn();
+    let mut q = vm.qmp();
+    for (name, v) in [
+        ("multifd-channels", 2),
+        ("announce-initial", 50),
+        ("announce-max", 550),
+        ("announce-rounds", 5),
+        ("announce-step", 100),
+    ] {
+        let e = q
+            .execute("migrate-set-parameters", json!({ name: v }))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not supported"), "{name}: {e}");
+        let p = q.execute("query-migrate-parameters", json!({})).unwrap();
+        assert!(p.get(name).is_none(), "{name} shown: {p}");
+    }
+    let p = q.execute("query-migrate-parameters", json!({})).unwrap();
+    for name in ["throttle-trigger-threshold", "cpu-throttle-tailslow"] {
+        assert!(p.get(name).is_some(), "{name} not shown: {p}");
+    }
+}
