@@ -238,6 +238,12 @@ pub trait IncomingMachine: Send {
     /// Postcopy failed after the switch: stop the guest for good (its RAM
     /// is incomplete) and say why.
     fn abandon(&mut self, _why: &str) {}
+    /// The vCPU threads' ids, in vCPU order (`postcopy-blocktime`).
+    fn vcpu_threads(&mut self) -> Result<Vec<i32>, MachineError> {
+        Err(MachineError::Unsupported(
+            "this machine cannot name its vCPU threads (postcopy-blocktime)",
+        ))
+    }
 }
 
 /// What the engine tells the VMM as it goes.

@@ -622,12 +622,23 @@ impl Dest<'_> {
         if self.post.is_some() || ram_started {
             return Err(StreamError::invalid(at, "POSTCOPY_ADVISE after RAM or twice").into());
         }
-        let enabled = self.inc.machine.capabilities().postcopy_ram;
+        let caps = self.inc.machine.capabilities();
+        let vcpus = if caps.postcopy_blocktime {
+            Some(
+                self.inc
+                    .machine
+                    .vcpu_threads()
+                    .map_err(MigrationError::Machine)?,
+            )
+        } else {
+            None
+        };
         self.post = Some(Arc::new(DestPostcopy::advise(
             self.inc.ram.clone(),
-            enabled,
+            caps.postcopy_ram,
             data,
             rp,
+            vcpus,
         )?));
         Ok(())
     }

@@ -112,7 +112,9 @@ fn failed_before_switch(src: &Vmm, sq: &mut Client, dst: &mut Vmm, why: &str) {
 
 /// The main scenario: a guest dirtying 16 MiB/s behind a 5 MB/s link never
 /// converges; after `migrate-start-postcopy` it completes, with page
-/// requests served, 2 vCPUs, integrity intact.
+/// requests served, 2 vCPUs, integrity intact. With `postcopy-blocktime`
+/// on the destination, its `query-migrate` shows how long each vCPU
+/// waited on missing pages (some did) and how long all did at once.
 #[test]
 fn non_converging_guest_completes_in_postcopy() {
     if !kvm_available("non_converging_guest_completes_in_postcopy") {
@@ -120,6 +122,7 @@ fn non_converging_guest_completes_in_postcopy() {
     }
     let mut src = running_source(guest("src"), &guest("base"));
     let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    set_caps(&mut dq, &[("postcopy-blocktime", true)]);
     let mut sq = src.qmp();
     precopy_to_pass_3(&mut sq, port);
     let r = sq.execute("query-migrate", json!({})).unwrap();
@@ -132,6 +135,18 @@ fn non_converging_guest_completes_in_postcopy() {
     )
     .unwrap();
     completed_with_requests(&mut sq, &mut dq);
+    let dr = dq.execute("query-migrate", json!({})).unwrap();
+    let per = dr["postcopy-vcpu-blocktime"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(per.len(), 2, "{dr}");
+    let sum: u64 = per.iter().filter_map(serde_json::Value::as_u64).sum();
+    assert!(sum > 0, "no vCPU waited: {dr}");
+    let all = dr["postcopy-blocktime"]
+        .as_u64()
+        .expect("postcopy-blocktime");
+    assert!(per.iter().all(|v| v.as_u64() >= Some(all)), "{dr}");
     assert_continues(&src, &dst);
 }
 

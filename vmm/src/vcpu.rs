@@ -122,6 +122,8 @@ pub struct VcpuContext {
     pub msr_list: Arc<Vec<u32>>,
     /// auto-converge: how long to sleep after a throttle kick.
     pub throttle: Arc<crate::throttle::Throttle>,
+    /// Where the thread notes its id as it starts (postcopy-blocktime).
+    pub tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 /// A reply a vCPU thread owes: its state (save) or `()` (restore).
@@ -236,6 +238,9 @@ impl Drop for VcpuHandle {
 }
 
 fn vcpu_thread(id: u8, mut fd: VcpuFd, rx: Receiver<VcpuRequest>, ctx: VcpuContext) {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    ctx.tid.store(tid, std::sync::atomic::Ordering::SeqCst);
     KVM_RUN_PTR.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
     let mut paused = true;
     // A request that came while the thread slept for the throttle.

@@ -7,6 +7,7 @@
 //! at pause, KVM_SET_CLOCK at resume), as QEMU does, so a stopped guest does
 //! not see time jump.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -109,6 +110,8 @@ pub struct Vm {
     /// Kicks throttled vCPUs; declared before `vcpus`, so it stops before
     /// their threads end.
     _throttle_timer: ThrottleTimer,
+    /// The vCPU threads' ids (0 until a thread has started).
+    vcpu_tids: Vec<Arc<AtomicI32>>,
     vcpus: Vec<VcpuHandle>,
     initial: Option<MachineState>,
     running: bool,
@@ -182,6 +185,10 @@ impl Vm {
         }
         let msr_list = Arc::new(cpu::migratable_msrs(&kvm, &vcpu_fds[0])?);
         let throttle = Throttle::new(vcpu_fds.len());
+        let vcpu_tids: Vec<Arc<AtomicI32>> = vcpu_fds
+            .iter()
+            .map(|_| Arc::new(AtomicI32::new(0)))
+            .collect();
         let mut vcpus = Vec::new();
         for (id, v) in vcpu_fds.into_iter().enumerate() {
             let ctx = VcpuContext {
@@ -190,6 +197,7 @@ impl Vm {
                 notify: notify.clone(),
                 msr_list: msr_list.clone(),
                 throttle: throttle.clone(),
+                tid: vcpu_tids[id].clone(),
             };
             vcpus.push(VcpuHandle::spawn(id as u8, v, ctx)?);
         }
@@ -209,6 +217,7 @@ impl Vm {
             _serial_irq: serial_irq,
             throttle,
             _throttle_timer: throttle_timer,
+            vcpu_tids,
             vcpus,
             initial: None,
             running: false,
@@ -233,6 +242,14 @@ impl Vm {
     /// auto-converge: throttle the vCPUs to `pct` % (0: off).
     pub fn set_throttle(&self, pct: u8) {
         self.throttle.set(pct);
+    }
+
+    /// The vCPU threads' ids, in vCPU order.
+    pub fn vcpu_threads(&self) -> Vec<i32> {
+        self.vcpu_tids
+            .iter()
+            .map(|t| t.load(Ordering::SeqCst))
+            .collect()
     }
 
     /// The VM's shape.

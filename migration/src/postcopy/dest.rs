@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::json;
-use userfaultfd::{Event as UffdEvent, IoctlFlags, Uffd, UffdBuilder};
+use userfaultfd::{Event as UffdEvent, FeatureFlags, IoctlFlags, Uffd, UffdBuilder};
+
+use super::blocktime::Blocktime;
 
 use super::dropper::PageDropper;
 use super::{PostcopyError, NO_UFFD_ENV};
@@ -92,6 +94,8 @@ pub struct DestPostcopy {
     /// Bumped at each postcopy recovery: a request on a new connection
     /// names its block again.
     connection: AtomicU64,
+    /// `postcopy-blocktime`: the vCPUs' waits (`None`: not measured).
+    blocktime: Option<Mutex<Blocktime>>,
 }
 
 // SAFETY: the raw mapping addresses are plain integers here; the memory
@@ -103,11 +107,14 @@ unsafe impl Sync for DestPostcopy {}
 
 impl DestPostcopy {
     /// POSTCOPY_ADVISE on the destination: can we do postcopy at all?
+    /// `vcpu_threads`: with `postcopy-blocktime`, the vCPU threads whose
+    /// waits are measured.
     pub fn advise(
         ram: Arc<dyn GuestRam>,
         enabled: bool,
         data: &[u8],
         rp: RpWriter,
+        vcpu_threads: Option<Vec<i32>>,
     ) -> Result<Self, PostcopyError> {
         if !enabled {
             return Err(PostcopyError::Refused(
@@ -129,11 +136,17 @@ impl DestPostcopy {
                 "disabled by {NO_UFFD_ENV} in the destination's environment"
             )));
         }
-        let uffd = UffdBuilder::new()
+        let mut builder = UffdBuilder::new();
+        builder
             .close_on_exec(true)
             .non_blocking(true)
             // KVM's own accesses to guest RAM (kernel mode) must fault too.
-            .user_mode_only(false)
+            .user_mode_only(false);
+        if vcpu_threads.is_some() {
+            // Which thread faulted, for the blocktime.
+            builder.require_features(FeatureFlags::THREAD_ID);
+        }
+        let uffd = builder
             .create()
             .map_err(|e| PostcopyError::NoUserfaultfd(crate::machine::error_chain(&e)))?;
         let mut maps = Vec::new();
@@ -198,6 +211,7 @@ impl DestPostcopy {
             stop,
             registered: AtomicBool::new(false),
             dropper: PageDropper::new(),
+            blocktime: vcpu_threads.map(|t| Mutex::new(Blocktime::new(t))),
             connection: AtomicU64::new(0),
         })
     }
@@ -352,9 +366,15 @@ impl DestPostcopy {
             }
             loop {
                 match self.uffd.read_event() {
-                    Ok(Some(UffdEvent::Pagefault { addr, .. })) => {
+                    Ok(Some(UffdEvent::Pagefault {
+                        addr, thread_id, ..
+                    })) => {
                         let at = Instant::now();
-                        if self.on_fault(addr as usize, at, &mut last_block).is_err() {
+                        let tid = thread_id.as_raw();
+                        if self
+                            .on_fault(addr as usize, tid, at, &mut last_block)
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -369,6 +389,7 @@ impl DestPostcopy {
     fn on_fault(
         &self,
         addr: usize,
+        tid: i32,
         at: Instant,
         last_block: &mut Option<(bool, usize, u64)>,
     ) -> Result<(), std::io::Error> {
@@ -387,6 +408,14 @@ impl DestPostcopy {
             // between the fault and now: make it present and wake the waiter.
             self.zero_or_wake(paddr);
             return Ok(());
+        }
+        if let Some(b) = &self.blocktime {
+            let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+            b.fault(tid, (block, page), at);
+            // Placed meanwhile: its placement did not see this wait.
+            if self.received[block].test(page) {
+                b.placed((block, page), Instant::now());
+            }
         }
         if self.requested[block].test_and_set(page) {
             return Ok(()); // already asked; its arrival wakes every waiter
@@ -526,6 +555,7 @@ impl DestPostcopy {
                     i.ram.duplicate = base_zero + rr.zero_pages;
                     i.ram.normal = base_normal + rr.pages - rr.zero_pages;
                     if let Some(st) = stats {
+                        self.blocktime_into(&mut i, false);
                         i.ram.postcopy_requests = st["requests"].as_u64().unwrap_or(0);
                         i.extra.insert("x-postcopy-faults".into(), st);
                     }
@@ -664,6 +694,21 @@ impl DestPostcopy {
         Ok(())
     }
 
+    /// With `postcopy-blocktime`, QEMU's `postcopy-blocktime` and
+    /// `postcopy-vcpu-blocktime` into `query-migrate`'s `i` (`end`: the
+    /// postcopy is over, the waits still open end now).
+    pub(super) fn blocktime_into(&self, i: &mut crate::status::Info, end: bool) {
+        let Some(b) = &self.blocktime else { return };
+        let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if end {
+            b.end(now);
+        }
+        let (all, per) = b.to_json(now);
+        i.extra.insert("postcopy-blocktime".into(), all);
+        i.extra.insert("postcopy-vcpu-blocktime".into(), per);
+    }
+
     /// Every page there? Then release userfaultfd.
     pub fn finish(&self) -> Result<(), PostcopyError> {
         for (b, rec) in self.received.iter().enumerate() {
@@ -756,6 +801,11 @@ impl UffdPlacer<'_> {
     fn placed(&self, block: usize, page: u64) {
         let d = self.0;
         d.received[block].test_and_set(page);
+        if let Some(b) = &d.blocktime {
+            b.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .placed((block, page), Instant::now());
+        }
         if let Some(t) = d
             .pending
             .lock()

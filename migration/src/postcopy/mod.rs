@@ -90,6 +90,7 @@
 //! pending at POSTCOPY_RESUME go on the return path, later ones on the
 //! reopened preempt channel.
 
+mod blocktime;
 mod dest;
 mod dropper;
 mod source;

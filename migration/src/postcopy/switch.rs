@@ -282,6 +282,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
             let mut i = dest.shared.lock_info();
             i.ram.postcopy_requests = stats["requests"].as_u64().unwrap_or(0);
             i.extra.insert("x-postcopy-faults".into(), stats);
+            post.blocktime_into(&mut i, true);
         }
         // What is left goes in the order the switch held it before.
         drop(main);

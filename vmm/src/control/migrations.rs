@@ -37,6 +37,8 @@ pub enum MachineRequest {
     Resume(Sender<Result<(), MachineError>>),
     /// auto-converge: throttle the vCPUs to this %.
     Throttle(u8, Sender<Result<(), MachineError>>),
+    /// postcopy-blocktime: the vCPU threads' ids.
+    VcpuThreads(Sender<Result<Vec<i32>, MachineError>>),
     /// Load all device state (incoming).
     Load(Vec<DeviceBlob>, Sender<Result<(), MachineError>>),
     /// Postcopy failed on the destination: stop the guest for good.
@@ -86,6 +88,9 @@ impl IncomingMachine for ProxyMachine {
     }
     fn colo_takeover(&mut self) -> Result<(), MachineError> {
         self.0.request(MachineRequest::ColoTakeover)
+    }
+    fn vcpu_threads(&mut self) -> Result<Vec<i32>, MachineError> {
+        self.0.request(MachineRequest::VcpuThreads)
     }
     fn abandon(&mut self, why: &str) {
         // Bounded: if the control thread itself waits on a missing page,
@@ -258,6 +263,9 @@ impl Control {
         match req {
             MachineRequest::Stop(reply) => {
                 let _ = reply.send(self.migration_stop());
+            }
+            MachineRequest::VcpuThreads(reply) => {
+                let _ = reply.send(Ok(self.vm.vcpu_threads()));
             }
             MachineRequest::Throttle(pct, reply) => {
                 // Only while the rounds run (see migration_status).
