@@ -113,6 +113,28 @@ fn unix_to_paused_destination_memory_identical() {
     memory_identical(src, base_named("dst").arg("-S"), &uri);
 }
 
+/// The same with a source that tracks dirty pages with KVM's dirty ring
+/// (`-accel kvm,dirty-ring-size=1024`: 4 MiB of pages per vCPU, less than
+/// the guest rewrites in a second, so rings also fill up and their vCPUs
+/// harvest them) instead of the bitmap: every page the guest dirtied must
+/// still arrive.
+#[test]
+fn dirty_ring_source_memory_identical() {
+    if !kvm_available("dirty_ring_source_memory_identical") {
+        return;
+    }
+    let snap = snapshot(&base());
+    let src = VmmBuilder::new("src")
+        .smp(2)
+        .arg("-accel")
+        .arg("kvm,dirty-ring-size=1024")
+        .incoming(&format!("file:{}", snap.display()))
+        .spawn();
+    src.wait_pass_beyond(2, boot_timeout());
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    memory_identical(src, base_named("dst").arg("-S"), &uri);
+}
+
 /// The same with a destination that backs its RAM at start
 /// (`-mem-prealloc`), over tcp: the pages the stream skips (ZERO records
 /// for pages never written there) must read as zero in RAM that is already

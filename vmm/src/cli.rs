@@ -99,6 +99,9 @@ pub struct Config {
     pub no_reboot: bool,
     /// Back all guest RAM at start (`-mem-prealloc`).
     pub mem_prealloc: bool,
+    /// KVM dirty ring entries per vCPU (`-accel kvm,dirty-ring-size=N`;
+    /// 0: the dirty bitmap).
+    pub dirty_ring_size: u32,
 }
 
 /// What the command line asks for.
@@ -136,7 +139,11 @@ usage: minivmm -kernel PATH [options]
   -pidfile PATH         write the process id to PATH
   -daemonize            detach after start-up
   -no-reboot            exit when the guest reboots instead of resetting
-  -nographic, -display none, -accel kvm, -enable-kvm
+  -accel kvm[,dirty-ring-size=N]
+                        KVM (always); with N, track dirty pages in KVM's
+                        per-vCPU dirty ring of N entries (a power of two,
+                        1024 or more) instead of the dirty bitmap
+  -nographic, -display none, -enable-kvm
                         accepted; minivmm has no display and always uses KVM
   -h, --help            this text
   --version             version
@@ -183,6 +190,34 @@ fn parse_machine(v: &str, hole: &mut u64) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// `-accel kvm[,dirty-ring-size=N]`: the dirty ring size (0: none).
+fn parse_accel(v: &str) -> Result<u32, CliError> {
+    let mut parts = v.split(',');
+    if parts.next() != Some("kvm") {
+        return Err(bad("-accel", v, "only kvm"));
+    }
+    let mut ring = 0;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("dirty-ring-size", n)) => {
+                ring = n
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&n| n == 0 || (n >= 1024 && n.is_power_of_two()))
+                    .ok_or_else(|| {
+                        bad(
+                            "-accel",
+                            v,
+                            "dirty-ring-size must be 0 or a power of two, 1024 or more",
+                        )
+                    })?;
+            }
+            _ => return Err(bad("-accel", v, format!("unsupported property '{p}'"))),
+        }
+    }
+    Ok(ring)
 }
 
 fn parse_serial(v: &str) -> Result<SerialSpec, CliError> {
@@ -236,6 +271,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
     let mut pidfile = None;
     let mut daemonize = false;
     let mut no_reboot = false;
+    let mut dirty_ring_size = 0;
     let mut mem_prealloc = false;
 
     while let Some(arg) = it.next() {
@@ -305,9 +341,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
             }
             "-accel" => {
                 let v = value(opt)?;
-                if v != "kvm" {
-                    return Err(bad("-accel", &v, "only kvm"));
-                }
+                dirty_ring_size = parse_accel(&v)?;
             }
             other => return Err(CliError::Unsupported(other.to_string())),
         }
@@ -335,6 +369,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         daemonize,
         no_reboot,
         mem_prealloc,
+        dirty_ring_size,
     })))
 }
 
@@ -373,6 +408,19 @@ mod tests {
         assert_eq!(c.incoming, Some(Incoming::Defer));
         assert_eq!(c.hole_start, 1 << 30);
         assert_eq!(c.qmp.len(), 1);
+        assert_eq!(c.dirty_ring_size, 0);
+        assert_eq!(
+            cfg("-kernel k -accel kvm,dirty-ring-size=4096").dirty_ring_size,
+            4096
+        );
+        for bad in [
+            "kvm,dirty-ring-size=1000",
+            "kvm,dirty-ring-size=512",
+            "kvm,foo=1",
+            "tcg",
+        ] {
+            assert!(p(&format!("-kernel k -accel {bad}")).is_err(), "{bad}");
+        }
         assert_eq!(
             cfg("-kernel k -serial file:/tmp/x").serial,
             SerialSpec::File("/tmp/x".into())

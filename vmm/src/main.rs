@@ -5,6 +5,7 @@ mod boot;
 mod cli;
 mod control;
 mod cpu;
+mod dirty_ring;
 mod memory;
 mod migrate;
 mod mptable;

@@ -49,6 +49,9 @@ pub enum MemoryError {
     /// Reading the dirty log failed.
     #[error("KVM_GET_DIRTY_LOG for slot {0}")]
     DirtyLog(u32, #[source] kvm_ioctls::Error),
+    /// Harvesting KVM's dirty rings failed.
+    #[error("harvesting the dirty rings")]
+    DirtyRing(#[source] crate::dirty_ring::DirtyRingError),
 }
 
 /// Where RAM lives in guest-physical space.
@@ -210,16 +213,27 @@ pub fn set_memslots(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result
 
 /// A dirty-page bitmap per region (bit n = page n of the region), the union
 /// of KVM's log (which the ioctl clears) and the VMM's own writes (cleared here).
+///
+/// With KVM's dirty rings (`rings`), the rings are harvested into the
+/// VMM's bitmap first (KVM then has no per-slot log).
 pub fn take_dirty_bitmaps(
     vm: &VmFd,
     mem: &Arc<GuestMemoryMmap>,
+    rings: Option<&crate::dirty_ring::DirtyRings>,
 ) -> Result<Vec<Vec<u64>>, MemoryError> {
+    if let Some(r) = rings {
+        r.harvest().map_err(MemoryError::DirtyRing)?;
+    }
     let mut out = Vec::with_capacity(mem.num_regions());
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
-        let mut bits = vm
-            .get_dirty_log(slot, region.len() as usize)
-            .map_err(|e| MemoryError::DirtyLog(slot, e))?;
+        let pages = (region.len() / PAGE_SIZE) as usize;
+        let mut bits = match rings {
+            Some(_) => vec![0u64; pages.div_ceil(64)],
+            None => vm
+                .get_dirty_log(slot, region.len() as usize)
+                .map_err(|e| MemoryError::DirtyLog(slot, e))?,
+        };
         // The VMM's own writes: one bit per page as in KVM's log, taken and
         // cleared word by word atomically (a write racing with this lands
         // in this sync or the next, never in neither).

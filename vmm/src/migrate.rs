@@ -38,6 +38,8 @@ pub struct KvmRam {
     /// `/proc/self/pagemap`, to find pages never populated (None if it
     /// cannot be opened: every page is then read).
     pagemap: Option<std::fs::File>,
+    /// KVM's dirty rings, if the VM uses them instead of the bitmap.
+    rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 /// pagemap entry bits: page present in RAM, page swapped out.
@@ -45,8 +47,13 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 
 impl KvmRam {
-    /// RAM of `mem`, with dirty logging through `fd`.
-    pub fn new(fd: Arc<VmFd>, mem: Arc<GuestMemoryMmap>) -> Self {
+    /// RAM of `mem`, with dirty logging through `fd` (and `rings`, with
+    /// KVM's dirty rings).
+    pub fn new(
+        fd: Arc<VmFd>,
+        mem: Arc<GuestMemoryMmap>,
+        rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
+    ) -> Self {
         let mut blocks = Vec::new();
         let mut starts = Vec::new();
         for (i, r) in mem.iter().enumerate() {
@@ -67,6 +74,7 @@ impl KvmRam {
             blocks,
             starts,
             pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+            rings,
         }
     }
 
@@ -112,13 +120,13 @@ impl GuestRam for KvmRam {
         memory::set_memslots(&self.fd, &self.mem, true)
             .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
         // Start from a clean log.
-        memory::take_dirty_bitmaps(&self.fd, &self.mem)
+        memory::take_dirty_bitmaps(&self.fd, &self.mem, self.rings.as_deref())
             .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
         Ok(())
     }
 
     fn sync_dirty_log(&self, bitmaps: &mut [Bitmap]) -> Result<(), RamError> {
-        let logs = memory::take_dirty_bitmaps(&self.fd, &self.mem)
+        let logs = memory::take_dirty_bitmaps(&self.fd, &self.mem, self.rings.as_deref())
             .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
         for (bm, words) in bitmaps.iter_mut().zip(logs) {
             bm.or_words(&words);

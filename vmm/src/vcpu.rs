@@ -25,7 +25,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -124,6 +124,8 @@ pub struct VcpuContext {
     pub throttle: Arc<crate::throttle::Throttle>,
     /// Where the thread notes its id as it starts (postcopy-blocktime).
     pub tid: Arc<std::sync::atomic::AtomicI32>,
+    /// KVM's dirty rings (a full ring is harvested by its vCPU).
+    pub dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 /// A reply a vCPU thread owes: its state (save) or `()` (restore).
@@ -301,6 +303,14 @@ fn run_once(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext) -> bool {
         Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
         Ok(VcpuExit::MmioWrite(..)) => {}
         Ok(VcpuExit::Hlt) => {}
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+            // Harvest this vCPU's ring before it runs on.
+            if let Some(Err(e)) = ctx.dirty_rings.as_ref().map(|r| r.harvest_vcpu(id.into())) {
+                let msg = format!("dirty ring full: {}", migration::error_chain(&e));
+                (ctx.notify)(VcpuEvent::Fatal(id, msg));
+                return false;
+            }
+        }
         Ok(VcpuExit::Shutdown) => {
             (ctx.notify)(VcpuEvent::Reset);
             return false;

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
 use crate::cpu::{self, CpuModel, VcpuState};
+use crate::dirty_ring::{self, DirtyRings};
 use crate::memory::{self, GuestMemoryMmap, MemLayout, PAGE_SIZE};
 use crate::mptable;
 use crate::throttle::{Throttle, ThrottleTimer};
@@ -75,6 +76,9 @@ pub struct VmShape {
     pub cpu: CpuModel,
     /// Back all RAM at start and after each discard (`-mem-prealloc`).
     pub prealloc: bool,
+    /// KVM dirty ring entries per vCPU (0: the dirty bitmap). Local to
+    /// this side of a migration.
+    pub dirty_ring: u32,
 }
 
 /// The state of the whole machine except RAM.
@@ -97,6 +101,8 @@ pub struct MachineState {
 /// A running (or paused) VM.
 pub struct Vm {
     fd: Arc<VmFd>,
+    /// KVM's dirty rings, with `-accel kvm,dirty-ring-size=N`.
+    dirty_rings: Option<Arc<DirtyRings>>,
     mem: Arc<GuestMemoryMmap>,
     shape: VmShape,
     boot: BootSpec,
@@ -170,6 +176,11 @@ impl Vm {
         let bus = Arc::new(bus);
 
         let entry = Self::load_images(&mem, &shape, &boot)?;
+        if shape.dirty_ring > 0 {
+            dirty_ring::enable(&fd, shape.dirty_ring)
+                .map_err(|e| VmError::Device("dirty ring", migration::error_chain(&e)))?;
+        }
+        let fd = Arc::new(fd);
 
         let mut vcpu_fds = Vec::new();
         for id in 0..shape.vcpus {
@@ -184,6 +195,14 @@ impl Vm {
             vcpu_fds.push(v);
         }
         let msr_list = Arc::new(cpu::migratable_msrs(&kvm, &vcpu_fds[0])?);
+        let dirty_rings = if shape.dirty_ring > 0 {
+            Some(Arc::new(
+                DirtyRings::map(fd.clone(), mem.clone(), &vcpu_fds, shape.dirty_ring)
+                    .map_err(|e| VmError::Device("dirty ring", migration::error_chain(&e)))?,
+            ))
+        } else {
+            None
+        };
         let throttle = Throttle::new(vcpu_fds.len());
         let vcpu_tids: Vec<Arc<AtomicI32>> = vcpu_fds
             .iter()
@@ -198,6 +217,7 @@ impl Vm {
                 msr_list: msr_list.clone(),
                 throttle: throttle.clone(),
                 tid: vcpu_tids[id].clone(),
+                dirty_rings: dirty_rings.clone(),
             };
             vcpus.push(VcpuHandle::spawn(id as u8, v, ctx)?);
         }
@@ -207,7 +227,8 @@ impl Vm {
                 .map_err(|e| VmError::Device("vcpu-throttle", e.to_string()))?;
 
         let mut vm = Self {
-            fd: Arc::new(fd),
+            fd,
+            dirty_rings,
             mem,
             shape,
             boot,
@@ -242,6 +263,11 @@ impl Vm {
     /// auto-converge: throttle the vCPUs to `pct` % (0: off).
     pub fn set_throttle(&self, pct: u8) {
         self.throttle.set(pct);
+    }
+
+    /// KVM's dirty rings, if this VM tracks dirty pages with them.
+    pub fn dirty_rings(&self) -> Option<&Arc<DirtyRings>> {
+        self.dirty_rings.as_ref()
     }
 
     /// The vCPU threads' ids, in vCPU order.

@@ -468,7 +468,11 @@ impl Control {
             .map_err(|e| IncomingStartError::Other(e.to_string()))?;
         self.enter(Input::IncomingStarted)
             .map_err(|e| IncomingStartError::Other(migration::error_chain(&e)))?;
-        let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
+        let ram = Arc::new(KvmRam::new(
+            self.vm.fd().clone(),
+            self.vm.memory().clone(),
+            self.vm.dirty_rings().cloned(),
+        ));
         let shared = Arc::new(Shared::starting());
         shared.set_peer_timeout_ms(self.mig.params.x_peer_timeout_ms);
         shared.set_auto_recover_ms(self.mig.params.x_postcopy_auto_recover_ms);
@@ -515,7 +519,11 @@ impl Control {
             return Err(generic("x-colo and postcopy-ram cannot be used together"));
         }
         let uri = Uri::parse(uri).map_err(|e| generic(e.to_string()))?;
-        let ram = Arc::new(KvmRam::new(self.vm.fd().clone(), self.vm.memory().clone()));
+        let ram = Arc::new(KvmRam::new(
+            self.vm.fd().clone(),
+            self.vm.memory().clone(),
+            self.vm.dirty_rings().cloned(),
+        ));
         let shared = Arc::new(Shared::starting());
         self.mig.last_outgoing = shared.clone();
         self.mig.outgoing = Some(shared.clone());

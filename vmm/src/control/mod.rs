@@ -219,6 +219,7 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         vcpus: config.vcpus,
         cpu: config.cpu,
         prealloc: config.mem_prealloc,
+        dirty_ring: config.dirty_ring_size,
     };
     let boot = BootSpec {
         kernel: config.kernel.clone(),
