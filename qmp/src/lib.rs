@@ -60,5 +60,7 @@ pub mod server;
 pub use client::{Client, ClientError};
 pub use listen::{ListenSpec, ListenSpecError};
 pub use protocol::{ErrorClass, Event, QmpError, VersionInfo};
-pub use schema::{Command, MigrationCapability, MigrationStatus, COMMAND_NAMES};
+pub use schema::{
+    Command, DirtyRateMode, MigrationCapability, MigrationStatus, TimeUnit, COMMAND_NAMES,
+};
 pub use server::{BoundAddr, EventSender, Handler, Server, ServerError};

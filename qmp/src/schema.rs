@@ -55,6 +55,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "migrate_start_postcopy",
     "x-colo-lost-heartbeat",
     "query-colo-status",
+    "calc-dirty-rate",
+    "query-dirty-rate",
 ];
 
 /// The `query-commands` return value: `[{"name": ...}, ...]` for every name
@@ -106,6 +108,10 @@ pub enum Command {
     /// `migrate-pause`: break a postcopy's connection on purpose (either
     /// side): both sides go to `postcopy-paused`.
     MigratePause,
+    /// `calc-dirty-rate`: measure the guest's dirty rate.
+    CalcDirtyRate(CalcDirtyRateArgs),
+    /// `query-dirty-rate`: the last measurement.
+    QueryDirtyRate(QueryDirtyRateArgs),
     /// `migrate-recover {uri}` on a paused postcopy destination: listen on
     /// `uri` for the source's `migrate {uri, resume: true}`.
     MigrateRecover(MigrateRecoverArgs),
@@ -198,6 +204,12 @@ impl Command {
             }
             "x-colo-lost-heartbeat" => none(arguments, Command::XColoLostHeartbeat),
             "query-colo-status" => none(arguments, Command::QueryColoStatus),
+            "calc-dirty-rate" => {
+                let a: CalcDirtyRateArgs = from_arguments(arguments)?;
+                a.check()?;
+                Ok(Command::CalcDirtyRate(a))
+            }
+            "query-dirty-rate" => from_arguments(arguments).map(Command::QueryDirtyRate),
             _ => Err(QmpError::command_not_found(format!(
                 "The command {name} has not been found"
             ))),
@@ -235,6 +247,8 @@ impl Command {
             Command::MigrateStartPostcopy => "migrate-start-postcopy",
             Command::XColoLostHeartbeat => "x-colo-lost-heartbeat",
             Command::QueryColoStatus => "query-colo-status",
+            Command::CalcDirtyRate(_) => "calc-dirty-rate",
+            Command::QueryDirtyRate(_) => "query-dirty-rate",
         }
     }
 }
@@ -650,6 +664,110 @@ impl MigrationStatus {
                 | MigrationStatus::Cancelled
         )
     }
+}
+
+/// The unit of `calc-time` (`calc-dirty-rate`, `query-dirty-rate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeUnit {
+    /// Seconds (the default).
+    #[default]
+    Second,
+    /// Milliseconds.
+    Millisecond,
+}
+
+impl TimeUnit {
+    /// QMP name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Second => "second",
+            Self::Millisecond => "millisecond",
+        }
+    }
+}
+
+/// How `calc-dirty-rate` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyRateMode {
+    /// QEMU's sampling of page hashes: refused here (see
+    /// [`CalcDirtyRateArgs::check`]).
+    PageSampling,
+    /// KVM's dirty rings, per vCPU.
+    DirtyRing,
+    /// KVM's dirty bitmap.
+    DirtyBitmap,
+}
+
+impl DirtyRateMode {
+    /// QMP name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PageSampling => "page-sampling",
+            Self::DirtyRing => "dirty-ring",
+            Self::DirtyBitmap => "dirty-bitmap",
+        }
+    }
+}
+
+/// `calc-dirty-rate {calc-time, calc-time-unit?, sample-pages?, mode?}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CalcDirtyRateArgs {
+    /// How long to measure, in `calc-time-unit`.
+    pub calc_time: i64,
+    /// Seconds (default) or milliseconds.
+    #[serde(default)]
+    pub calc_time_unit: Option<TimeUnit>,
+    /// Pages sampled per GiB: page-sampling only (refused).
+    #[serde(default)]
+    pub sample_pages: Option<i64>,
+    /// How (`None`: dirty-ring if the VM has rings, else dirty-bitmap).
+    #[serde(default)]
+    pub mode: Option<DirtyRateMode>,
+}
+
+impl CalcDirtyRateArgs {
+    /// The measurement time, ms.
+    pub fn calc_time_ms(&self) -> i64 {
+        match self.calc_time_unit.unwrap_or_default() {
+            TimeUnit::Second => self.calc_time.saturating_mul(1000),
+            TimeUnit::Millisecond => self.calc_time,
+        }
+    }
+
+    /// QEMU's range for `calc-time` (1-60 s, 50-60000 ms), and
+    /// page-sampling refused: minivmm measures with KVM's dirty log.
+    pub fn check(&self) -> Result<(), QmpError> {
+        let ms = self.calc_time_ms();
+        let ok = match self.calc_time_unit.unwrap_or_default() {
+            TimeUnit::Second => (1_000..=60_000).contains(&ms),
+            TimeUnit::Millisecond => (50..=60_000).contains(&ms),
+        };
+        if !ok {
+            return Err(QmpError::generic(
+                "Calc-time is out of range[1, 60] seconds or [50, 60000] milliseconds",
+            ));
+        }
+        if self.mode == Some(DirtyRateMode::PageSampling) || self.sample_pages.is_some() {
+            return Err(QmpError::generic(
+                "mode 'page-sampling' (and sample-pages) is not supported: minivmm measures \
+                 with KVM's dirty log (mode 'dirty-bitmap', or 'dirty-ring' with \
+                 -accel kvm,dirty-ring-size=N)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `query-dirty-rate {calc-time-unit?}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QueryDirtyRateArgs {
+    /// The unit `calc-time` is shown in.
+    #[serde(default)]
+    pub calc_time_unit: Option<TimeUnit>,
 }
 
 /// `migrate-recover {uri}`: where a paused postcopy destination listens for

@@ -178,3 +178,77 @@ fn settings_without_effect_are_refused() {
         assert!(p.get(name).is_some(), "{name} not shown: {p}");
     }
 }
+
+/// Wait for `query-dirty-rate` to say `measured`; returns it.
+fn measured(q: &mut Client) -> serde_json::Value {
+    let deadline = Instant::now() + mig_timeout();
+    loop {
+        let r = q.execute("query-dirty-rate", json!({})).unwrap();
+        if r["status"] == "measured" {
+            return r;
+        }
+        assert_eq!(r["status"], "measuring", "{r}");
+        assert!(Instant::now() < deadline, "still measuring: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `calc-dirty-rate` measures the running guest (which rewrites 16 MiB a
+/// second): with the dirty bitmap, then on a VM with dirty rings, where
+/// each vCPU's rate is shown too. A migration waits for a measurement,
+/// page-sampling is refused with the reason.
+#[test]
+fn calc_dirty_rate_measures_the_guest() {
+    if !kvm_available("calc_dirty_rate_measures_the_guest") {
+        return;
+    }
+    let snap = snapshot(&guest("base"));
+    let mut vm = guest("vm")
+        .incoming(&format!("file:{}", snap.display()))
+        .spawn();
+    vm.wait_pass_beyond(2, boot_timeout());
+    let mut q = vm.qmp();
+    let r = q.execute("query-dirty-rate", json!({})).unwrap();
+    assert_eq!(r["status"], "unstarted", "{r}");
+    let e = q
+        .execute(
+            "calc-dirty-rate",
+            json!({"calc-time": 1, "mode": "page-sampling"}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not supported"), "{e}");
+    q.execute("calc-dirty-rate", json!({"calc-time": 2}))
+        .unwrap();
+    let e = q
+        .execute("migrate", json!({"uri": "exec:cat > /dev/null"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dirty rate"), "{e}");
+    let r = measured(&mut q);
+    assert_eq!(r["mode"], "dirty-bitmap", "{r}");
+    assert_eq!(r["calc-time"], 2, "{r}");
+    assert!(r["dirty-rate"].as_i64() > Some(0), "{r}");
+    vm.assert_no_corrupt();
+
+    let mut rvm = guest("ring")
+        .arg("-accel")
+        .arg("kvm,dirty-ring-size=65536")
+        .incoming(&format!("file:{}", snap.display()))
+        .spawn();
+    rvm.wait_pass_beyond(2, boot_timeout());
+    let mut rq = rvm.qmp();
+    rq.execute(
+        "calc-dirty-rate",
+        json!({"calc-time": 1500, "calc-time-unit": "millisecond"}),
+    )
+    .unwrap();
+    let r = measured(&mut rq);
+    assert_eq!(r["mode"], "dirty-ring", "{r}");
+    assert_eq!(r["calc-time"], 1500, "{r}");
+    assert!(r["dirty-rate"].as_i64() > Some(0), "{r}");
+    let per = r["vcpu-dirty-rate"].as_array().cloned().unwrap_or_default();
+    assert_eq!(per.len(), 2, "{r}");
+    eprintln!("bitmap and ring measurements: {r}");
+    rvm.assert_no_corrupt();
+}

@@ -108,6 +108,8 @@ pub struct DirtyRings {
     rings: Vec<Mutex<Ring>>,
     /// An overflow was logged.
     warned: std::sync::atomic::AtomicBool,
+    /// Per vCPU: entries harvested since the last `take_counts`.
+    counts: Vec<std::sync::atomic::AtomicU64>,
     vm: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
 }
@@ -197,6 +199,9 @@ impl DirtyRings {
         Ok(Self {
             rings,
             warned: std::sync::atomic::AtomicBool::new(false),
+            counts: (0..vcpus.len())
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
             vm,
             mem,
         })
@@ -238,6 +243,9 @@ impl DirtyRings {
     /// have lost its next entry already with nothing after it to show it.
     fn take(&self, id: usize, r: &mut Ring) -> u64 {
         let n = self.read_ring(r);
+        if let Some(c) = self.counts.get(id) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
         let full = n >= u64::from(r.entries);
         if !full && !r.overflowed() {
             return n;
@@ -266,6 +274,14 @@ impl DirtyRings {
             r.next = r.next.wrapping_add(1);
         }
         self.read_ring(r)
+    }
+
+    /// Per vCPU, the entries harvested since the last call (`calc-dirty-rate`).
+    pub fn take_counts(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|c| c.swap(0, Ordering::Relaxed))
+            .collect()
     }
 
     /// Every page of guest RAM is dirty.

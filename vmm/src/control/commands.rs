@@ -3,6 +3,7 @@
 //! (`qmp::Command`); the commands it answers itself (`qmp_capabilities`,
 //! `query-version`, `query-commands`) never reach here.
 
+use qmp::DirtyRateMode;
 use std::io::Write;
 
 use qmp::{Command, QmpError};
@@ -355,6 +356,50 @@ impl Control {
                 ColoMode::None => Err(generic("VM is not in COLO mode")),
             },
             Command::QueryColoStatus => Ok(self.mig.colo_status()),
+            Command::CalcDirtyRate(a) => {
+                if self.dirty_rate.measuring() {
+                    return Err(generic(
+                        "the previous dirty rate calculation is still running",
+                    ));
+                }
+                if self.mig.outgoing.is_some() || self.mig.incoming.is_some() {
+                    return Err(generic(
+                        "a migration drives the dirty log: no dirty rate calculation meanwhile",
+                    ));
+                }
+                let rings = self.vm.dirty_rings().cloned();
+                let mode = match (a.mode, rings.is_some()) {
+                    (None, true) | (Some(DirtyRateMode::DirtyRing), true) => {
+                        DirtyRateMode::DirtyRing
+                    }
+                    (None, false) | (Some(DirtyRateMode::DirtyBitmap), false) => {
+                        DirtyRateMode::DirtyBitmap
+                    }
+                    (Some(DirtyRateMode::DirtyRing), false) => {
+                        return Err(generic(
+                            "mode dirty-ring is not enabled, use other method instead \
+                             (-accel kvm,dirty-ring-size=N)",
+                        ))
+                    }
+                    (Some(m), _) => {
+                        return Err(generic(format!(
+                            "mode {} is not supported with the dirty ring on; use dirty-ring",
+                            m.as_str()
+                        )))
+                    }
+                };
+                let unit = a.calc_time_unit.unwrap_or_default();
+                self.dirty_rate
+                    .start(
+                        (self.vm.fd().clone(), self.vm.memory().clone(), rings),
+                        a.calc_time_ms(),
+                        unit,
+                        mode,
+                    )
+                    .map_err(|e| generic(format!("cannot start the calculation: {e}")))?;
+                Ok(json!({}))
+            }
+            Command::QueryDirtyRate(a) => Ok(self.dirty_rate.query(a.calc_time_unit)),
             _ => Err(generic("not a migration command")),
         }
     }

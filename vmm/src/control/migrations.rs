@@ -512,6 +512,11 @@ impl Control {
         if self.mig.outgoing.is_some() {
             return Err(generic("There's a migration process in progress"));
         }
+        if self.dirty_rate.measuring() {
+            return Err(generic(
+                "a dirty rate calculation is running (query-dirty-rate): migrate after it",
+            ));
+        }
         if self.mig.incoming.is_some() || self.runstate == super::RunState::InMigrate {
             return Err(generic("Guest is waiting for an incoming migration"));
         }

@@ -19,6 +19,7 @@ mod commands;
 pub mod migrations;
 pub mod runstate;
 
+use crate::dirtyrate::DirtyRate;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -247,6 +248,7 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         rx,
         events,
         mig: Migrations::default(),
+        dirty_rate: DirtyRate::default(),
         gate,
         quit: false,
         exit: None,
@@ -296,6 +298,8 @@ struct Control {
     events: qmp::EventSender,
     /// This process's migrations.
     mig: Migrations,
+    /// `calc-dirty-rate`'s measurement.
+    dirty_rate: DirtyRate,
     /// The guest's console output (held during COLO on the primary).
     gate: OutputGate,
     quit: bool,
