@@ -127,6 +127,7 @@ pub(crate) fn rounds<W: Sink>(
     let mut throttle = Throttle::new(&ctx.shared.max_bandwidth);
     let mut bandwidth: f64 = 0.0; // bytes/s measured in the last round
     let mut pass = 0u64;
+    let mut last_sync: Option<Instant> = None;
     // The destination has read everything sent so far (ping::DRAINED).
     let mut drained = false;
     loop {
@@ -136,9 +137,17 @@ pub(crate) fn rounds<W: Sink>(
         if let Some(r) = rpath.as_deref_mut() {
             r.check()?;
         }
+        let sync_start = Instant::now();
         s.ram.sync_dirty_log(&mut s.dirty)?;
+        note_sync(ctx.shared, sync_start.elapsed());
         pass += 1;
         let remaining: u64 = s.dirty.iter().map(Bitmap::count).sum();
+        // QEMU's dirty-pages-rate: pages found dirty over the time since
+        // the previous sync (not after the first: that is all of RAM).
+        if let Some(t) = last_sync.replace(sync_start) {
+            let secs = sync_start.duration_since(t).as_secs_f64().max(1e-6);
+            ctx.shared.lock_info().ram.dirty_pages_rate = (remaining as f64 / secs) as u64;
+        }
         let remaining_bytes = remaining * PAGE_SIZE as u64;
         let expected_ms = expected_downtime(ctx, pass, remaining_bytes, bandwidth);
         (ctx.events)(Event::Pass(pass));
@@ -159,9 +168,9 @@ pub(crate) fn rounds<W: Sink>(
         if postcopy(ctx.shared) {
             return Ok((pass, RoundsEnd::Postcopy));
         }
-        if pass > 1 {
-            converge.after_sync(ctx, w.offset(), remaining_bytes)?;
-        }
+        // The first sync opens auto-converge's first period, which the
+        // first full round then closes (as QEMU's).
+        converge.after_sync(ctx, w.offset(), remaining_bytes)?;
         // One round: every page dirty at the sync.
         drained = false;
         bandwidth = round(w, s, ctx, &mut throttle, &postcopy, remaining)?;
@@ -266,6 +275,21 @@ fn next_throttle(now: u8, p: &Parameters, threshold: u64, dirtied: u64) -> u8 {
     now.saturating_add(inc).min(p.max_cpu_throttle)
 }
 
+/// The cost of a dirty-log sync, for `query-migrate`: the last one's and
+/// the longest one's, µs (`x-dirty-sync-us`, `x-dirty-sync-max-us`).
+fn note_sync(shared: &Shared, took: Duration) {
+    let us = took.as_micros() as u64;
+    let mut i = shared.lock_info();
+    let max = i
+        .extra
+        .get("x-dirty-sync-max-us")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0)
+        .max(us);
+    i.extra.insert("x-dirty-sync-us".into(), us.into());
+    i.extra.insert("x-dirty-sync-max-us".into(), max.into());
+}
+
 /// The downtime the pages left would take at the measured bandwidth
 /// (`u64::MAX`: not measured yet), noted with the sync's statistics.
 fn expected_downtime(ctx: &SourceCtx<'_>, pass: u64, remaining_bytes: u64, bandwidth: f64) -> u64 {
@@ -319,7 +343,7 @@ fn round<W: Sink>(
             if postcopy(&shared) {
                 return Ok(false);
             }
-            if sent_now.is_multiple_of(4096) {
+            if sent_now.is_multiple_of(256) {
                 if shared.cancelled() {
                     return Err(MigrationError::Cancelled);
                 }
@@ -340,7 +364,6 @@ fn round<W: Sink>(
     i.ram.duplicate = s.rw.zero_pages;
     i.ram.normal = s.rw.normal_pages;
     i.ram.mbps = bandwidth * 8.0 / 1e6;
-    i.ram.dirty_pages_rate = (remaining as f64 / secs) as u64;
     Ok(bandwidth)
 }
 

@@ -95,16 +95,12 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
                     log::error!("migration failed and the guest could not be resumed: {re}");
                 }
             }
-            let cancelled = o.shared.cancelled();
-            let mut i = o.shared.lock_info();
-            i.error_desc = Some(if cancelled {
-                "migration cancelled".to_string()
-            } else {
-                crate::machine::error_chain(&e)
-            });
-            if cancelled {
+            // A cancel is not an error: no error-desc (as QEMU).
+            if o.shared.cancelled() {
+                o.shared.lock_info().error_desc = None;
                 Status::Cancelled
             } else {
+                o.shared.lock_info().error_desc = Some(crate::machine::error_chain(&e));
                 Status::Failed
             }
         }
@@ -112,6 +108,11 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
     {
         let mut i = o.shared.lock_info();
         i.total_time_ms = i.started.map(|s| s.elapsed().as_millis() as u64);
+        // At the end, as QEMU: the average over the whole migration.
+        if let Some(ms) = i.total_time_ms.filter(|&t| t > 0) {
+            i.ram.mbps = i.ram.transferred as f64 * 8.0 / 1e3 / ms as f64;
+        }
+        i.ram.dirty_pages_rate = 0;
     }
     o.shared.set_closer(None);
     set_status(&o.shared, &o.events, status);

@@ -386,6 +386,8 @@ fn cancel_in_setup_rounds_and_after_completion() {
         mig_timeout(),
     );
     assert_eq!(r["status"], "cancelled", "{r}");
+    // A cancel is not an error (QEMU shows no error-desc either).
+    assert!(r.get("error-desc").is_none(), "{r}");
     let st = d1.wait_exit(mig_timeout());
     assert!(
         !st.success(),
