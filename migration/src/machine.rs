@@ -8,7 +8,7 @@
 //! none of them (their own errors reach it boxed).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -189,6 +189,13 @@ pub trait Machine: Send {
     fn stop(&mut self) -> Result<Stopped, MachineError>;
     /// Run the vCPUs again after a failed migration.
     fn resume(&mut self) -> Result<(), MachineError>;
+    /// dirty-limit: every vCPU may dirty at most `mib_s` MiB/s, measured
+    /// over `period`. The VMM lifts it when the migration leaves `active`.
+    fn dirty_limit(&mut self, _mib_s: u64, _period: Duration) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "this machine cannot limit its dirty rate (dirty-limit)",
+        ))
+    }
     /// auto-converge: throttle the running vCPUs to `pct` % (0: off). The
     /// VMM lifts the throttle when the migration leaves `active`.
     fn throttle(&mut self, _pct: u8) -> Result<(), MachineError> {

@@ -187,9 +187,15 @@ pub(crate) fn rounds<W: Sink>(
 /// `max-cpu-throttle`. The throttle holds while the status is `active`:
 /// the VMM lifts it when the status changes (the stop, a switch to
 /// postcopy or COLO, the end however it comes).
+///
+/// With `dirty-limit` instead, the same trigger limits every vCPU's dirty
+/// rate to `vcpu-dirty-limit` MB/s, once (as QEMU's
+/// `migration_dirty_limit_guest`); the VMM lifts it likewise.
 pub(crate) struct AutoConverge<'a> {
-    /// Throttles the vCPUs (`None`: auto-converge is off).
+    /// Throttles the vCPUs (`None`: neither capability is on).
     machine: Option<&'a mut dyn Machine>,
+    /// `dirty-limit` rather than `auto-converge`.
+    dirty_limit: bool,
     /// The throttle now, %.
     pct: u8,
     /// Periods in a row whose dirty bytes were over the threshold.
@@ -204,11 +210,12 @@ pub(crate) struct AutoConverge<'a> {
 const CONVERGE_PERIOD: Duration = Duration::from_secs(1);
 
 impl<'a> AutoConverge<'a> {
-    /// For a migration with `auto-converge` set (`on`), throttling through
-    /// `machine`.
-    pub(crate) fn new(on: bool, machine: &'a mut dyn Machine) -> Self {
+    /// For a migration with `auto-converge` or `dirty-limit` set in
+    /// `caps`, throttling through `machine`.
+    pub(crate) fn new(caps: &crate::status::Capabilities, machine: &'a mut dyn Machine) -> Self {
         Self {
-            machine: on.then_some(machine),
+            machine: (caps.auto_converge || caps.dirty_limit).then_some(machine),
+            dirty_limit: caps.dirty_limit,
             pct: 0,
             high: 0,
             period_start: None,
@@ -248,6 +255,24 @@ impl<'a> AutoConverge<'a> {
             return Ok(());
         }
         self.high = 0;
+        if self.dirty_limit {
+            if self.pct == 0 {
+                let period = Duration::from_millis(p.x_vcpu_dirty_limit_period_ms);
+                machine
+                    .dirty_limit(p.vcpu_dirty_limit, period)
+                    .map_err(MigrationError::Machine)?;
+                log::info!(
+                    "dirty-limit: every vCPU held to {} MB/s",
+                    p.vcpu_dirty_limit
+                );
+                self.pct = 1;
+                ctx.shared
+                    .lock_info()
+                    .extra
+                    .insert("x-dirty-limit".into(), p.vcpu_dirty_limit.into());
+            }
+            return Ok(());
+        }
         let next = next_throttle(self.pct, p, threshold, dirtied);
         if next != self.pct {
             machine.throttle(next).map_err(MigrationError::Machine)?;

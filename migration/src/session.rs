@@ -232,7 +232,7 @@ fn transfer(
         events: &o.events,
         params: &o.params,
     };
-    let mut converge = crate::precopy::AutoConverge::new(o.caps.auto_converge, &mut *o.machine);
+    let mut converge = crate::precopy::AutoConverge::new(&o.caps, &mut *o.machine);
     let (pass, end) = crate::precopy::rounds(
         &mut w,
         &mut s,

@@ -43,6 +43,8 @@ pub struct Capabilities {
     pub auto_converge: bool,
     /// Measure vCPU time blocked on postcopy faults.
     pub postcopy_blocktime: bool,
+    /// Limit the vCPUs' dirty rate when the rounds do not converge.
+    pub dirty_limit: bool,
 }
 
 impl Default for Capabilities {
@@ -56,6 +58,7 @@ impl Default for Capabilities {
             pause_before_switchover: false,
             auto_converge: false,
             postcopy_blocktime: false,
+            dirty_limit: false,
         }
     }
 }
@@ -69,6 +72,9 @@ pub enum CapabilityError {
     /// `postcopy-preempt` without `postcopy-ram`.
     #[error("Postcopy preempt requires postcopy-ram")]
     PreemptWithoutPostcopy,
+    /// `dirty-limit` with `auto-converge`.
+    #[error("dirty-limit conflicts with auto-converge either of then available currently")]
+    DirtyLimitWithAutoConverge,
 }
 
 impl Capabilities {
@@ -83,6 +89,7 @@ impl Capabilities {
             "pause-before-switchover" => &mut self.pause_before_switchover,
             "auto-converge" => &mut self.auto_converge,
             "postcopy-blocktime" => &mut self.postcopy_blocktime,
+            "dirty-limit" => &mut self.dirty_limit,
             _ => return Err(CapabilityError::Unknown(name.to_string())),
         };
         *slot = on;
@@ -94,6 +101,9 @@ impl Capabilities {
     pub fn check(&self) -> Result<(), CapabilityError> {
         if self.postcopy_preempt && !self.postcopy_ram {
             return Err(CapabilityError::PreemptWithoutPostcopy);
+        }
+        if self.dirty_limit && self.auto_converge {
+            return Err(CapabilityError::DirtyLimitWithAutoConverge);
         }
         Ok(())
     }
@@ -110,6 +120,7 @@ impl Capabilities {
             c("pause-before-switchover", self.pause_before_switchover),
             c("auto-converge", self.auto_converge),
             c("postcopy-blocktime", self.postcopy_blocktime),
+            c("dirty-limit", self.dirty_limit),
         ])
     }
 }
@@ -137,6 +148,10 @@ pub struct Parameters {
     /// Auto-converge: raise the throttle only as far as the dirty rate
     /// needs, at most by the increment.
     pub cpu_throttle_tailslow: bool,
+    /// dirty-limit: each vCPU's quota, MB/s.
+    pub vcpu_dirty_limit: u64,
+    /// dirty-limit: the rates' period, ms.
+    pub x_vcpu_dirty_limit_period_ms: u64,
     /// Longest a migration peer may make no progress (nothing received,
     /// nothing accepted), ms: `x-peer-timeout`.
     pub x_peer_timeout_ms: u64,
@@ -157,6 +172,8 @@ impl Default for Parameters {
             max_cpu_throttle: 99,
             throttle_trigger_threshold: 50,
             cpu_throttle_tailslow: false,
+            vcpu_dirty_limit: 1,
+            x_vcpu_dirty_limit_period_ms: 1000,
             x_peer_timeout_ms: DEFAULT_PEER_TIMEOUT_MS,
             x_postcopy_auto_recover_ms: 0,
         }
@@ -180,6 +197,8 @@ impl Parameters {
             "max-cpu-throttle": self.max_cpu_throttle,
             "throttle-trigger-threshold": self.throttle_trigger_threshold,
             "cpu-throttle-tailslow": self.cpu_throttle_tailslow,
+            "vcpu-dirty-limit": self.vcpu_dirty_limit,
+            "x-vcpu-dirty-limit-period": self.x_vcpu_dirty_limit_period_ms,
             "x-peer-timeout": self.x_peer_timeout_ms,
             "x-postcopy-auto-recover": self.x_postcopy_auto_recover_ms,
         })

@@ -57,6 +57,9 @@ pub const COMMAND_NAMES: &[&str] = &[
     "query-colo-status",
     "calc-dirty-rate",
     "query-dirty-rate",
+    "set-vcpu-dirty-limit",
+    "cancel-vcpu-dirty-limit",
+    "query-vcpu-dirty-limit",
 ];
 
 /// The `query-commands` return value: `[{"name": ...}, ...]` for every name
@@ -112,6 +115,12 @@ pub enum Command {
     CalcDirtyRate(CalcDirtyRateArgs),
     /// `query-dirty-rate`: the last measurement.
     QueryDirtyRate(QueryDirtyRateArgs),
+    /// `set-vcpu-dirty-limit {cpu-index?, dirty-rate}`.
+    SetVcpuDirtyLimit(SetVcpuDirtyLimitArgs),
+    /// `cancel-vcpu-dirty-limit {cpu-index?}`.
+    CancelVcpuDirtyLimit(CancelVcpuDirtyLimitArgs),
+    /// `query-vcpu-dirty-limit`.
+    QueryVcpuDirtyLimit,
     /// `migrate-recover {uri}` on a paused postcopy destination: listen on
     /// `uri` for the source's `migrate {uri, resume: true}`.
     MigrateRecover(MigrateRecoverArgs),
@@ -210,6 +219,11 @@ impl Command {
                 Ok(Command::CalcDirtyRate(a))
             }
             "query-dirty-rate" => from_arguments(arguments).map(Command::QueryDirtyRate),
+            "set-vcpu-dirty-limit" => from_arguments(arguments).map(Command::SetVcpuDirtyLimit),
+            "cancel-vcpu-dirty-limit" => {
+                from_arguments(arguments).map(Command::CancelVcpuDirtyLimit)
+            }
+            "query-vcpu-dirty-limit" => none(arguments, Command::QueryVcpuDirtyLimit),
             _ => Err(QmpError::command_not_found(format!(
                 "The command {name} has not been found"
             ))),
@@ -249,6 +263,9 @@ impl Command {
             Command::QueryColoStatus => "query-colo-status",
             Command::CalcDirtyRate(_) => "calc-dirty-rate",
             Command::QueryDirtyRate(_) => "query-dirty-rate",
+            Command::SetVcpuDirtyLimit(_) => "set-vcpu-dirty-limit",
+            Command::CancelVcpuDirtyLimit(_) => "cancel-vcpu-dirty-limit",
+            Command::QueryVcpuDirtyLimit => "query-vcpu-dirty-limit",
         }
     }
 }
@@ -548,11 +565,14 @@ pub enum MigrationCapability {
     PostcopyBlocktime,
     /// Postcopy: requested pages on a second connection.
     PostcopyPreempt,
+    /// Limit the vCPUs' dirty rate (`vcpu-dirty-limit`) when the migration
+    /// does not converge.
+    DirtyLimit,
 }
 
 impl MigrationCapability {
     /// Every capability, in `query-migrate-capabilities` order.
-    pub const ALL: [MigrationCapability; 8] = [
+    pub const ALL: [MigrationCapability; 9] = [
         MigrationCapability::PostcopyRam,
         MigrationCapability::XColo,
         MigrationCapability::Events,
@@ -561,6 +581,7 @@ impl MigrationCapability {
         MigrationCapability::AutoConverge,
         MigrationCapability::PostcopyBlocktime,
         MigrationCapability::PostcopyPreempt,
+        MigrationCapability::DirtyLimit,
     ];
 
     /// The canonical QMP name.
@@ -572,6 +593,7 @@ impl MigrationCapability {
             MigrationCapability::ReturnPath => "return-path",
             MigrationCapability::PauseBeforeSwitchover => "pause-before-switchover",
             MigrationCapability::AutoConverge => "auto-converge",
+            MigrationCapability::DirtyLimit => "dirty-limit",
             MigrationCapability::PostcopyBlocktime => "postcopy-blocktime",
             MigrationCapability::PostcopyPreempt => "postcopy-preempt",
         }
@@ -761,6 +783,27 @@ impl CalcDirtyRateArgs {
     }
 }
 
+/// `set-vcpu-dirty-limit`: vCPU `cpu-index` (all if absent) may dirty at
+/// most `dirty-rate` MB/s (0: cancel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SetVcpuDirtyLimitArgs {
+    /// The vCPU (absent: every vCPU).
+    #[serde(default)]
+    pub cpu_index: Option<i64>,
+    /// The quota, MB/s.
+    pub dirty_rate: u64,
+}
+
+/// `cancel-vcpu-dirty-limit {cpu-index?}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CancelVcpuDirtyLimitArgs {
+    /// The vCPU (absent: every vCPU).
+    #[serde(default)]
+    pub cpu_index: Option<i64>,
+}
+
 /// `query-dirty-rate {calc-time-unit?}`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -848,6 +891,13 @@ pub struct MigrateSetParameters {
     /// long, ms (0 = off, the default; at most [`AUTO_RECOVER_MAX_MS`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub x_postcopy_auto_recover: Option<u64>,
+    /// dirty-limit: each vCPU's quota while the migration does not
+    /// converge, MB/s (1 or more).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu_dirty_limit: Option<u64>,
+    /// dirty-limit: the period the rates are measured over, ms (1-1000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_vcpu_dirty_limit_period: Option<u64>,
 }
 
 /// Largest `x-postcopy-auto-recover`, ms: 1 h.
@@ -919,6 +969,17 @@ impl MigrateSetParameters {
         }
         if self.multifd_channels == Some(0) {
             return expects("multifd_channels", "a value between 1 and 255");
+        }
+        if self
+            .x_vcpu_dirty_limit_period
+            .is_some_and(|p| !(1..=1000).contains(&p))
+        {
+            return expects("x-vcpu-dirty-limit-period", "a value between 1 and 1000");
+        }
+        if self.vcpu_dirty_limit == Some(0) {
+            return Err(QmpError::generic(
+                "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s",
+            ));
         }
         // Known to QEMU, without effect here: refused rather than ignored.
         if self.multifd_channels.is_some() {
@@ -1023,6 +1084,7 @@ mod tests {
                 {"capability": "auto-converge", "state": true},
                 {"capability": "postcopy-blocktime", "state": true},
                 {"capability": "postcopy-preempt", "state": true},
+                {"capability": "dirty-limit", "state": true},
             ]}),
         );
         let Command::MigrateSetCapabilities(a) = c else {

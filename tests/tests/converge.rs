@@ -252,3 +252,109 @@ fn calc_dirty_rate_measures_the_guest() {
     eprintln!("bitmap and ring measurements: {r}");
     rvm.assert_no_corrupt();
 }
+
+/// The dirty page limit. Without dirty rings it is refused (the commands
+/// and the `dirty-limit` capability); with them `set-vcpu-dirty-limit`
+/// limits one vCPU or all (`query-vcpu-dirty-limit` lists the limited ones
+/// with their measured rate), a wrong `cpu-index` is refused, cancel lifts
+/// it; `dirty-limit` and `auto-converge` exclude each other. Then the slow
+/// migration with `dirty-limit` (`vcpu-dirty-limit` 1 MB/s) completes by
+/// itself, `query-migrate` showing the limit on the way, the guest intact.
+#[test]
+fn dirty_limit_holds_the_vcpus_until_it_completes() {
+    if !kvm_available("dirty_limit_holds_the_vcpus_until_it_completes") {
+        return;
+    }
+    let mut plain = guest("plain").arg("-S").spawn();
+    let mut pq = plain.qmp();
+    let e = pq
+        .execute("set-vcpu-dirty-limit", json!({"dirty-rate": 10}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dirty-ring-size"), "{e}");
+    let e = pq
+        .execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "dirty-limit", "state": true}]}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dirty-ring-size"), "{e}");
+    drop(pq);
+    drop(plain);
+
+    let snap = snapshot(&guest("base"));
+    let mut src = guest("src")
+        .arg("-accel")
+        .arg("kvm,dirty-ring-size=65536")
+        .incoming(&format!("file:{}", snap.display()))
+        .spawn();
+    src.wait_pass_beyond(2, boot_timeout());
+    let mut sq = src.qmp();
+    sq.execute(
+        "set-vcpu-dirty-limit",
+        json!({"cpu-index": 1, "dirty-rate": 50}),
+    )
+    .unwrap();
+    let l = sq.execute("query-vcpu-dirty-limit", json!({})).unwrap();
+    let l = l.as_array().cloned().unwrap_or_default();
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(l[0]["cpu-index"], 1, "{l:?}");
+    assert_eq!(l[0]["limit-rate"], 50, "{l:?}");
+    assert!(l[0]["current-rate"].is_u64(), "{l:?}");
+    let e = sq
+        .execute(
+            "set-vcpu-dirty-limit",
+            json!({"cpu-index": 5, "dirty-rate": 50}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("incorrect cpu index"), "{e}");
+    sq.execute("cancel-vcpu-dirty-limit", json!({})).unwrap();
+    assert_eq!(
+        sq.execute("query-vcpu-dirty-limit", json!({})).unwrap(),
+        json!([])
+    );
+    let e = sq
+        .execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "dirty-limit", "state": true},
+                                    {"capability": "auto-converge", "state": true}]}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("conflicts with auto-converge"), "{e}");
+
+    set_caps(&mut sq, &[("dirty-limit", true), ("events", true)]);
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 4_000_000, "vcpu-dirty-limit": 1,
+               "x-vcpu-dirty-limit-period": 1000}),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut dst = guest("dst")
+        .incoming(&format!("tcp:127.0.0.1:{port}"))
+        .spawn();
+    let mut dq = dst.qmp();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    let deadline = Instant::now() + mig_timeout();
+    let mut limited = false;
+    let r = loop {
+        let r = sq.execute("query-migrate", json!({})).unwrap();
+        limited |= r["x-dirty-limit"] == 1;
+        if !matches!(r["status"].as_str(), Some("setup" | "active")) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "still active: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(limited, "the dirty limit never applied: {r}");
+    completes(&src, &mut sq, &dst, &mut dq);
+    // Lifted with the migration.
+    assert_eq!(
+        sq.execute("query-vcpu-dirty-limit", json!({})).unwrap(),
+        json!([])
+    );
+}

@@ -108,7 +108,7 @@ pub struct DirtyRings {
     rings: Vec<Mutex<Ring>>,
     /// An overflow was logged.
     warned: std::sync::atomic::AtomicBool,
-    /// Per vCPU: entries harvested since the last `take_counts`.
+    /// Per vCPU: entries harvested so far (each user keeps its own start).
     counts: Vec<std::sync::atomic::AtomicU64>,
     vm: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
@@ -276,11 +276,12 @@ impl DirtyRings {
         self.read_ring(r)
     }
 
-    /// Per vCPU, the entries harvested since the last call (`calc-dirty-rate`).
-    pub fn take_counts(&self) -> Vec<u64> {
+    /// Per vCPU, the entries harvested so far (`calc-dirty-rate`, the
+    /// dirty limit: each takes the difference over its period).
+    pub fn counts(&self) -> Vec<u64> {
         self.counts
             .iter()
-            .map(|c| c.swap(0, Ordering::Relaxed))
+            .map(|c| c.load(Ordering::Relaxed))
             .collect()
     }
 

@@ -152,13 +152,11 @@ fn measure(
     calc_time_ms: i64,
 ) -> Result<(i64, Option<Vec<i64>>), String> {
     let err = |e: &dyn std::error::Error| migration::error_chain(e);
-    memory::set_memslots(fd, mem, true).map_err(|e| err(&e))?;
+    memory::dirty_log_acquire(fd, mem).map_err(|e| err(&e))?;
     let run = || -> Result<(i64, Option<Vec<i64>>), String> {
         // Start from a clean log (and clean per-vCPU counts).
         memory::take_dirty_bitmaps(fd, mem, rings).map_err(|e| err(&e))?;
-        if let Some(r) = rings {
-            r.take_counts();
-        }
+        let before = rings.map(DirtyRings::counts);
         let t = std::time::Instant::now();
         std::thread::sleep(Duration::from_millis(calc_time_ms.max(0) as u64));
         let logs = memory::take_dirty_bitmaps(fd, mem, rings).map_err(|e| err(&e))?;
@@ -170,10 +168,16 @@ fn measure(
             .flatten()
             .map(|w| u64::from(w.count_ones()))
             .sum();
-        let per = rings.map(|r| r.take_counts().into_iter().map(mib_s).collect());
+        let per = rings.zip(before).map(|(r, b)| {
+            r.counts()
+                .into_iter()
+                .zip(b)
+                .map(|(now, then)| mib_s(now - then))
+                .collect()
+        });
         Ok((mib_s(pages), per))
     };
     let r = run();
-    memory::set_memslots(fd, mem, false).map_err(|e| err(&e))?;
+    memory::dirty_log_release(fd, mem).map_err(|e| err(&e))?;
     r
 }

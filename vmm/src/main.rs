@@ -6,6 +6,7 @@ mod cli;
 mod control;
 mod cpu;
 mod dirty_ring;
+mod dirtylimit;
 mod dirtyrate;
 mod memory;
 mod migrate;

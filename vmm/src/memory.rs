@@ -185,6 +185,30 @@ pub fn populate(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     .map_err(|e| MemoryError::Prealloc(total_mib, e))
 }
 
+/// How many users want dirty logging on (a migration, a dirty rate
+/// measurement, the dirty limit): one VM per process, so one count.
+static DIRTY_LOG_USERS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+/// A user wants dirty logging: on for every memslot if it was off.
+pub fn dirty_log_acquire(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    let mut n = DIRTY_LOG_USERS.lock().unwrap_or_else(|e| e.into_inner());
+    if *n == 0 {
+        set_memslots(vm, mem, true)?;
+    }
+    *n += 1;
+    Ok(())
+}
+
+/// A user is done with dirty logging: off once nobody wants it.
+pub fn dirty_log_release(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    let mut n = DIRTY_LOG_USERS.lock().unwrap_or_else(|e| e.into_inner());
+    *n = n.saturating_sub(1);
+    if *n == 0 {
+        set_memslots(vm, mem, false)?;
+    }
+    Ok(())
+}
+
 /// Register every RAM range with KVM, optionally with dirty logging.
 pub fn set_memslots(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {

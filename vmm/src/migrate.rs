@@ -40,6 +40,8 @@ pub struct KvmRam {
     pagemap: Option<std::fs::File>,
     /// KVM's dirty rings, if the VM uses them instead of the bitmap.
     rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
+    /// This migration holds dirty logging on.
+    logging: std::sync::atomic::AtomicBool,
 }
 
 /// pagemap entry bits: page present in RAM, page swapped out.
@@ -75,6 +77,7 @@ impl KvmRam {
             starts,
             pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
             rings,
+            logging: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -117,8 +120,11 @@ impl GuestRam for KvmRam {
     }
 
     fn start_dirty_log(&self) -> Result<(), RamError> {
-        memory::set_memslots(&self.fd, &self.mem, true)
-            .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
+        use std::sync::atomic::Ordering;
+        if !self.logging.swap(true, Ordering::SeqCst) {
+            memory::dirty_log_acquire(&self.fd, &self.mem)
+                .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
+        }
         // Start from a clean log.
         memory::take_dirty_bitmaps(&self.fd, &self.mem, self.rings.as_deref())
             .map_err(|e| RamError::DirtyLog(Box::new(e)))?;
@@ -135,8 +141,13 @@ impl GuestRam for KvmRam {
     }
 
     fn stop_dirty_log(&self) -> Result<(), RamError> {
-        memory::set_memslots(&self.fd, &self.mem, false)
-            .map_err(|e| RamError::DirtyLog(Box::new(e)))
+        if !self
+            .logging
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        memory::dirty_log_release(&self.fd, &self.mem).map_err(|e| RamError::DirtyLog(Box::new(e)))
     }
 
     fn host_mapping(&self, block: usize) -> Option<(*mut u8, usize)> {

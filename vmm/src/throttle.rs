@@ -1,12 +1,14 @@
 //! vCPU throttling, for `auto-converge` (QEMU's cpu-throttle).
 //!
-//! At P % every vCPU may run 10 ms (one time slice), then sleeps
-//! P / (100 - P) slices: a timer thread kicks each vCPU out of `KVM_RUN`
-//! once per period (10 ms × 100 / (100 - P)) after marking it due, and the
+//! At P % a vCPU may run 10 ms (one time slice), then sleeps
+//! P / (100 - P) slices: a timer thread, ticking every slice while any vCPU
+//! is throttled, kicks each throttled vCPU out of `KVM_RUN` once per period
+//! (10 ms × 100 / (100 - P)) after marking it due, and the
 //! vCPU thread, seeing the mark on its way back in, sleeps its share
 //! ([`Throttle::take_sleep`]), waking at once for a request of the control
-//! thread. At 0 % the timer thread waits on a condition variable: no kicks,
-//! no exits.
+//! thread. Each vCPU has its own P (auto-converge sets them all,
+//! dirty-limit each). At 0 % everywhere the timer thread waits on a
+//! condition variable: no kicks, no exits.
 //!
 //! This module owns the percentage, the per-vCPU marks and the timer
 //! thread ([`ThrottleTimer`], stopped before the vCPU threads end).
@@ -22,9 +24,10 @@ const TIMESLICE: Duration = Duration::from_millis(10);
 /// The highest percentage (QEMU's `CPU_THROTTLE_PCT_MAX`).
 pub const MAX_PCT: u8 = 99;
 
-/// The throttle the vCPU threads and the timer thread share.
+/// The throttle the vCPU threads and the timer thread share: one
+/// percentage per vCPU (auto-converge sets them all, dirty-limit each).
 pub struct Throttle {
-    pct: AtomicU8,
+    pct: Vec<AtomicU8>,
     /// Per vCPU: kicked by the throttle, to sleep before running again.
     due: Vec<AtomicBool>,
     /// The timer thread is to end.
@@ -36,28 +39,49 @@ impl Throttle {
     /// Off, for `vcpus` vCPUs.
     pub fn new(vcpus: usize) -> Arc<Self> {
         Arc::new(Self {
-            pct: AtomicU8::new(0),
+            pct: (0..vcpus).map(|_| AtomicU8::new(0)).collect(),
             due: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             stop: Mutex::new(false),
             cv: Condvar::new(),
         })
     }
 
-    /// Throttle to `pct` % (0: off; above [`MAX_PCT`]: that).
+    /// Throttle every vCPU to `pct` % (0: off; above [`MAX_PCT`]: that).
     pub fn set(&self, pct: u8) {
-        self.pct.store(pct.min(MAX_PCT), Ordering::SeqCst);
-        if pct == 0 {
-            for d in &self.due {
+        for i in 0..self.pct.len() {
+            self.store(i, pct);
+        }
+        self.wake();
+    }
+
+    /// Throttle vCPU `id` to `pct` %.
+    pub fn set_vcpu(&self, id: usize, pct: u8) {
+        self.store(id, pct);
+        self.wake();
+    }
+
+    fn store(&self, id: usize, pct: u8) {
+        if let (Some(p), Some(d)) = (self.pct.get(id), self.due.get(id)) {
+            p.store(pct.min(MAX_PCT), Ordering::SeqCst);
+            if pct == 0 {
                 d.store(false, Ordering::SeqCst);
             }
         }
+    }
+
+    fn wake(&self) {
         let _g = self.stop.lock().unwrap_or_else(|e| e.into_inner());
         self.cv.notify_all();
     }
 
-    /// The percentage now.
+    /// The highest percentage now.
     pub fn percentage(&self) -> u8 {
-        self.pct.load(Ordering::SeqCst)
+        (0..self.pct.len()).map(|i| self.vcpu(i)).max().unwrap_or(0)
+    }
+
+    /// vCPU `id`'s percentage now.
+    pub fn vcpu(&self, id: usize) -> u8 {
+        self.pct.get(id).map_or(0, |p| p.load(Ordering::SeqCst))
     }
 
     /// vCPU `id`, back from `KVM_RUN`: how long to sleep now if the
@@ -66,7 +90,7 @@ impl Throttle {
         if !self.due.get(id)?.swap(false, Ordering::SeqCst) {
             return None;
         }
-        let p = u32::from(self.percentage());
+        let p = u32::from(self.vcpu(id));
         (p > 0).then(|| TIMESLICE * p / (100 - p))
     }
 
@@ -113,24 +137,38 @@ impl Drop for ThrottleTimer {
 
 fn timer_loop(t: &Throttle, threads: &[libc::pthread_t], signal: libc::c_int) {
     let mut stop = t.stop.lock().unwrap_or_else(|e| e.into_inner());
+    // Per vCPU: when it is next due a kick.
+    let mut next: Vec<Option<std::time::Instant>> = vec![None; threads.len()];
     loop {
         if *stop {
             return;
         }
-        let p = t.percentage();
-        if p == 0 {
+        if t.percentage() == 0 {
+            next.fill(None);
             stop = t.cv.wait(stop).unwrap_or_else(|e| e.into_inner());
             continue;
         }
         stop =
-            t.cv.wait_timeout(stop, Throttle::period(p))
+            t.cv.wait_timeout(stop, TIMESLICE)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        if *stop || t.percentage() == 0 {
+        if *stop {
             continue;
         }
-        for (due, &tid) in t.due.iter().zip(threads) {
-            due.store(true, Ordering::SeqCst);
+        let now = std::time::Instant::now();
+        for (i, &tid) in threads.iter().enumerate() {
+            let p = t.vcpu(i);
+            if p == 0 {
+                next[i] = None;
+                continue;
+            }
+            // A vCPU just throttled runs a period before its first sleep.
+            let due = *next[i].get_or_insert(now + Throttle::period(p));
+            if now < due {
+                continue;
+            }
+            next[i] = Some(now + Throttle::period(p));
+            t.due[i].store(true, Ordering::SeqCst);
             // SAFETY: `tid` is a vCPU thread of this VM; the VM drops this
             // timer (joining this thread) before it ends its vCPU threads,
             // so the thread is alive. The signal's handler only sets
@@ -158,6 +196,11 @@ mod tests {
         assert_eq!(t.take_sleep(1), None, "taken once");
         t.set(200);
         assert_eq!(t.percentage(), MAX_PCT);
+        t.set_vcpu(1, 30);
+        assert_eq!(
+            (t.vcpu(0), t.vcpu(1), t.percentage()),
+            (MAX_PCT, 30, MAX_PCT)
+        );
         t.due[0].store(true, Ordering::SeqCst);
         assert_eq!(t.take_sleep(0), Some(Duration::from_millis(990)));
         assert_eq!(Throttle::period(99), Duration::from_millis(1000));

@@ -260,6 +260,16 @@ impl Vm {
         Ok(entry)
     }
 
+    /// What the dirty limit needs of this VM (`None`: no dirty rings).
+    pub fn limit_vm(&self) -> Option<crate::dirtylimit::LimitVm> {
+        Some(crate::dirtylimit::LimitVm {
+            fd: self.fd.clone(),
+            mem: self.mem.clone(),
+            rings: self.dirty_rings.clone()?,
+            throttle: self.throttle.clone(),
+        })
+    }
+
     /// auto-converge: throttle the vCPUs to `pct` % (0: off).
     pub fn set_throttle(&self, pct: u8) {
         self.throttle.set(pct);

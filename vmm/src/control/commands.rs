@@ -262,6 +262,11 @@ impl Control {
                         .map_err(|e| generic(e.to_string()))?;
                 }
                 caps.check().map_err(|e| generic(e.to_string()))?;
+                if caps.dirty_limit && self.vm.dirty_rings().is_none() {
+                    return Err(generic(
+                        "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set",
+                    ));
+                }
                 self.mig.caps = caps;
                 Ok(json!({}))
             }
@@ -299,6 +304,12 @@ impl Control {
                 }
                 if let Some(v) = p.cpu_throttle_tailslow {
                     n.cpu_throttle_tailslow = v;
+                }
+                if let Some(v) = p.vcpu_dirty_limit {
+                    n.vcpu_dirty_limit = v;
+                }
+                if let Some(v) = p.x_vcpu_dirty_limit_period {
+                    n.x_vcpu_dirty_limit_period_ms = v;
                 }
                 if let Some(out) = &self.mig.outgoing {
                     // The running migration paces and decides by these
@@ -400,7 +411,45 @@ impl Control {
                 Ok(json!({}))
             }
             Command::QueryDirtyRate(a) => Ok(self.dirty_rate.query(a.calc_time_unit)),
+            Command::SetVcpuDirtyLimit(a) => {
+                let vm = self.vm.limit_vm().ok_or_else(|| {
+                    generic(
+                        "dirty page limit feature requires KVM with accelerator property \
+                         'dirty-ring-size' set'",
+                    )
+                })?;
+                let cpu = self.cpu_index(a.cpu_index)?;
+                if a.dirty_rate == 0 {
+                    self.dirty_limit.cancel(cpu);
+                    return Ok(json!({}));
+                }
+                self.dirty_limit
+                    .set(&vm, cpu, a.dirty_rate)
+                    .map_err(|e| generic(format!("cannot start the dirty limit: {e}")))?;
+                Ok(json!({}))
+            }
+            Command::CancelVcpuDirtyLimit(a) => {
+                if self.vm.limit_vm().is_none() {
+                    return Err(generic(
+                        "dirty page limit feature requires KVM with accelerator property \
+                         'dirty-ring-size' set'",
+                    ));
+                }
+                let cpu = self.cpu_index(a.cpu_index)?;
+                self.dirty_limit.cancel(cpu);
+                Ok(json!({}))
+            }
+            Command::QueryVcpuDirtyLimit => Ok(self.dirty_limit.query()),
             _ => Err(generic("not a migration command")),
+        }
+    }
+
+    /// A `cpu-index` argument: a vCPU of this VM, or all (`None`).
+    fn cpu_index(&self, i: Option<i64>) -> Result<Option<usize>, QmpError> {
+        match i {
+            None => Ok(None),
+            Some(i) if (0..i64::from(self.vm.shape().vcpus)).contains(&i) => Ok(Some(i as usize)),
+            Some(_) => Err(generic("incorrect cpu index specified")),
         }
     }
 }

@@ -37,6 +37,8 @@ pub enum MachineRequest {
     Resume(Sender<Result<(), MachineError>>),
     /// auto-converge: throttle the vCPUs to this %.
     Throttle(u8, Sender<Result<(), MachineError>>),
+    /// dirty-limit: every vCPU at most this many MiB/s, over this period.
+    DirtyLimit(u64, std::time::Duration, Sender<Result<(), MachineError>>),
     /// postcopy-blocktime: the vCPU threads' ids.
     VcpuThreads(Sender<Result<Vec<i32>, MachineError>>),
     /// Load all device state (incoming).
@@ -67,6 +69,10 @@ impl Machine for ProxyMachine {
     }
     fn throttle(&mut self, pct: u8) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::Throttle(pct, tx))
+    }
+    fn dirty_limit(&mut self, mib_s: u64, period: std::time::Duration) -> Result<(), MachineError> {
+        self.0
+            .request(|tx| MachineRequest::DirtyLimit(mib_s, period, tx))
     }
     fn hold_output(&mut self, hold: bool) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::HoldOutput(hold, tx))
@@ -264,6 +270,24 @@ impl Control {
             MachineRequest::Stop(reply) => {
                 let _ = reply.send(self.migration_stop());
             }
+            MachineRequest::DirtyLimit(rate, period, reply) => {
+                let active = self
+                    .mig
+                    .outgoing
+                    .as_ref()
+                    .is_some_and(|s| s.status() == Status::Active);
+                let r = match self.vm.limit_vm() {
+                    Some(vm) if active => self
+                        .dirty_limit
+                        .set_by_migration(&vm, Some((rate, period)))
+                        .map_err(MachineError::vmm),
+                    Some(_) => Ok(()),
+                    None => Err(MachineError::Unsupported(
+                        "dirty-limit needs -accel kvm,dirty-ring-size=N",
+                    )),
+                };
+                let _ = reply.send(r);
+            }
             MachineRequest::VcpuThreads(reply) => {
                 let _ = reply.send(Ok(self.vm.vcpu_threads()));
             }
@@ -404,8 +428,13 @@ impl Control {
     fn migration_status(&mut self, incoming: bool, s: Status) -> Result<(), super::ControlError> {
         self.mig.seen[usize::from(incoming)] = s;
         if !incoming && s != Status::Active {
-            // auto-converge throttles only the rounds.
+            // auto-converge and dirty-limit act only on the rounds.
             self.vm.set_throttle(0);
+            if self.dirty_limit.by_migration() {
+                if let Some(vm) = self.vm.limit_vm() {
+                    let _ = self.dirty_limit.set_by_migration(&vm, None);
+                }
+            }
         }
         if s == Status::Colo {
             self.mig.colo_mode = ColoMode::of_side(incoming);

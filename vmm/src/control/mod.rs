@@ -19,6 +19,7 @@ mod commands;
 pub mod migrations;
 pub mod runstate;
 
+use crate::dirtylimit::DirtyLimit;
 use crate::dirtyrate::DirtyRate;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -249,6 +250,7 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         events,
         mig: Migrations::default(),
         dirty_rate: DirtyRate::default(),
+        dirty_limit: DirtyLimit::new(usize::from(config.vcpus)),
         gate,
         quit: false,
         exit: None,
@@ -300,6 +302,8 @@ struct Control {
     mig: Migrations,
     /// `calc-dirty-rate`'s measurement.
     dirty_rate: DirtyRate,
+    /// The vCPUs' dirty page limits.
+    dirty_limit: DirtyLimit,
     /// The guest's console output (held during COLO on the primary).
     gate: OutputGate,
     quit: bool,
