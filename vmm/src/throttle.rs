@@ -1,8 +1,8 @@
 //! vCPU throttling, for `auto-converge` (QEMU's cpu-throttle).
 //!
 //! At P % a vCPU may run 10 ms (one time slice), then sleeps
-//! P / (100 - P) slices: a timer thread, ticking every slice while any vCPU
-//! is throttled, kicks each throttled vCPU out of `KVM_RUN` once per period
+//! P / (100 - P) slices: a timer thread, waking when the next throttled
+//! vCPU is due, kicks each throttled vCPU out of `KVM_RUN` once per period
 //! (10 ms × 100 / (100 - P)) after marking it due, and the
 //! vCPU thread, seeing the mark on its way back in, sleeps its share
 //! ([`Throttle::take_sleep`]), waking at once for a request of the control
@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The slice a throttled vCPU may run between two sleeps (QEMU's
 /// `CPU_THROTTLE_TIMESLICE_NS`).
@@ -138,7 +138,7 @@ impl Drop for ThrottleTimer {
 fn timer_loop(t: &Throttle, threads: &[libc::pthread_t], signal: libc::c_int) {
     let mut stop = t.stop.lock().unwrap_or_else(|e| e.into_inner());
     // Per vCPU: when it is next due a kick.
-    let mut next: Vec<Option<std::time::Instant>> = vec![None; threads.len()];
+    let mut next: Vec<Option<Instant>> = vec![None; threads.len()];
     loop {
         if *stop {
             return;
@@ -148,14 +148,7 @@ fn timer_loop(t: &Throttle, threads: &[libc::pthread_t], signal: libc::c_int) {
             stop = t.cv.wait(stop).unwrap_or_else(|e| e.into_inner());
             continue;
         }
-        stop =
-            t.cv.wait_timeout(stop, TIMESLICE)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        if *stop {
-            continue;
-        }
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         for (i, &tid) in threads.iter().enumerate() {
             let p = t.vcpu(i);
             if p == 0 {
@@ -177,6 +170,20 @@ fn timer_loop(t: &Throttle, threads: &[libc::pthread_t], signal: libc::c_int) {
                 libc::pthread_kill(tid, signal);
             }
         }
+        // Until the next vCPU is due (or a change of percentage).
+        let wake = next
+            .iter()
+            .flatten()
+            .min()
+            .copied()
+            .unwrap_or(now + TIMESLICE);
+        let wait = wake
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_micros(100));
+        stop =
+            t.cv.wait_timeout(stop, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
     }
 }
 
