@@ -17,11 +17,16 @@
 # the binary has no such keys), VmRSS and VmHWM of both minivmm processes
 # before `migrate` and after completion, the guest going on on the
 # destination (two more PASS, no CORRUPT). One run per size and mode.
-# Prints a Markdown table and the growth per GiB of guest and per MiB of
-# page data; writes every run's data (with the QMP replies) to
+# Prints a Markdown table and, per measure, its growth per GiB of guest
+# (least squares over the sizes) next to the page data sent; writes every run's data (with the QMP replies) to
 # docs/scale.json unless BENCH_OUT names another directory.
 #
-#   bench/scale.sh [--sizes 4,16,64] [--modes bitmap,ring]   (~6 minutes)
+#   bench/scale.sh [--sizes 4,16,64] [--modes bitmap,ring]   (~9 minutes: each
+#   guest boots for ~65 s on kvm_pvm; longer when a dirty ring overflows, a
+#   64 GiB ring migration then took 6.5 minutes; --mig-timeout 900 s)
+#
+# Before each `migrate` it waits (--wait-quiet, up to 900 s) until no
+# build, test or foreign VMM runs; the table says how it was.
 #
 # Needs ~1 GiB of free host memory, not 64: the guests stay untouched but
 # for ~250 MiB each (a run stops, and says so, when the host's
