@@ -412,12 +412,7 @@ impl Control {
             }
             Command::QueryDirtyRate(a) => Ok(self.dirty_rate.query(a.calc_time_unit)),
             Command::SetVcpuDirtyLimit(a) => {
-                let vm = self.vm.limit_vm().ok_or_else(|| {
-                    generic(
-                        "dirty page limit feature requires KVM with accelerator property \
-                         'dirty-ring-size' set'",
-                    )
-                })?;
+                let vm = self.limit_vm()?;
                 let cpu = self.cpu_index(a.cpu_index)?;
                 if a.dirty_rate == 0 {
                     self.dirty_limit.cancel(cpu);
@@ -429,12 +424,7 @@ impl Control {
                 Ok(json!({}))
             }
             Command::CancelVcpuDirtyLimit(a) => {
-                if self.vm.limit_vm().is_none() {
-                    return Err(generic(
-                        "dirty page limit feature requires KVM with accelerator property \
-                         'dirty-ring-size' set'",
-                    ));
-                }
+                self.limit_vm()?;
                 let cpu = self.cpu_index(a.cpu_index)?;
                 self.dirty_limit.cancel(cpu);
                 Ok(json!({}))
@@ -442,6 +432,16 @@ impl Control {
             Command::QueryVcpuDirtyLimit => Ok(self.dirty_limit.query()),
             _ => Err(generic("not a migration command")),
         }
+    }
+
+    /// The VM as the dirty limit needs it, or QEMU's refusal without rings.
+    fn limit_vm(&self) -> Result<crate::dirtylimit::LimitVm, QmpError> {
+        self.vm.limit_vm().ok_or_else(|| {
+            generic(
+                "dirty page limit feature requires KVM with accelerator property \
+                 'dirty-ring-size' set'",
+            )
+        })
     }
 
     /// A `cpu-index` argument: a vCPU of this VM, or all (`None`).

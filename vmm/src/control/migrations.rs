@@ -207,6 +207,14 @@ impl Default for Migrations {
 }
 
 impl Migrations {
+    /// The outgoing migration is in its rounds (`active`): what
+    /// auto-converge and dirty-limit act on.
+    pub fn rounds_running(&self) -> bool {
+        self.outgoing
+            .as_ref()
+            .is_some_and(|s| s.status() == Status::Active)
+    }
+
     /// A migration is under way (an incoming one only once its source has
     /// connected: before that, capabilities may still be set, as in QEMU).
     pub fn active(&self) -> bool {
@@ -271,11 +279,7 @@ impl Control {
                 let _ = reply.send(self.migration_stop());
             }
             MachineRequest::DirtyLimit(rate, period, reply) => {
-                let active = self
-                    .mig
-                    .outgoing
-                    .as_ref()
-                    .is_some_and(|s| s.status() == Status::Active);
+                let active = self.mig.rounds_running();
                 let r = match self.vm.limit_vm() {
                     Some(vm) if active => self
                         .dirty_limit
@@ -293,11 +297,7 @@ impl Control {
             }
             MachineRequest::Throttle(pct, reply) => {
                 // Only while the rounds run (see migration_status).
-                let active = self
-                    .mig
-                    .outgoing
-                    .as_ref()
-                    .is_some_and(|s| s.status() == Status::Active);
+                let active = self.mig.rounds_running();
                 self.vm.set_throttle(if active { pct } else { 0 });
                 let _ = reply.send(Ok(()));
             }
