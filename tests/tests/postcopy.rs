@@ -453,6 +453,28 @@ fn connection_lost_right_after_the_switch_recovers() {
     assert_continues(&src, &dst);
 }
 
+/// A running source and a postcopy destination behind a relay, both with
+/// `events` and `x-postcopy-auto-recover` of `ms` (shown by
+/// query-migrate-parameters), the source with `postcopy-ram`.
+fn auto_recovering(ms: u64) -> (Vmm, Client, Vmm, Client, Relay) {
+    let mut src = running_source(guest("src"), &guest("base"));
+    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
+    let relay = Relay::start(port, Tamper::None);
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    for c in [&mut sq, &mut dq] {
+        set_caps(c, &[("events", true)]);
+        c.execute(
+            "migrate-set-parameters",
+            json!({ "x-postcopy-auto-recover": ms }),
+        )
+        .unwrap();
+        let p = c.execute("query-migrate-parameters", json!({})).unwrap();
+        assert_eq!(p["x-postcopy-auto-recover"], ms, "{p}");
+    }
+    (src, sq, dst, dq, relay)
+}
+
 /// `x-postcopy-auto-recover` on both sides: after the relay cuts the
 /// connections, both pause, the source reconnects through the relay to
 /// the destination's original listener by itself, and the postcopy
@@ -463,21 +485,7 @@ fn automatic_recovery_after_a_cut() {
     if !kvm_available("automatic_recovery_after_a_cut") {
         return;
     }
-    let mut src = running_source(guest("src"), &guest("base"));
-    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
-    let relay = Relay::start(port, Tamper::None);
-    let mut sq = src.qmp();
-    set_caps(&mut sq, &[("postcopy-ram", true)]);
-    for c in [&mut sq, &mut dq] {
-        set_caps(c, &[("events", true)]);
-        c.execute(
-            "migrate-set-parameters",
-            json!({"x-postcopy-auto-recover": 60_000}),
-        )
-        .unwrap();
-        let p = c.execute("query-migrate-parameters", json!({})).unwrap();
-        assert_eq!(p["x-postcopy-auto-recover"], 60_000, "{p}");
-    }
+    let (src, mut sq, dst, mut dq, relay) = auto_recovering(60_000);
     slow_postcopy(&mut sq, relay.port);
     let last = src.passes().last().copied().unwrap_or(0);
     dst.wait_pass_beyond(last, boot_timeout());
@@ -512,19 +520,7 @@ fn automatic_recovery_gives_up_after_its_limit() {
     if !kvm_available("automatic_recovery_gives_up_after_its_limit") {
         return;
     }
-    let mut src = running_source(guest("src"), &guest("base"));
-    let (dst, mut dq, port) = postcopy_destination(guest("dst"), false);
-    let relay = Relay::start(port, Tamper::None);
-    let mut sq = src.qmp();
-    set_caps(&mut sq, &[("postcopy-ram", true)]);
-    for c in [&mut sq, &mut dq] {
-        set_caps(c, &[("events", true)]);
-        c.execute(
-            "migrate-set-parameters",
-            json!({"x-postcopy-auto-recover": 2_000}),
-        )
-        .unwrap();
-    }
+    let (src, mut sq, dst, mut dq, relay) = auto_recovering(2_000);
     slow_postcopy(&mut sq, relay.port);
     relay.cut();
     drop(relay);
