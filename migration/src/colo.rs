@@ -252,7 +252,7 @@ fn checkpoint<W: Sink>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migrat
     let devices = p.machine.stop().map_err(MigrationError::Machine)?.devices;
     p.w.be32(msg::VMSTATE_SEND)?;
     p.ram.sync_dirty_log(p.dirty)?;
-    send_dirty(p.w, p.rw, p.ram, p.dirty, p.sent, &mut |_, _, _| {
+    send_dirty(p.w, p.rw, p.ram, p.dirty, p.sent, &mut |_, _| {
         Ok::<_, MigrationError>(true)
     })?;
     begin_ram_section(p.w, p.rw, section::END)?;

@@ -355,6 +355,7 @@ fn round<W: Sink>(
     let round_start = Instant::now();
     let round_bytes_start = w.offset();
     let mut sent_now = 0u64;
+    let mut records = 0u64;
     let shared = ctx.shared.clone();
     send_dirty(
         w,
@@ -362,18 +363,19 @@ fn round<W: Sink>(
         &*s.ram,
         &mut s.dirty,
         &mut s.sent,
-        &mut |w, rw, n| {
-            throttle.account(n);
-            sent_now += 1;
+        &mut |rw, sent| {
+            throttle.account(sent.bytes);
+            sent_now += sent.pages;
+            records += 1;
             if postcopy(&shared) {
                 return Ok(false);
             }
-            if sent_now.is_multiple_of(256) {
+            if records.is_multiple_of(256) {
                 if shared.cancelled() {
                     return Err(MigrationError::Cancelled);
                 }
                 let mut i = shared.lock_info();
-                i.ram.transferred = w;
+                i.ram.transferred = sent.offset;
                 i.ram.remaining = remaining_bytes.saturating_sub(sent_now * PAGE_SIZE as u64);
                 i.ram.duplicate = rw.zero_pages;
                 i.ram.normal = rw.normal_pages;
@@ -444,7 +446,7 @@ pub(crate) fn final_round<W: Sink>(
         &*s.ram,
         &mut s.dirty,
         &mut s.sent,
-        &mut |_, _, _| Ok::<_, MigrationError>(true),
+        &mut |_, _| Ok::<_, MigrationError>(true),
     )?;
     begin_ram_section(w, &mut s.rw, section::END)?;
     end_ram_section(w, &mut s.rw)?;
@@ -649,10 +651,10 @@ pub struct TrackingPlacer<'a> {
 }
 
 impl TrackingPlacer<'_> {
-    /// Note a page placed, once postcopy is advised.
-    fn mark_received(&self, block: usize, page: u64) {
+    /// Note pages placed, once postcopy is advised.
+    fn mark_received(&self, block: usize, first: u64, n: u64) {
         if let Some(b) = self.received.and_then(|r| r.get(block)) {
-            b.test_and_set(page);
+            b.set_range(first, n);
         }
     }
 }
@@ -663,16 +665,21 @@ impl PagePlacer for TrackingPlacer<'_> {
         if let Some(z) = self.zeroed.get_mut(block) {
             z.test_and_clear(page);
         }
-        self.mark_received(block, page);
+        self.mark_received(block, page, 1);
         Ok(())
     }
     fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
-        let known_zero = self.zeroed.get(block).is_some_and(|z| z.get(page));
+        self.place_zero_run(block, page, 1)
+    }
+    fn place_zero_run(&mut self, block: usize, first: u64, n: u64) -> Result<(), RamError> {
+        let known_zero = self.zeroed.get(block).is_some_and(|z| z.all_set(first, n));
         if self.received.is_none() && known_zero {
             return Ok(());
         }
-        self.ram.zero_page(block, page)?;
-        self.mark_received(block, page);
+        for page in first..first + n {
+            self.ram.zero_page(block, page)?;
+        }
+        self.mark_received(block, first, n);
         Ok(())
     }
 }

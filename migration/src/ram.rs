@@ -148,6 +148,14 @@ impl AtomicBitmap {
             .sum()
     }
 
+    /// Set bits `first..first + n` (within the bitmap).
+    pub fn set_range(&self, first: u64, n: u64) {
+        use std::sync::atomic::Ordering;
+        for (wi, m) in range_masks(first, n.min(self.len.saturating_sub(first))) {
+            self.words[wi].fetch_or(m, Ordering::AcqRel);
+        }
+    }
+
     /// Clear bit `i`; returns whether it was set (exactly one of several
     /// threads racing for a bit gets `true`).
     pub fn test_and_clear(&self, i: u64) -> bool {
@@ -188,6 +196,28 @@ impl From<&Bitmap> for AtomicBitmap {
             len: b.len,
         }
     }
+}
+
+/// The words holding bits `first..first + n`, each with the mask of those
+/// bits in it.
+fn range_masks(first: u64, n: u64) -> impl Iterator<Item = (usize, u64)> {
+    let end = first.saturating_add(n);
+    let mut i = first;
+    std::iter::from_fn(move || {
+        if i >= end {
+            return None;
+        }
+        let wi = i / 64;
+        let lo = i % 64;
+        let hi = (end - wi * 64).min(64);
+        let mask = if hi - lo == 64 {
+            !0
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        i = wi * 64 + hi;
+        Some((wi as usize, mask))
+    })
 }
 
 /// A page bitmap.
@@ -256,6 +286,31 @@ impl Bitmap {
     /// Is bit `i` set?
     pub fn get(&self, i: u64) -> bool {
         i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Word `wi` (bits `64 * wi..`), 0 past the end.
+    pub fn word(&self, wi: usize) -> u64 {
+        self.words.get(wi).copied().unwrap_or(0)
+    }
+
+    /// Set bits `first..first + n` (within the bitmap).
+    pub fn set_range(&mut self, first: u64, n: u64) {
+        for (wi, m) in range_masks(first, n.min(self.len.saturating_sub(first))) {
+            self.words[wi] |= m;
+        }
+    }
+
+    /// Clear bits `first..first + n` (within the bitmap).
+    pub fn clear_range(&mut self, first: u64, n: u64) {
+        for (wi, m) in range_masks(first, n.min(self.len.saturating_sub(first))) {
+            self.words[wi] &= !m;
+        }
+    }
+
+    /// Are all of bits `first..first + n` set (false if any lies outside)?
+    pub fn all_set(&self, first: u64, n: u64) -> bool {
+        first.saturating_add(n) <= self.len
+            && range_masks(first, n).all(|(wi, m)| self.words[wi] & m == m)
     }
 
     /// Set bits.
@@ -337,16 +392,21 @@ impl Bitmap {
     }
 }
 
-/// Pages per [`GuestRam::unpopulated`] query, in 64-bit words.
-const UNPOPULATED_WORDS: usize = 8;
+/// Pages per [`GuestRam::unpopulated`] query, in 64-bit words (4096 pages:
+/// 32 KiB of pagemap per read).
+const UNPOPULATED_WORDS: usize = 64;
+
+/// Most pages in one ZERO_RUN record (1 GiB): the round's progress (and a
+/// cancel) is seen at least that often.
+pub const MAX_ZERO_RUN: u64 = 1 << 18;
 
 /// Writes RAM records, tracking the CONTINUE state and counters.
 #[derive(Default)]
 pub struct RamWriter {
     last_block: Option<usize>,
-    /// [`GuestRam::unpopulated`] for the window of pages around the last one
-    /// sent: (block, first page, bits).
-    unpopulated: Option<(usize, u64, [u64; UNPOPULATED_WORDS])>,
+    /// [`GuestRam::unpopulated`] for the aligned window of pages around the
+    /// last one sent: (block, first page, bits).
+    unpopulated: Option<(usize, u64, Box<[u64; UNPOPULATED_WORDS]>)>,
     /// Zero pages sent.
     pub zero_pages: u64,
     /// Full pages sent.
@@ -379,6 +439,30 @@ impl RamWriter {
         Ok(())
     }
 
+    /// The header of the record for `page` of `block` (checked at stream
+    /// offset `at`).
+    fn head<'a>(
+        &self,
+        ram: &'a dyn GuestRam,
+        block: usize,
+        page: u64,
+        at: u64,
+    ) -> Result<Head<'a>, StreamError> {
+        let name = ram.blocks()[block].name.as_bytes();
+        let name_len = u8::try_from(name.len()).map_err(|_| {
+            StreamError::invalid(
+                at,
+                format!("RAM block name of {} bytes, at most 255", name.len()),
+            )
+        })?;
+        Ok(Head {
+            cont: self.last_block == Some(block),
+            name,
+            name_len,
+            page,
+        })
+    }
+
     /// Read one page from `ram` and write it as a ZERO or PAGE record. The
     /// page is read straight into the writer's buffer behind room for the
     /// record header; a zero page then keeps only its ZERO record.
@@ -394,45 +478,29 @@ impl RamWriter {
         page: u64,
         fresh: bool,
     ) -> Result<Result<(), RamError>, StreamError> {
-        let cont = self.last_block == Some(block);
-        let name = ram.blocks()[block].name.as_bytes();
-        let name_len = u8::try_from(name.len()).map_err(|_| {
-            StreamError::invalid(
-                w.offset(),
-                format!("RAM block name of {} bytes, at most 255", name.len()),
-            )
-        })?;
-        let head_len = 8 + if cont { 0 } else { 1 + name.len() };
-        let header = |head: &mut [u8], flag: u64| {
-            let mut v = (page * PAGE_SIZE as u64) | flag;
-            if cont {
-                v |= ram_flag::CONTINUE;
-            }
-            head[..8].copy_from_slice(&v.to_be_bytes());
-            if !cont {
-                head[8] = name_len;
-                head[9..].copy_from_slice(name);
-            }
-        };
         let zero = if fresh && self.known_unpopulated(ram, block, page) {
+            let head = self.head(ram, block, page, w.offset())?;
+            let head_len = head.len();
             w.fill(head_len + 1, |buf| {
-                header(&mut buf[..head_len], ram_flag::ZERO);
+                head.write(&mut buf[..head_len], ram_flag::ZERO);
                 buf[head_len] = 0;
                 (head_len + 1, ())
             })?;
             true
         } else {
+            let head = self.head(ram, block, page, w.offset())?;
+            let head_len = head.len();
             let r = w.fill(head_len + PAGE_SIZE, |buf| {
-                let (head, data) = buf.split_at_mut(head_len);
+                let (hbuf, data) = buf.split_at_mut(head_len);
                 if let Err(e) = ram.read_page(block, page, data) {
                     return (0, Err(e));
                 }
                 if crate::stream::is_zero(data) {
-                    header(head, ram_flag::ZERO);
+                    head.write(hbuf, ram_flag::ZERO);
                     data[0] = 0;
                     (head_len + 1, Ok(true))
                 } else {
-                    header(head, ram_flag::PAGE);
+                    head.write(hbuf, ram_flag::PAGE);
                     (head_len + PAGE_SIZE, Ok(false))
                 }
             })?;
@@ -450,30 +518,119 @@ impl RamWriter {
         Ok(Ok(()))
     }
 
-    /// Whether `page` is known never populated, asking `ram` about the
-    /// window of pages from it when it lies outside the current one.
-    fn known_unpopulated(&mut self, ram: &dyn GuestRam, block: usize, page: u64) -> bool {
-        let span = 64 * UNPOPULATED_WORDS as u64;
-        let hit = matches!(self.unpopulated, Some((b, first, _))
-            if b == block && page >= first && page - first < span);
-        if !hit {
-            let mut bits = [0u64; UNPOPULATED_WORDS];
-            self.unpopulated = ram
-                .unpopulated(block, page, &mut bits)
-                .then_some((block, page, bits));
-        }
-        match &self.unpopulated {
-            Some((_, first, bits)) => {
-                let i = page - first;
-                bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    /// From `page` on: how many pages in a row of `block` are dirty, never
+    /// sent and known never populated, up to [`MAX_ZERO_RUN`] (0: not even
+    /// `page`). Word by word: what a run costs grows with the 64-page words
+    /// it covers, not with its pages.
+    pub fn zero_run(
+        &mut self,
+        ram: &dyn GuestRam,
+        block: usize,
+        page: u64,
+        dirty: &Bitmap,
+        sent: &Bitmap,
+    ) -> u64 {
+        let len = ram.blocks()[block].pages().min(page + MAX_ZERO_RUN);
+        let mut end = page;
+        while end < len {
+            let Some(unpopulated) = self.unpopulated_word(ram, block, end) else {
+                break;
+            };
+            let wi = (end / 64) as usize;
+            let bit = end % 64;
+            let run = (dirty.word(wi) & !sent.word(wi) & unpopulated) >> bit;
+            let ones = u64::from((!run).trailing_zeros()).min(64 - bit);
+            end += ones;
+            if ones < 64 - bit {
+                break;
             }
-            None => false,
         }
+        end.min(len) - page
+    }
+
+    /// Write a ZERO_RUN record: `n` zero pages of `block` from `page`.
+    pub fn send_zero_run<W: Sink>(
+        &mut self,
+        w: &mut Writer<W>,
+        ram: &dyn GuestRam,
+        block: usize,
+        page: u64,
+        n: u64,
+    ) -> Result<(), StreamError> {
+        let head = self.head(ram, block, page, w.offset())?;
+        let head_len = head.len();
+        w.fill(head_len + 8, |buf| {
+            head.write(&mut buf[..head_len], ram_flag::ZERO_RUN);
+            buf[head_len..].copy_from_slice(&n.to_be_bytes());
+            (head_len + 8, ())
+        })?;
+        self.last_block = Some(block);
+        self.zero_pages += n;
+        Ok(())
+    }
+
+    /// Forget what [`GuestRam::unpopulated`] said: pages may have been
+    /// written since (each sync of the dirty log, before the pages it found
+    /// are sent, calls this).
+    pub fn forget_unpopulated(&mut self) {
+        self.unpopulated = None;
+    }
+
+    /// Whether `page` is known never populated.
+    fn known_unpopulated(&mut self, ram: &dyn GuestRam, block: usize, page: u64) -> bool {
+        self.unpopulated_word(ram, block, page)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// The unpopulated bits of the 64-page word holding `page` (bit i: page
+    /// `page - page % 64 + i`), asking `ram` about the aligned window around
+    /// it when it lies outside the current one; `None` if `ram` cannot tell.
+    fn unpopulated_word(&mut self, ram: &dyn GuestRam, block: usize, page: u64) -> Option<u64> {
+        let span = 64 * UNPOPULATED_WORDS as u64;
+        let first = page - page % span;
+        let hit = matches!(&self.unpopulated, Some((b, f, _)) if *b == block && *f == first);
+        if !hit {
+            let mut bits = Box::new([0u64; UNPOPULATED_WORDS]);
+            self.unpopulated = ram
+                .unpopulated(block, first, &mut bits[..])
+                .then_some((block, first, bits));
+        }
+        let (_, _, bits) = self.unpopulated.as_ref()?;
+        Some(bits[((page - first) / 64) as usize])
     }
 
     /// End the section's records.
     pub fn write_eos<W: Write>(&mut self, w: &mut Writer<W>) -> Result<(), StreamError> {
         w.be64(ram_flag::EOS)
+    }
+}
+
+/// A RAM record's header: `be64 offset|flags`, with CONTINUE when the
+/// block is the previous record's, else followed by the block name.
+struct Head<'a> {
+    cont: bool,
+    name: &'a [u8],
+    name_len: u8,
+    page: u64,
+}
+
+impl Head<'_> {
+    /// Bytes of the header.
+    fn len(&self) -> usize {
+        8 + if self.cont { 0 } else { 1 + self.name.len() }
+    }
+
+    /// Write it, with `flag`, into `out` (exactly [`Self::len`] bytes).
+    fn write(&self, out: &mut [u8], flag: u64) {
+        let mut v = (self.page * PAGE_SIZE as u64) | flag;
+        if self.cont {
+            v |= ram_flag::CONTINUE;
+        }
+        out[..8].copy_from_slice(&v.to_be_bytes());
+        if !self.cont {
+            out[8] = self.name_len;
+            out[9..].copy_from_slice(self.name);
+        }
     }
 }
 
@@ -483,6 +640,10 @@ pub trait PagePlacer {
     fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError>;
     /// A zero page arrived.
     fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError>;
+    /// `n` zero pages from `first` arrived (a ZERO_RUN record).
+    fn place_zero_run(&mut self, block: usize, first: u64, n: u64) -> Result<(), RamError> {
+        (first..first + n).try_for_each(|page| self.place_zero(block, page))
+    }
 }
 
 /// Places pages straight into guest RAM (precopy).
@@ -500,12 +661,14 @@ impl PagePlacer for DirectPlacer<'_> {
 /// Holds one section's pages until its checksum has been verified.
 pub struct StagingPlacer {
     data: Vec<u8>,
-    entries: Vec<(usize, u64, bool)>,
+    /// (block, first page, zero pages: 0 for a full page in `data`).
+    entries: Vec<(usize, u64, u64)>,
     limit: usize,
 }
 
 impl StagingPlacer {
-    /// Room for at most `limit` pages per section.
+    /// Room for at most `limit` records per section (a full page, a zero
+    /// page or a run of zero pages each).
     pub fn new(limit: usize) -> Self {
         Self {
             data: Vec::new(),
@@ -520,15 +683,21 @@ impl StagingPlacer {
         self.entries.clear();
     }
 
-    fn push(&mut self, block: usize, page: u64, data: Option<&[u8]>) -> Result<(), RamError> {
+    fn push(
+        &mut self,
+        block: usize,
+        page: u64,
+        zeros: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), RamError> {
         if self.entries.len() >= self.limit {
             return Err(RamError::Place {
                 block,
                 page,
-                source: format!("more than {} pages in one section", self.limit).into(),
+                source: format!("more than {} records in one section", self.limit).into(),
             });
         }
-        self.entries.push((block, page, data.is_none()));
+        self.entries.push((block, page, zeros));
         if let Some(d) = data {
             self.data.extend_from_slice(d);
         }
@@ -538,12 +707,14 @@ impl StagingPlacer {
     /// Hand the staged pages to `placer`, in order.
     pub fn commit(&mut self, placer: &mut dyn PagePlacer) -> Result<(), RamError> {
         let mut off = 0;
-        for &(block, page, zero) in &self.entries {
-            if zero {
-                placer.place_zero(block, page)?;
-            } else {
-                placer.place_page(block, page, &self.data[off..off + PAGE_SIZE])?;
-                off += PAGE_SIZE;
+        for &(block, page, zeros) in &self.entries {
+            match zeros {
+                0 => {
+                    placer.place_page(block, page, &self.data[off..off + PAGE_SIZE])?;
+                    off += PAGE_SIZE;
+                }
+                1 => placer.place_zero(block, page)?,
+                n => placer.place_zero_run(block, page, n)?,
             }
         }
         self.clear();
@@ -553,10 +724,13 @@ impl StagingPlacer {
 
 impl PagePlacer for StagingPlacer {
     fn place_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), RamError> {
-        self.push(block, page, Some(data))
+        self.push(block, page, 0, Some(data))
     }
     fn place_zero(&mut self, block: usize, page: u64) -> Result<(), RamError> {
-        self.push(block, page, None)
+        self.push(block, page, 1, None)
+    }
+    fn place_zero_run(&mut self, block: usize, first: u64, n: u64) -> Result<(), RamError> {
+        self.push(block, first, n, None)
     }
 }
 
@@ -690,7 +864,7 @@ impl RamReader {
                 return Ok(());
             }
             let kind = flags & !ram_flag::CONTINUE;
-            if kind != ram_flag::PAGE && kind != ram_flag::ZERO {
+            if kind != ram_flag::PAGE && kind != ram_flag::ZERO && kind != ram_flag::ZERO_RUN {
                 return Err(StreamError::invalid(
                     at,
                     format!("unknown RAM record flags {flags:#x}"),
@@ -729,6 +903,26 @@ impl RamReader {
                     placer.place_page(block, page, data)
                 })?
                 .map_err(|source| RamRecordError::Place { offset: at, source })?;
+            } else if kind == ram_flag::ZERO_RUN {
+                let n_at = r.offset();
+                let n = r.be64("zero run length")?;
+                let pages = self.blocks[block].pages();
+                if n == 0 || n > pages - page {
+                    return Err(StreamError::invalid(
+                        n_at,
+                        format!(
+                            "zero run of {n} pages from page {page} of block '{}' ({pages} pages)",
+                            self.blocks[block].name
+                        ),
+                    )
+                    .into());
+                }
+                placer
+                    .place_zero_run(block, page, n)
+                    .map_err(|source| RamRecordError::Place { offset: at, source })?;
+                self.zero_pages += n;
+                self.pages += n;
+                continue;
             } else {
                 let fill_at = r.offset();
                 let fill = r.u8("zero page fill byte")?;
@@ -754,7 +948,7 @@ impl RamReader {
 /// Section id of RAM.
 pub const RAM_SECTION_ID: u32 = 1;
 /// Version of the RAM section.
-pub const RAM_SECTION_VERSION: u32 = 4;
+pub const RAM_SECTION_VERSION: u32 = 5;
 /// The RAM section's name in its START section.
 pub(crate) const RAM_IDSTR: &str = "ram";
 
@@ -788,9 +982,20 @@ pub(crate) fn end_ram_section<W: Sink>(
     w.footer(RAM_SECTION_ID)
 }
 
+/// One record [`send_dirty`] wrote.
+pub(crate) struct Sent {
+    /// Stream offset after it.
+    pub offset: u64,
+    /// Its bytes.
+    pub bytes: u64,
+    /// Pages it carried.
+    pub pages: u64,
+}
+
 /// Send every page set in `dirty` (clearing it, and setting it in `sent`)
-/// as PART sections of at most [`SECTION_PAGES`] pages.
-/// `progress(offset, writer, bytes)` runs after each page; when it returns
+/// as PART sections of at most [`SECTION_PAGES`] records: pages, and runs
+/// of never-populated pages sent for the first time as one ZERO_RUN each.
+/// `progress(writer, record)` runs after each record; when it returns
 /// `false` the round stops early (the switch to postcopy).
 pub(crate) fn send_dirty<W: Sink, E: From<StreamError> + From<RamError>>(
     w: &mut Writer<W>,
@@ -798,27 +1003,48 @@ pub(crate) fn send_dirty<W: Sink, E: From<StreamError> + From<RamError>>(
     ram: &dyn GuestRam,
     dirty: &mut [Bitmap],
     sent: &mut [Bitmap],
-    progress: &mut dyn FnMut(u64, &RamWriter, u64) -> Result<bool, E>,
+    progress: &mut dyn FnMut(&RamWriter, Sent) -> Result<bool, E>,
 ) -> Result<(), E> {
+    // The dirty pages were synced just before: what pagemap said earlier
+    // may predate writes among them.
+    rw.forget_unpopulated();
     let mut in_section = 0u64;
     'blocks: for (b, bm) in dirty.iter_mut().enumerate() {
         let mut p = 0;
         while let Some(page) = bm.next_set(p) {
-            bm.test_and_clear(page);
-            let fresh = !sent[b].get(page);
-            sent[b].set(page);
             if in_section == 0 {
                 begin_ram_section(w, rw, section::PART)?;
             }
             let before = w.offset();
-            rw.send_page(w, ram, b, page, fresh)??;
+            let fresh = !sent[b].get(page);
+            let run = if fresh {
+                rw.zero_run(ram, b, page, bm, &sent[b])
+            } else {
+                0
+            };
+            let pages = if run > 1 {
+                bm.clear_range(page, run);
+                sent[b].set_range(page, run);
+                rw.send_zero_run(w, ram, b, page, run)?;
+                run
+            } else {
+                bm.test_and_clear(page);
+                sent[b].set(page);
+                rw.send_page(w, ram, b, page, fresh)??;
+                1
+            };
             in_section += 1;
             if in_section == SECTION_PAGES {
                 end_ram_section(w, rw)?;
                 in_section = 0;
             }
-            p = page + 1;
-            if !progress(w.offset(), rw, w.offset() - before)? {
+            p = page + pages;
+            let sent = Sent {
+                offset: w.offset(),
+                bytes: w.offset() - before,
+                pages,
+            };
+            if !progress(rw, sent)? {
                 break 'blocks;
             }
         }
@@ -1024,13 +1250,127 @@ pub(crate) mod tests {
         b.and_not(&odd);
         assert_eq!(b.count(), 65);
         assert!(b.get(128) && !b.get(129));
+
+        let mut r = Bitmap::new(300);
+        r.set_range(5, 200);
+        assert_eq!(r.ranges(), vec![(5, 200)]);
+        assert!(r.all_set(5, 200) && !r.all_set(4, 2) && !r.all_set(200, 6));
+        r.clear_range(64, 64);
+        assert_eq!(r.ranges(), vec![(5, 59), (128, 77)]);
+        r.set_range(290, 100); // clipped at the end
+        assert_eq!(r.count(), 59 + 77 + 10);
+        assert!(!r.all_set(295, 10), "past the end");
+        let a = AtomicBitmap::new(300);
+        a.set_range(63, 3);
+        assert_eq!((a.count(), a.next_set(0)), (3, Some(63)));
     }
 
-    /// RAM that reports its even, all-zero pages as never populated and
-    /// logs every page read.
+    #[test]
+    fn untouched_memory_goes_as_few_zero_runs() {
+        let pages = 10_000u64;
+        let src = Sparse {
+            inner: VecRam::new(&[pages * PAGE_SIZE as u64, 64 * PAGE_SIZE as u64]),
+            reads: Mutex::new(Vec::new()),
+            stride: 1,
+        };
+        for p in [0, 1, 700, 9_999] {
+            src.inner.guest_write(0, p, 0x5a);
+        }
+        let mut dirty: Vec<Bitmap> = src
+            .blocks()
+            .iter()
+            .map(|b| Bitmap::full(b.pages()))
+            .collect();
+        let mut sent: Vec<Bitmap> = src
+            .blocks()
+            .iter()
+            .map(|b| Bitmap::new(b.pages()))
+            .collect();
+        // Page 5 was sent before and is dirty again: it is read, not assumed.
+        sent[0].set(5);
+        let mut w = Writer::new(Vec::new());
+        let mut rw = RamWriter::new();
+        rw.write_block_list(&mut w, &src.inner.blocks).unwrap();
+        rw.write_eos(&mut w).unwrap();
+        let (mut records, mut pages_seen) = (0, 0);
+        send_dirty(&mut w, &mut rw, &src, &mut dirty, &mut sent, &mut |_, s| {
+            records += 1;
+            pages_seen += s.pages;
+            Ok::<_, crate::MigrationError>(true)
+        })
+        .unwrap();
+        assert_eq!(pages_seen, pages + 64);
+        // Written pages 0, 1, 700, 9999, page 5 (sent before), and runs
+        // between them: [2, 5), [6, 700), [701, 9999), block 1 whole.
+        assert_eq!(records, 9);
+        assert_eq!(src.reads.lock().unwrap().clone(), vec![0, 1, 5, 700, 9_999]);
+        assert_eq!((rw.zero_pages, rw.normal_pages), (pages + 64 - 4, 4));
+        assert!(dirty.iter().all(|d| d.count() == 0));
+        assert!(sent.iter().all(|s| s.count() == s.len()));
+
+        // The destination's RAM starts dirty: the runs must clear it.
+        let dst = VecRam::new(&[pages * PAGE_SIZE as u64, 64 * PAGE_SIZE as u64]);
+        dst.guest_write(0, 3, 0x11);
+        dst.guest_write(0, 5_000, 0x11);
+        dst.guest_write(1, 63, 0x11);
+        let bytes = w.get_mut().clone();
+        let mut r = Reader::new(&bytes[..]);
+        let mut rr = RamReader::new(dst.blocks.clone());
+        rr.read_block_list(&mut r).unwrap();
+        rr.read_records(&mut r, &mut DirectPlacer(&dst)).unwrap(); // EOS
+        while let Ok(kind) = r.u8("section") {
+            assert_eq!(kind, section::PART);
+            assert_eq!(r.be32("id").unwrap(), RAM_SECTION_ID);
+            rr.new_section();
+            let mut staging = StagingPlacer::new(MAX_SECTION_PAGES);
+            rr.read_records(&mut r, &mut staging).unwrap();
+            staging.commit(&mut DirectPlacer(&dst)).unwrap();
+            assert_eq!(r.u8("footer").unwrap(), section::FOOTER);
+            r.be32("id").unwrap();
+            r.be32("crc").unwrap();
+        }
+        assert_eq!(rr.pages, pages + 64);
+        for b in 0..2 {
+            assert!(
+                *src.inner.data[b].lock().unwrap() == *dst.data[b].lock().unwrap(),
+                "block {b} differs"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_runs_outside_their_block_are_refused() {
+        let dst = VecRam::new(&[8 * PAGE_SIZE as u64]);
+        for (first, n, want) in [
+            (0, 0, "zero run of 0 pages"),
+            (
+                2,
+                7,
+                "zero run of 7 pages from page 2 of block 'ram0' (8 pages)",
+            ),
+            (0, u64::MAX, "zero run of 18446744073709551615 pages"),
+        ] {
+            let mut w = Writer::new(Vec::new());
+            w.be64((first * PAGE_SIZE as u64) | ram_flag::ZERO_RUN)
+                .unwrap();
+            w.idstr("ram0").unwrap();
+            w.be64(n).unwrap();
+            let bytes = w.get_mut().clone();
+            let mut rr = RamReader::new(dst.blocks.clone());
+            let e = rr
+                .read_records(&mut Reader::new(&bytes[..]), &mut DirectPlacer(&dst))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want) && e.contains("offset 13"), "{e}");
+        }
+    }
+
+    /// RAM that reports its all-zero pages whose number is a multiple of
+    /// `stride` as never populated and logs every page read.
     struct Sparse {
         inner: VecRam,
         reads: Mutex<Vec<u64>>,
+        stride: u64,
     }
 
     impl GuestRam for Sparse {
@@ -1062,7 +1402,7 @@ pub(crate) mod tests {
             for i in 0..64 * out.len() as u64 {
                 let p = first + i;
                 let o = p as usize * PAGE_SIZE;
-                if p.is_multiple_of(2)
+                if p.is_multiple_of(self.stride)
                     && d.get(o..o + PAGE_SIZE)
                         .is_some_and(|x| x.iter().all(|&b| b == 0))
                 {
@@ -1079,6 +1419,7 @@ pub(crate) mod tests {
         let src = Sparse {
             inner: VecRam::new(&[pages * PAGE_SIZE as u64]),
             reads: Mutex::new(Vec::new()),
+            stride: 2,
         };
         for p in [2, 3, 600, 1101] {
             src.inner.guest_write(0, p, p as u8 | 1);

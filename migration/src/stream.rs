@@ -20,7 +20,8 @@
 //!
 //! RAM records are `be64 offset|flags`; unless CONTINUE is set, the block
 //! name follows as `u8 len, bytes`. PAGE is followed by 4096 bytes, ZERO by
-//! one fill byte (0). The START section's records begin with
+//! one fill byte (0), ZERO_RUN by `be64` pages (that many zero pages from
+//! its offset). The START section's records begin with
 //! `be64 total|MEM_SIZE` and then `u8 len, name, be64 size` per block. Every
 //! RAM section ends with `be64 EOS`.
 //!
@@ -71,8 +72,11 @@ pub mod ram_flag {
     pub const EOS: u64 = 0x10;
     /// Same block as the previous record; no name follows.
     pub const CONTINUE: u64 = 0x20;
-    /// All flags we know.
-    pub const MASK: u64 = 0x3ff;
+    /// minivmm: a run of zero pages from this one; `be64` page count
+    /// follows (QEMU sends a ZERO record per page).
+    pub const ZERO_RUN: u64 = 0x400;
+    /// The flag bits: everything below the page size.
+    pub const MASK: u64 = 0xfff;
 }
 
 /// Command numbers (`QEMU_VM_COMMAND`).

@@ -13,7 +13,7 @@
 //! its own ring before running on. A KVM that overflows a ring (pushes past
 //! the soft limit before the vCPU exits, as kvm_pvm does: the kernel warns
 //! in `kvm_dirty_ring_push`) loses entries: a harvest that finds the ring
-//! full or out of step with KVM's indexes counts all RAM as dirty and
+//! full or out of step with KVM's indexes counts all populated RAM as dirty and
 //! resynchronises (see `DirtyRings::take`), so the mode stays correct,
 //! only slower, there. Dirty logging is on only while a
 //! migration runs (the memslots' `KVM_MEM_LOG_DIRTY_PAGES`), so outside
@@ -235,7 +235,7 @@ impl DirtyRings {
     /// one is not filled: KVM fills them in order) means the ring
     /// overflowed: KVM pushed past its soft limit before it made the vCPU
     /// exit (seen on kvm_pvm, with a kernel warning), overwriting entries
-    /// whose pages are then unknown. Every page then counts as dirty, and
+    /// whose pages are then unknown. Every populated page then counts as dirty, and
     /// the ring is resynchronised with KVM's indexes ([`Self::resync`]).
     ///
     /// Reading the whole ring in one go counts as an overflow too: KVM
@@ -252,8 +252,8 @@ impl DirtyRings {
         }
         if !self.warned.swap(true, Ordering::Relaxed) {
             log::warn!(
-                "vCPU {id}'s dirty ring overflowed in KVM (entries lost): all guest \
-                 RAM counts as dirty (each time; further overflows are not logged)"
+                "vCPU {id}'s dirty ring overflowed in KVM (entries lost): all populated \
+                 guest RAM counts as dirty (each time; further overflows are not logged)"
             );
         }
         self.mark_all();
@@ -285,11 +285,37 @@ impl DirtyRings {
             .collect()
     }
 
-    /// Every page of guest RAM is dirty.
+    /// Every page of guest RAM that may have been written is dirty: every
+    /// populated one ([`crate::memory::Pagemap`]; a never-populated page
+    /// still reads as zero, as the destination has it), or all of them
+    /// where pagemap cannot tell.
     fn mark_all(&self) {
+        const WORDS: usize = 512; // 32 Ki pages, 256 KiB of pagemap per read
+        let pagemap = crate::memory::Pagemap::open();
+        let mut bits = vec![0u64; WORDS];
         for region in self.mem.iter() {
-            let bits: &vm_memory::bitmap::AtomicBitmap = (**region).bitmap();
-            bits.mark_dirty(0, region.len() as usize);
+            let map: &vm_memory::bitmap::AtomicBitmap = (**region).bitmap();
+            let pages = region.len() / PAGE_SIZE;
+            let host = region.as_ptr() as u64;
+            let mut first = 0;
+            while first < pages {
+                let n = (pages - first).min(64 * WORDS as u64);
+                let words = n.div_ceil(64) as usize;
+                let read = pagemap.as_ref().is_some_and(|pm| {
+                    pm.populated(host + first * PAGE_SIZE, &mut bits[..words])
+                        .is_ok()
+                });
+                if !read {
+                    map.mark_dirty((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
+                } else {
+                    for i in 0..n {
+                        if bits[(i / 64) as usize] & (1 << (i % 64)) != 0 {
+                            map.mark_dirty(((first + i) * PAGE_SIZE) as usize, PAGE_SIZE as usize);
+                        }
+                    }
+                }
+                first += n;
+            }
         }
     }
 

@@ -19,6 +19,38 @@ use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+/// `/proc/self/pagemap`: which pages of the VMM's mappings were ever
+/// populated. Guest RAM is anonymous and private, so a page neither present
+/// nor swapped out has never been written and reads as zero.
+pub struct Pagemap(std::fs::File);
+
+/// pagemap entry bits: page present in RAM, page swapped out.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+
+impl Pagemap {
+    /// Open it (`None` where the kernel has none).
+    pub fn open() -> Option<Self> {
+        std::fs::File::open("/proc/self/pagemap").ok().map(Self)
+    }
+
+    /// For the host pages from `addr` (page-aligned), as many as `out` has
+    /// bits (64 per word): bit i set when page i is populated.
+    pub fn populated(&self, addr: u64, out: &mut [u64]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut raw = vec![0u8; out.len() * 64 * 8];
+        self.0.read_exact_at(&mut raw, addr / PAGE_SIZE * 8)?;
+        out.fill(0);
+        for (i, e) in raw.chunks_exact(8).enumerate() {
+            let e = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                out[i / 64] |= 1 << (i % 64);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Guest memory with a bitmap of VMM writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 

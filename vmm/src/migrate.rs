@@ -37,16 +37,12 @@ pub struct KvmRam {
     starts: Vec<u64>,
     /// `/proc/self/pagemap`, to find pages never populated (None if it
     /// cannot be opened: every page is then read).
-    pagemap: Option<std::fs::File>,
+    pagemap: Option<memory::Pagemap>,
     /// KVM's dirty rings, if the VM uses them instead of the bitmap.
     rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
     /// This migration holds dirty logging on.
     logging: std::sync::atomic::AtomicBool,
 }
-
-/// pagemap entry bits: page present in RAM, page swapped out.
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
 
 impl KvmRam {
     /// RAM of `mem`, with dirty logging through `fd` (and `rings`, with
@@ -75,7 +71,7 @@ impl KvmRam {
             mem,
             blocks,
             starts,
-            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+            pagemap: memory::Pagemap::open(),
             rings,
             logging: std::sync::atomic::AtomicBool::new(false),
         }
@@ -155,26 +151,25 @@ impl GuestRam for KvmRam {
         Some((r.as_ptr(), r.len() as usize))
     }
 
-    /// Guest RAM is an anonymous private mapping: a page neither present
-    /// nor swapped out has never been written and reads as zero.
+    /// See [`memory::Pagemap`]; pages past the block read as populated.
     fn unpopulated(&self, block: usize, first: u64, out: &mut [u64]) -> bool {
-        use std::os::unix::fs::FileExt;
         let (Some(pm), Some((host, len))) = (&self.pagemap, self.host_mapping(block)) else {
             return false;
         };
         let pages = (len as u64 / PAGE_SIZE).saturating_sub(first);
-        let n = pages.min(64 * out.len() as u64) as usize;
-        let mut raw = vec![0u8; n * 8];
-        let vpn = (host as u64 + first * PAGE_SIZE) / PAGE_SIZE;
-        if n == 0 || pm.read_exact_at(&mut raw, vpn * 8).is_err() {
+        let words = pages.div_ceil(64).min(out.len() as u64) as usize;
+        if words == 0
+            || pm
+                .populated(host as u64 + first * PAGE_SIZE, &mut out[..words])
+                .is_err()
+        {
             return false;
         }
-        out.fill(0);
-        for (i, e) in raw.chunks_exact(8).enumerate() {
-            let e = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            if e & (PM_PRESENT | PM_SWAPPED) == 0 {
-                out[i / 64] |= 1 << (i % 64);
-            }
+        out[words..].fill(0);
+        for (i, w) in out[..words].iter_mut().enumerate() {
+            let valid = pages - 64 * i as u64;
+            let mask = if valid >= 64 { !0 } else { (1u64 << valid) - 1 };
+            *w = !*w & mask;
         }
         true
     }

@@ -353,6 +353,9 @@ pub(crate) fn run_source(
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     set_status(p.shared, p.events, Status::PostcopyActive);
+    // The last sync came after the round that asked pagemap: pages it
+    // called unpopulated may have been written since.
+    p.rw.forget_unpopulated();
     // The switch is downtime: nothing may delay it.
     let switch = crate::sched::RealTimeSection::enter();
     send_discards(p.w, p.ram, p.dirty, p.sent)?;
