@@ -1,21 +1,39 @@
-//! COLO: after a first full migration the primary keeps sending periodic
+//! COLO: after a first full migration the primary keeps sending
 //! checkpoints (the RAM dirtied since the last one plus all device state)
-//! to a secondary whose guest does not run (periodic mode) until failover.
+//! to a secondary that keeps a RAM cache of the primary's state.
+//!
+//! Two modes (`x-colo-periodic`, chosen by the primary and sent to the
+//! secondary):
+//! - **running secondary** (the default, as QEMU's COLO): both guests run
+//!   from the last checkpoint. The secondary's console output goes to the
+//!   primary, which holds its own and releases it as soon as the secondary
+//!   said the same ([`crate::output`]); a difference, or output held longer
+//!   than `x-colo-compare-timeout`, takes a checkpoint at once, otherwise
+//!   one comes every `x-checkpoint-delay`. At failover the secondary's
+//!   guest is already running: it goes on, with no rollback.
+//! - **periodic**: the secondary's guest stays paused until failover,
+//!   which starts it from the last checkpoint; the primary's output waits
+//!   for the next checkpoint, every `x-checkpoint-delay`.
 //!
 //! This module owns the checkpoint transaction on both sides, the
-//! secondary's RAM cache and the failover paths. The session
-//! ([`crate::session`]) runs the first migration (precopy) and hands over
-//! here.
+//! secondary's RAM cache, its output forwarding and the failover paths.
+//! The session ([`crate::session`]) runs the first migration (precopy) and
+//! hands over here.
 //!
 //! ```text
 //! primary (P)                                  secondary (S)
 //! header, config, OPEN_RETURN_PATH, ENABLE_COLO  S checks its x-colo capability
-//! START, PART..., END, FULL..., EOF              first migration; S keeps the device state, guest
-//!                                                paused, copies RAM into its cache, starts its dirty log
+//! START, PART..., END, FULL..., EOF              first migration; S keeps the device state,
+//!                                                copies RAM into its cache, starts its dirty log
+//! be32 9 mode, be32 1 (running) | 0 (periodic) ---->
 //!                              <----  COLO 0 checkpoint-ready
-//! P resumes its guest; its serial output is held from now on
-//! every x-checkpoint-delay ms:
-//! be32 1 checkpoint-request    ---->
+//! P resumes its guest, its output held;          running: S loads the state into its guest,
+//!                                                runs it, output forwarded, not printed:
+//!                              <----  rp 0x4d05 COLO_OUTPUT (bytes), as they come
+//! be32 10 released, be64 n     ---->  running: n bytes of S's output since the last
+//!                                     checkpoint matched and were released by P
+//! when due (delay; running: output differed or waited too long):
+//! be32 1 checkpoint-request    ---->  running: S stops its guest, sends the rest of its output
 //!                              <----  COLO 2 checkpoint-reply
 //! P stops its guest
 //! be32 3 vmstate-send          ---->
@@ -24,10 +42,12 @@
 //!                              <----  COLO 5 vmstate-received
 //!                                     S copies the pages P sent and the pages S itself
 //!                                     dirtied from the cache into guest RAM; the checked
-//!                                     device state replaces the kept one (the machine loads
-//!                                     it into KVM at failover: the guest does not run before)
+//!                                     device state replaces the kept one (periodic: loaded
+//!                                     into KVM at failover; running: into the guest now)
 //!                              <----  COLO 6 vmstate-loaded
-//! P releases the held output, resumes its guest
+//! P releases the held output (its    running: S's output starts again from here;
+//! return-path reader, on reading 6),  S resumes its guest
+//! resumes its guest
 //! be32 7 primary-exit (minivmm)  ---->  P left COLO on request; S leaves COLO, stays paused
 //! be32 8 heartbeat (minivmm)     ---->  between checkpoints, every quarter of
 //!                                       x-peer-timeout; S skips it
@@ -41,19 +61,24 @@
 //! Failover: a broken link, a peer silent for `x-peer-timeout` (dead,
 //! frozen or cut off: each side keeps the other's reading direction busy,
 //! P with heartbeats, S with the return path's keepalive) or a protocol
-//! error stops checkpointing on both sides, which then wait for `x-colo-lost-heartbeat` (the primary with its
-//! guest stopped and its output held). On the secondary the command resumes
-//! the guest from the last complete checkpoint; on the primary it releases
-//! the output and runs alone.
+//! error stops checkpointing on both sides, which then wait for
+//! `x-colo-lost-heartbeat` with their guests stopped (the primary's output
+//! held). On the secondary the command runs the guest: periodic, from the
+//! last complete checkpoint; running, on from where it stopped, after
+//! printing the output the primary had not released (so its console
+//! continues where the primary's stopped). On the primary it releases the
+//! output and runs alone.
 
 use std::io::{BufRead, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::machine::{set_status, Destination, Event, EventSink, Machine, MigrationError};
+use crate::output::{Cause, Mode, OutputGate, OutputStats};
 use crate::ram::{
     begin_ram_section, end_ram_section, send_dirty, Bitmap, GuestRam, PagePlacer, RamError,
     RamReader, RamRecordError, RamWriter, StagingPlacer, MAX_SECTION_PAGES, RAM_SECTION_ID,
@@ -82,6 +107,12 @@ pub mod msg {
     pub const PRIMARY_EXIT: u32 = 7;
     /// minivmm: P is alive (between checkpoints); S skips it.
     pub const HEARTBEAT: u32 = 8;
+    /// minivmm: right after the first migration, `be32` 1 for a running
+    /// secondary (output compared), 0 for periodic mode.
+    pub const MODE: u32 = 9;
+    /// minivmm: `be64` bytes of S's output since the last checkpoint that
+    /// matched P's and were released (S prints the rest at failover).
+    pub const RELEASED: u32 = 10;
 
     /// The name QEMU's COLOMessage uses.
     pub fn name(m: u32) -> &'static str {
@@ -95,6 +126,8 @@ pub mod msg {
             VMSTATE_LOADED => "vmstate-loaded",
             PRIMARY_EXIT => "primary-exit",
             HEARTBEAT => "heartbeat",
+            MODE => "mode",
+            RELEASED => "released",
             _ => "unknown",
         }
     }
@@ -131,6 +164,15 @@ pub enum ColoError {
     /// Device state too large.
     #[error("checkpoint device state of {0} bytes (limit 64 MiB)")]
     TooLarge(u64),
+    /// The console could not be written.
+    #[error("writing the guest's console output failed")]
+    Output(#[source] std::io::Error),
+    /// The machine has no output gate.
+    #[error("this machine cannot hold or compare its console output")]
+    NoOutput,
+    /// A mode other than periodic (0) or running (1).
+    #[error("COLO mode {0} (0 periodic, 1 running secondary)")]
+    Mode(u32),
 }
 
 impl From<ColoError> for MigrationError {
@@ -142,7 +184,9 @@ impl From<ColoError> for MigrationError {
 /// Checkpoint statistics (query-migrate `x-colo`).
 #[derive(Default)]
 struct Stats {
+    running: bool,
     count: u64,
+    by_cause: [u64; 3],
     last_pause_us: u64,
     total_pause_us: u64,
     max_pause_us: u64,
@@ -151,9 +195,19 @@ struct Stats {
 }
 
 impl Stats {
-    fn record(&mut self, pause: Duration, bytes: u64) {
+    fn new(running: bool) -> Self {
+        Self {
+            running,
+            ..Self::default()
+        }
+    }
+
+    fn record(&mut self, cause: Option<Cause>, pause: Duration, bytes: u64) {
         let us = pause.as_micros() as u64;
         self.count += 1;
+        if let Some(c) = cause {
+            self.by_cause[c as usize] += 1;
+        }
         self.last_pause_us = us;
         self.total_pause_us += us;
         self.max_pause_us = self.max_pause_us.max(us);
@@ -161,7 +215,8 @@ impl Stats {
         self.total_bytes += bytes;
     }
 
-    fn json(&self) -> serde_json::Value {
+    /// The statistics, with the output gate's on the primary.
+    fn json(&self, output: Option<OutputStats>) -> serde_json::Value {
         let avg = |t: u64| {
             if self.count > 0 {
                 t as f64 / self.count as f64
@@ -169,14 +224,31 @@ impl Stats {
                 0.0
             }
         };
-        json!({
+        let mut v = json!({
+            "mode": if self.running { "running" } else { "periodic" },
             "checkpoints": self.count,
             "last-pause-ms": self.last_pause_us as f64 / 1000.0,
             "avg-pause-ms": avg(self.total_pause_us) / 1000.0,
             "max-pause-ms": self.max_pause_us as f64 / 1000.0,
             "last-bytes": self.last_bytes,
             "avg-bytes": avg(self.total_bytes),
-        })
+        });
+        if let Some(o) = output {
+            let extra = json!({
+                "checkpoints-periodic": self.by_cause[Cause::Periodic as usize],
+                "checkpoints-output-differed": self.by_cause[Cause::Differed as usize],
+                "checkpoints-compare-timeout": self.by_cause[Cause::Timeout as usize],
+                "output-held-bytes": o.held_bytes,
+                "output-released-bytes": o.released_bytes,
+                "output-matched-bytes": o.matched_bytes,
+                "output-hold-p50-ms": o.hold_p50_ms,
+                "output-hold-p99-ms": o.hold_p99_ms,
+            });
+            if let (Some(a), Some(b)) = (v.as_object_mut(), extra.as_object()) {
+                a.extend(b.clone());
+            }
+        }
+        v
     }
 }
 
@@ -203,6 +275,8 @@ pub(crate) struct Primary<'a, W: Sink> {
     pub shared: &'a Arc<Shared>,
     /// Events.
     pub events: &'a EventSink,
+    /// Periodic mode (`x-colo-periodic`): the secondary does not run.
+    pub periodic: bool,
 }
 
 /// Wait for one COLO message from the secondary.
@@ -263,12 +337,9 @@ fn checkpoint<W: Sink>(p: &mut Primary<'_, W>) -> Result<(Duration, u64), Migrat
     p.w.bytes(&blob)?;
     p.w.flush()?;
     expect_rp(p, msg::VMSTATE_RECEIVED)?;
+    // The return path's reader released the held output when it read
+    // vmstate-loaded (see `checkpoints`).
     expect_rp(p, msg::VMSTATE_LOADED)?;
-    // The secondary holds everything up to this stop: what the guest wrote
-    // before it may now leave.
-    p.machine
-        .release_output()
-        .map_err(MigrationError::Machine)?;
     p.machine.resume().map_err(MigrationError::Machine)?;
     Ok((stop.elapsed(), p.w.offset() - start_bytes))
 }
@@ -283,56 +354,110 @@ fn device_buffer(devices: &[DeviceBlob]) -> Result<Vec<u8>, MigrationError> {
     Ok(std::mem::take(b.get_mut()))
 }
 
-/// Primary, the secondary ready: run the guest with its output held and
-/// checkpoint every x-checkpoint-delay ms, until failover is requested
-/// (`Ok`) or a checkpoint fails.
-fn checkpoints<W: Sink>(p: &mut Primary<'_, W>) -> Result<(), MigrationError> {
-    let mut stats = Stats::default();
+/// Primary, the secondary ready: run the guest with its output held (and,
+/// with a running secondary, compared) and checkpoint when it is due,
+/// until failover is requested (`Ok`) or a checkpoint fails.
+fn checkpoints<W: Sink>(p: &mut Primary<'_, W>, gate: &OutputGate) -> Result<(), MigrationError> {
+    let mut stats = Stats::new(!p.periodic);
     set_status(p.shared, p.events, Status::Colo);
-    p.machine
-        .hold_output(true)
-        .map_err(MigrationError::Machine)?;
+    gate.set_mode(if p.periodic {
+        Mode::Hold
+    } else {
+        Mode::Compare
+    })
+    .map_err(ColoError::Output)?;
+    p.shared.set_colo_gate(Some(gate.clone()));
+    // The reader thread compares the secondary's output as it comes, and
+    // releases the held output the moment the secondary has loaded the
+    // checkpoint covering it (before its guest, resumed, says more).
+    let g = gate.clone();
+    let loaded = msg::VMSTATE_LOADED.to_be_bytes();
+    p.rpath
+        .set_hook(Some(Box::new(move |kind, data| match kind {
+            rp::COLO_OUTPUT => {
+                let _ = g.secondary_output(data);
+                true
+            }
+            rp::COLO if data == loaded => {
+                let _ = g.release_all();
+                false
+            }
+            _ => false,
+        })));
     p.machine.resume().map_err(MigrationError::Machine)?;
     loop {
-        if idle(p)? {
+        let Some(cause) = idle(p, gate)? else {
             // Leave COLO on request: tell the secondary, run alone.
             let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
             return Ok(());
-        }
+        };
         let (pause, bytes) = checkpoint(p)?;
-        stats.record(pause, bytes);
+        stats.record(Some(cause), pause, bytes);
         let mut i = p.shared.lock_info();
-        i.extra.insert("x-colo".into(), stats.json());
+        i.extra
+            .insert("x-colo".into(), stats.json(Some(gate.stats())));
         i.ram.transferred = p.w.offset();
         i.ram.duplicate = p.rw.zero_pages;
         i.ram.normal = p.rw.normal_pages;
     }
 }
 
-/// Primary, between checkpoints: wait x-checkpoint-delay ms (its value now:
-/// a change takes effect at once), sending a
-/// heartbeat every keepalive interval and watching the return path (a
-/// secondary that reported an error or went silent ends COLO at once).
-/// `true`: failover was requested meanwhile.
-fn idle<W: Sink>(p: &mut Primary<'_, W>) -> Result<bool, MigrationError> {
+/// Primary, between checkpoints: run until a checkpoint is due and say
+/// why, or `None` when failover was requested meanwhile. Due: after
+/// x-checkpoint-delay ms (its value now: a change applies at once), or,
+/// with a running secondary, when the outputs differ or the primary's
+/// waited x-colo-compare-timeout ms. Meanwhile the secondary hears how much
+/// of its output was released (RELEASED) and, every keepalive interval, a
+/// heartbeat; a secondary that reported an error or went silent ends COLO.
+fn idle<W: Sink>(
+    p: &mut Primary<'_, W>,
+    gate: &OutputGate,
+) -> Result<Option<Cause>, MigrationError> {
     let start = Instant::now();
+    let mut matched_sent = 0;
+    let mut last_write = Instant::now();
     loop {
-        // Read each time: a new x-checkpoint-delay applies at once (QEMU).
-        let delay = Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
-        let end = start + delay;
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(false);
+        if p.shared.failover_requested() {
+            return Ok(None);
         }
-        let slice = p.rpath.keepalive().map_or(left, |k| k.min(left));
-        if p.shared.wait_failover_timeout(slice) {
-            return Ok(true);
+        let timeout = Duration::from_millis(p.shared.compare_timeout_ms().max(1));
+        if !p.periodic {
+            if let Some(c) = gate.take_trigger(timeout) {
+                return Ok(Some(c));
+            }
+        }
+        let end = start + Duration::from_millis(p.shared.checkpoint_delay_ms().max(1));
+        let now = Instant::now();
+        if now >= end {
+            return Ok(Some(Cause::Periodic));
+        }
+        let matched = gate.matched();
+        if matched != matched_sent {
+            p.w.be32(msg::RELEASED)?;
+            p.w.be64(matched)?;
+            p.w.flush()?;
+            matched_sent = matched;
+            last_write = now;
+        }
+        let keepalive = p.rpath.keepalive();
+        if let Some(k) = keepalive {
+            if now >= last_write + k {
+                p.w.be32(msg::HEARTBEAT)?;
+                p.w.flush()?;
+                last_write = now;
+            }
         }
         p.rpath.check()?;
-        if p.rpath.keepalive().is_some() && Instant::now() < end {
-            p.w.be32(msg::HEARTBEAT)?;
-            p.w.flush()?;
+        let mut deadline = end;
+        if let Some(k) = keepalive {
+            deadline = deadline.min(last_write + k);
         }
+        if !p.periodic {
+            if let Some(h) = gate.held_deadline(timeout) {
+                deadline = deadline.min(h);
+            }
+        }
+        gate.wait(deadline, matched_sent);
     }
 }
 
@@ -342,10 +467,13 @@ pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), Migratio
     // Between checkpoints this thread sleeps; in one, the stopped guest
     // waits for it (a resumed guest's vCPUs must not delay its next step).
     crate::sched::prefer_this_thread();
+    let gate = p.machine.output().ok_or(ColoError::NoOutput)?;
+    p.w.be32(msg::MODE)?;
+    p.w.be32(u32::from(!p.periodic))?;
     p.w.flush()?;
     // Until the secondary is ready this is an ordinary failed migration.
     expect_rp(&mut p, msg::CHECKPOINT_READY)?;
-    let ended = checkpoints(&mut p);
+    let ended = checkpoints(&mut p, &gate);
     let reason = match ended {
         Ok(()) => ExitReason::Request,
         Err(e) => {
@@ -360,9 +488,10 @@ pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), Migratio
             ExitReason::Request
         }
     };
-    p.machine
-        .hold_output(false)
-        .map_err(MigrationError::Machine)?;
+    p.rpath.set_hook(None);
+    p.shared.set_colo_gate(None);
+    // Everything held goes out: this side runs alone now.
+    gate.set_mode(Mode::Pass).map_err(ColoError::Output)?;
     p.machine.resume().map_err(MigrationError::Machine)?;
     (p.events)(Event::ColoExit(reason));
     Ok(())
@@ -505,18 +634,29 @@ fn send_colo(rp: &RpWriter, m: u32) -> Result<(), MigrationError> {
     })
 }
 
-/// The primary's next COLO message, its heartbeats skipped.
-fn next_msg<R: Read>(r: &mut Reader<R>) -> Result<u32, MigrationError> {
+/// The primary's next COLO message, its heartbeats skipped and its
+/// RELEASED counts handed to `gate`.
+fn next_msg<R: Read>(r: &mut Reader<R>, gate: Option<&OutputGate>) -> Result<u32, MigrationError> {
     loop {
-        let m = r.be32("COLO message")?;
-        if m != msg::HEARTBEAT {
-            return Ok(m);
+        match r.be32("COLO message")? {
+            msg::HEARTBEAT => {}
+            msg::RELEASED => {
+                let n = r.be64("released output bytes")?;
+                if let Some(g) = gate {
+                    g.set_released(n);
+                }
+            }
+            m => return Ok(m),
         }
     }
 }
 
-fn read_msg<R: Read>(r: &mut Reader<R>, want: u32) -> Result<(), MigrationError> {
-    let got = next_msg(r)?;
+fn read_msg<R: Read>(
+    r: &mut Reader<R>,
+    gate: Option<&OutputGate>,
+    want: u32,
+) -> Result<(), MigrationError> {
+    let got = next_msg(r, gate)?;
     if got != want {
         return Err(ColoError::Unexpected {
             got,
@@ -527,16 +667,95 @@ fn read_msg<R: Read>(r: &mut Reader<R>, want: u32) -> Result<(), MigrationError>
     Ok(())
 }
 
+/// A running secondary's console output on its way to the primary: the
+/// `colo-output` thread sends it as it comes (COLO_OUTPUT on the return
+/// path); a checkpoint sends the rest itself ([`Forwarder::flush`]) once
+/// the guest has stopped, before checkpoint-reply, so the primary has all
+/// of it before the checkpoint.
+struct Forwarder {
+    gate: OutputGate,
+    rp: RpWriter,
+    /// Taking and sending are one step (the thread's or a flush's), so the
+    /// bytes go in order.
+    send: Arc<Mutex<()>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    fn start(gate: OutputGate, rp: RpWriter) -> Result<Self, MigrationError> {
+        gate.set_mode(Mode::Forward).map_err(ColoError::Output)?;
+        let mut f = Self {
+            gate,
+            rp,
+            send: Arc::default(),
+            stop: Arc::default(),
+            thread: None,
+        };
+        let (gate, rp, send, stop) = (f.gate.clone(), f.rp.clone(), f.send.clone(), f.stop.clone());
+        f.thread = std::thread::Builder::new()
+            .name("colo-output".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if gate.wait_forward(Instant::now() + Duration::from_secs(1)) {
+                        // A broken link shows on the main thread's reads.
+                        let _ = Self::send(&gate, &rp, &send);
+                    }
+                }
+            })
+            .ok();
+        Ok(f)
+    }
+
+    fn send(gate: &OutputGate, rp: &RpWriter, lock: &Mutex<()>) -> Result<(), MigrationError> {
+        let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = gate.take_forward();
+        for chunk in bytes.chunks(32 << 10) {
+            send_rp(rp, rp::COLO_OUTPUT, chunk).map_err(|e| {
+                MigrationError::Stream(StreamError::Io {
+                    offset: 0,
+                    source: e,
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Send what is left now.
+    fn flush(&self) -> Result<(), MigrationError> {
+        Self::send(&self.gate, &self.rp, &self.send)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.gate.poke();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One checkpoint on the secondary, after checkpoint-request was read.
+/// A running secondary stops its guest first and sends the rest of its
+/// output; once the checkpoint is loaded its output starts again from
+/// there and the guest runs on.
 fn receive_checkpoint<R: BufRead>(
     dest: &mut Destination<'_>,
     r: &mut Reader<R>,
     rr: &mut RamReader,
     rp: &RpWriter,
     cache: &mut RamCache,
+    fwd: Option<&Forwarder>,
 ) -> Result<(), MigrationError> {
+    let gate = fwd.map(|f| &f.gate);
+    if let Some(f) = fwd {
+        dest.machine.colo_pause().map_err(MigrationError::Machine)?;
+        f.flush()?;
+    }
     send_colo(rp, msg::CHECKPOINT_REPLY)?;
-    read_msg(r, msg::VMSTATE_SEND)?;
+    read_msg(r, gate, msg::VMSTATE_SEND)?;
     let mut staging = StagingPlacer::new(MAX_SECTION_PAGES);
     loop {
         r.begin_section();
@@ -564,7 +783,7 @@ fn receive_checkpoint<R: BufRead>(
             break;
         }
     }
-    read_msg(r, msg::VMSTATE_SIZE)?;
+    read_msg(r, gate, msg::VMSTATE_SIZE)?;
     let n = r.be64("vmstate size")?;
     if n > MAX_VMSTATE {
         return Err(ColoError::TooLarge(n).into());
@@ -586,9 +805,17 @@ fn receive_checkpoint<R: BufRead>(
     let mut ours = own;
     dest.ram.sync_dirty_log(&mut ours)?;
     dest.machine
-        .colo_load(devices)
+        .colo_load(devices, fwd.is_some())
         .map_err(MigrationError::Machine)?;
+    if let Some(g) = gate {
+        g.new_epoch();
+    }
     send_colo(rp, msg::VMSTATE_LOADED)?;
+    if fwd.is_some() {
+        dest.machine
+            .colo_resume()
+            .map_err(MigrationError::Machine)?;
+    }
     Ok(())
 }
 
@@ -634,20 +861,21 @@ fn receive_checkpoints<R: BufRead>(
     rr: &mut RamReader,
     rp: &RpWriter,
     cache: &mut RamCache,
+    fwd: Option<&Forwarder>,
 ) -> Result<(), MigrationError> {
-    let mut stats = Stats::default();
+    let mut stats = Stats::new(fwd.is_some());
     loop {
-        let m = next_msg(r)?;
+        let m = next_msg(r, fwd.map(|f| &f.gate))?;
         match m {
             msg::CHECKPOINT_REQUEST => {
                 let t = Instant::now();
                 let before = r.offset();
-                receive_checkpoint(dest, r, rr, rp, cache)?;
-                stats.record(t.elapsed(), r.offset() - before);
+                receive_checkpoint(dest, r, rr, rp, cache, fwd)?;
+                stats.record(None, t.elapsed(), r.offset() - before);
                 dest.shared
                     .lock_info()
                     .extra
-                    .insert("x-colo".into(), stats.json());
+                    .insert("x-colo".into(), stats.json(None));
             }
             msg::PRIMARY_EXIT => return Ok(()),
             got => {
@@ -674,19 +902,43 @@ pub(crate) fn run_secondary<R: BufRead>(
 ) -> Result<(), MigrationError> {
     // The primary's stopped guest waits for each step of this thread.
     crate::sched::prefer_this_thread();
+    read_msg(&mut r, None, msg::MODE)?;
+    let running = match r.be32("COLO mode")? {
+        0 => false,
+        1 => true,
+        m => return Err(ColoError::Mode(m).into()),
+    };
+    let gate = if running {
+        Some(dest.machine.output().ok_or(ColoError::NoOutput)?)
+    } else {
+        None
+    };
     dest.machine
-        .colo_load(devices)
+        .colo_load(devices, running)
         .map_err(MigrationError::Machine)?;
     let mut cache = RamCache::new(&**dest.ram)?;
     dest.ram.start_dirty_log()?;
     dest.shared.set_closer(Some(closer.clone()));
+    let fwd = gate.map(|g| Forwarder::start(g, rp.clone())).transpose()?;
     send_colo(&rp, msg::CHECKPOINT_READY)?;
     set_status(dest.shared, dest.events, Status::Colo);
-    let res = receive_checkpoints(&mut dest, &mut r, &mut rr, &rp, &mut cache);
+    if running {
+        dest.machine
+            .colo_resume()
+            .map_err(MigrationError::Machine)?;
+    }
+    let res = receive_checkpoints(&mut dest, &mut r, &mut rr, &rp, &mut cache, fwd.as_ref());
     let _ = dest.ram.stop_dirty_log();
     match res {
         Ok(_) => {
-            // The primary runs alone; this copy is stale and stays paused.
+            // The primary runs alone; this copy is stale and stays paused,
+            // its output dropped.
+            if let Some(f) = fwd {
+                let _ = dest.machine.colo_pause();
+                let gate = f.gate.clone();
+                drop(f);
+                gate.set_mode(Mode::Pass).map_err(ColoError::Output)?;
+            }
             closer.close();
             (dest.events)(Event::ColoExit(ExitReason::Request));
             Ok(())
@@ -698,10 +950,21 @@ pub(crate) fn run_secondary<R: BufRead>(
                 log::warn!("COLO checkpointing stopped: {desc}; waiting for x-colo-lost-heartbeat");
                 dest.shared.lock_info().error_desc = Some(desc);
                 closer.close();
+                // A running secondary waits paused: neither side's guest
+                // runs until the user picks one.
+                if fwd.is_some() {
+                    let _ = dest.machine.colo_pause();
+                }
                 dest.shared.wait_failover();
             }
+            if let Some(f) = fwd {
+                // What the primary did not release, this console says now.
+                let gate = f.gate.clone();
+                drop(f);
+                gate.failover().map_err(ColoError::Output)?;
+            }
             dest.machine
-                .colo_takeover()
+                .colo_takeover(!running)
                 .map_err(MigrationError::Machine)?;
             (dest.events)(Event::ColoExit(ExitReason::Request));
             Ok(())

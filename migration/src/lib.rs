@@ -15,12 +15,14 @@
 //! precopy   postcopy   colo      the engines (never each other)
 //! return_path                    source's ReturnPath, destination's RpWriter
 //! machine                        Machine, IncomingMachine, Event, MigrationError
-//! ram   status   sched           RAM records and sections, QMP status, scheduling
+//! ram   status   sched   output  RAM records and sections, QMP status, scheduling,
+//!                                the console output COLO holds and compares
 //! stream   transport             the wire format, the connections
 //! ```
 
 pub mod colo;
 pub mod machine;
+pub mod output;
 pub mod postcopy;
 pub mod precopy;
 pub mod ram;

@@ -203,19 +203,11 @@ pub trait Machine: Send {
             "this machine cannot throttle its vCPUs (auto-converge)",
         ))
     }
-    /// COLO output commit: hold the guest's console output from now on
-    /// (`true`), or release everything held and stop holding (`false`).
-    fn hold_output(&mut self, _hold: bool) -> Result<(), MachineError> {
-        Err(MachineError::Unsupported(
-            "this machine cannot hold its output (COLO)",
-        ))
-    }
-    /// COLO: release the output held so far (the guest is stopped and the
-    /// secondary has loaded a checkpoint covering it).
-    fn release_output(&mut self) -> Result<(), MachineError> {
-        Err(MachineError::Unsupported(
-            "this machine cannot hold its output (COLO)",
-        ))
+    /// COLO: the gate the guest's console output passes (held, compared
+    /// with the secondary's; [`crate::output`]). `None`: this machine
+    /// cannot hold its output, and COLO is refused.
+    fn output(&mut self) -> Option<crate::output::OutputGate> {
+        None
     }
 }
 
@@ -228,19 +220,41 @@ pub trait IncomingMachine: Send {
     fn capabilities(&mut self) -> Capabilities {
         Capabilities::default()
     }
-    /// COLO secondary: take a complete checkpoint's device state (checked
-    /// now; the machine may keep it and load it at takeover, since the
-    /// guest does not run before).
-    fn colo_load(&mut self, _blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
+    /// COLO secondary: take a complete checkpoint's device state, checked
+    /// now. `restore`: load it into the (paused) guest now, as a running
+    /// secondary does; otherwise the machine may keep it and load it at
+    /// takeover, since the guest does not run before.
+    fn colo_load(&mut self, _blobs: Vec<DeviceBlob>, _restore: bool) -> Result<(), MachineError> {
         Err(MachineError::Unsupported(
             "COLO is not supported by this machine",
         ))
     }
-    /// COLO secondary failover: run the guest from the last checkpoint.
-    fn colo_takeover(&mut self) -> Result<(), MachineError> {
+    /// COLO running secondary: stop the guest for a checkpoint (run state
+    /// `colo`).
+    fn colo_pause(&mut self) -> Result<(), MachineError> {
         Err(MachineError::Unsupported(
             "COLO is not supported by this machine",
         ))
+    }
+    /// COLO running secondary: run the guest (after a checkpoint, or from
+    /// the first state).
+    fn colo_resume(&mut self) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "COLO is not supported by this machine",
+        ))
+    }
+    /// COLO secondary failover: the guest runs here alone. `rollback`: from
+    /// the last checkpoint's kept state (periodic mode); otherwise the
+    /// guest goes on from where it is (running secondary).
+    fn colo_takeover(&mut self, _rollback: bool) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "COLO is not supported by this machine",
+        ))
+    }
+    /// COLO: the gate the guest's console output passes (forwarded to the
+    /// primary by a running secondary).
+    fn output(&mut self) -> Option<crate::output::OutputGate> {
+        None
     }
     /// Postcopy failed after the switch: stop the guest for good (its RAM
     /// is incomplete) and say why.

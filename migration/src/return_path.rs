@@ -216,10 +216,16 @@ type RpFrame = Result<(u16, Vec<u8>), StreamError>;
 /// One message, or the error that ended the return path.
 pub(crate) type RpResult = Result<RpMessage, StreamError>;
 
+/// A function the reader thread hands each frame to first; `true`: it took
+/// the frame, which then does not go to the channel (COLO's output
+/// comparison, which must not wait for the engine thread).
+pub(crate) type RpHook = Box<dyn Fn(u16, &[u8]) -> bool + Send>;
+
 /// The source's end of the return path: the messages its reader thread
 /// reads, and the destination's last error description.
 pub(crate) struct ReturnPath {
     rx: Receiver<RpFrame>,
+    hook: Arc<Mutex<Option<RpHook>>>,
     last_desc: Option<String>,
     /// How often the source sends a keepalive where it waits (`None`:
     /// no bound on the peer, no keepalives).
@@ -240,6 +246,8 @@ impl ReturnPath {
         closer: Closer,
     ) -> Self {
         let (tx, rx) = channel();
+        let hook: Arc<Mutex<Option<RpHook>>> = Arc::default();
+        let hook_here = hook.clone();
         std::thread::Builder::new()
             .name("mig-return".into())
             .spawn(move || {
@@ -254,6 +262,12 @@ impl ReturnPath {
                             closer.close();
                         }
                     }
+                    if let Ok((k, d)) = &m {
+                        let h = hook_here.lock().unwrap_or_else(|e| e.into_inner());
+                        if h.as_ref().is_some_and(|h| h(*k, d)) {
+                            continue;
+                        }
+                    }
                     let end = m.is_err();
                     if tx.send(m).is_err() || end {
                         break;
@@ -263,9 +277,15 @@ impl ReturnPath {
             .ok();
         Self {
             rx,
+            hook,
             last_desc: None,
             keepalive: peer_timeout.map(keepalive_interval),
         }
+    }
+
+    /// Hand every frame to `hook` first from now on (`None`: no more).
+    pub(crate) fn set_hook(&self, hook: Option<RpHook>) {
+        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
     }
 
     /// How often to send a keepalive while waiting (see the module doc).

@@ -77,6 +77,8 @@ pub fn run_outgoing(mut o: Outgoing) -> Status {
     o.shared
         .set_auto_recover_ms(o.params.x_postcopy_auto_recover_ms);
     o.shared.set_downtime_limit_ms(o.params.downtime_limit_ms);
+    o.shared
+        .set_compare_timeout_ms(o.params.x_colo_compare_timeout_ms);
     let mut stopped = false;
     let run_sent = AtomicBool::new(false);
     let result = outgoing(&mut o, &mut stopped, &run_sent);
@@ -280,6 +282,7 @@ fn transfer(
             machine: &mut *o.machine,
             shared: &o.shared,
             events: &o.events,
+            periodic: o.params.x_colo_periodic,
         });
     }
     drop(w);

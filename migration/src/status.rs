@@ -126,7 +126,7 @@ impl Capabilities {
 }
 
 /// Migration parameters (`migrate-set-parameters`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parameters {
     /// Longest acceptable stop, ms.
     pub downtime_limit_ms: u64,
@@ -158,6 +158,17 @@ pub struct Parameters {
     /// A postcopy whose link breaks recovers by itself for this long, ms
     /// (0: off): `x-postcopy-auto-recover`.
     pub x_postcopy_auto_recover_ms: u64,
+    /// COLO in periodic mode (the secondary's guest stays paused, output
+    /// waits for the next checkpoint) instead of with a running secondary
+    /// and compared output: `x-colo-periodic`.
+    pub x_colo_periodic: bool,
+    /// COLO: longest the primary's output waits for the same from the
+    /// secondary before a checkpoint, ms: `x-colo-compare-timeout`.
+    pub x_colo_compare_timeout_ms: u64,
+    /// COLO running secondary: a file its own console output is appended
+    /// to (empty: dropped, as QEMU drops the secondary's network output):
+    /// `x-colo-secondary-log`.
+    pub x_colo_secondary_log: String,
 }
 
 impl Default for Parameters {
@@ -176,9 +187,16 @@ impl Default for Parameters {
             x_vcpu_dirty_limit_period_ms: 1000,
             x_peer_timeout_ms: DEFAULT_PEER_TIMEOUT_MS,
             x_postcopy_auto_recover_ms: 0,
+            x_colo_periodic: false,
+            x_colo_compare_timeout_ms: DEFAULT_COMPARE_TIMEOUT_MS,
+            x_colo_secondary_log: String::new(),
         }
     }
 }
+
+/// Default `x-colo-compare-timeout`, ms (QEMU's colo-compare
+/// `compare_timeout`).
+pub const DEFAULT_COMPARE_TIMEOUT_MS: u64 = 3000;
 
 /// Default `x-peer-timeout`, ms: a dead, frozen or unreachable peer is
 /// noticed within 20 s.
@@ -201,6 +219,9 @@ impl Parameters {
             "x-vcpu-dirty-limit-period": self.x_vcpu_dirty_limit_period_ms,
             "x-peer-timeout": self.x_peer_timeout_ms,
             "x-postcopy-auto-recover": self.x_postcopy_auto_recover_ms,
+            "x-colo-periodic": self.x_colo_periodic,
+            "x-colo-compare-timeout": self.x_colo_compare_timeout_ms,
+            "x-colo-secondary-log": self.x_colo_secondary_log,
         })
     }
 
@@ -351,6 +372,10 @@ pub struct Shared {
     closer: Mutex<Option<Closer>>,
     /// COLO checkpoint period, ms (changes take effect at the next one).
     pub(crate) checkpoint_delay_ms: AtomicU64,
+    /// COLO: longest primary output may wait for the secondary's, ms.
+    compare_timeout_ms: AtomicU64,
+    /// COLO: the output gate a failover request wakes.
+    colo_gate: Mutex<Option<crate::output::OutputGate>>,
     /// `max-bandwidth`, bytes/s, as the running rounds read it.
     pub(crate) max_bandwidth: AtomicU64,
     /// `downtime-limit`, ms, as the running rounds read it.
@@ -552,6 +577,27 @@ impl Shared {
     /// uses it).
     pub fn set_checkpoint_delay_ms(&self, ms: u64) {
         self.checkpoint_delay_ms.store(ms, Ordering::SeqCst);
+        if let Some(g) = &*self.colo_gate.lock().unwrap_or_else(|e| e.into_inner()) {
+            g.poke();
+        }
+    }
+
+    /// COLO's compare timeout, ms.
+    pub fn compare_timeout_ms(&self) -> u64 {
+        self.compare_timeout_ms.load(Ordering::SeqCst)
+    }
+
+    /// Set COLO's compare timeout (the running comparison uses it at once).
+    pub fn set_compare_timeout_ms(&self, ms: u64) {
+        self.compare_timeout_ms.store(ms, Ordering::SeqCst);
+        if let Some(g) = &*self.colo_gate.lock().unwrap_or_else(|e| e.into_inner()) {
+            g.poke();
+        }
+    }
+
+    /// COLO: the gate a failover request (or a new setting) wakes.
+    pub(crate) fn set_colo_gate(&self, gate: Option<crate::output::OutputGate>) {
+        *self.colo_gate.lock().unwrap_or_else(|e| e.into_inner()) = gate;
     }
 
     /// `migrate-set-parameters` during a migration: the running engine
@@ -602,6 +648,9 @@ impl Shared {
     pub fn request_failover(&self, close: bool) {
         *self.failover_flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.failover_cv.notify_all();
+        if let Some(g) = &*self.colo_gate.lock().unwrap_or_else(|e| e.into_inner()) {
+            g.poke();
+        }
         if close {
             self.close_channel();
         }

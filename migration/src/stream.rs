@@ -132,6 +132,9 @@ pub mod rp {
     pub const RECV_BITMAP: u16 = 0x4d03;
     /// minivmm extension: every RECV_BITMAP is sent; `be32` block count.
     pub const RESUME_ACK: u16 = 0x4d04;
+    /// minivmm extension: console output of a running COLO secondary
+    /// (the bytes, in order).
+    pub const COLO_OUTPUT: u16 = 0x4d05;
 }
 
 /// The `be32` values of the source's PINGs: each marks a point the source

@@ -898,7 +898,22 @@ pub struct MigrateSetParameters {
     /// dirty-limit: the period the rates are measured over, ms (1-1000).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub x_vcpu_dirty_limit_period: Option<u64>,
+    /// minivmm: COLO in periodic mode (the secondary's guest stays paused
+    /// between checkpoints) instead of with a running secondary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_colo_periodic: Option<bool>,
+    /// minivmm: longest the COLO primary's output waits for the same from
+    /// the secondary before a checkpoint, ms ([`COMPARE_TIMEOUT_RANGE_MS`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_colo_compare_timeout: Option<u64>,
+    /// minivmm: on a COLO secondary, a file to append its own console
+    /// output to while it runs beside the primary ("": dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_colo_secondary_log: Option<String>,
 }
+
+/// Allowed `x-colo-compare-timeout`, ms: 1 ms to 1 h.
+pub const COMPARE_TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 1..=3_600_000;
 
 /// Largest `x-postcopy-auto-recover`, ms: 1 h.
 pub const AUTO_RECOVER_MAX_MS: u64 = 3_600_000;
@@ -965,6 +980,15 @@ impl MigrateSetParameters {
             return expects(
                 "x_postcopy_auto_recover",
                 "an integer in the range of 0 to 3600000 milliseconds",
+            );
+        }
+        if self
+            .x_colo_compare_timeout
+            .is_some_and(|t| !COMPARE_TIMEOUT_RANGE_MS.contains(&t))
+        {
+            return expects(
+                "x_colo_compare_timeout",
+                "an integer in the range of 1 to 3600000 milliseconds",
             );
         }
         if self.multifd_channels == Some(0) {

@@ -571,7 +571,9 @@ impl Vmm {
 
     /// The PASS numbers printed so far, in order.
     pub fn passes(&self) -> Vec<u64> {
-        self.serial.text().lines().filter_map(pass_number).collect()
+        complete_lines(&self.serial.text())
+            .filter_map(pass_number)
+            .collect()
     }
 
     /// Fail if the guest reported memory corruption.
@@ -674,12 +676,20 @@ pub fn tail(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
-/// `PASS k ms=...` → k.
+/// `PASS k ms=...` (or `PASS k`, the workload's deterministic output) → k.
+/// `line` must be a whole line ([`complete_lines`]): "PASS 1" could be
+/// the start of "PASS 12".
 pub fn pass_number(line: &str) -> Option<u64> {
     let rest = &line[line.find("PASS ")? + 5..];
-    // The number must be followed by its space: the captured text may end
-    // in the middle of a line ("PASS 1" of "PASS 12 ms=...").
-    rest.split_once(' ')?.0.parse().ok()
+    rest.trim_end().split(' ').next()?.parse().ok()
+}
+
+/// The newline-terminated lines of captured text (not a last line still
+/// being written), without their line ends.
+pub fn complete_lines(text: &str) -> impl DoubleEndedIterator<Item = &str> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(str::trim_end)
 }
 
 /// Wait for `query-migrate` to reach one of `states`; returns the reply.
@@ -1338,7 +1348,7 @@ pub fn assert_continues(src: &Vmm, dst: &Vmm) {
 /// gap and no repeat (output commit at work), and no CORRUPT.
 pub fn assert_output_continues(released: &str, after: &str) {
     let text = format!("{released}{after}");
-    let passes: Vec<u64> = text.lines().filter_map(pass_number).collect();
+    let passes: Vec<u64> = complete_lines(&text).filter_map(pass_number).collect();
     assert!(passes.len() > 3, "too few PASS lines: {passes:?}");
     for w in passes.windows(2) {
         assert_eq!(

@@ -1,5 +1,7 @@
-//! COLO between two real minivmm processes: periodic checkpoints from the
-//! primary to a secondary, output commit, and failover.
+//! COLO between two real minivmm processes, in both modes: a running
+//! secondary whose console output is compared with the primary's (the
+//! default), and periodic checkpoints to a paused secondary; output
+//! commit, checkpoints by cause, memory equality, and failover.
 
 use std::time::{Duration, Instant};
 
@@ -25,35 +27,81 @@ fn x_colo(c: &mut Client) {
     .expect("x-colo");
 }
 
+/// How a test's COLO pair is set up.
+#[derive(Clone, Copy)]
+struct Opts {
+    /// Through a relay (to cut or damage the link).
+    relay: bool,
+    /// `x-colo-periodic`: the secondary does not run.
+    periodic: bool,
+    /// The guest prints `PASS k` without its uptime (the same on both
+    /// sides), switched on over the serial console before COLO.
+    detout: bool,
+    /// `x-checkpoint-delay`, ms.
+    delay_ms: u64,
+    /// The secondary keeps its own console output in a file
+    /// (`x-colo-secondary-log`).
+    log: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            relay: false,
+            periodic: false,
+            detout: false,
+            delay_ms: 200,
+            log: false,
+        }
+    }
+}
+
 /// Primary restored from the boot snapshot, secondary waiting on a port
-/// (through a relay when asked); both with x-colo; COLO started with a
-/// 200 ms checkpoint delay and both sides in `colo`.
+/// (through a relay when asked); both with x-colo; COLO started with the
+/// options' mode and checkpoint delay and both sides in `colo`.
 struct Pair {
     p: Vmm,
     pq: Client,
     s: Vmm,
     sq: Client,
     relay: Option<Relay>,
+    /// The secondary's console log, if asked for.
+    log: Option<std::path::PathBuf>,
 }
 
-fn start_colo(with_relay: bool) -> Pair {
+fn start_colo(o: Opts) -> Pair {
     let snap = snapshot(&guest("base"));
-    let p = guest("primary")
+    let mut p = guest("primary")
         .incoming(&format!("file:{}", snap.display()))
+        .with_stdin()
         .spawn();
     p.wait_pass_beyond(2, boot_timeout());
+    if o.detout {
+        p.type_serial("detout\n");
+        p.wait_serial("OUTPUT deterministic", boot_timeout());
+    }
     let port = free_port();
     let mut s = guest("secondary")
         .incoming(&format!("tcp:127.0.0.1:{port}"))
         .spawn();
     let mut sq = s.qmp();
     x_colo(&mut sq);
-    let mut p = p;
+    let log = o.log.then(|| s.dir.path("secondary-console.log"));
+    if let Some(l) = &log {
+        sq.execute(
+            "migrate-set-parameters",
+            json!({"x-colo-secondary-log": l.display().to_string()}),
+        )
+        .unwrap();
+    }
     let mut pq = p.qmp();
     x_colo(&mut pq);
-    pq.execute("migrate-set-parameters", json!({"x-checkpoint-delay": 200}))
-        .unwrap();
-    let relay = with_relay.then(|| Relay::start(port, Tamper::None));
+    pq.execute(
+        "migrate-set-parameters",
+        json!({"x-checkpoint-delay": o.delay_ms, "x-colo-periodic": o.periodic}),
+    )
+    .unwrap();
+    let relay = o.relay.then(|| Relay::start(port, Tamper::None));
     let to = relay.as_ref().map_or(port, |r| r.port);
     pq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{to}")}))
         .unwrap();
@@ -71,7 +119,17 @@ fn start_colo(with_relay: bool) -> Pair {
         s,
         sq,
         relay,
+        log,
     }
+}
+
+/// The primary's `x-colo` statistics.
+fn colo_stats(c: &mut Client) -> Value {
+    c.execute("query-migrate", json!({})).unwrap()["x-colo"].clone()
+}
+
+fn stat(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
 }
 
 /// Checkpoints completed so far, from query-migrate on `c`.
@@ -95,32 +153,51 @@ fn wait_checkpoints(c: &mut Client, n: u64) -> Value {
 }
 
 /// COLO reaches `colo`, checkpoints a dirtying guest 5+ times; the primary
-/// is killed; `x-colo-lost-heartbeat` on the secondary resumes the guest
-/// from the last checkpoint, its output continuing the released output.
-#[test]
-fn primary_killed_secondary_takes_over() {
-    if !kvm_available("primary_killed_secondary_takes_over") {
-        return;
-    }
+/// is killed; `x-colo-lost-heartbeat` on the secondary makes its guest the
+/// only one (periodic: from the last checkpoint; running: on from where it
+/// is), its output continuing the released output with no line lost or
+/// repeated.
+fn primary_killed_secondary_takes_over(o: Opts) {
     let Pair {
         mut p,
         mut pq,
-        mut s,
+        s,
         mut sq,
+        log,
         ..
-    } = start_colo(false);
+    } = start_colo(o);
     let r = wait_checkpoints(&mut pq, 5);
     eprintln!("primary after 5 checkpoints: {r}");
     assert!(checkpoints(&mut sq) >= 4);
-    assert_eq!(run_state(&mut sq), "colo");
-    assert!(
-        s.passes().is_empty(),
-        "the secondary's guest ran during COLO"
+    let st = colo_stats(&mut sq);
+    assert_eq!(
+        st["mode"],
+        if o.periodic { "periodic" } else { "running" },
+        "{st}"
     );
-    // Huge pages: off while checkpoints come in (RAM not preallocated),
-    // on once the secondary runs the guest.
+    // The secondary's console says nothing during COLO (its output is
+    // compared, or it does not run); its guest runs only in running mode.
+    assert!(s.passes().is_empty(), "the secondary printed during COLO");
+    if let Some(l) = &log {
+        // ... but keeps what its guest said when asked.
+        let kept = std::fs::read_to_string(l).unwrap_or_default();
+        assert!(
+            complete_lines(&kept).any(|l| pass_number(l).is_some()),
+            "no PASS line in the secondary's log: {kept:?}"
+        );
+    }
     let thp = ram_huge_pages(s.pid(), 128 << 20);
-    assert_eq!(thp.map(|_| false), thp, "secondary during COLO");
+    if o.periodic {
+        assert_eq!(run_state(&mut sq), "colo");
+        // Huge pages: off while checkpoints come in (RAM not preallocated),
+        // on once the secondary runs the guest.
+        assert_eq!(thp.map(|_| false), thp, "secondary during COLO");
+    } else {
+        assert!(
+            ["running", "colo"].contains(&run_state(&mut sq).as_str()),
+            "a running secondary is running (or in a checkpoint)"
+        );
+    }
     p.kill();
     sq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
     let e = sq
@@ -139,11 +216,189 @@ fn primary_killed_secondary_takes_over() {
         "secondary after takeover"
     );
     let released = p.serial.text();
-    let last = released.lines().rev().find_map(pass_number).unwrap_or(0);
+    let last = complete_lines(&released)
+        .rev()
+        .find_map(pass_number)
+        .unwrap_or(0);
     s.wait_pass_beyond(last + 2, boot_timeout());
     assert_output_continues(&released, &s.serial.text());
     s.assert_no_corrupt();
-    let _ = &mut s;
+}
+
+#[test]
+fn periodic_primary_killed_secondary_takes_over() {
+    if !kvm_available("periodic_primary_killed_secondary_takes_over") {
+        return;
+    }
+    primary_killed_secondary_takes_over(Opts {
+        periodic: true,
+        ..Opts::default()
+    });
+}
+
+#[test]
+fn running_primary_killed_secondary_takes_over() {
+    if !kvm_available("running_primary_killed_secondary_takes_over") {
+        return;
+    }
+    primary_killed_secondary_takes_over(Opts {
+        detout: true,
+        delay_ms: 1000,
+        log: true,
+        ..Opts::default()
+    });
+}
+
+/// Running secondary, the same output on both sides: it is released as
+/// both say it, before any checkpoint, and the checkpoints are periodic.
+#[test]
+fn matching_output_is_released_before_the_checkpoint() {
+    if !kvm_available("matching_output_is_released_before_the_checkpoint") {
+        return;
+    }
+    let Pair {
+        p, mut pq, s: _s, ..
+    } = start_colo(Opts {
+        detout: true,
+        delay_ms: 3000,
+        ..Opts::default()
+    });
+    let before = p.passes().last().copied().unwrap_or(0);
+    // Two lines released between checkpoints 1 and 2 (3 s apart; a pass
+    // takes about 1 s at 16 MiB/s).
+    wait_checkpoints(&mut pq, 1);
+    let n = p.passes().last().copied().unwrap_or(0).max(before);
+    p.wait_pass_beyond(n + 1, boot_timeout());
+    let st = colo_stats(&mut pq);
+    eprintln!("primary: {st}");
+    assert!(stat(&st, "checkpoints") <= 2, "a checkpoint per line: {st}");
+    assert!(stat(&st, "output-matched-bytes") > 0, "{st}");
+    let st = wait_checkpoints(&mut pq, 3)["x-colo"].clone();
+    eprintln!("primary after 3 checkpoints: {st}");
+    let periodic = stat(&st, "checkpoints-periodic");
+    assert!(
+        periodic * 2 > stat(&st, "checkpoints"),
+        "most checkpoints are periodic with matching output: {st}"
+    );
+    assert_eq!(stat(&st, "checkpoints-output-differed"), 0, "{st}");
+    assert!(st["output-hold-p50-ms"].as_f64().is_some(), "{st}");
+    p.assert_no_corrupt();
+}
+
+/// Running secondary, output that differs (uptimes in every line): each
+/// line that differs takes a checkpoint at once, long before the 60 s
+/// delay; the common prefix of each line goes out before it.
+#[test]
+fn differing_output_checkpoints_follow_the_differences() {
+    if !kvm_available("differing_output_checkpoints_follow_the_differences") {
+        return;
+    }
+    let Pair {
+        p, mut pq, s: _s, ..
+    } = start_colo(Opts {
+        delay_ms: 60_000,
+        ..Opts::default()
+    });
+    let st = wait_checkpoints(&mut pq, 3)["x-colo"].clone();
+    eprintln!("primary after 3 checkpoints: {st}");
+    assert_eq!(stat(&st, "checkpoints-periodic"), 0, "{st}");
+    assert!(
+        stat(&st, "checkpoints-output-differed") + stat(&st, "checkpoints-compare-timeout") >= 3,
+        "{st}"
+    );
+    assert!(stat(&st, "checkpoints-output-differed") >= 1, "{st}");
+    // "PASS k ms=" is the same on both sides: released before the
+    // checkpoint the rest of the line causes.
+    assert!(stat(&st, "output-matched-bytes") >= 10, "{st}");
+    let released = p.serial.text();
+    let last = complete_lines(&released)
+        .rev()
+        .find_map(pass_number)
+        .unwrap_or(0);
+    p.wait_pass_beyond(last + 1, boot_timeout());
+    p.assert_no_corrupt();
+}
+
+/// Both paused right after a checkpoint (`stop` on each side holds across
+/// checkpoints in COLO): their RAM is the same page by page, but for the
+/// kvmclock structures KVM writes itself (at most one per vCPU and the
+/// wall clock, none of them a workload page).
+#[test]
+fn memory_identical_after_a_checkpoint_with_both_paused() {
+    if !kvm_available("memory_identical_after_a_checkpoint_with_both_paused") {
+        return;
+    }
+    let Pair {
+        mut p,
+        mut pq,
+        mut s,
+        mut sq,
+        ..
+    } = start_colo(Opts::default());
+    wait_checkpoints(&mut pq, 2);
+    sq.execute("stop", json!({})).unwrap();
+    pq.execute("stop", json!({})).unwrap();
+    // The second checkpoint from here began after both stops.
+    let n = checkpoints(&mut sq);
+    wait_checkpoints(&mut sq, n + 2);
+    assert_eq!(run_state(&mut pq), "paused");
+    assert_eq!(run_state(&mut sq), "paused");
+    let a = pmem_dump(&mut p, &mut pq, 128 << 20, "primary.mem");
+    let b = pmem_dump(&mut s, &mut sq, 128 << 20, "secondary.mem");
+    assert!(
+        scan_workload_pages(&a).len() >= 4000,
+        "workload pages not found in the dump"
+    );
+    let diff = differing_pages(&a, &b);
+    eprintln!("pages differing: {diff:x?}");
+    assert!(diff.len() <= 3, "{} pages differ: {diff:x?}", diff.len());
+    for &pg in &diff {
+        assert!(
+            workload_page(&a[pg * 4096..(pg + 1) * 4096]).is_none(),
+            "workload page {pg:#x} differs"
+        );
+    }
+    // Both go on after failover, from the same state.
+    pq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
+    pq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
+    pq.execute("cont", json!({})).unwrap();
+    let last = p.passes().last().copied().unwrap_or(0);
+    p.wait_pass_beyond(last + 1, boot_timeout());
+    p.assert_no_corrupt();
+}
+
+/// The secondary is killed: the primary stops checkpointing and says why,
+/// its guest stopped and output held; `x-colo-lost-heartbeat` lets it run
+/// alone with all its output.
+#[test]
+fn secondary_killed_primary_runs_alone() {
+    if !kvm_available("secondary_killed_primary_runs_alone") {
+        return;
+    }
+    let Pair {
+        p, mut pq, mut s, ..
+    } = start_colo(Opts::default());
+    wait_checkpoints(&mut pq, 3);
+    s.kill();
+    let deadline = Instant::now() + mig_timeout();
+    let r = loop {
+        let r = pq.execute("query-migrate", json!({})).unwrap();
+        if r.get("error-desc").is_some() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the primary did not notice: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("primary: {r}");
+    assert_eq!(r["status"], "colo", "{r}");
+    assert_ne!(run_state(&mut pq), "running");
+    pq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
+    pq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
+    assert_eq!(run_state(&mut pq), "running");
+    let last = p.passes().last().copied().unwrap_or(0);
+    p.wait_pass_beyond(last + 2, boot_timeout());
+    assert_output_continues(&p.serial.text(), "");
+    p.assert_no_corrupt();
 }
 
 /// `x-colo-lost-heartbeat` on the primary: it leaves COLO and runs alone
@@ -160,7 +415,7 @@ fn primary_lost_heartbeat_runs_alone() {
         s,
         mut sq,
         ..
-    } = start_colo(false);
+    } = start_colo(Opts::default());
     wait_checkpoints(&mut pq, 3);
     pq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
     let e = pq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
@@ -195,7 +450,11 @@ fn link_cut_mid_checkpoint_secondary_uses_previous_checkpoint() {
         s,
         mut sq,
         relay,
-    } = start_colo(true);
+        ..
+    } = start_colo(Opts {
+        relay: true,
+        ..Opts::default()
+    });
     let relay = relay.unwrap();
     wait_checkpoints(&mut pq, 3);
     let done = checkpoints(&mut sq);
@@ -223,7 +482,10 @@ fn link_cut_mid_checkpoint_secondary_uses_previous_checkpoint() {
     sq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
     assert_eq!(run_state(&mut sq), "running");
     let released = p.serial.text();
-    let last = released.lines().rev().find_map(pass_number).unwrap_or(0);
+    let last = complete_lines(&released)
+        .rev()
+        .find_map(pass_number)
+        .unwrap_or(0);
     s.wait_pass_beyond(last + 2, boot_timeout());
     assert_output_continues(&released, &s.serial.text());
     s.assert_no_corrupt();
@@ -248,7 +510,11 @@ fn unexpected_colo_message_stops_colo() {
         s,
         mut sq,
         relay,
-    } = start_colo(true);
+        ..
+    } = start_colo(Opts {
+        relay: true,
+        ..Opts::default()
+    });
     let relay = relay.unwrap();
     wait_checkpoints(&mut pq, 2);
     // Between checkpoints the stream is idle: the garbage lands right

@@ -588,7 +588,10 @@ fn colo_fault(test: &str, f: Fault, idle: bool) {
             .expect("COLO_EXIT");
         assert_eq!(run_state(&mut s.dq), "running");
         let released = s.src.serial.text();
-        let last = released.lines().rev().find_map(pass_number).unwrap_or(0);
+        let last = complete_lines(&released)
+            .rev()
+            .find_map(pass_number)
+            .unwrap_or(0);
         s.dst.wait_pass_beyond(last + 2, boot_timeout());
         assert_output_continues(&released, &s.dst.serial.text());
         if f.source_survives() {

@@ -14,10 +14,14 @@
 //! - `workload.every=MS`   0 (default): print every `PASS` line; N > 0: print
 //!   a `PASS` line only if at least N ms passed since the last printed one
 //! - `workload.passes=N`   0 (default) = forever; else reboot after N passes
+//! - `workload.detout=1`   deterministic output: `PASS k` lines carry no
+//!   uptime, so two copies of the guest running from the same state print
+//!   the same bytes (COLO's output comparison); 0 (default) = with uptime
 //!
 //! # Output (serial console)
 //! - `GUEST-READY cpus=N mem=MiB ms=UPTIME` once the buffer is mapped
-//! - `PASS k ms=UPTIME` after full pass k (k = 1, 2, ...)
+//! - `PASS k ms=UPTIME` after full pass k (k = 1, 2, ...); `PASS k` with
+//!   `workload.detout=1`
 //! - `CORRUPT page=I got=G want=K-1` for each bad page found in pass K
 //!   (at most 16 per pass), then `CORRUPT pages=COUNT pass=K`
 //! - `STATUS pass=K ms=UPTIME` in answer to `status` on stdin
@@ -39,7 +43,9 @@
 //! pattern for (i, k).
 //!
 //! # Stdin commands (one per line)
-//! `reboot` reboots (LINUX_REBOOT_CMD_RESTART), `status` prints `STATUS`.
+//! `reboot` reboots (LINUX_REBOOT_CMD_RESTART), `status` prints `STATUS`,
+//! `detout` and `timed` switch deterministic output on and off (as
+//! `workload.detout`; answered with `OUTPUT deterministic` / `OUTPUT timed`).
 //! Anything else is ignored.
 //!
 //! Every system call is expensive on kvm_pvm (the guest kernel is emulated),
@@ -394,6 +400,7 @@ struct Config {
     rate_mib: u64,
     every_ms: u64,
     passes: u64,
+    detout: bool,
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -422,6 +429,7 @@ impl Config {
             b"rate" => self.rate_mib = v,
             b"every" => self.every_ms = v,
             b"passes" => self.passes = v,
+            b"detout" => self.detout = v != 0,
             _ => {}
         }
     }
@@ -462,6 +470,8 @@ enum Cmd {
     None,
     Reboot,
     Status,
+    /// Deterministic output on (`detout`) or off (`timed`).
+    Detout(bool),
 }
 
 struct Input {
@@ -527,6 +537,8 @@ impl Input {
         match s {
             b"reboot" => Cmd::Reboot,
             b"status" => Cmd::Status,
+            b"detout" => Cmd::Detout(true),
+            b"timed" => Cmd::Detout(false),
             _ => Cmd::None,
         }
     }
@@ -552,12 +564,20 @@ fn reboot(line: &mut Line) -> ! {
     sys::exit(1)
 }
 
-fn handle(cmd: Cmd, line: &mut Line, pass: u64) {
+fn handle(cmd: Cmd, line: &mut Line, pass: u64, detout: &mut bool) {
     match cmd {
         Cmd::None => {}
         Cmd::Reboot => reboot(line),
         Cmd::Status => {
             line.s(b"STATUS pass=").u(pass).s(b" ms=").u(ms_now()).print();
+        }
+        Cmd::Detout(on) => {
+            *detout = on;
+            if on {
+                line.s(b"OUTPUT deterministic").print();
+            } else {
+                line.s(b"OUTPUT timed").print();
+            }
         }
     }
 }
@@ -603,7 +623,7 @@ fn main(args: &[*const u8]) -> ! {
     // errors (already mounted when run from a shell).
     sys::mount(b"proc\0", b"/proc\0", b"proc\0");
 
-    let mut cfg = Config { mem_mib: 16, rate_mib: 0, every_ms: 0, passes: 0 };
+    let mut cfg = Config { mem_mib: 16, rate_mib: 0, every_ms: 0, passes: 0, detout: false };
     read_cmdline(&mut cfg);
     for &a in args.iter().skip(1) {
         // SAFETY: argv strings are NUL-terminated.
@@ -660,7 +680,7 @@ fn main(args: &[*const u8]) -> ! {
                 }
                 let wait = deadline.saturating_sub(now);
                 let cmd = input.poll(wait);
-                handle(cmd, &mut line, k.saturating_sub(1));
+                handle(cmd, &mut line, k.saturating_sub(1), &mut cfg.detout);
             }
             from = to;
         }
@@ -669,7 +689,7 @@ fn main(args: &[*const u8]) -> ! {
         }
         if rate_bps == 0 {
             let cmd = input.poll(0);
-            handle(cmd, &mut line, k);
+            handle(cmd, &mut line, k, &mut cfg.detout);
         }
         if k > 0 {
             let now = ms_now();
@@ -678,7 +698,11 @@ fn main(args: &[*const u8]) -> ! {
                 Some(t) => cfg.every_ms == 0 || now.saturating_sub(t) >= cfg.every_ms,
             };
             if due {
-                line.s(b"PASS ").u(k).s(b" ms=").u(now).print();
+                if cfg.detout {
+                    line.s(b"PASS ").u(k).print();
+                } else {
+                    line.s(b"PASS ").u(k).s(b" ms=").u(now).print();
+                }
                 last_print_ms = Some(now);
             }
             if cfg.passes != 0 && k >= cfg.passes {

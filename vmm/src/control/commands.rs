@@ -126,6 +126,11 @@ impl Control {
             Command::Stop => {
                 // QEMU: stop during inmigrate keeps the guest paused after migration.
                 let vcpus_running = self.vm.is_running();
+                // In COLO, also when a checkpoint has it stopped now: it
+                // stays stopped after the checkpoint.
+                if self.mig.colo_mode != ColoMode::None {
+                    self.mig.colo_user_paused = true;
+                }
                 self.enter(Input::Stop { vcpus_running })
                     .map_err(control_err)?;
                 Ok(json!({}))
@@ -272,7 +277,7 @@ impl Control {
             }
             Command::QueryMigrateCapabilities => Ok(self.mig.caps.to_json()),
             Command::MigrateSetParameters(p) => {
-                let mut n = self.mig.params;
+                let mut n = self.mig.params.clone();
                 if let Some(v) = p.downtime_limit {
                     n.downtime_limit_ms = v;
                 }
@@ -322,6 +327,40 @@ impl Control {
                     // A destination still waiting for its source uses it.
                     if let Some(inc) = &self.mig.incoming {
                         inc.set_peer_timeout_ms(v);
+                    }
+                }
+                if let Some(v) = p.x_colo_periodic {
+                    // Chosen when COLO starts (the secondary follows the
+                    // primary): not while one runs.
+                    if v != n.x_colo_periodic && self.mig.active() {
+                        return Err(generic(
+                            "x-colo-periodic cannot be changed while a migration or COLO runs",
+                        ));
+                    }
+                    n.x_colo_periodic = v;
+                }
+                if let Some(v) = p.x_colo_secondary_log {
+                    // Kept only while this side forwards its output as a
+                    // running COLO secondary; opened (and so checked) now.
+                    let log: Option<Box<dyn std::io::Write + Send>> = if v.is_empty() {
+                        None
+                    } else {
+                        let f = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&v)
+                            .map_err(|e| {
+                                generic(format!("x-colo-secondary-log: cannot open '{v}': {e}"))
+                            })?;
+                        Some(Box::new(f))
+                    };
+                    self.gate.set_log(log);
+                    n.x_colo_secondary_log = v;
+                }
+                if let Some(v) = p.x_colo_compare_timeout {
+                    n.x_colo_compare_timeout_ms = v;
+                    if let Some(out) = &self.mig.outgoing {
+                        out.set_compare_timeout_ms(v);
                     }
                 }
                 if let Some(v) = p.x_postcopy_auto_recover {

@@ -17,13 +17,14 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use migration::output::OutputGate;
 use migration::status::{Capabilities, Parameters, Shared, Status};
 use migration::stream::DeviceBlob;
 use migration::transport::{Listener, TransportError, Uri};
 use migration::{Event as MigEvent, ExitReason, IncomingMachine, Machine, MachineError, Stopped};
 use qmp::QmpError;
 
-use super::runstate::Input;
+use super::runstate::{Input, RunState};
 use super::{generic, Control, CtlMsg, CtlSender};
 use crate::migrate::{self, KvmRam};
 use crate::vm::MachineState;
@@ -47,18 +48,21 @@ pub enum MachineRequest {
     Abandon(String, Sender<Result<(), MachineError>>),
     /// This side's migration capabilities.
     Caps(Sender<Result<Capabilities, MachineError>>),
-    /// COLO primary: hold (true) or release and pass (false) console output.
-    HoldOutput(bool, Sender<Result<(), MachineError>>),
-    /// COLO primary: release the held console output.
-    ReleaseOutput(Sender<Result<(), MachineError>>),
-    /// COLO secondary: load a checkpoint, guest stays paused.
-    ColoLoad(Vec<DeviceBlob>, Sender<Result<(), MachineError>>),
-    /// COLO secondary: failover, run the guest.
-    ColoTakeover(Sender<Result<(), MachineError>>),
+    /// COLO secondary: take a checkpoint's device state; `true`: load it
+    /// into the paused guest now (running secondary).
+    ColoLoad(Vec<DeviceBlob>, bool, Sender<Result<(), MachineError>>),
+    /// COLO running secondary: stop the guest for a checkpoint.
+    ColoPause(Sender<Result<(), MachineError>>),
+    /// COLO running secondary: run the guest.
+    ColoResume(Sender<Result<(), MachineError>>),
+    /// COLO secondary: failover, run the guest; `true`: from the kept
+    /// checkpoint (periodic mode).
+    ColoTakeover(bool, Sender<Result<(), MachineError>>),
 }
 
-/// The machine as a migration thread sees it.
-pub(super) struct ProxyMachine(pub(super) CtlSender);
+/// The machine as a migration thread sees it: requests to the control
+/// thread, and the console's output gate.
+pub(super) struct ProxyMachine(pub(super) CtlSender, pub(super) OutputGate);
 
 impl Machine for ProxyMachine {
     fn stop(&mut self) -> Result<Stopped, MachineError> {
@@ -74,11 +78,8 @@ impl Machine for ProxyMachine {
         self.0
             .request(|tx| MachineRequest::DirtyLimit(mib_s, period, tx))
     }
-    fn hold_output(&mut self, hold: bool) -> Result<(), MachineError> {
-        self.0.request(|tx| MachineRequest::HoldOutput(hold, tx))
-    }
-    fn release_output(&mut self) -> Result<(), MachineError> {
-        self.0.request(MachineRequest::ReleaseOutput)
+    fn output(&mut self) -> Option<OutputGate> {
+        Some(self.1.clone())
     }
 }
 
@@ -89,11 +90,22 @@ impl IncomingMachine for ProxyMachine {
     fn capabilities(&mut self) -> Capabilities {
         self.0.request(MachineRequest::Caps).unwrap_or_default()
     }
-    fn colo_load(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
-        self.0.request(|tx| MachineRequest::ColoLoad(blobs, tx))
+    fn colo_load(&mut self, blobs: Vec<DeviceBlob>, restore: bool) -> Result<(), MachineError> {
+        self.0
+            .request(|tx| MachineRequest::ColoLoad(blobs, restore, tx))
     }
-    fn colo_takeover(&mut self) -> Result<(), MachineError> {
-        self.0.request(MachineRequest::ColoTakeover)
+    fn colo_pause(&mut self) -> Result<(), MachineError> {
+        self.0.request(MachineRequest::ColoPause)
+    }
+    fn colo_resume(&mut self) -> Result<(), MachineError> {
+        self.0.request(MachineRequest::ColoResume)
+    }
+    fn colo_takeover(&mut self, rollback: bool) -> Result<(), MachineError> {
+        self.0
+            .request(|tx| MachineRequest::ColoTakeover(rollback, tx))
+    }
+    fn output(&mut self) -> Option<OutputGate> {
+        Some(self.1.clone())
     }
     fn vcpu_threads(&mut self) -> Result<Vec<i32>, MachineError> {
         self.0.request(MachineRequest::VcpuThreads)
@@ -172,6 +184,9 @@ pub struct Migrations {
     /// COLO secondary: the machine state of the last complete checkpoint,
     /// loaded into KVM only at takeover (the guest does not run before).
     pub colo_state: Option<Box<MachineState>>,
+    /// COLO: the user stopped the guest (`stop`); checkpoints then leave it
+    /// stopped on this side instead of running it again.
+    pub colo_user_paused: bool,
     /// The last status of the outgoing and incoming migration this thread
     /// has acted on: query-migrate shows a final status only once the run
     /// state has followed it (`completed` with the source in
@@ -200,6 +215,7 @@ impl Default for Migrations {
             colo_last_mode: ColoMode::None,
             colo_reason: None,
             colo_state: None,
+            colo_user_paused: false,
             seen: [Status::None; 2],
             exit_on_error: true,
         }
@@ -303,8 +319,13 @@ impl Control {
             }
             MachineRequest::Resume(reply) => {
                 self.vm.set_throttle(0);
-                // A COLO primary always runs between checkpoints.
-                let run = self.mig.was_running || self.mig.colo_mode == ColoMode::Primary;
+                // A COLO primary runs between checkpoints unless the user
+                // stopped it.
+                let run = if self.mig.colo_mode == ColoMode::Primary {
+                    !self.mig.colo_user_paused
+                } else {
+                    self.mig.was_running
+                };
                 let _ = reply.send(
                     self.enter(Input::MigrationResume { run })
                         .map_err(MachineError::vmm),
@@ -316,46 +337,34 @@ impl Control {
             MachineRequest::Caps(reply) => {
                 let _ = reply.send(Ok(self.mig.caps));
             }
-            MachineRequest::HoldOutput(hold, reply) => {
-                let _ = reply.send(
-                    self.gate
-                        .set_hold(hold)
-                        .map_err(|e| MachineError::vmm(ProxyError::Output(e))),
-                );
+            MachineRequest::ColoLoad(blobs, restore, reply) => {
+                let _ = reply.send(self.colo_load(blobs, restore));
             }
-            MachineRequest::ReleaseOutput(reply) => {
-                let _ = reply.send(
-                    self.gate
-                        .release()
-                        .map_err(|e| MachineError::vmm(ProxyError::Output(e))),
-                );
-            }
-            MachineRequest::ColoLoad(blobs, reply) => {
-                // Checked now (sections, versions, vCPU count); loading into
-                // KVM waits for a takeover, which costs the checkpoint pause
-                // nothing and keeps KVM from writing the clock pages here.
-                let r = match migrate::from_blobs(blobs, self.vm.shape()) {
-                    Ok((st, _)) => {
-                        self.mig.colo_state = Some(Box::new(st));
-                        self.enter(Input::ColoCheckpoint).map_err(MachineError::vmm)
+            MachineRequest::ColoPause(reply) => {
+                // Already stopped for a checkpoint that broke off: nothing
+                // to do; stopped by the user: it stays so after.
+                let r = match self.runstate {
+                    RunState::Colo => Ok(()),
+                    RunState::Paused => {
+                        self.mig.colo_user_paused = true;
+                        self.stopped(false, Input::MigrationStopped { colo_primary: true });
+                        Ok(())
                     }
-                    Err(e) => Err(MachineError::vmm(e)),
+                    _ => self
+                        .enter(Input::MigrationStopped { colo_primary: true })
+                        .map_err(MachineError::vmm),
                 };
                 let _ = reply.send(r);
             }
-            MachineRequest::ColoTakeover(reply) => {
-                let r = match self.mig.colo_state.take() {
-                    Some(st) => {
-                        self.vm.ram_loaded();
-                        self.vm
-                            .restore_state(&st)
-                            .map_err(super::ControlError::from)
-                            .and_then(|()| self.enter(Input::ColoTakeover))
-                            .map_err(MachineError::vmm)
-                    }
-                    None => Err(MachineError::vmm(ProxyError::NoCheckpoint)),
-                };
-                let _ = reply.send(r);
+            MachineRequest::ColoResume(reply) => {
+                let run = !self.mig.colo_user_paused;
+                let _ = reply.send(
+                    self.enter(Input::MigrationResume { run })
+                        .map_err(MachineError::vmm),
+                );
+            }
+            MachineRequest::ColoTakeover(rollback, reply) => {
+                let _ = reply.send(self.colo_takeover(rollback));
             }
             MachineRequest::Abandon(why, reply) => {
                 eprintln!("minivmm: postcopy failed, the guest is stopped: {why}");
@@ -369,11 +378,55 @@ impl Control {
         }
     }
 
+    /// COLO secondary: a checkpoint's device state, checked now. Periodic
+    /// mode keeps it for a takeover (loading it costs the checkpoint pause
+    /// nothing and keeps KVM from writing the clock pages here); a running
+    /// secondary loads it into its paused guest at once.
+    fn colo_load(&mut self, blobs: Vec<DeviceBlob>, restore: bool) -> Result<(), MachineError> {
+        let (st, _) = migrate::from_blobs(blobs, self.vm.shape()).map_err(MachineError::vmm)?;
+        if restore {
+            self.mig.colo_state = None;
+            self.vm.ram_loaded();
+            self.vm
+                .restore_state(&st)
+                .map_err(|e| MachineError::vmm(super::ControlError::from(e)))?;
+        } else {
+            self.mig.colo_state = Some(Box::new(st));
+        }
+        if self.runstate == RunState::Colo {
+            Ok(())
+        } else {
+            self.enter(Input::ColoCheckpoint).map_err(MachineError::vmm)
+        }
+    }
+
+    /// COLO secondary failover: with `rollback`, load the kept checkpoint
+    /// and run; else run on from here (a running secondary's guest).
+    fn colo_takeover(&mut self, rollback: bool) -> Result<(), MachineError> {
+        if rollback {
+            let st = self
+                .mig
+                .colo_state
+                .take()
+                .ok_or(MachineError::vmm(ProxyError::NoCheckpoint))?;
+            self.vm.ram_loaded();
+            self.vm
+                .restore_state(&st)
+                .map_err(|e| MachineError::vmm(super::ControlError::from(e)))?;
+        }
+        if self.runstate == RunState::Running {
+            return Ok(());
+        }
+        self.enter(Input::ColoTakeover).map_err(MachineError::vmm)
+    }
+
     /// Stop the vCPUs and save the machine for a migration.
     fn migration_stop(&mut self) -> Result<Stopped, MachineError> {
         let was = self.vm.is_running();
         let colo_primary = self.mig.colo_mode == ColoMode::Primary;
-        if !colo_primary {
+        if colo_primary {
+            self.mig.colo_user_paused |= self.runstate == RunState::Paused;
+        } else {
             self.mig.was_running = was;
         }
         let saved = self.vm.pause_and_save();
@@ -414,6 +467,7 @@ impl Control {
                 self.mig.colo_last_mode = mode;
                 self.mig.colo_mode = ColoMode::None;
                 self.mig.colo_reason = Some(reason);
+                self.mig.colo_user_paused = false;
                 // The primary runs alone: the secondary's copy stays paused.
                 self.enter(Input::ColoExit)?;
                 self.events.send(
@@ -511,7 +565,7 @@ impl Control {
         let inc = migration::Incoming {
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
-            machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
+            machine: Box::new(ProxyMachine(self.ctl_tx.clone(), self.gate.clone())),
             shared,
             events: self.mig_events(true),
         };
@@ -568,8 +622,8 @@ impl Control {
             uri,
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
-            machine: Box::new(ProxyMachine(self.ctl_tx.clone())),
-            params: self.mig.params,
+            machine: Box::new(ProxyMachine(self.ctl_tx.clone(), self.gate.clone())),
+            params: self.mig.params.clone(),
             caps: self.mig.caps,
             shared,
             events: self.mig_events(false),
@@ -587,9 +641,6 @@ impl Control {
 /// What the control thread itself could not do for a migration thread.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// Holding or releasing the guest's console output (COLO).
-    #[error("console output")]
-    Output(#[source] std::io::Error),
     /// A COLO takeover before any checkpoint arrived.
     #[error("no COLO checkpoint to take over from")]
     NoCheckpoint,

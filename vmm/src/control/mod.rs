@@ -38,10 +38,11 @@ use self::runstate::{Input, RunState, Step, Vcpus};
 use crate::boot::BootSpec;
 use crate::cli::{Config, Incoming, SerialSpec};
 use crate::memory::MemLayout;
-use crate::term::{OutputGate, RawStdout, RawTerminal};
+use crate::term::{RawStdout, RawTerminal};
 use crate::vcpu::{self, VcpuEvent};
 use crate::vm::{Vm, VmError, VmShape};
 use devices::serial::SerialOut;
+use migration::output::OutputGate;
 
 const WAKER: Token = Token(0);
 const STDIN: Token = Token(1);
