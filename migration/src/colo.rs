@@ -473,7 +473,15 @@ pub(crate) fn run_primary<W: Sink>(mut p: Primary<'_, W>) -> Result<(), Migratio
     p.w.flush()?;
     // Until the secondary is ready this is an ordinary failed migration.
     expect_rp(&mut p, msg::CHECKPOINT_READY)?;
-    let ended = checkpoints(&mut p, &gate);
+    let ended = checkpoints(&mut p, &gate).map_err(|e| {
+        // A write that broke because the return path's reader shut a
+        // silent secondary's connection: say why (its silence).
+        if e.is_link_failure() {
+            p.rpath.destination_reason().unwrap_or(e)
+        } else {
+            e
+        }
+    });
     let reason = match ended {
         Ok(()) => ExitReason::Request,
         Err(e) => {

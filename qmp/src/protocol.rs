@@ -16,8 +16,9 @@
 //!    ([`Event`]).
 //!
 //! Every server message is one JSON object followed by `"\r\n"`, written as
-//! pure ASCII (non-ASCII characters in strings are `\uXXXX` escaped), as QEMU
-//! does. Minivmm offers no out-of-band capability, so the greeting lists none
+//! pure ASCII (non-ASCII characters in strings are `\uXXXX` escaped) and
+//! spaced as QEMU writes it (`{"return": {"status": "running", "id": 1}}`:
+//! `": "` after a key, `", "` between members), which scripts grep for. Minivmm offers no out-of-band capability, so the greeting lists none
 //! and `exec-oob` is refused.
 
 use std::fmt;
@@ -304,7 +305,8 @@ pub fn encode_error(error: &QmpError, id: Option<&Value>) -> Vec<u8> {
     encode_message(&Error { error, id })
 }
 
-/// One server message: `value` as compact ASCII-only JSON, then `"\r\n"`.
+/// One server message: `value` as ASCII-only JSON spaced as QEMU's, then
+/// `"\r\n"`.
 pub fn encode_message<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     let mut ser = serde_json::Serializer::with_formatter(&mut out, AsciiFormatter);
@@ -320,10 +322,39 @@ pub fn encode_message<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     out
 }
 
-/// Compact JSON formatter that escapes every non-ASCII character as `\uXXXX`.
+/// QEMU's JSON layout: one line, `": "` after keys, `", "` between members
+/// and elements; every non-ASCII character escaped as `\uXXXX`.
 struct AsciiFormatter;
 
 impl serde_json::ser::Formatter for AsciiFormatter {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        writer.write_all(b": ")
+    }
+
     fn write_string_fragment<W: ?Sized + io::Write>(
         &mut self,
         writer: &mut W,
@@ -429,15 +460,19 @@ mod tests {
     #[test]
     fn encodings() {
         let r = encode_return(json!({}), Some(&json!("a")));
-        assert_eq!(r, b"{\"return\":{},\"id\":\"a\"}\r\n");
+        assert_eq!(r, b"{\"return\": {}, \"id\": \"a\"}\r\n");
         let e = encode_error(&QmpError::command_not_found("nope"), None);
         assert_eq!(
             e,
-            b"{\"error\":{\"class\":\"CommandNotFound\",\"desc\":\"nope\"}}\r\n"
+            b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"nope\"}}\r\n"
         );
+        let l = encode_return(json!({"a": [1, 2], "b": []}), None);
+        assert_eq!(l, b"{\"return\": {\"a\": [1, 2], \"b\": []}}\r\n");
         let m = encode_message(&json!({"s": "caf\u{e9} \u{1f600} \"q\"\n"}));
         let ev = Event::new("X", Some(json!({"a": 1}))).encode();
-        assert!(ev.starts_with(b"{\"event\":\"X\",\"data\":{\"a\":1},\"timestamp\":{\"seconds\":"));
+        assert!(ev.starts_with(
+            b"{\"event\": \"X\", \"data\": {\"a\": 1}, \"timestamp\": {\"seconds\": "
+        ));
         assert!(m.is_ascii());
         let back: Value = serde_json::from_slice(&m).unwrap();
         assert_eq!(back["s"], "caf\u{e9} \u{1f600} \"q\"\n");

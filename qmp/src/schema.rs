@@ -15,6 +15,7 @@
 //! way QEMU's QAPI visitor does (`Parameter 'foo' is unexpected`, ...).
 
 mod args;
+mod introspect;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -60,7 +61,42 @@ pub const COMMAND_NAMES: &[&str] = &[
     "set-vcpu-dirty-limit",
     "cancel-vcpu-dirty-limit",
     "query-vcpu-dirty-limit",
+    "query-qmp-schema",
+    "query-machines",
+    "query-cpu-definitions",
+    "query-kvm",
+    "query-target",
+    "query-hotpluggable-cpus",
+    "query-uuid",
+    "query-memory-size-summary",
+    "query-chardev",
 ];
+
+/// The `query-qmp-schema` reply: every command of [`COMMAND_NAMES`] with
+/// the argument type [`Command::parse`] deserializes for it.
+pub fn qmp_schema_reply() -> Value {
+    let mut s = introspect::Schema::default();
+    for &name in COMMAND_NAMES {
+        match name {
+            "qmp_capabilities" => s.command::<QmpCapabilitiesArgs>(name),
+            "pmemsave" => s.command::<PmemsaveArgs>(name),
+            "memsave" => s.command::<MemsaveArgs>(name),
+            "human-monitor-command" => s.command::<HumanMonitorCommandArgs>(name),
+            "migrate" => s.command::<RawMigrateArgs>(name),
+            "migrate-incoming" => s.command::<RawMigrateIncomingArgs>(name),
+            "migrate-continue" => s.command::<MigrateContinueArgs>(name),
+            "migrate-recover" => s.command::<MigrateRecoverArgs>(name),
+            "migrate-set-capabilities" => s.command::<MigrateSetCapabilitiesArgs>(name),
+            "migrate-set-parameters" => s.command::<MigrateSetParameters>(name),
+            "calc-dirty-rate" => s.command::<CalcDirtyRateArgs>(name),
+            "query-dirty-rate" => s.command::<QueryDirtyRateArgs>(name),
+            "set-vcpu-dirty-limit" => s.command::<SetVcpuDirtyLimitArgs>(name),
+            "cancel-vcpu-dirty-limit" => s.command::<CancelVcpuDirtyLimitArgs>(name),
+            _ => s.command::<NoArgs>(name),
+        }
+    }
+    s.finish()
+}
 
 /// The `query-commands` return value: `[{"name": ...}, ...]` for every name
 /// in [`COMMAND_NAMES`].
@@ -121,6 +157,24 @@ pub enum Command {
     CancelVcpuDirtyLimit(CancelVcpuDirtyLimitArgs),
     /// `query-vcpu-dirty-limit`.
     QueryVcpuDirtyLimit,
+    /// `query-qmp-schema`: this schema ([`qmp_schema_reply`]).
+    QueryQmpSchema,
+    /// `query-machines`.
+    QueryMachines,
+    /// `query-cpu-definitions`.
+    QueryCpuDefinitions,
+    /// `query-kvm`.
+    QueryKvm,
+    /// `query-target`.
+    QueryTarget,
+    /// `query-hotpluggable-cpus`.
+    QueryHotpluggableCpus,
+    /// `query-uuid`.
+    QueryUuid,
+    /// `query-memory-size-summary`.
+    QueryMemorySizeSummary,
+    /// `query-chardev`.
+    QueryChardev,
     /// `migrate-recover {uri}` on a paused postcopy destination: listen on
     /// `uri` for the source's `migrate {uri, resume: true}`.
     MigrateRecover(MigrateRecoverArgs),
@@ -224,6 +278,15 @@ impl Command {
                 from_arguments(arguments).map(Command::CancelVcpuDirtyLimit)
             }
             "query-vcpu-dirty-limit" => none(arguments, Command::QueryVcpuDirtyLimit),
+            "query-qmp-schema" => none(arguments, Command::QueryQmpSchema),
+            "query-machines" => none(arguments, Command::QueryMachines),
+            "query-cpu-definitions" => none(arguments, Command::QueryCpuDefinitions),
+            "query-kvm" => none(arguments, Command::QueryKvm),
+            "query-target" => none(arguments, Command::QueryTarget),
+            "query-hotpluggable-cpus" => none(arguments, Command::QueryHotpluggableCpus),
+            "query-uuid" => none(arguments, Command::QueryUuid),
+            "query-memory-size-summary" => none(arguments, Command::QueryMemorySizeSummary),
+            "query-chardev" => none(arguments, Command::QueryChardev),
             _ => Err(QmpError::command_not_found(format!(
                 "The command {name} has not been found"
             ))),
@@ -266,6 +329,15 @@ impl Command {
             Command::SetVcpuDirtyLimit(_) => "set-vcpu-dirty-limit",
             Command::CancelVcpuDirtyLimit(_) => "cancel-vcpu-dirty-limit",
             Command::QueryVcpuDirtyLimit => "query-vcpu-dirty-limit",
+            Command::QueryQmpSchema => "query-qmp-schema",
+            Command::QueryMachines => "query-machines",
+            Command::QueryCpuDefinitions => "query-cpu-definitions",
+            Command::QueryKvm => "query-kvm",
+            Command::QueryTarget => "query-target",
+            Command::QueryHotpluggableCpus => "query-hotpluggable-cpus",
+            Command::QueryUuid => "query-uuid",
+            Command::QueryMemorySizeSummary => "query-memory-size-summary",
+            Command::QueryChardev => "query-chardev",
         }
     }
 }
@@ -467,7 +539,8 @@ fn uri_or_channels(
         (Some(_), Some(_)) => Err(QmpError::generic(
             "'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present",
         )),
-        (None, None) => Err(QmpError::generic("Need either 'uri' or 'channels' argument")),
+        // QEMU 7.2's words (its `uri` was mandatory).
+        (None, None) => Err(QmpError::generic("Parameter 'uri' is missing")),
         (Some(uri), None) => Ok(uri),
         (None, Some(channels)) => channels_uri(channels),
     }
@@ -1276,11 +1349,7 @@ mod tests {
                 resume: false
             })
         );
-        bad(
-            "migrate",
-            json!({}),
-            "Need either 'uri' or 'channels' argument",
-        );
+        bad("migrate", json!({}), "Parameter 'uri' is missing");
         bad(
             "migrate",
             json!({"uri": "unix:/x", "channels": []}),
@@ -1359,11 +1428,7 @@ mod tests {
                 exit_on_error: false
             })
         );
-        bad(
-            "migrate-incoming",
-            json!({}),
-            "Need either 'uri' or 'channels' argument",
-        );
+        bad("migrate-incoming", json!({}), "Parameter 'uri' is missing");
     }
 
     #[test]

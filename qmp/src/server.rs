@@ -51,7 +51,7 @@ use crate::protocol::{
     encode_error, encode_message, encode_return, greeting, parse_request, Event, QmpError,
     VersionInfo,
 };
-use crate::schema::{query_commands_reply, Command, QmpCapabilitiesArgs};
+use crate::schema::{qmp_schema_reply, query_commands_reply, Command, QmpCapabilitiesArgs};
 
 /// Longest JSON value accepted from a client, in bytes.
 pub const MAX_INPUT: usize = 1 << 20;
@@ -791,6 +791,7 @@ impl Server {
                 )),
                 Ok(Command::QueryVersion) => Ok(self.version.to_json()),
                 Ok(Command::QueryCommands) => Ok(query_commands_reply()),
+                Ok(Command::QueryQmpSchema) => Ok(qmp_schema_reply()),
                 Ok(cmd) => {
                     let r = handler.execute(cmd);
                     self.deliver_events(Some(conn));

@@ -240,6 +240,16 @@ impl Capture {
     }
 }
 
+/// `-m` as the builder holds it (`128M`, `1G`, `512`) in MiB.
+fn parse_mib(m: &str) -> u64 {
+    let (n, mult) = match m.chars().last() {
+        Some('G' | 'g') => (&m[..m.len() - 1], 1024),
+        Some('M' | 'm') => (&m[..m.len() - 1], 1),
+        _ => (m, 1),
+    };
+    n.parse::<u64>().unwrap_or(128) * mult
+}
+
 /// How to start one minivmm.
 #[derive(Clone)]
 pub struct VmmBuilder {
@@ -253,6 +263,8 @@ pub struct VmmBuilder {
     initrd: Option<PathBuf>,
     env: Vec<(String, String)>,
     netns: Option<String>,
+    libvirt: bool,
+    pty: bool,
 }
 
 impl VmmBuilder {
@@ -269,7 +281,26 @@ impl VmmBuilder {
             initrd: None,
             env: Vec::new(),
             netns: None,
+            libvirt: false,
+            pty: false,
         }
+    }
+
+    /// Spell the command line as libvirt writes it for a direct-kernel-boot
+    /// domain with no disks, no network, USB and balloon off: the monitor
+    /// on `-chardev socket` + `-mon`, the serial console on `-chardev
+    /// stdio` + `-device isa-serial`, `-S` (libvirt starts the guest with
+    /// `cont`), and its usual switches.
+    pub fn libvirt_style(mut self) -> Self {
+        self.libvirt = true;
+        self
+    }
+
+    /// With [`Self::libvirt_style`]: the serial console on `-chardev pty`
+    /// (libvirt's default) instead of stdio; nothing reaches [`Vmm::serial`].
+    pub fn serial_pty(mut self) -> Self {
+        self.pty = true;
+        self
     }
 
     /// Run it in network namespace `ns` (see [`netns::TwoHosts`]).
@@ -345,6 +376,67 @@ impl VmmBuilder {
 
     /// The argument list (without the binary).
     pub fn args(&self, dir: &WorkDir) -> Vec<String> {
+        if self.libvirt {
+            let mem_k = parse_mib(&self.mem) * 1024;
+            let qmp = dir.path(&format!("{}.qmp", self.name));
+            let mut a: Vec<String> = [
+                "-name",
+                &format!("guest={},debug-threads=on", self.name),
+                "-S",
+                "-machine",
+                "pc-i440fx-7.2,usb=off,dump-guest-core=off",
+                "-accel",
+                "kvm",
+                "-m",
+                &format!("size={mem_k}k"),
+                "-overcommit",
+                "mem-lock=off",
+                "-smp",
+                &format!("{0},sockets=1,dies=1,cores={0},threads=1", self.smp),
+                "-uuid",
+                "5e7a1b2c-0d3e-4f5a-8b6c-7d8e9fa0b1c2",
+                "-no-user-config",
+                "-nodefaults",
+                "-chardev",
+                &format!(
+                    "socket,id=charmonitor,path={},server=on,wait=off",
+                    qmp.display()
+                ),
+                "-mon",
+                "chardev=charmonitor,id=monitor,mode=control",
+                "-rtc",
+                "base=utc",
+                "-no-shutdown",
+                "-boot",
+                "strict=on",
+                "-kernel",
+                &kernel().display().to_string(),
+                "-initrd",
+                &self
+                    .initrd
+                    .clone()
+                    .unwrap_or_else(initrd)
+                    .display()
+                    .to_string(),
+                "-append",
+                &self.append,
+                "-chardev",
+                if self.pty {
+                    "pty,id=charserial0"
+                } else {
+                    "stdio,id=charserial0"
+                },
+                "-device",
+                "isa-serial,chardev=charserial0,id=serial0,index=0",
+                "-msg",
+                "timestamp=on",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            a.extend(self.extra.iter().cloned());
+            return a;
+        }
         let mut a: Vec<String> = vec![
             "-kernel".into(),
             kernel().display().to_string(),

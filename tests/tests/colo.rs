@@ -179,12 +179,20 @@ fn primary_killed_secondary_takes_over(o: Opts) {
     // compared, or it does not run); its guest runs only in running mode.
     assert!(s.passes().is_empty(), "the secondary printed during COLO");
     if let Some(l) = &log {
-        // ... but keeps what its guest said when asked.
-        let kept = std::fs::read_to_string(l).unwrap_or_default();
-        assert!(
-            complete_lines(&kept).any(|l| pass_number(l).is_some()),
-            "no PASS line in the secondary's log: {kept:?}"
-        );
+        // ... but keeps what its guest said when asked (a PASS line comes
+        // once the secondary finishes a pass within a checkpoint period).
+        let deadline = Instant::now() + mig_timeout();
+        loop {
+            let kept = std::fs::read_to_string(l).unwrap_or_default();
+            if complete_lines(&kept).any(|l| pass_number(l).is_some()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no PASS line in the secondary's log: {kept:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let thp = ram_huge_pages(s.pid(), 128 << 20);
     if o.periodic {
@@ -243,7 +251,7 @@ fn running_primary_killed_secondary_takes_over() {
     }
     primary_killed_secondary_takes_over(Opts {
         detout: true,
-        delay_ms: 1000,
+        delay_ms: 2000,
         log: true,
         ..Opts::default()
     });

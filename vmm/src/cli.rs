@@ -1,9 +1,15 @@
 //! The qemu-style command line.
 //!
-//! Single-dash options as QEMU spells them. Anything we do not implement is
-//! refused by name; nothing is silently ignored except options that have no
-//! meaning here and that QEMU users pass by habit (`-nographic`,
-//! `-display none`, `-enable-kvm`, `-accel kvm`).
+//! Single-dash options as QEMU spells them, including the forms management
+//! tools write (libvirt: `-chardev socket,...` + `-mon chardev=...`,
+//! `-chardev pty,...` + `-device isa-serial,chardev=...`, `-machine
+//! pc,usb=off,dump-guest-core=off`, `-smp N,sockets=..,cores=..,threads=..`,
+//! `-m size=..`, `-uuid`, `-rtc base=utc`, `-no-shutdown`, ...). Anything we
+//! do not implement is refused by name; nothing is silently ignored except
+//! options that are no-ops in QEMU too for a direct-kernel-boot guest
+//! without disks, network or USB (`-nographic`, `-display none`,
+//! `-enable-kvm`, `-accel kvm`, `-no-user-config`, `-boot strict=on`,
+//! `-overcommit mem-lock=off`, `-sandbox off`, `-machine usb=off`).
 
 use std::path::PathBuf;
 
@@ -49,8 +55,9 @@ pub enum SerialSpec {
     Stdio,
     /// Output appended to a file; no input.
     File(PathBuf),
-    /// A unix socket server; one client at a time gets the console.
-    UnixServer(PathBuf),
+    /// A pseudo-terminal (`-chardev pty`): its name is printed at start
+    /// as QEMU does and shown by `query-chardev`.
+    Pty,
     /// Disconnected.
     None,
 }
@@ -102,6 +109,18 @@ pub struct Config {
     /// KVM dirty ring entries per vCPU (`-accel kvm,dirty-ring-size=N`;
     /// 0: the dirty bitmap).
     pub dirty_ring_size: u32,
+    /// `-uuid`.
+    pub uuid: Option<String>,
+    /// `-no-shutdown`: a guest power-off stops the guest (state
+    /// `shutdown`) instead of ending the process.
+    pub no_shutdown: bool,
+    /// `-machine dump-guest-core=off`: guest RAM is left out of core dumps.
+    pub dump_guest_core: bool,
+    /// `-msg timestamp=on`: log lines start with the time.
+    pub msg_timestamp: bool,
+    /// Serial console's chardev id (`-chardev ...,id=X` + `-device
+    /// isa-serial,chardev=X`), for `query-chardev`.
+    pub serial_label: String,
 }
 
 /// What the command line asks for.
@@ -113,7 +132,27 @@ pub enum Action {
     Help,
     /// Print the version.
     Version,
+    /// `-machine help`: the machine types.
+    MachineHelp,
+    /// `-cpu help`: the CPU models.
+    CpuHelp,
 }
+
+/// `-machine help`, in QEMU's layout.
+pub const MACHINE_HELP: &str = "\
+Supported machines are:
+minivmm              minivmm PC: KVM, in-kernel irqchip and PIT, one 8250 serial port (default)
+pc                   minivmm PC (alias of minivmm; also pc-i440fx-X.Y)
+q35                  minivmm PC (alias of minivmm; also pc-q35-X.Y)
+microvm              minivmm PC (alias of minivmm)
+";
+
+/// `-cpu help`, in QEMU's layout.
+pub const CPU_HELP: &str = "\
+Available CPUs:
+x86 minivmm64             minivmm baseline x86-64 CPU (default; migratable between hosts)
+x86 host                  KVM processor with all supported host features
+";
 
 /// Usage text.
 pub const USAGE: &str = "\
@@ -127,7 +166,7 @@ usage: minivmm -kernel PATH [options]
   -cpu MODEL            minivmm64 (default, a fixed baseline) or host
   -machine [TYPE][,max-ram-below-4g=SIZE][,accel=kvm]
                         TYPE: pc, microvm or minivmm (all the same machine)
-  -serial DEV           stdio (default), file:PATH, unix:PATH,server[,nowait], none
+  -serial DEV           stdio (default), file:PATH, pty, none
   -qmp SPEC             QMP server: unix:PATH,server=on,wait=off or
                         tcp:HOST:PORT,server=on,wait=off (repeatable)
   -incoming URI         wait for a migration: tcp:HOST:PORT, unix:PATH,
@@ -143,8 +182,24 @@ usage: minivmm -kernel PATH [options]
                         KVM (always); with N, track dirty pages in KVM's
                         per-vCPU dirty ring of N entries (a power of two,
                         1024 or more) instead of the dirty bitmap
-  -nographic, -display none, -enable-kvm
-                        accepted; minivmm has no display and always uses KVM
+  -chardev BACKEND,id=ID[,...]
+                        socket,path=P,server=on,wait=off | socket,host=H,port=N,server=on,wait=off
+                        | pty | file,path=P | stdio | null: for -mon and -device isa-serial
+  -mon chardev=ID[,id=..][,mode=control]
+                        a QMP monitor on that chardev (mode=readline is refused)
+  -device isa-serial,chardev=ID[,id=..][,index=0]
+                        the serial console (minivmm's one 8250 port) on that chardev
+  -uuid UUID            the VM's UUID (query-uuid)
+  -no-shutdown          a guest power-off stops the guest instead of exiting
+  -nodefaults           no default serial console (only what -serial/-device add)
+  -rtc base=utc         the RTC runs on UTC (the only choice)
+  -msg timestamp=on|off time stamps on minivmm's log lines
+  -machine ...,usb=off,dump-guest-core=on|off
+                        no USB (usb=on is refused); dump-guest-core=off keeps
+                        guest RAM out of core dumps
+  -nographic, -display none, -enable-kvm, -no-user-config, -boot strict=on|off,
+  -overcommit mem-lock=off, -sandbox off
+                        accepted: no-ops for this machine, as in QEMU
   -h, --help            this text
   --version             version
 ";
@@ -171,7 +226,26 @@ pub fn parse_size(s: &str, option: &str) -> Result<u64, CliError> {
         .ok_or_else(|| bad(option, s, "too large"))
 }
 
-fn parse_machine(v: &str, hole: &mut u64) -> Result<(), CliError> {
+/// The machine types minivmm answers to (all the same machine): its own,
+/// and the names tools write for a PC (`pc`, libvirt's versioned
+/// `pc-i440fx-X.Y`, `q35`, `microvm`).
+pub fn machine_type_ok(t: &str) -> bool {
+    matches!(t, "pc" | "microvm" | "minivmm" | "q35")
+        || t.strip_prefix("pc-i440fx-")
+            .or_else(|| t.strip_prefix("pc-q35-"))
+            .is_some_and(|v| !v.is_empty())
+}
+
+/// An on/off switch value as QEMU spells them.
+fn on_off(option: &str, v: &str, val: &str) -> Result<bool, CliError> {
+    match val {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(bad(option, v, format!("'{val}' is not on or off"))),
+    }
+}
+
+fn parse_machine(v: &str, hole: &mut u64, dump_core: &mut bool) -> Result<(), CliError> {
     for (i, part) in v.split(',').enumerate() {
         let (k, val) = part.split_once('=').unwrap_or(("type", part));
         let k = if i == 0 && !part.contains('=') {
@@ -180,16 +254,185 @@ fn parse_machine(v: &str, hole: &mut u64) -> Result<(), CliError> {
             k
         };
         match k {
-            "type" => match val {
-                "pc" | "microvm" | "minivmm" | "q35" => {}
-                _ => return Err(bad("-machine", v, format!("unknown machine type '{val}'"))),
-            },
+            "type" if machine_type_ok(val) => {}
+            "type" => {
+                return Err(bad(
+                    "-machine",
+                    v,
+                    format!("unknown machine type '{val}' (-machine help)"),
+                ))
+            }
             "max-ram-below-4g" => *hole = parse_size(val, "-machine max-ram-below-4g")?,
             "accel" if val == "kvm" => {}
+            "usb" if !on_off("-machine", v, val)? => {}
+            "usb" => return Err(bad("-machine", v, "minivmm has no USB controller")),
+            "dump-guest-core" => *dump_core = on_off("-machine", v, val)?,
             _ => return Err(bad("-machine", v, format!("unsupported property '{k}'"))),
         }
     }
     Ok(())
+}
+
+/// `-smp [cpus=]N[,sockets=S][,dies=D][,cores=C][,threads=T][,maxcpus=M]`.
+/// minivmm presents its vCPUs as the cores of one socket, one thread each
+/// (CPUID leaves 1 and 4): a topology that says otherwise is refused, not
+/// half-read.
+fn parse_smp(v: &str) -> Result<u8, CliError> {
+    let mut cpus = None;
+    let mut topo = [None::<u64>; 5]; // sockets, dies, cores, threads, maxcpus
+    for (i, part) in v.split(',').enumerate() {
+        let (k, val) = match part.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 => ("cpus", part),
+            None => return Err(bad("-smp", v, format!("'{part}' is not key=value"))),
+        };
+        let n: u64 = val
+            .parse()
+            .map_err(|_| bad("-smp", v, format!("{k}: '{val}' is not a number")))?;
+        let slot = match k {
+            "cpus" => &mut cpus,
+            "sockets" => &mut topo[0],
+            "dies" => &mut topo[1],
+            "cores" => &mut topo[2],
+            "threads" => &mut topo[3],
+            "maxcpus" => &mut topo[4],
+            _ => return Err(bad("-smp", v, format!("unsupported property '{k}'"))),
+        };
+        *slot = Some(n);
+    }
+    let [sockets, dies, cores, threads, maxcpus] = topo;
+    let n = cpus.unwrap_or_else(|| {
+        sockets.unwrap_or(1) * dies.unwrap_or(1) * cores.unwrap_or(1) * threads.unwrap_or(1)
+    });
+    if n == 0 || n > u64::from(crate::mptable::MAX_VCPUS) {
+        return Err(bad("-smp", v, "the CPU count must be 1 to 254"));
+    }
+    if maxcpus.is_some_and(|m| m != n) {
+        return Err(bad(
+            "-smp",
+            v,
+            "maxcpus must equal the CPU count: minivmm has no CPU hotplug",
+        ));
+    }
+    let one = |x: Option<u64>| x.is_none_or(|x| x == 1);
+    if !one(sockets) || !one(dies) || !one(threads) || cores.is_some_and(|c| c != n) {
+        return Err(bad(
+            "-smp",
+            v,
+            format!(
+                "minivmm presents its vCPUs as the cores of one socket, one thread each: \
+                 use -smp {n},sockets=1,cores={n},threads=1"
+            ),
+        ));
+    }
+    u8::try_from(n).map_err(|_| bad("-smp", v, "the CPU count must be 1 to 254"))
+}
+
+/// `-m [size=]SIZE[,slots=N,maxmem=SIZE]`: memory hotplug is refused.
+fn parse_mem(v: &str) -> Result<u64, CliError> {
+    let mut size = None;
+    for (i, part) in v.split(',').enumerate() {
+        match part.split_once('=') {
+            Some(("size", s)) => size = Some(parse_size(s, "-m")?),
+            None if i == 0 => size = Some(parse_size(part, "-m")?),
+            Some(("slots" | "maxmem", _)) => {
+                return Err(bad(
+                    "-m",
+                    v,
+                    "slots and maxmem are for memory hotplug, which minivmm does not have",
+                ))
+            }
+            _ => return Err(bad("-m", v, format!("unsupported property '{part}'"))),
+        }
+    }
+    size.ok_or_else(|| bad("-m", v, "no size"))
+}
+
+/// A `-chardev` definition.
+#[derive(Clone, Debug)]
+struct Chardev {
+    /// As given (for messages).
+    spec: String,
+    /// The backend as a `-qmp` spec (sockets, stdio), if it can be one.
+    monitor: Option<String>,
+    /// The backend as a serial console, if it can be one.
+    serial: Option<SerialSpec>,
+}
+
+/// `-chardev BACKEND,id=ID[,...]`: (id, definition).
+fn parse_chardev(v: &str) -> Result<(String, Chardev), CliError> {
+    let mut parts = v.split(',');
+    let backend = parts.next().unwrap_or("");
+    let mut id = None;
+    let mut path = None;
+    let mut host = None;
+    let mut port = None;
+    let mut server = false;
+    let mut wait = true;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("id", x)) => id = Some(x.to_string()),
+            Some(("path", x)) => path = Some(x.to_string()),
+            Some(("host", x)) => host = Some(x.to_string()),
+            Some(("port", x)) => port = Some(x.to_string()),
+            Some(("server", x)) => server = on_off("-chardev", v, x)?,
+            Some(("wait", x)) => wait = on_off("-chardev", v, x)?,
+            None if p == "server" => server = true,
+            None if p == "nowait" => wait = false,
+            _ => return Err(bad("-chardev", v, format!("unsupported property '{p}'"))),
+        }
+    }
+    let id = id.ok_or_else(|| bad("-chardev", v, "no id"))?;
+    let (monitor, serial) = match backend {
+        "socket" => {
+            if !server || wait {
+                return Err(bad(
+                    "-chardev",
+                    v,
+                    "only listening sockets that do not wait (server=on,wait=off)",
+                ));
+            }
+            let spec = match (&path, &host, &port) {
+                (Some(p), None, None) => format!("unix:{p},server=on,wait=off"),
+                (None, h, Some(port)) => {
+                    format!(
+                        "tcp:{}:{port},server=on,wait=off",
+                        h.as_deref().unwrap_or("")
+                    )
+                }
+                _ => return Err(bad("-chardev", v, "a socket needs path= or port=")),
+            };
+            (Some(spec), None)
+        }
+        "stdio" => (None, Some(SerialSpec::Stdio)),
+        "pty" => (None, Some(SerialSpec::Pty)),
+        "null" => (None, Some(SerialSpec::None)),
+        "file" => {
+            let p = path.ok_or_else(|| bad("-chardev", v, "file needs path="))?;
+            (None, Some(SerialSpec::File(p.into())))
+        }
+        _ => {
+            return Err(bad(
+                "-chardev",
+                v,
+                format!("backend '{backend}' is not supported (socket, pty, file, stdio, null)"),
+            ))
+        }
+    };
+    Ok((
+        id,
+        Chardev {
+            spec: v.to_string(),
+            monitor,
+            serial,
+        },
+    ))
+}
+
+/// The value of `key=` in a comma-separated option (`None`: absent).
+fn prop<'a>(v: &'a str, key: &str) -> Option<&'a str> {
+    v.split(',')
+        .find_map(|p| p.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 /// `-accel kvm[,dirty-ring-size=N]`: the dirty ring size (0: none).
@@ -224,31 +467,12 @@ fn parse_serial(v: &str) -> Result<SerialSpec, CliError> {
     match v {
         "stdio" | "mon:stdio" => Ok(SerialSpec::Stdio),
         "none" | "null" => Ok(SerialSpec::None),
+        "pty" => Ok(SerialSpec::Pty),
         _ => {
             if let Some(p) = v.strip_prefix("file:") {
                 return Ok(SerialSpec::File(p.into()));
             }
-            if let Some(rest) = v.strip_prefix("unix:") {
-                let mut it = rest.split(',');
-                let path = it.next().unwrap_or("");
-                let mut server = false;
-                for o in it {
-                    match o {
-                        "server" | "server=on" => server = true,
-                        "nowait" | "wait=off" => {}
-                        _ => return Err(bad("-serial", v, format!("unsupported option '{o}'"))),
-                    }
-                }
-                if !server || path.is_empty() {
-                    return Err(bad("-serial", v, "only unix:PATH,server is supported"));
-                }
-                return Ok(SerialSpec::UnixServer(path.into()));
-            }
-            Err(bad(
-                "-serial",
-                v,
-                "use stdio, file:PATH, unix:PATH,server or none",
-            ))
+            Err(bad("-serial", v, "use stdio, file:PATH, pty or none"))
         }
     }
 }
@@ -273,6 +497,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
     let mut no_reboot = false;
     let mut dirty_ring_size = 0;
     let mut mem_prealloc = false;
+    let mut uuid = None;
+    let mut no_shutdown = false;
+    let mut dump_guest_core = true;
+    let mut msg_timestamp = false;
+    let mut nodefaults = false;
+    let mut serial_given = false;
+    let mut chardevs: Vec<(String, Chardev)> = Vec::new();
+    let mut mons: Vec<String> = Vec::new();
+    let mut serial_devs: Vec<String> = Vec::new();
 
     while let Some(arg) = it.next() {
         let mut value = |o: &str| {
@@ -291,28 +524,121 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
             "-kernel" => kernel = Some(PathBuf::from(value(opt)?)),
             "-initrd" => initrd = Some(PathBuf::from(value(opt)?)),
             "-append" => append = value(opt)?,
-            "-m" => {
-                let v = value(opt)?;
-                mem_size = parse_size(&v, "-m")?;
-            }
-            "-smp" => {
-                let v = value(opt)?;
-                let n = v.split(',').next().unwrap_or("");
-                let n = n.strip_prefix("cpus=").unwrap_or(n);
-                let n: u8 = n
-                    .parse()
-                    .map_err(|_| bad("-smp", &v, "not a CPU count (1-254)"))?;
-                if n == 0 || n > crate::mptable::MAX_VCPUS {
-                    return Err(bad("-smp", &v, "the CPU count must be 1 to 254"));
-                }
-                vcpus = n;
-            }
+            "-m" => mem_size = parse_mem(&value(opt)?)?,
+            "-smp" => vcpus = parse_smp(&value(opt)?)?,
             "-cpu" => {
                 let v = value(opt)?;
+                if v == "help" || v == "?" {
+                    return Ok(Action::CpuHelp);
+                }
                 cpu = CpuModel::parse(&v).map_err(|e| bad("-cpu", &v, e.to_string()))?;
             }
-            "-machine" | "-M" => parse_machine(&value(opt)?, &mut hole_start)?,
-            "-serial" => serial = parse_serial(&value(opt)?)?,
+            "-machine" | "-M" => {
+                let v = value(opt)?;
+                if v == "help" || v == "?" {
+                    return Ok(Action::MachineHelp);
+                }
+                parse_machine(&v, &mut hole_start, &mut dump_guest_core)?
+            }
+            "-serial" => {
+                serial = parse_serial(&value(opt)?)?;
+                serial_given = true;
+            }
+            "-chardev" => {
+                let (id, c) = parse_chardev(&value(opt)?)?;
+                if chardevs.iter().any(|(i, _)| *i == id) {
+                    return Err(bad(
+                        "-chardev",
+                        &c.spec,
+                        format!("duplicate chardev id '{id}'"),
+                    ));
+                }
+                chardevs.push((id, c));
+            }
+            "-mon" => mons.push(value(opt)?),
+            "-device" => {
+                let v = value(opt)?;
+                let driver = v.split(',').next().unwrap_or("");
+                let driver = driver.strip_prefix("driver=").unwrap_or(driver);
+                if driver != "isa-serial" {
+                    return Err(bad(
+                        "-device",
+                        &v,
+                        format!(
+                            "minivmm has no device '{driver}' (only isa-serial, its one 8250 port)"
+                        ),
+                    ));
+                }
+                serial_devs.push(v);
+            }
+            "-uuid" => {
+                let v = value(opt)?;
+                let hex: Vec<usize> = [8, 4, 4, 4, 12].to_vec();
+                let ok = v.split('-').map(str::len).collect::<Vec<_>>() == hex
+                    && v.chars().all(|c| c == '-' || c.is_ascii_hexdigit());
+                if !ok {
+                    return Err(bad("-uuid", &v, "not a UUID (8-4-4-4-12 hex digits)"));
+                }
+                uuid = Some(v.to_ascii_lowercase());
+            }
+            "-no-shutdown" => no_shutdown = true,
+            "-nodefaults" => nodefaults = true,
+            "-no-user-config" => {}
+            "-rtc" => {
+                let v = value(opt)?;
+                for p in v.split(',') {
+                    if p != "base=utc" {
+                        return Err(bad(
+                            "-rtc",
+                            &v,
+                            format!("'{p}' is not supported: the RTC runs on UTC (base=utc)"),
+                        ));
+                    }
+                }
+            }
+            "-msg" => {
+                let v = value(opt)?;
+                match v.split_once('=') {
+                    Some(("timestamp", x)) => msg_timestamp = on_off("-msg", &v, x)?,
+                    _ => return Err(bad("-msg", &v, "only timestamp=on|off")),
+                }
+            }
+            "-overcommit" => {
+                let v = value(opt)?;
+                for p in v.split(',') {
+                    if !matches!(p, "mem-lock=off" | "cpu-pm=off") {
+                        return Err(bad(
+                            "-overcommit",
+                            &v,
+                            format!("'{p}' is not supported (mem-lock=off, cpu-pm=off)"),
+                        ));
+                    }
+                }
+            }
+            "-sandbox" => {
+                let v = value(opt)?;
+                if v != "off" {
+                    return Err(bad(
+                        "-sandbox",
+                        &v,
+                        "minivmm has no seccomp sandbox yet: only -sandbox off",
+                    ));
+                }
+            }
+            "-boot" => {
+                let v = value(opt)?;
+                for p in v.split(',') {
+                    if !matches!(p, "strict=on" | "strict=off") {
+                        return Err(bad(
+                            "-boot",
+                            &v,
+                            format!(
+                                "'{p}': minivmm boots the -kernel directly (only strict=on|off)"
+                            ),
+                        ));
+                    }
+                }
+            }
             "-qmp" => qmp.push(value(opt)?),
             "-incoming" => {
                 let v = value(opt)?;
@@ -325,8 +651,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
             "-S" => start_paused = true,
             "-name" => {
                 let v = value(opt)?;
-                let n = v.split(',').next().unwrap_or("");
-                name = Some(n.strip_prefix("guest=").unwrap_or(n).to_string());
+                for (i, p) in v.split(',').enumerate() {
+                    match p.split_once('=') {
+                        None if i == 0 => name = Some(p.to_string()),
+                        Some(("guest", n)) => name = Some(n.to_string()),
+                        // minivmm's threads always have names (vcpuN, ...).
+                        Some(("debug-threads", "on")) => {}
+                        _ => return Err(bad("-name", &v, format!("unsupported property '{p}'"))),
+                    }
+                }
             }
             "-pidfile" => pidfile = Some(PathBuf::from(value(opt)?)),
             "-daemonize" => daemonize = true,
@@ -349,6 +682,64 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
     let kernel = kernel.ok_or(CliError::Missing(
         "no kernel given: use -kernel PATH (see --help)",
     ))?;
+    let chardev = |opt: &str, v: &str| -> Result<Chardev, CliError> {
+        let id = prop(v, "chardev").ok_or_else(|| bad(opt, v, "no chardev="))?;
+        chardevs
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| bad(opt, v, format!("no -chardev with id '{id}'")))
+    };
+    for m in &mons {
+        if let Some(mode) = prop(m, "mode").filter(|&x| x != "control") {
+            return Err(bad(
+                "-mon",
+                m,
+                format!(
+                    "mode={mode}: minivmm has no human monitor on a chardev; use mode=control \
+                     (HMP works there through human-monitor-command)"
+                ),
+            ));
+        }
+        let c = chardev("-mon", m)?;
+        qmp.push(c.monitor.ok_or_else(|| {
+            bad(
+                "-mon",
+                m,
+                format!("chardev '{}' cannot carry a monitor (a socket can)", c.spec),
+            )
+        })?);
+    }
+    let mut serial_label = "serial0".to_string();
+    match serial_devs.as_slice() {
+        [] => {
+            if nodefaults && !serial_given {
+                serial = SerialSpec::None;
+            }
+        }
+        [d] => {
+            if serial_given {
+                return Err(bad(
+                    "-device",
+                    d,
+                    "minivmm has one serial port and -serial took it",
+                ));
+            }
+            if prop(d, "index").is_some_and(|i| i != "0") {
+                return Err(bad("-device", d, "minivmm has one serial port: index=0"));
+            }
+            let c = chardev("-device", d)?;
+            serial = c.serial.ok_or_else(|| {
+                bad(
+                    "-device",
+                    d,
+                    format!("chardev '{}' cannot carry a serial console", c.spec),
+                )
+            })?;
+            serial_label = prop(d, "chardev").unwrap_or("serial0").to_string();
+        }
+        [_, d, ..] => return Err(bad("-device", d, "minivmm has one serial port")),
+    }
     if daemonize && serial == SerialSpec::Stdio {
         return Err(bad("-daemonize", "", "cannot be used with -serial stdio"));
     }
@@ -370,6 +761,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         no_reboot,
         mem_prealloc,
         dirty_ring_size,
+        uuid,
+        no_shutdown,
+        dump_guest_core,
+        msg_timestamp,
+        serial_label,
     })))
 }
 

@@ -24,6 +24,45 @@ use std::process::ExitCode;
 /// are not shown, as before the library logged through `log`.
 struct StderrLogger;
 
+/// `-msg timestamp=on`: each message starts with the UTC time, as QEMU's.
+static TIMESTAMPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Print one message of minivmm's to stderr.
+fn report(msg: std::fmt::Arguments<'_>) {
+    if TIMESTAMPS.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{} minivmm: {msg}", utc_now());
+    } else {
+        eprintln!("minivmm: {msg}");
+    }
+}
+
+/// The time now as QEMU's `-msg timestamp=on` writes it:
+/// `2026-12-02T08:30:05.123456Z`.
+fn utc_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         metadata.level() <= log::Level::Info
@@ -34,7 +73,7 @@ impl log::Log for StderrLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("minivmm: {}", record.args());
+            report(*record.args());
         }
     }
 
@@ -50,7 +89,7 @@ fn main() -> ExitCode {
     let action = match cli::parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("minivmm: {e}");
+            report(format_args!("{e}"));
             return ExitCode::from(2);
         }
     };
@@ -60,15 +99,30 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         cli::Action::Version => {
-            println!("minivmm {}", env!("CARGO_PKG_VERSION"));
+            // Honest: minivmm's own version (QMP's query-version says the
+            // same); QEMU's layout, so scripts that read the first line work.
+            println!(
+                "minivmm version {} (a KVM VMM with QEMU 7.2's command line and QMP)\n\
+                 Copyright (c) 2026 the minivmm developers",
+                env!("CARGO_PKG_VERSION")
+            );
+            return ExitCode::SUCCESS;
+        }
+        cli::Action::MachineHelp => {
+            print!("{}", cli::MACHINE_HELP);
+            return ExitCode::SUCCESS;
+        }
+        cli::Action::CpuHelp => {
+            print!("{}", cli::CPU_HELP);
             return ExitCode::SUCCESS;
         }
         cli::Action::Run(c) => c,
     };
+    TIMESTAMPS.store(config.msg_timestamp, std::sync::atomic::Ordering::Relaxed);
     match control::run(*config) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("minivmm: {}", migration::error_chain(&e));
+            report(format_args!("{}", migration::error_chain(&e)));
             ExitCode::from(1)
         }
     }

@@ -51,6 +51,22 @@ impl Pagemap {
     }
 }
 
+/// `-machine dump-guest-core=off`: leave guest RAM out of this process's
+/// core dumps (`MADV_DONTDUMP`), as QEMU does.
+pub fn dont_dump(mem: &GuestMemoryMmap) {
+    for r in mem.iter() {
+        // SAFETY: the range is exactly one guest RAM mapping, which lives as
+        // long as `mem`; MADV_DONTDUMP changes only core dump contents.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTDUMP) };
+        if rc != 0 {
+            log::warn!(
+                "dump-guest-core=off: madvise(MADV_DONTDUMP) failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Guest memory with a bitmap of VMM writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 

@@ -68,33 +68,36 @@ impl Control {
             ),
             ["info", "version"] => format!("{} (minivmm)\r\n", env!("CARGO_PKG_VERSION")),
             ["info", "name"] => format!("{}\r\n", self.config.name.clone().unwrap_or_default()),
-            ["info", "migrate"] => {
-                let j = self.mig.query();
-                let mut s = String::new();
-                if let Some(st) = j.get("status").and_then(Value::as_str) {
-                    s += &format!("Migration status: {st}\r\n");
-                }
-                for k in ["total-time", "setup-time", "downtime", "expected-downtime"] {
-                    if let Some(v) = j.get(k) {
-                        s += &format!("{k}: {v} ms\r\n");
-                    }
-                }
-                if let Some(ram) = j.get("ram").and_then(Value::as_object) {
-                    for (k, v) in ram {
-                        s += &format!("{k}: {v}\r\n");
-                    }
-                }
-                if let Some(e) = j.get("error-desc").and_then(Value::as_str) {
-                    s += &format!("error: {e}\r\n");
-                }
-                s
-            }
-            ["info", "cpus"] => (0..self.vm.shape().vcpus)
-                .map(|i| {
+            ["info", "migrate"] => hmp_info_migrate(&self.mig.query()),
+            ["info", "migrate_capabilities"] => self
+                .mig
+                .caps
+                .to_json()
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let on = c["state"].as_bool().unwrap_or(false);
                     format!(
-                        "{}CPU #{i}: thread_id={}\r\n",
+                        "{}: {}\r\n",
+                        c["capability"].as_str().unwrap_or(""),
+                        if on { "on" } else { "off" }
+                    )
+                })
+                .collect(),
+            ["info", "migrate_parameters"] => hmp_migrate_parameters(&self.mig.params.to_json()),
+            ["info", "kvm"] => "kvm support: enabled\r\n".to_string(),
+            ["info", "registers"] => self.hmp_registers()?,
+            ["help" | "?"] => HMP_HELP.replace('\n', "\r\n"),
+            ["info", "cpus"] => self
+                .vm
+                .vcpu_threads()
+                .iter()
+                .enumerate()
+                .map(|(i, tid)| {
+                    format!(
+                        "{}CPU #{i}: thread_id={tid}\r\n",
                         if i == 0 { "* " } else { "  " },
-                        std::process::id()
                     )
                 })
                 .collect(),
@@ -110,6 +113,107 @@ impl Control {
             [cmd, ..] => format!("unknown command: '{cmd}'\r\n"),
         };
         Ok(json!(out))
+    }
+
+    /// HMP `info registers`: vCPU 0's registers in QEMU's layout (the
+    /// vCPUs are paused for the moment it takes to read them).
+    fn hmp_registers(&mut self) -> Result<String, QmpError> {
+        if self.mig.active() {
+            return Err(generic("info registers: not while a migration runs"));
+        }
+        let was = self.vm.is_running();
+        let st = self.vm.pause_and_save();
+        if was {
+            self.vm
+                .resume()
+                .map_err(|e| generic(migration::error_chain(&e)))?;
+        }
+        let st = st.map_err(|e| generic(migration::error_chain(&e)))?;
+        let Some(v) = st.vcpus.first() else {
+            return Ok(String::new());
+        };
+        let (r, s) = (&v.regs, &v.sregs);
+        let mut o = format!(
+            "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}\r\n\
+             RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}\r\n\
+             R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}\r\n\
+             R12={:016x} R13={:016x} R14={:016x} R15={:016x}\r\n\
+             RIP={:016x} RFL={:08x} CPL={} HLT={}\r\n",
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.rsp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15,
+            r.rip,
+            r.rflags,
+            s.cs.dpl,
+            u8::from(v.mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED),
+        );
+        for (n, g) in [
+            ("ES", &s.es),
+            ("CS", &s.cs),
+            ("SS", &s.ss),
+            ("DS", &s.ds),
+            ("FS", &s.fs),
+            ("GS", &s.gs),
+            ("LDT", &s.ldt),
+            ("TR", &s.tr),
+        ] {
+            o += &format!(
+                "{n:<3}={:04x} {:016x} {:08x} {:08x}\r\n",
+                g.selector,
+                g.base,
+                g.limit,
+                (u32::from(g.type_) << 8)
+                    | (u32::from(g.present) << 15)
+                    | (u32::from(g.dpl) << 13)
+                    | (u32::from(g.s) << 12)
+                    | (u32::from(g.l) << 21)
+                    | (u32::from(g.db) << 22)
+                    | (u32::from(g.g) << 23)
+            );
+        }
+        o += &format!(
+            "GDT=     {:016x} {:08x}\r\nIDT=     {:016x} {:08x}\r\n\
+             CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x}\r\nEFER={:016x}\r\n",
+            s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        );
+        Ok(o)
+    }
+
+    /// `query-chardev`: the serial console's backend and the monitors.
+    fn chardevs(&self) -> Value {
+        use crate::cli::SerialSpec;
+        let serial = match (&self.config.serial, &self.pty) {
+            (SerialSpec::Stdio, _) => "stdio".to_string(),
+            (SerialSpec::File(p), _) => format!("file:{}", p.display()),
+            (SerialSpec::Pty, Some(p)) => format!("pty:{}", p.path),
+            (SerialSpec::Pty, None) | (SerialSpec::None, _) => "null".to_string(),
+        };
+        let mut out = vec![json!({
+            "label": self.config.serial_label,
+            "filename": serial,
+            "frontend-open": true,
+        })];
+        for (i, q) in self.config.qmp.iter().enumerate() {
+            out.push(json!({
+                "label": format!("compat_monitor{i}"),
+                "filename": q,
+                "frontend-open": true,
+            }));
+        }
+        Value::Array(out)
     }
 
     pub(super) fn execute(&mut self, cmd: Command) -> Result<Value, QmpError> {
@@ -157,26 +261,65 @@ impl Control {
             Command::SystemPowerdown => Err(generic(
                 "system_powerdown needs ACPI, which minivmm does not emulate; use quit, or poweroff/reboot inside the guest",
             )),
+            // Each vCPU's own thread (what a tool pins), and the topology
+            // the guest sees: the cores of one socket.
             Command::QueryCpusFast => Ok(Value::Array(
-                (0..self.vm.shape().vcpus)
-                    .map(|i| {
+                self.vm
+                    .vcpu_threads()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, tid)| {
                         json!({
                             "cpu-index": i,
                             "qom-path": format!("/machine/unattached/device[{i}]"),
-                            "thread-id": std::process::id(),
+                            "thread-id": tid,
                             "target": "x86_64",
-                            "props": {"core-id": 0, "thread-id": 0, "socket-id": i},
+                            "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
                         })
                     })
                     .collect(),
             )),
+            Command::QueryMachines => Ok(json!([
+                {"name": "minivmm", "alias": "pc", "is-default": true, "cpu-max": crate::mptable::MAX_VCPUS,
+                 "hotpluggable-cpus": false, "numa-mem-supported": false, "deprecated": false,
+                 "default-cpu-type": "minivmm64-x86_64-cpu", "acpi": false},
+            ])),
+            Command::QueryCpuDefinitions => Ok(json!([
+                {"name": "minivmm64", "typename": "minivmm64-x86_64-cpu", "static": false,
+                 "migration-safe": true, "deprecated": false, "unavailable-features": []},
+                {"name": "host", "typename": "host-x86_64-cpu", "static": false,
+                 "migration-safe": false, "deprecated": false, "unavailable-features": []},
+            ])),
+            Command::QueryKvm => Ok(json!({"enabled": true, "present": true})),
+            Command::QueryTarget => Ok(json!({"arch": "x86_64"})),
+            // No CPU hotplug: every possible CPU is present, none can be added.
+            Command::QueryHotpluggableCpus => Ok(Value::Array(
+                (0..self.vm.shape().vcpus)
+                    .map(|i| {
+                        json!({
+                            "type": format!("{}-x86_64-cpu", self.config.cpu.name()),
+                            "vcpus-count": 1,
+                            "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
+                            "qom-path": format!("/machine/unattached/device[{i}]"),
+                        })
+                    })
+                    .collect(),
+            )),
+            Command::QueryUuid => Ok(json!({
+                "UUID": self.config.uuid.as_deref().unwrap_or("00000000-0000-0000-0000-000000000000")
+            })),
+            Command::QueryMemorySizeSummary => Ok(json!({"base-memory": self.config.mem_size})),
+            Command::QueryChardev => Ok(self.chardevs()),
             Command::Pmemsave(a) => {
                 self.pmemsave(a.val, a.size, &a.filename)?;
                 Ok(json!({}))
             }
             Command::Memsave(_) => Err(generic("memsave is not supported; use pmemsave with a guest-physical address")),
             Command::HumanMonitorCommand(a) => self.hmp(&a.command_line),
-            Command::QmpCapabilities(_) | Command::QueryVersion | Command::QueryCommands => {
+            Command::QmpCapabilities(_)
+            | Command::QueryVersion
+            | Command::QueryCommands
+            | Command::QueryQmpSchema => {
                 Err(generic("handled by the QMP server"))
             }
             cmd => self.migration_command(cmd),
@@ -187,12 +330,17 @@ impl Control {
     /// postcopy and COLO).
     fn migration_command(&mut self, cmd: Command) -> Result<Value, QmpError> {
         match cmd {
+            Command::Migrate(a) if !known_scheme(&a.uri) => Err(generic(
+                "Parameter 'uri' expects a valid migration protocol",
+            )),
             Command::Migrate(a) => self.migrate(&a.uri, a.resume),
             Command::MigrateIncoming(a) => {
                 if self.config.incoming != Some(CliIncoming::Defer) {
-                    return Err(generic(
-                        "The incoming migration has already been started; use -incoming defer",
-                    ));
+                    // QEMU's words, with or without another -incoming.
+                    return Err(generic("For use with '-incoming defer'"));
+                }
+                if !known_scheme(&a.uri) {
+                    return Err(generic(format!("unknown migration protocol: {}", a.uri)));
                 }
                 if self.mig.incoming.is_some() || self.runstate != RunState::InMigrate {
                     return Err(generic("The incoming migration has already been started"));
@@ -403,7 +551,7 @@ impl Control {
                     self.mig.last_incoming.request_failover(true);
                     Ok(json!({}))
                 }
-                ColoMode::None => Err(generic("VM is not in COLO mode")),
+                ColoMode::None => Err(generic("The feature 'colo' is not enabled")),
             },
             Command::QueryColoStatus => Ok(self.mig.colo_status()),
             Command::CalcDirtyRate(a) => {
@@ -491,4 +639,117 @@ impl Control {
             Some(_) => Err(generic("incorrect cpu index specified")),
         }
     }
+}
+
+/// Whether `uri` names a transport QEMU knows (others get QEMU's "not a
+/// migration protocol" errors; known ones minivmm lacks get its reason).
+fn known_scheme(uri: &str) -> bool {
+    matches!(
+        uri.split(':').next(),
+        Some("tcp" | "unix" | "exec" | "file" | "fd" | "rdma" | "vsock")
+    )
+}
+
+/// HMP `help`: the commands `human-monitor-command` runs.
+const HMP_HELP: &str = "\
+c|cont -- resume emulation
+help|? -- show the help
+info cpus -- show infos for each CPU
+info kvm -- show KVM information
+info migrate -- show migration status
+info migrate_capabilities -- show current migration capabilities
+info migrate_parameters -- show current migration parameters
+info name -- show the current VM name
+info registers -- show the cpu registers
+info status -- show the current VM status (running|paused)
+info version -- show the version of QEMU
+stop -- stop emulation
+";
+
+/// HMP `info migrate` in QEMU 7.2's layout, from `query-migrate`'s reply.
+fn hmp_info_migrate(j: &Value) -> String {
+    // What minivmm's stream always does, in QEMU's words.
+    let mut s = String::from(
+        "globals:\r\nstore-global-state: on\r\nonly-migratable: off\r\n\
+         send-configuration: on\r\nsend-section-footer: on\r\n",
+    );
+    let u = |k: &str| j.get(k).and_then(Value::as_u64);
+    if let Some(st) = j.get("status").and_then(Value::as_str) {
+        s += &format!("Migration status: {st}");
+        match j.get("error-desc").and_then(Value::as_str) {
+            Some(e) if st == "failed" => s += &format!(" ({e})\r\n"),
+            _ => s += "\r\n",
+        }
+        s += &format!("total time: {} ms\r\n", u("total-time").unwrap_or(0));
+        if let Some(v) = u("expected-downtime") {
+            s += &format!("expected downtime: {v} ms\r\n");
+        }
+        if let Some(v) = u("downtime") {
+            s += &format!("downtime: {v} ms\r\n");
+        }
+        if let Some(v) = u("setup-time") {
+            s += &format!("setup: {v} ms\r\n");
+        }
+    }
+    if let Some(ram) = j.get("ram") {
+        let r = |k: &str| ram.get(k).and_then(Value::as_u64).unwrap_or(0);
+        s += &format!(
+            "transferred ram: {} kbytes\r\nthroughput: {:.2} mbps\r\n\
+             remaining ram: {} kbytes\r\ntotal ram: {} kbytes\r\n\
+             duplicate: {} pages\r\nskipped: 0 pages\r\nnormal: {} pages\r\n\
+             normal bytes: {} kbytes\r\ndirty sync count: {}\r\npage size: {} kbytes\r\n\
+             multifd bytes: 0 kbytes\r\n",
+            r("transferred") >> 10,
+            ram.get("mbps").and_then(Value::as_f64).unwrap_or(0.0),
+            r("remaining") >> 10,
+            r("total") >> 10,
+            r("duplicate"),
+            r("normal"),
+            r("normal-bytes") >> 10,
+            r("dirty-sync-count"),
+            r("page-size") >> 10,
+        );
+        if r("dirty-pages-rate") > 0 {
+            s += &format!("dirty pages rate: {} pages\r\n", r("dirty-pages-rate"));
+        }
+        if r("postcopy-requests") > 0 {
+            s += &format!("postcopy request count: {}\r\n", r("postcopy-requests"));
+        }
+    }
+    if let Some(v) = u("cpu-throttle-percentage") {
+        s += &format!("cpu throttle percentage: {v}\r\n");
+    }
+    s
+}
+
+/// HMP `info migrate_parameters`: `name: value` with QEMU's units.
+fn hmp_migrate_parameters(p: &Value) -> String {
+    let Some(m) = p.as_object() else {
+        return String::new();
+    };
+    m.iter()
+        .map(|(k, v)| {
+            let unit = match k.as_str() {
+                "downtime-limit"
+                | "x-checkpoint-delay"
+                | "x-peer-timeout"
+                | "x-postcopy-auto-recover"
+                | "x-vcpu-dirty-limit-period"
+                | "x-colo-compare-timeout" => " ms",
+                "max-bandwidth" | "max-postcopy-bandwidth" => " bytes/second",
+                "cpu-throttle-initial"
+                | "cpu-throttle-increment"
+                | "max-cpu-throttle"
+                | "throttle-trigger-threshold" => " %",
+                "vcpu-dirty-limit" => " MB/s",
+                _ => "",
+            };
+            let v = match v {
+                Value::Bool(b) => (if *b { "on" } else { "off" }).to_string(),
+                Value::String(s) => format!("'{s}'"),
+                v => v.to_string(),
+            };
+            format!("{k}: {v}{unit}\r\n")
+        })
+        .collect()
 }

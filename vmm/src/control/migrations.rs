@@ -367,7 +367,7 @@ impl Control {
                 let _ = reply.send(self.colo_takeover(rollback));
             }
             MachineRequest::Abandon(why, reply) => {
-                eprintln!("minivmm: postcopy failed, the guest is stopped: {why}");
+                log::error!("postcopy failed, the guest is stopped: {why}");
                 self.mig.guest_incomplete = true;
                 let vcpus_running = self.vm.is_running();
                 let r = self
@@ -523,17 +523,17 @@ impl Control {
         if self.mig.guest_incomplete {
             // Postcopy broke after the switch: stay up, paused, so the
             // user can inspect it; `cont` is refused.
-            eprintln!("minivmm: incoming postcopy migration failed: {desc}");
+            log::error!("incoming postcopy migration failed: {desc}");
             return Ok(());
         }
         if !self.mig.exit_on_error {
-            eprintln!(
-                "minivmm: incoming migration failed: {desc} (exit-on-error is off: \
+            log::error!(
+                "incoming migration failed: {desc} (exit-on-error is off: \
                  still waiting for an incoming migration)"
             );
             return Ok(());
         }
-        eprintln!("minivmm: incoming migration failed: {desc}");
+        log::error!("incoming migration failed: {desc}");
         Err(super::ControlError::IncomingFailed(desc))
     }
 

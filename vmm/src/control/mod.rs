@@ -23,6 +23,7 @@ use crate::dirtylimit::DirtyLimit;
 use crate::dirtyrate::DirtyRate;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -170,7 +171,80 @@ impl SignalFd {
     }
 }
 
-fn serial_output(spec: &SerialSpec) -> Result<SerialOut, ControlError> {
+/// A pseudo-terminal for the serial console (`-chardev pty`): the master
+/// carries the console, non-blocking (output nobody reads is dropped, as
+/// QEMU does); minivmm holds the slave open in raw mode, so the master
+/// never hangs up when a client (`screen`, `virsh console`) goes away.
+struct Pty {
+    master: std::fs::File,
+    _slave: std::fs::File,
+    /// The slave's path (`/dev/pts/N`).
+    path: String,
+}
+
+impl Pty {
+    fn open() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: posix_openpt returns a new descriptor or -1, checked.
+        let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let master = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: grantpt/unlockpt act on our master fd; ptsname_r writes a
+        // NUL-terminated path of at most `name.len()` bytes into `name`.
+        let ok = unsafe {
+            libc::grantpt(fd) == 0
+                && libc::unlockpt(fd) == 0
+                && libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) == 0
+        };
+        if !ok {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: ptsname_r succeeded, so `name` holds a C string.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)?;
+        // SAFETY: termios is plain data; tcgetattr fills it, cfmakeraw edits
+        // it, tcsetattr applies it to the slave we just opened.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+            }
+        }
+        Ok(Self {
+            master,
+            _slave: slave,
+            path,
+        })
+    }
+}
+
+/// The pty master as the console's output: bytes nobody reads are dropped.
+struct PtyOut(std::fs::File);
+
+impl std::io::Write for PtyOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(buf.len()),
+            r => r,
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn serial_output(spec: &SerialSpec, pty: Option<&Pty>) -> Result<SerialOut, ControlError> {
     Ok(match spec {
         SerialSpec::Stdio => {
             Box::new(RawStdout::new().map_err(|e| ControlError::File("stdout".into(), e))?)
@@ -184,7 +258,15 @@ fn serial_output(spec: &SerialSpec) -> Result<SerialOut, ControlError> {
                     ControlError::File(format!("cannot open serial file {}", p.display()), e)
                 })?,
         ),
-        SerialSpec::UnixServer(_) | SerialSpec::None => Box::new(std::io::sink()),
+        SerialSpec::Pty => match pty {
+            Some(p) => Box::new(PtyOut(
+                p.master
+                    .try_clone()
+                    .map_err(|e| ControlError::File("pty".into(), e))?,
+            )),
+            None => Box::new(std::io::sink()),
+        },
+        SerialSpec::None => Box::new(std::io::sink()),
     })
 }
 
@@ -229,8 +311,24 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         initrd: config.initrd.clone(),
         cmdline: guest_cmdline(&config),
     };
-    let gate = OutputGate::new(serial_output(&config.serial)?);
+    let pty = match config.serial {
+        SerialSpec::Pty => {
+            let p = Pty::open().map_err(|e| ControlError::File("cannot open a pty".into(), e))?;
+            // QEMU's words: tools (libvirt) read the path from here.
+            log::info!(
+                "char device redirected to {} (label {})",
+                p.path,
+                config.serial_label
+            );
+            Some(p)
+        }
+        _ => None,
+    };
+    let gate = OutputGate::new(serial_output(&config.serial, pty.as_ref())?);
     let vm = Vm::new(shape, boot, Box::new(gate.clone()), notify)?;
+    if !config.dump_guest_core {
+        crate::memory::dont_dump(vm.memory());
+    }
     // After the vCPU threads started (they keep the default): this thread
     // mostly sleeps, and a stopped guest waits on it (a migration's stop
     // and resume, every COLO checkpoint).
@@ -256,6 +354,7 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
         quit: false,
         exit: None,
         stdin_open: false,
+        pty,
         config,
     };
     match ctl.config.incoming.clone() {
@@ -310,6 +409,8 @@ struct Control {
     quit: bool,
     exit: Option<u8>,
     stdin_open: bool,
+    /// The serial console's pty (`-chardev pty`), read like stdin.
+    pty: Option<Pty>,
 }
 
 fn generic(desc: impl Into<String>) -> QmpError {
@@ -333,7 +434,14 @@ impl Control {
             Interest::READABLE,
         )
         .map_err(ControlError::Poll)?;
-        if self.config.serial == SerialSpec::Stdio {
+        if let Some(p) = &self.pty {
+            reg.register(
+                &mut SourceFd(&p.master.as_raw_fd()),
+                STDIN,
+                Interest::READABLE,
+            )
+            .map_err(ControlError::Poll)?;
+        } else if self.config.serial == SerialSpec::Stdio {
             let fd = std::io::stdin().as_raw_fd();
             // stdin may be /dev/null or a file, which epoll refuses: then no input.
             self.stdin_open = reg
@@ -368,7 +476,7 @@ impl Control {
                     }
                     SIGNALS => {
                         if let Some(sig) = signals.read() {
-                            eprintln!("minivmm: terminating on signal {sig}");
+                            log::info!("terminating on signal {sig}");
                             self.shutdown_event("host-signal", false);
                             self.exit = Some(0);
                         }
@@ -445,7 +553,15 @@ impl Control {
                 CtlMsg::Vcpu(VcpuEvent::Shutdown) => {
                     self.shutdown_event("guest-shutdown", true);
                     self.enter(Input::GuestShutdown)?;
-                    self.exit = Some(0);
+                    if self.config.no_shutdown {
+                        // -no-shutdown: stay, stopped (QEMU sends STOP).
+                        if self.vm.is_running() {
+                            self.vm.pause()?;
+                            self.events.send("STOP", None);
+                        }
+                    } else {
+                        self.exit = Some(0);
+                    }
                 }
                 CtlMsg::Vcpu(VcpuEvent::Fatal(id, msg)) => {
                     self.enter(Input::GuestFatal)?;
@@ -474,6 +590,13 @@ impl Control {
 
     fn stdin(&mut self, poll: &Poll) {
         let mut buf = [0u8; 256];
+        if let Some(p) = &mut self.pty {
+            // Non-blocking, edge-triggered: read it all.
+            while let Ok(n @ 1..) = p.master.read(&mut buf) {
+                devices::bus::lock(self.vm.serial()).queue_input(&buf[..n]);
+            }
+            return;
+        }
         match std::io::stdin().lock().read(&mut buf) {
             Ok(0) | Err(_) => {
                 if self.stdin_open {
