@@ -55,6 +55,10 @@ pub struct SerialPort {
     pending_in: VecDeque<u8>,
 }
 
+/// Most input bytes queued for the guest behind the FIFO (and so in a
+/// migrated state).
+pub const MAX_PENDING_INPUT: usize = 64 << 10;
+
 /// Migratable state of the UART (registers and unread input).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialPortState {
@@ -90,9 +94,13 @@ impl SerialPort {
         })
     }
 
-    /// Queue host input for the guest. Never drops bytes.
+    /// Queue host input for the guest, at most [`MAX_PENDING_INPUT`] bytes
+    /// behind the FIFO.
     pub fn queue_input(&mut self, bytes: &[u8]) {
-        self.pending_in.extend(bytes);
+        // What the guest has not read yet is bounded, as a real line
+        // overruns: beyond it, input is dropped.
+        let room = MAX_PENDING_INPUT.saturating_sub(self.pending_in.len());
+        self.pending_in.extend(&bytes[..bytes.len().min(room)]);
         self.fill_fifo();
     }
 

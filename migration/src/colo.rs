@@ -133,8 +133,6 @@ pub mod msg {
     }
 }
 
-/// Longest device-state buffer of one checkpoint.
-const MAX_VMSTATE: u64 = 64 << 20;
 /// How long a side waits for its peer's next message before it considers
 /// the link dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,8 +160,8 @@ pub enum ColoError {
     #[error("the x-colo capability is not set on the destination (migrate-set-capabilities on both sides)")]
     NotEnabled,
     /// Device state too large.
-    #[error("checkpoint device state of {0} bytes (limit 64 MiB)")]
-    TooLarge(u64),
+    #[error("checkpoint device state of {0} bytes (at most {1} for this machine's devices)")]
+    TooLarge(u64, u64),
     /// The console could not be written.
     #[error("writing the guest's console output failed")]
     Output(#[source] std::io::Error),
@@ -793,13 +791,14 @@ fn receive_checkpoint<R: BufRead>(
     }
     read_msg(r, gate, msg::VMSTATE_SIZE)?;
     let n = r.be64("vmstate size")?;
-    if n > MAX_VMSTATE {
-        return Err(ColoError::TooLarge(n).into());
+    let catalog = dest.machine.device_catalog();
+    if n > catalog.max_stream() {
+        return Err(ColoError::TooLarge(n, catalog.max_stream()).into());
     }
     let buf = r.vec(n as usize, "checkpoint device state")?;
     // Everything is here: only now touch the guest.
     send_colo(rp, msg::VMSTATE_RECEIVED)?;
-    let devices = parse_devices(&buf)?;
+    let devices = parse_devices(&buf, &catalog)?;
     let mut own: Vec<Bitmap> = dest
         .ram
         .blocks()
@@ -827,7 +826,10 @@ fn receive_checkpoint<R: BufRead>(
     Ok(())
 }
 
-fn parse_devices(buf: &[u8]) -> Result<Vec<DeviceBlob>, MigrationError> {
+fn parse_devices(
+    buf: &[u8],
+    catalog: &crate::stream::DeviceCatalog,
+) -> Result<Vec<DeviceBlob>, MigrationError> {
     let mut r = Reader::new(buf);
     let mut out: Vec<DeviceBlob> = Vec::new();
     loop {
@@ -836,18 +838,7 @@ fn parse_devices(buf: &[u8]) -> Result<Vec<DeviceBlob>, MigrationError> {
         match r.u8("checkpoint section type")? {
             section::FULL => {
                 let id = r.be32("section id")?;
-                let blob = stream::read_device_body(&mut r, id)?;
-                if out
-                    .iter()
-                    .any(|d| d.name == blob.name && d.instance == blob.instance)
-                {
-                    return Err(StreamError::invalid(
-                        at,
-                        format!("device '{}' twice in a checkpoint", blob.name),
-                    )
-                    .into());
-                }
-                out.push(blob);
+                stream::read_device(&mut r, id, at, catalog, &mut out)?;
             }
             section::EOF => return Ok(out),
             t => {

@@ -216,6 +216,10 @@ pub trait IncomingMachine: Send {
     /// Load all device state (the VM is stopped; in postcopy RAM is still
     /// arriving) and start the guest unless it is to stay paused.
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError>;
+    /// The device sections this machine's state is made of, with the
+    /// longest state each may have: an incoming stream may send nothing
+    /// else ([`crate::stream::DeviceCatalog`]).
+    fn device_catalog(&mut self) -> crate::stream::DeviceCatalog;
     /// This side's capabilities now (asked at POSTCOPY_ADVISE, ENABLE_COLO).
     fn capabilities(&mut self) -> Capabilities {
         Capabilities::default()

@@ -497,18 +497,21 @@ pub(crate) struct Loader {
     ram_ended: bool,
     /// Device state read so far.
     pub devices: Vec<DeviceBlob>,
+    /// The device sections this machine accepts.
+    catalog: crate::stream::DeviceCatalog,
     /// RAM reads as zero at the start (see [`crate::Incoming::ram`]).
     zeroed: Vec<Bitmap>,
 }
 
 impl Loader {
-    /// A loader for `ram`.
-    pub(crate) fn new(ram: &dyn GuestRam) -> Self {
+    /// A loader for `ram` and the devices of `catalog`.
+    pub(crate) fn new(ram: &dyn GuestRam, catalog: crate::stream::DeviceCatalog) -> Self {
         Self {
             rr: RamReader::new(ram.blocks().to_vec()),
             ram_started: false,
             ram_ended: false,
             devices: Vec::new(),
+            catalog,
             zeroed: ram
                 .blocks()
                 .iter()
@@ -619,8 +622,7 @@ impl Loader {
         at: u64,
     ) -> Result<(), MigrationError> {
         let id = r.be32("section id")?;
-        let blob = stream::read_device_body(r, id)?;
-        stream::add_device(&mut self.devices, blob, at)?;
+        stream::read_device(r, id, at, &self.catalog, &mut self.devices)?;
         Ok(())
     }
 

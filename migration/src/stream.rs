@@ -668,50 +668,110 @@ pub fn write_device<W: Write>(
     w.footer(id)
 }
 
-/// Keep a device's state read from the FULL section at stream offset `at`,
-/// refusing a second section for the same device.
-pub fn add_device(
-    devices: &mut Vec<DeviceBlob>,
-    blob: DeviceBlob,
-    at: u64,
-) -> Result<(), StreamError> {
-    if devices
-        .iter()
-        .any(|d| d.name == blob.name && d.instance == blob.instance)
-    {
-        return Err(StreamError::invalid(
-            at,
-            format!(
-                "device '{}' instance {} sent twice",
-                blob.name, blob.instance
-            ),
-        ));
-    }
-    devices.push(blob);
-    Ok(())
+/// The device sections a destination accepts: for each device name, how
+/// many instances (0..n) and the longest state one may have. Everything a
+/// peer can make a destination hold in device state is bounded by it
+/// ([`Self::max_stream`]), and a section is judged by its header, before
+/// its state is read: an unknown device, instance or repeated section, or
+/// a state longer than that device can have, is refused there.
+#[derive(Clone, Debug)]
+pub struct DeviceCatalog {
+    devices: Vec<(String, u32, u32)>,
 }
 
-/// Read the body of a FULL section (after its type byte and id).
-pub fn read_device_body<R: Read>(r: &mut Reader<R>, id: u32) -> Result<DeviceBlob, StreamError> {
+/// Bytes a FULL section takes besides its state and name: type, id,
+/// name length, instance, version, length, footer.
+const FULL_OVERHEAD: u64 = 1 + 4 + 1 + 4 + 4 + 4 + 9;
+
+impl DeviceCatalog {
+    /// No devices.
+    pub fn new() -> Self {
+        Self {
+            devices: Vec::new(),
+        }
+    }
+
+    /// Accept `instances` instances (0..instances) of `name`, each at most
+    /// `max_len` bytes of state.
+    pub fn with(mut self, name: &str, instances: u32, max_len: u32) -> Self {
+        self.devices
+            .push((name.to_string(), instances, max_len.min(MAX_DEVICE_STATE)));
+        self
+    }
+
+    /// The longest stream of FULL sections (all devices, then EOF) it
+    /// accepts: the bound for a postcopy package's or a COLO checkpoint's
+    /// device state.
+    pub fn max_stream(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|(n, i, l)| u64::from(*i) * (u64::from(*l) + n.len() as u64 + FULL_OVERHEAD))
+            .sum::<u64>()
+            // Commands a package carries besides the devices, and EOF.
+            + 4096
+    }
+
+    /// Judge a section's header; `Err` says why it is refused.
+    fn check(&self, name: &str, instance: u32, len: u32) -> Result<(), String> {
+        let Some((_, instances, max)) = self.devices.iter().find(|(n, ..)| n == name) else {
+            return Err(format!("unknown device '{name}'"));
+        };
+        if instance >= *instances {
+            return Err(format!(
+                "device '{name}' instance {instance} (this machine has {instances})"
+            ));
+        }
+        if len > *max {
+            return Err(format!(
+                "device state '{name}' claims {len} bytes (at most {max} here)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for DeviceCatalog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Read a FULL section's body (after its type byte at `at` and its id)
+/// into `devices`: its header is checked against `catalog` and `devices`
+/// (no second section for a device) before its state is read.
+pub fn read_device<R: Read>(
+    r: &mut Reader<R>,
+    id: u32,
+    at: u64,
+    catalog: &DeviceCatalog,
+    devices: &mut Vec<DeviceBlob>,
+) -> Result<(), StreamError> {
     let name = r.idstr("device section name")?;
     let instance = r.be32("device instance")?;
     let version = r.be32("device version")?;
-    let at = r.offset();
+    let len_at = r.offset();
     let len = r.be32("device state length")?;
-    if len > MAX_DEVICE_STATE {
+    if devices
+        .iter()
+        .any(|d| d.name == name && d.instance == instance)
+    {
         return Err(StreamError::invalid(
             at,
-            format!("device state '{name}' claims {len} bytes (limit {MAX_DEVICE_STATE})"),
+            format!("device '{name}' instance {instance} sent twice"),
         ));
     }
+    catalog
+        .check(&name, instance, len)
+        .map_err(|why| StreamError::invalid(len_at, why))?;
     let data = r.vec(len as usize, "device state")?;
     r.footer(id)?;
-    Ok(DeviceBlob {
+    devices.push(DeviceBlob {
         name,
         instance,
         version,
         data,
-    })
+    });
+    Ok(())
 }
 
 /// Write the stream header.
@@ -1038,7 +1098,10 @@ mod tests {
         assert_eq!(r.u8("t").unwrap(), section::FULL);
         let id = r.be32("id").unwrap();
         assert_eq!(id, 7);
-        assert_eq!(read_device_body(&mut r, id).unwrap(), blob);
+        let catalog = DeviceCatalog::new().with("cpu", 2, 16);
+        let mut got = Vec::new();
+        read_device(&mut r, id, 0, &catalog, &mut got).unwrap();
+        assert_eq!(got, vec![blob]);
         assert_eq!(r.u8("eof").unwrap(), section::EOF);
 
         // Any flipped byte inside the device section is caught by its CRC
@@ -1055,7 +1118,8 @@ mod tests {
             let res = if t != section::FULL {
                 Err(StreamError::invalid(0, "type"))
             } else {
-                r.be32("id").and_then(|id| read_device_body(&mut r, id))
+                r.be32("id")
+                    .and_then(|id| read_device(&mut r, id, 0, &catalog, &mut Vec::new()))
             };
             assert!(res.is_err(), "flip at {i} not detected");
         }
@@ -1080,17 +1144,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("names section 9"));
-        // An absurd device length is refused before allocating.
-        let mut w = Writer::new(Vec::new());
-        w.idstr("cpu").unwrap();
-        w.be32(0).unwrap();
-        w.be32(1).unwrap();
-        w.be32(u32::MAX).unwrap();
-        let bytes = w.get_mut().clone();
-        let e = read_device_body(&mut Reader::new(&bytes[..]), 1)
+        // Device sections are judged by their header, before their state
+        // is read: an absurd length, a length beyond what that device can
+        // have, an unknown device or instance, a repeated section.
+        let catalog = DeviceCatalog::new().with("cpu", 2, 1000);
+        let header = |name: &str, instance: u32, len: u32| {
+            let mut w = Writer::new(Vec::new());
+            w.idstr(name).unwrap();
+            w.be32(instance).unwrap();
+            w.be32(1).unwrap();
+            w.be32(len).unwrap();
+            w.get_mut().clone()
+        };
+        let seen = vec![DeviceBlob {
+            name: "cpu".into(),
+            instance: 1,
+            version: 1,
+            data: vec![],
+        }];
+        for (bytes, want) in [
+            (
+                header("cpu", 0, u32::MAX),
+                "claims 4294967295 bytes (at most 1000 here)",
+            ),
+            (header("cpu", 0, 1001), "claims 1001 bytes"),
+            (header("dev7", 0, 10), "unknown device 'dev7'"),
+            (header("cpu", 2, 10), "instance 2 (this machine has 2)"),
+            (header("cpu", 1, 10), "sent twice"),
+        ] {
+            let e = read_device(
+                &mut Reader::new(&bytes[..]),
+                1,
+                0,
+                &catalog,
+                &mut seen.clone(),
+            )
             .unwrap_err()
             .to_string();
-        assert!(e.contains("claims"), "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+        // What a hostile stream can make a destination hold is bounded by
+        // the machine's devices.
+        assert!(catalog.max_stream() < 8 << 10);
     }
 
     #[test]

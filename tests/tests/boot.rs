@@ -404,3 +404,99 @@ fn cli_help_and_version() {
         out.stdout
     );
 }
+
+/// `-daemonize` as QEMU: the command returns 0 once the VM is set up
+/// (monitor listening), the daemon (the pidfile's pid, in its own session)
+/// serves QMP and runs the guest; `quit` ends it and the pidfile is gone.
+/// A QMP listener on every address is warned about.
+#[test]
+fn daemonize_returns_once_set_up_and_pidfile_goes_at_exit() {
+    if !kvm_available("daemonize_returns_once_set_up_and_pidfile_goes_at_exit") {
+        return;
+    }
+    let dir = WorkDir::new("daemon");
+    let pidfile = dir.path("vm.pid");
+    let sock = dir.path("vm.qmp");
+    let console = dir.path("console.txt");
+    let k = kernel().display().to_string();
+    let i = initrd().display().to_string();
+    let port = free_port();
+    let out = run_minivmm(
+        &[
+            "-kernel",
+            &k,
+            "-initrd",
+            &i,
+            "-append",
+            "console=ttyS0 workload.mem=16 workload.rate=16",
+            "-serial",
+            &format!("file:{}", console.display()),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+            "-qmp",
+            &format!("tcp::{port},server=on,wait=off"),
+            "-pidfile",
+            &pidfile.display().to_string(),
+            "-daemonize",
+        ],
+        CLI_TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("listens on every address"),
+        "no warning for the open QMP port: {out:?}"
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // SAFETY: getsid only reads the process's session id.
+    let sid = unsafe { libc::getsid(pid) };
+    assert_eq!(sid, pid, "the daemon leads its own session");
+    let mut c = Client::connect_unix(&sock, qmp_timeout()).expect("QMP on the daemon");
+    let st = c.execute("query-status", json!({})).unwrap();
+    assert_eq!(st["status"], "running", "{st}");
+    let deadline = std::time::Instant::now() + passes_timeout();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("PASS 1 ")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PASS in the daemon's console"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = c.execute("quit", json!({}));
+    let deadline = std::time::Instant::now() + CLI_TIMEOUT;
+    // SAFETY: kill with signal 0 only checks the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pidfile.exists(), "pidfile left behind");
+}
+
+/// SIGTERM: minivmm exits cleanly and removes its pidfile (as QEMU).
+#[test]
+fn pidfile_removed_after_sigterm() {
+    if !kvm_available("pidfile_removed_after_sigterm") {
+        return;
+    }
+    let dir = WorkDir::new("pidterm");
+    let pidfile = dir.path("vm.pid");
+    let vm = VmmBuilder::new("pidterm")
+        .arg("-pidfile")
+        .arg(&pidfile.display().to_string());
+    let mut vm = vm.spawn();
+    vm.wait_serial("GUEST-READY", boot_timeout());
+    assert!(pidfile.exists());
+    vm.signal(libc::SIGTERM);
+    let st = vm.wait_exit(CLI_TIMEOUT);
+    assert!(st.success(), "{st:?}");
+    assert!(!pidfile.exists(), "pidfile left behind");
+}

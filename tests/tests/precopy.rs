@@ -728,3 +728,117 @@ fn four_gib_guest_across_the_hole() {
     src.assert_no_corrupt();
     dst.assert_no_corrupt();
 }
+
+/// VmHWM of a process, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A valid stream (a real save, RAM and all) followed by 16 device
+/// sections with distinct names of 64 MiB each: the destination refuses
+/// the first one when its header arrives (no such device here), holds
+/// none of them, and its peak RSS stays within a few MiB of the same
+/// incoming migration without them. It keeps waiting (exit-on-error off).
+#[test]
+fn hostile_device_sections_are_refused_at_their_header() {
+    if !kvm_available("hostile_device_sections_are_refused_at_their_header") {
+        return;
+    }
+    let snap = snapshot(&base());
+    let stream = std::fs::read(&snap).expect("snapshot");
+    // The first FULL section: 0x04, be32 id, then the name "cpu".
+    let key = b"\x03cpu";
+    let first_device = (5..stream.len() - key.len())
+        .find(|&i| stream[i - 5] == 0x04 && &stream[i..i + key.len()] == key)
+        .map(|i| i - 5)
+        .expect("a cpu section in the snapshot");
+    let prefix = stream[..first_device].to_vec();
+
+    // The same RAM without the hostile part, as the baseline.
+    let mut ok = base_named("dst0").incoming("defer").spawn();
+    let mut oq = ok.qmp();
+    oq.execute(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", snap.display()), "exit-on-error": false}),
+    )
+    .unwrap();
+    let r = wait_migration(&mut oq, &["completed", "failed"], mig_timeout());
+    assert_eq!(r["status"], "completed", "{r}");
+    let normal = peak_rss_kib(ok.pid());
+    drop(oq);
+    ok.kill();
+
+    let mut dst = base_named("dst").incoming("defer").spawn();
+    let mut dq = dst.qmp();
+    let fifo = dst.dir.path("hostile.fifo");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let path = fifo.clone();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let sent = write_hostile(&path, &prefix);
+        let _ = done_tx.send(sent);
+    });
+    fn write_hostile(path: &std::path::Path, prefix: &[u8]) -> u64 {
+        use std::io::Write;
+        let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(path) else {
+            return 0u64;
+        };
+        let mut sent = 0u64;
+        if f.write_all(prefix).is_err() {
+            return sent;
+        }
+        let zeros = vec![0u8; 1 << 20];
+        for k in 0..16u32 {
+            let name = format!("dev{k}");
+            let mut h = vec![0x04];
+            h.extend_from_slice(&(100 + k).to_be_bytes());
+            h.push(name.len() as u8);
+            h.extend_from_slice(name.as_bytes());
+            h.extend_from_slice(&0u32.to_be_bytes());
+            h.extend_from_slice(&2u32.to_be_bytes());
+            h.extend_from_slice(&(64u32 << 20).to_be_bytes());
+            if f.write_all(&h).is_err() {
+                return sent;
+            }
+            for _ in 0..64 {
+                if f.write_all(&zeros).is_err() {
+                    return sent;
+                }
+                sent += zeros.len() as u64;
+            }
+        }
+        sent
+    }
+    dq.execute(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", fifo.display()), "exit-on-error": false}),
+    )
+    .unwrap();
+    let r = wait_migration(&mut dq, &["completed", "failed"], mig_timeout());
+    assert_eq!(r["status"], "failed", "{r}");
+    let desc = r["error-desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("unknown device 'dev0'"), "{r}");
+    let hostile = peak_rss_kib(dst.pid());
+    eprintln!("peak RSS: normal incoming {normal} KiB, hostile {hostile} KiB");
+    assert!(
+        hostile <= normal + 8 * 1024,
+        "hostile stream: peak RSS {hostile} KiB against {normal} KiB for the same RAM alone"
+    );
+    assert!(dst.exited().is_none(), "the destination exited");
+    assert_eq!(run_state(&mut dq), "inmigrate");
+    // The writer stops when the destination closes its end.
+    let sent = done
+        .recv_timeout(mig_timeout())
+        .expect("the destination kept the hostile stream open");
+    assert!(
+        sent < 1 << 30,
+        "the destination read {sent} bytes of hostile state"
+    );
+}

@@ -252,6 +252,22 @@ fn blob<T: Serialize>(name: &str, instance: u32, v: &T) -> Result<DeviceBlob, De
     })
 }
 
+/// The device sections this machine's state is made of ([`to_blobs`]),
+/// each with the longest state it may have: generous bounds on what the
+/// encodings take (a vCPU's is ~10 KiB: registers, 4 KiB of XSAVE, the
+/// 1 KiB local APIC, MSRs), far below what a hostile stream would need to
+/// hurt.
+pub fn device_catalog(vcpus: u8) -> migration::stream::DeviceCatalog {
+    migration::stream::DeviceCatalog::new()
+        .with("cpu", u32::from(vcpus), 256 << 10)
+        .with("irqchip", 1, 16 << 10)
+        .with("pit", 1, 4 << 10)
+        .with("kvmclock", 1, 1 << 10)
+        .with("serial", 1, 64 << 10)
+        .with("cmos", 1, 4 << 10)
+        .with("globalstate", 1, 64)
+}
+
 /// Machine state to device blobs.
 pub fn to_blobs(st: &MachineState, running: bool) -> Result<Vec<DeviceBlob>, DeviceStateError> {
     let mut out = Vec::new();

@@ -169,8 +169,8 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
                 },
                 section::FULL => {
                     let id = pr.be32("section id")?;
-                    let blob = stream::read_device_body(&mut pr, id)?;
-                    stream::add_device(&mut self.devices, blob, at)?;
+                    let catalog = self.dest.machine.device_catalog();
+                    stream::read_device(&mut pr, id, at, &catalog, &mut self.devices)?;
                 }
                 section::EOF => return Ok(()),
                 other => {

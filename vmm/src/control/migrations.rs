@@ -61,8 +61,8 @@ pub enum MachineRequest {
 }
 
 /// The machine as a migration thread sees it: requests to the control
-/// thread, and the console's output gate.
-pub(super) struct ProxyMachine(pub(super) CtlSender, pub(super) OutputGate);
+/// thread, the console's output gate, and its vCPU count.
+pub(super) struct ProxyMachine(pub(super) CtlSender, pub(super) OutputGate, pub(super) u8);
 
 impl Machine for ProxyMachine {
     fn stop(&mut self) -> Result<Stopped, MachineError> {
@@ -84,6 +84,9 @@ impl Machine for ProxyMachine {
 }
 
 impl IncomingMachine for ProxyMachine {
+    fn device_catalog(&mut self) -> migration::stream::DeviceCatalog {
+        migrate::device_catalog(self.2)
+    }
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::Load(blobs, tx))
     }
@@ -544,7 +547,12 @@ impl Control {
 
     /// Listen for an incoming migration on `uri` and start its thread.
     pub(super) fn start_incoming(&mut self, uri: &str) -> Result<(), IncomingStartError> {
+        let spec = uri;
         let uri = Uri::parse(uri).map_err(IncomingStartError::Transport)?;
+        if let Uri::Tcp(addr) = &uri {
+            let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
+            super::warn_if_open("migration listener", spec, host);
+        }
         let listener = Listener::bind(&uri).map_err(IncomingStartError::Transport)?;
         self.vm
             .discard_ram()
@@ -565,7 +573,11 @@ impl Control {
         let inc = migration::Incoming {
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
-            machine: Box::new(ProxyMachine(self.ctl_tx.clone(), self.gate.clone())),
+            machine: Box::new(ProxyMachine(
+                self.ctl_tx.clone(),
+                self.gate.clone(),
+                self.vm.shape().vcpus,
+            )),
             shared,
             events: self.mig_events(true),
         };
@@ -622,7 +634,11 @@ impl Control {
             uri,
             config: migrate::machine_config(self.vm.shape(), &ram),
             ram,
-            machine: Box::new(ProxyMachine(self.ctl_tx.clone(), self.gate.clone())),
+            machine: Box::new(ProxyMachine(
+                self.ctl_tx.clone(),
+                self.gate.clone(),
+                self.vm.shape().vcpus,
+            )),
             params: self.mig.params.clone(),
             caps: self.mig.caps,
             shared,

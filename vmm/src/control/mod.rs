@@ -171,6 +171,92 @@ impl SignalFd {
     }
 }
 
+/// `-daemonize`, as QEMU: the process forks before it starts anything; the
+/// parent waits on a pipe and exits 0 once the child says the VM is set up
+/// (monitors listening, the incoming migration listening, the pidfile
+/// written), or 1 if the child fails (it prints why) or dies first. The
+/// child starts a new session and, once set up, puts /dev/null on its
+/// standard streams.
+struct Daemon {
+    ready: std::fs::File,
+}
+
+impl Daemon {
+    /// Fork; returns in the child only.
+    fn fork() -> Result<Self, ControlError> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors we then own; checked.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(ControlError::File(
+                "-daemonize: pipe".into(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fresh descriptors from pipe2, each owned once.
+        let (mut rd, wr) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        // SAFETY: no other thread exists yet (run() forks first thing), so
+        // the child inherits a consistent process.
+        match unsafe { libc::fork() } {
+            -1 => Err(ControlError::File(
+                "-daemonize: fork".into(),
+                std::io::Error::last_os_error(),
+            )),
+            0 => {
+                drop(rd);
+                // SAFETY: setsid has no memory effects; failure is harmless
+                // (we would stay in the parent's session).
+                unsafe { libc::setsid() };
+                Ok(Self { ready: wr })
+            }
+            _ => {
+                drop(wr);
+                let mut b = [1u8; 1];
+                let code = match rd.read(&mut b) {
+                    Ok(1) if b[0] == 0 => 0,
+                    _ => 1,
+                };
+                // SAFETY: the parent leaves at once, running nothing the
+                // child owns (no destructors: the pidfile, sockets).
+                unsafe { libc::_exit(code) }
+            }
+        }
+    }
+
+    /// The VM is set up: let the parent go, detach from the terminal.
+    fn ready(mut self) {
+        use std::io::Write;
+        let _ = self.ready.write_all(&[0]);
+        if let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            for fd in 0..3 {
+                // SAFETY: dup2 onto the standard descriptors, which we own.
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            }
+        }
+    }
+}
+
+/// Warn when a listener takes every address: a QMP monitor or a migration
+/// port open to the network lets anyone who reaches it run `migrate exec:`
+/// or read guest memory.
+pub(super) fn warn_if_open(what: &str, spec: &str, host: &str) {
+    if matches!(host, "" | "0" | "0.0.0.0" | "::" | "[::]") {
+        log::warn!(
+            "{what} {spec} listens on every address: anyone who reaches it controls this \
+             VM; bind 127.0.0.1 (or a unix socket) unless that is what you want"
+        );
+    }
+}
+
 /// A pseudo-terminal for the serial console (`-chardev pty`): the master
 /// carries the console, non-blocking (output nobody reads is dropped, as
 /// QEMU does); minivmm holds the slave open in raw mode, so the master
@@ -281,6 +367,11 @@ fn guest_cmdline(config: &Config) -> String {
 
 /// Run a VM until it ends; returns the exit status.
 pub fn run(config: Config) -> Result<u8, ControlError> {
+    let daemon = if config.daemonize {
+        Some(Daemon::fork()?)
+    } else {
+        None
+    };
     let signals = SignalFd::new().map_err(|e| ControlError::File("signalfd".into(), e))?;
     vcpu::install_kick_handler()
         .map_err(|e| ControlError::File("signal handler".into(), e.into()))?;
@@ -337,6 +428,9 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     let mut server = qmp::Server::new(poll.registry(), QMP_TOKENS).map_err(ControlError::Qmp)?;
     for spec in &config.qmp {
         let spec = qmp::ListenSpec::parse(spec).map_err(ControlError::QmpSpec)?;
+        if let qmp::ListenSpec::Tcp { host, .. } = &spec {
+            warn_if_open("QMP monitor", &spec.to_string(), host);
+        }
         server.listen(&spec).map_err(ControlError::Qmp)?;
     }
     let events = server.event_sender();
@@ -380,7 +474,14 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     if ctl.runstate == RunState::Running {
         ctl.vm.resume()?;
     }
+    if let Some(d) = daemon {
+        d.ready();
+    }
     let result = ctl.event_loop(&mut poll, &mut server, &signals);
+    // QEMU removes its pidfile on a clean exit.
+    if let Some(p) = &ctl.config.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
     server.flush_blocking(std::time::Duration::from_secs(2));
     if let Some(s) = &ctl.mig.outgoing {
         s.request_cancel();
