@@ -500,3 +500,59 @@ fn pidfile_removed_after_sigterm() {
     assert!(st.success(), "{st:?}");
     assert!(!pidfile.exists(), "pidfile left behind");
 }
+
+/// The seccomp sandbox is on by default: every thread filtered, vCPU
+/// threads by their own allowlist too, `NoNewPrivs` set; a system call no
+/// vCPU thread makes kills the process (SIGSYS) instead of succeeding;
+/// `-sandbox off` installs nothing.
+#[test]
+fn sandbox_filters_every_thread_and_kills_a_forbidden_vcpu_call() {
+    use std::os::unix::process::ExitStatusExt;
+    if !kvm_available("sandbox_filters_every_thread_and_kills_a_forbidden_vcpu_call") {
+        return;
+    }
+    // Restored from the shared snapshot: no boot needed.
+    let snap = snapshot(&VmmBuilder::new("base").smp(2));
+    let restored = |b: VmmBuilder| {
+        let mut vm = b.incoming(&format!("file:{}", snap.display())).spawn();
+        let mut c = vm.qmp();
+        let r = wait_migration(&mut c, &["completed", "failed"], boot_timeout());
+        assert_eq!(r["status"], "completed", "{r}");
+        vm
+    };
+    let mut vm = restored(VmmBuilder::new("sandboxed").smp(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    let mut vcpus = 0;
+    for t in std::fs::read_dir(format!("/proc/{}/task", vm.pid()))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        assert!(st.contains("Seccomp:\t2"), "thread {comm} unfiltered: {st}");
+        if comm.starts_with("vcpu") && comm.trim() != "vcpu-throttle" {
+            vcpus += 1;
+            // The process filters and the vCPU allowlist.
+            assert!(st.contains("Seccomp_filters:\t3"), "{comm}: {st}");
+        }
+    }
+    assert_eq!(vcpus, 2);
+    vm.kill();
+
+    let mut bad = VmmBuilder::new("forbidden")
+        .env("MINIVMM_TEST_VCPU_FORBIDDEN_SYSCALL", "1")
+        .spawn();
+    let st = bad.wait_exit(boot_timeout());
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}");
+
+    let mut off = VmmBuilder::new("unsandboxed")
+        .arg("-sandbox")
+        .arg("off")
+        .spawn();
+    off.wait_serial("GUEST-READY", boot_timeout());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", off.pid())).unwrap();
+    assert!(status.contains("Seccomp:\t0"), "{status}");
+    off.kill();
+}

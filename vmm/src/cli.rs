@@ -9,7 +9,7 @@
 //! options that are no-ops in QEMU too for a direct-kernel-boot guest
 //! without disks, network or USB (`-nographic`, `-display none`,
 //! `-enable-kvm`, `-accel kvm`, `-no-user-config`, `-boot strict=on`,
-//! `-overcommit mem-lock=off`, `-sandbox off`, `-machine usb=off`).
+//! `-overcommit mem-lock=off`, `-machine usb=off`).
 
 use std::path::PathBuf;
 
@@ -121,6 +121,8 @@ pub struct Config {
     /// Serial console's chardev id (`-chardev ...,id=X` + `-device
     /// isa-serial,chardev=X`), for `query-chardev`.
     pub serial_label: String,
+    /// `-sandbox` (on by default).
+    pub sandbox: crate::sandbox::SandboxSpec,
 }
 
 /// What the command line asks for.
@@ -197,8 +199,11 @@ usage: minivmm -kernel PATH [options]
   -machine ...,usb=off,dump-guest-core=on|off
                         no USB (usb=on is refused); dump-guest-core=off keeps
                         guest RAM out of core dumps
+  -sandbox on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny]
+           [,spawn=allow|deny][,resourcecontrol=allow|deny]
+                        seccomp filters (on by default; see docs/security.md)
   -nographic, -display none, -enable-kvm, -no-user-config, -boot strict=on|off,
-  -overcommit mem-lock=off, -sandbox off
+  -overcommit mem-lock=off
                         accepted: no-ops for this machine, as in QEMU
   -h, --help            this text
   --version             version
@@ -498,6 +503,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
     let mut dirty_ring_size = 0;
     let mut mem_prealloc = false;
     let mut uuid = None;
+    let mut sandbox = crate::sandbox::SandboxSpec::default();
     let mut no_shutdown = false;
     let mut dump_guest_core = true;
     let mut msg_timestamp = false;
@@ -617,13 +623,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
             }
             "-sandbox" => {
                 let v = value(opt)?;
-                if v != "off" {
-                    return Err(bad(
-                        "-sandbox",
-                        &v,
-                        "minivmm has no seccomp sandbox yet: only -sandbox off",
-                    ));
-                }
+                sandbox = crate::sandbox::SandboxSpec::parse(&v)
+                    .map_err(|why| bad("-sandbox", &v, why))?;
             }
             "-boot" => {
                 let v = value(opt)?;
@@ -766,6 +767,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         dump_guest_core,
         msg_timestamp,
         serial_label,
+        sandbox,
     })))
 }
 
@@ -831,8 +833,12 @@ mod tests {
             p("-kernel k -smp 0").unwrap_err().to_string(),
             "invalid value '0' for -smp: the CPU count must be 1 to 254"
         );
+        assert!(p("-kernel k -device virtio-net")
+            .unwrap_err()
+            .to_string()
+            .contains("minivmm has no device 'virtio-net'"));
         assert!(
-            matches!(p("-kernel k -device virtio-net"), Err(CliError::Unsupported(o)) if o == "-device")
+            matches!(p("-kernel k -object x"), Err(CliError::Unsupported(o)) if o == "-object")
         );
         assert!(matches!(p("-kernel"), Err(CliError::MissingValue(_))));
         assert!(matches!(p("-m 12"), Err(CliError::Missing(_))));
@@ -842,5 +848,56 @@ mod tests {
         assert!(p("-kernel k -display gtk").is_err());
         assert!(p("-kernel k -serial tcp:1:2").is_err());
         assert!(p("-kernel k -daemonize").is_err());
+    }
+
+    /// libvirt's command line for a direct-kernel-boot domain, and what is
+    /// refused in it rather than half-read.
+    #[test]
+    fn libvirt_command_lines() {
+        let c = cfg("-name guest=demo,debug-threads=on -S -machine pc-i440fx-7.2,usb=off,dump-guest-core=off \
+             -accel kvm -m size=131072k -overcommit mem-lock=off -smp 2,sockets=1,dies=1,cores=2,threads=1 \
+             -uuid 5E7A1B2C-0D3E-4F5A-8B6C-7D8E9FA0B1C2 -no-user-config -nodefaults \
+             -chardev socket,id=charmonitor,path=/tmp/m.qmp,server=on,wait=off \
+             -mon chardev=charmonitor,id=monitor,mode=control -rtc base=utc -no-shutdown -boot strict=on \
+             -kernel k -chardev pty,id=charserial0 -device isa-serial,chardev=charserial0,id=serial0,index=0 \
+             -msg timestamp=on -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+        assert_eq!(c.name.as_deref(), Some("demo"));
+        assert_eq!((c.mem_size, c.vcpus), (128 << 20, 2));
+        assert_eq!(
+            c.qmp,
+            vec!["unix:/tmp/m.qmp,server=on,wait=off".to_string()]
+        );
+        assert_eq!(
+            (c.serial.clone(), c.serial_label.as_str()),
+            (SerialSpec::Pty, "charserial0")
+        );
+        assert_eq!(
+            c.uuid.as_deref(),
+            Some("5e7a1b2c-0d3e-4f5a-8b6c-7d8e9fa0b1c2")
+        );
+        assert!(c.no_shutdown && c.msg_timestamp && !c.dump_guest_core && c.start_paused);
+        assert!(c.sandbox.on && c.sandbox.deny_spawn && c.sandbox.deny_resource_control);
+        // -nodefaults alone: no serial console.
+        assert_eq!(cfg("-kernel k -nodefaults").serial, SerialSpec::None);
+        assert_eq!(
+            cfg("-kernel k").sandbox,
+            crate::sandbox::SandboxSpec::default()
+        );
+        for (bad, why) in [
+            ("-smp 2,sockets=2,cores=1,threads=1", "cores of one socket"),
+            ("-smp 4,maxcpus=8", "no CPU hotplug"),
+            ("-m size=1G,slots=4,maxmem=8G", "memory hotplug"),
+            ("-machine pc,usb=on", "no USB"),
+            ("-mon chardev=c -chardev socket,id=c,path=/x,server=on,wait=off -mon chardev=c,mode=readline", "no human monitor"),
+            ("-chardev socket,id=c,path=/x,server=on,wait=on", "server=on,wait=off"),
+            ("-device isa-serial,chardev=nope", "no -chardev with id 'nope'"),
+            ("-rtc base=localtime", "base=utc"),
+            ("-sandbox on,elevateprivileges=children", "allow or deny"),
+            ("-uuid 1234", "not a UUID"),
+            ("-serial stdio -chardev stdio,id=s -device isa-serial,chardev=s", "one serial port"),
+        ] {
+            let e = p(&format!("-kernel k {bad}")).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -112,6 +112,9 @@ pub struct DirtyRings {
     counts: Vec<std::sync::atomic::AtomicU64>,
     vm: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
+    /// Opened once here: an overflow is handled on a vCPU thread, whose
+    /// sandbox allows reading an open file but not opening one.
+    pagemap: Option<crate::memory::Pagemap>,
 }
 
 // SAFETY: `base` points into a shared mapping owned by this value (unmapped
@@ -199,6 +202,7 @@ impl DirtyRings {
         Ok(Self {
             rings,
             warned: std::sync::atomic::AtomicBool::new(false),
+            pagemap: crate::memory::Pagemap::open(),
             counts: (0..vcpus.len())
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
@@ -291,7 +295,7 @@ impl DirtyRings {
     /// where pagemap cannot tell.
     fn mark_all(&self) {
         const WORDS: usize = 512; // 32 Ki pages, 256 KiB of pagemap per read
-        let pagemap = crate::memory::Pagemap::open();
+        let pagemap = self.pagemap.as_ref();
         let mut bits = vec![0u64; WORDS];
         for region in self.mem.iter() {
             let map: &vm_memory::bitmap::AtomicBitmap = (**region).bitmap();

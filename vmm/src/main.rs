@@ -11,6 +11,7 @@ mod dirtyrate;
 mod memory;
 mod migrate;
 mod mptable;
+mod sandbox;
 mod term;
 mod throttle;
 mod vcpu;

@@ -244,6 +244,10 @@ fn vcpu_thread(id: u8, mut fd: VcpuFd, rx: Receiver<VcpuRequest>, ctx: VcpuConte
     let tid = unsafe { libc::gettid() };
     ctx.tid.store(tid, std::sync::atomic::Ordering::SeqCst);
     KVM_RUN_PTR.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
+    if let Err(e) = crate::sandbox::confine_vcpu(id) {
+        (ctx.notify)(VcpuEvent::Fatal(id, migration::error_chain(&e)));
+        return;
+    }
     let mut paused = true;
     // A request that came while the thread slept for the throttle.
     let mut early: Option<VcpuRequest> = None;

@@ -64,6 +64,9 @@ pub enum ControlError {
     /// The event loop failed.
     #[error("event loop")]
     Poll(#[source] std::io::Error),
+    /// `-sandbox`.
+    #[error("-sandbox")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
     /// A file or socket named on the command line.
     #[error("{0}")]
     File(String, #[source] std::io::Error),
@@ -372,6 +375,8 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     } else {
         None
     };
+    // Before any thread starts: every thread inherits it.
+    crate::sandbox::install(config.sandbox).map_err(ControlError::Sandbox)?;
     let signals = SignalFd::new().map_err(|e| ControlError::File("signalfd".into(), e))?;
     vcpu::install_kick_handler()
         .map_err(|e| ControlError::File("signal handler".into(), e.into()))?;
