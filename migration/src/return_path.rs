@@ -226,6 +226,9 @@ pub(crate) type RpHook = Box<dyn Fn(u16, &[u8]) -> bool + Send>;
 pub(crate) struct ReturnPath {
     rx: Receiver<RpFrame>,
     hook: Arc<Mutex<Option<RpHook>>>,
+    /// Set by the reader thread when the destination fell silent (before
+    /// it shuts the channel): the reason for any write that breaks after.
+    silence: Arc<Mutex<Option<Duration>>>,
     last_desc: Option<String>,
     /// How often the source sends a keepalive where it waits (`None`:
     /// no bound on the peer, no keepalives).
@@ -248,6 +251,8 @@ impl ReturnPath {
         let (tx, rx) = channel();
         let hook: Arc<Mutex<Option<RpHook>>> = Arc::default();
         let hook_here = hook.clone();
+        let silence: Arc<Mutex<Option<Duration>>> = Arc::default();
+        let silence_here = silence.clone();
         std::thread::Builder::new()
             .name("mig-return".into())
             .spawn(move || {
@@ -259,6 +264,8 @@ impl ReturnPath {
                     let m = stream::read_rp(&mut r);
                     if let Err(e) = &m {
                         if PeerSilent::is(e) {
+                            *silence_here.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(peer_timeout.unwrap_or_default());
                             closer.close();
                         }
                     }
@@ -278,6 +285,7 @@ impl ReturnPath {
         Self {
             rx,
             hook,
+            silence,
             last_desc: None,
             keepalive: peer_timeout.map(keepalive_interval),
         }
@@ -393,6 +401,19 @@ impl ReturnPath {
         }
     }
 
+    /// The destination fell silent (the reader saw it, even if the error it
+    /// passed on was taken already): that, as the error.
+    fn silent(&self) -> Option<MigrationError> {
+        let d = (*self.silence.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Some(MigrationError::PeerLost(
+            "destination",
+            Some(StreamError::Io {
+                offset: 0,
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, PeerSilent(d)),
+            }),
+        ))
+    }
+
     /// The destination's error from the return path, waiting briefly for it.
     /// A return path that fell silent (the destination stopped answering)
     /// is a reason too: it explains the broken pipe that follows.
@@ -407,7 +428,7 @@ impl ReturnPath {
                     }
                 }
                 Ok(Err(e)) if PeerSilent::is(&e) => return Some(self.lost(Some(e))),
-                _ => return self.take_desc(),
+                _ => return self.take_desc().or_else(|| self.silent()),
             }
         }
     }
