@@ -24,6 +24,19 @@ downtime-limit 300 ms, then one `migrate` per mode:
  - raise bandwidth: no auto-converge; at the source's MIGRATION_PASS 4, or
    RAISE_AFTER_S (15 s) after `migrate` if that comes first,
    migrate-set-parameters max-bandwidth 1000000000.
+ - dirty-limit (QEMU 8.1's capability; minivmm, and QEMU only from 8.1:
+   QEMU 7.2 gets a row saying so, nothing is run): the source started
+   with -accel kvm,dirty-ring-size=RING (65536, as the tests'
+   dirty_limit_holds_the_vcpus_until_it_completes; the destination has no
+   ring), capability dirty-limit, vcpu-dirty-limit 1 MB/s and
+   x-vcpu-dirty-limit-period 1000 ms set explicitly (the defaults).
+   Recorded besides: every query-migrate key with `dirty-limit` in its
+   name (top level or under ram: minivmm's `x-dirty-limit`, QEMU 8.1's
+   `dirty-limit-throttle-time-per-round` and `dirty-limit-ring-full-time`),
+   its polled maximum and each change, and query-vcpu-dirty-limit once a
+   second (each vCPU's limit-rate and current-rate); the guest's PASS rate
+   from `migrate` to the first poll that showed a dirty-limit key, and
+   from there to the stop (while limited).
 
 query-migrate is polled on the source every 100 ms from `migrate` on.
 Measured for each migration that completes: `migrate` to the poll that
@@ -46,16 +59,27 @@ not completed; a run that fails otherwise is recorded with its reason and
 the last replies, and the benchmark goes on. Prints a Markdown table per
 mode (a row per VMM, median of --runs), writes every run with its QMP
 replies with --json.
+
+Before each run (before its source is restored) the script waits, up to
+--wait-quiet s (300), until no build, test or foreign VMM runs on the
+machine (bench/scale.py's wait); each run records how long it waited and
+what ran at its start and its end.
 """
 
 import argparse
+import contextlib
+import copy
+import hashlib
 import json
 import os
+import re
+import subprocess
 import tempfile
 import time
 
-from miglib import (MIB, Guest, QmpError, common_args, fmt, log, machine_note, make_snapshot,
-                    median, mig_uri, source_and_destination)
+from miglib import (MIB, Guest, QmpError, busy_processes, common_args, fmt, free_port, log,
+                    machine_note, make_snapshot, median, mig_uri, source_and_destination,
+                    start_from)
 
 RATE = 16               # workload MiB/s (and 16 MiB of workload: one PASS a second)
 BANDWIDTH = 4_000_000   # B/s: a quarter of the dirty rate
@@ -68,6 +92,10 @@ RAISE_PASS = 4
 RAISE_AFTER_S = 15.0
 COMPLETE_TIMEOUT_S = 300.0
 POLL_S = 0.1
+RING = 65536            # dirty-limit: the source's dirty-ring-size (as the tests)
+VCPU_DIRTY_LIMIT = 1    # MB/s, QEMU's default
+DIRTY_LIMIT_PERIOD = 1000  # ms, QEMU's default
+VCPU_LIMIT_POLL_S = 1.0  # dirty-limit: query-vcpu-dirty-limit every so often
 QEMU_DEFAULTS = {"cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
                  "throttle-trigger-threshold": 50, "max-cpu-throttle": 99,
                  "cpu-throttle-tailslow": False}
@@ -77,7 +105,9 @@ MODES = {
     "ac": "auto-converge",
     "tailslow": "auto-converge tailslow",
     "raise": "raise bandwidth",
+    "dl": "dirty-limit",
 }
+ALIASES = {"dirty-limit": "dl", "auto-converge": "ac"}
 
 
 class RunFailed(Exception):
@@ -96,11 +126,23 @@ def pass_rate(vm, t0, t1):
     return n / (t1 - t0)
 
 
-def poll_until_done(sq, t_mig, res, deadline_s, until=None):
+def dirty_limit_keys(r):
+    """query-migrate's keys with `dirty-limit` in their name, at the top
+    level or under ram (ram's prefixed `ram.`)."""
+    out = {k: v for k, v in r.items() if "dirty-limit" in k}
+    out.update({f"ram.{k}": v for k, v in (r.get("ram") or {}).items() if "dirty-limit" in k})
+    return out
+
+
+def poll_until_done(sq, t_mig, res, deadline_s, until=None, vcpu_limits=False):
     """Poll the source's query-migrate every POLL_S until a final status
     (or `until` seconds after t_mig when given). Records the highest
     cpu-throttle-percentage, its changes and the status changes in res;
-    returns the last reply and the host time of the poll that got it."""
+    returns the last reply and the host time of the poll that got it.
+    Keys with `dirty-limit` in their name: their maximum (dl_max) and each
+    change (dl_steps); with vcpu_limits, query-vcpu-dirty-limit once every
+    VCPU_LIMIT_POLL_S (its changes, and each vCPU's highest current-rate)."""
+    vcpu_limits = {"next": 0.0} if vcpu_limits else None
     res.setdefault("throttle_steps", [])
     res.setdefault("statuses", [])
     res.setdefault("max_throttle", None)
@@ -111,6 +153,29 @@ def poll_until_done(sq, t_mig, res, deadline_s, until=None):
         st = r.get("status")
         if not res["statuses"] or res["statuses"][-1][1] != st:
             res["statuses"].append((ms, st))
+        dl = dirty_limit_keys(r)
+        if dl:
+            mx = res.setdefault("dl_max", {})
+            for k, v in dl.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    mx[k] = max(mx.get(k, v), v)
+            dsteps = res.setdefault("dl_steps", [])
+            if not dsteps:
+                res["dl_first_reply"] = r  # the whole query-migrate reply that first had one
+            if not dsteps or dsteps[-1][1] != dl:
+                dsteps.append((ms, dl, (r.get("ram") or {}).get("dirty-sync-count")))
+        if vcpu_limits is not None and t >= vcpu_limits["next"]:
+            vcpu_limits["next"] = t + VCPU_LIMIT_POLL_S
+            q = sq.cmd("query-vcpu-dirty-limit", check=False, timeout=10)
+            samples = res.setdefault("vcpu_dirty_limit_samples", [])
+            if not samples or samples[-1][1] != q:
+                samples.append((ms, q))
+            if isinstance(q, list):
+                for e in q:
+                    cur = res.setdefault("vcpu_current_rate_max", {})
+                    i = str(e.get("cpu-index"))
+                    if isinstance(e.get("current-rate"), (int, float)):
+                        cur[i] = max(cur.get(i, 0), e["current-rate"])
         p = r.get("cpu-throttle-percentage")
         if p is not None:
             res["max_throttle"] = max(res["max_throttle"] or 0, p)
@@ -177,15 +242,28 @@ def guest_progress(src, sq, t_mig, t_done, res):
         if b > a:
             levels.append((p, round(b - a, 2), pass_rate(src, a, b)))
     res["rate_by_throttle"] = levels
+    dsteps = res.get("dl_steps") or []
+    if dsteps:
+        t_lim = t_mig + dsteps[0][0] / 1000
+        res["dl_from_s"] = round(dsteps[0][0] / 1000, 2)
+        res["dl_from_sync"] = dsteps[0][2]
+        res["dl_limited_s"] = round(t_stop - t_lim, 2)
+        res["rate_unlimited"] = pass_rate(src, t_mig, t_lim)
+        res["rate_limited"] = pass_rate(src, t_lim, t_stop)
+        res["passes_limited"] = sum(1 for _k, _ms, t in src.passes() if t_lim < t <= t_stop)
 
 
 def body(g, src, dst, sq, dq, port, mode, res):
     sq.cmd("migrate-set-capabilities",
-           caps(["events"] + (["auto-converge"] if mode in ("ac", "tailslow") else [])))
+           caps(["events"] + (["auto-converge"] if mode in ("ac", "tailslow") else [])
+                + (["dirty-limit"] if mode == "dl" else [])))
     params = {"max-bandwidth": BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT}
     if mode in ("ac", "tailslow"):
         params.update(QEMU_DEFAULTS)
         params["cpu-throttle-tailslow"] = mode == "tailslow"
+    if mode == "dl":
+        params["vcpu-dirty-limit"] = VCPU_DIRTY_LIMIT
+        params["x-vcpu-dirty-limit-period"] = DIRTY_LIMIT_PERIOD
     sq.cmd("migrate-set-parameters", params)
     res["parameters"] = sq.cmd("query-migrate-parameters")
     res["capabilities"] = [c for c in sq.cmd("query-migrate-capabilities") if c.get("state")]
@@ -234,7 +312,7 @@ def body(g, src, dst, sq, dq, port, mode, res):
         res["raise_reply"] = sq.cmd("migrate-set-parameters", {"max-bandwidth": RAISED_BANDWIDTH})
         res["parameters_after_raise"] = sq.cmd("query-migrate-parameters")
 
-    r, t_done = poll_until_done(sq, t_mig, res, COMPLETE_TIMEOUT_S)
+    r, t_done = poll_until_done(sq, t_mig, res, COMPLETE_TIMEOUT_S, vcpu_limits=mode == "dl")
     if r.get("status") not in ("completed", "failed", "cancelled"):
         res["last_active"] = r
         c = cancel(sq, res, "cancel_reply")
@@ -254,13 +332,71 @@ def body(g, src, dst, sq, dq, port, mode, res):
     if mode == "raise":
         res["raise_to_done_ms"] = round((t_done - t_raise) * 1000)
     guest_progress(src, sq, t_mig, t_done, res)
+    if mode == "dl":
+        res["vcpu_dirty_limit_after"] = sq.cmd("query-vcpu-dirty-limit", check=False)
     check_destination(g, src, dst, dq, res)
 
 
-def one_run(g, snap, wd, mode):
-    res = {"vmm": g.kind, "mode": mode, "status": None, "verified": False}
+def with_ring(g):
+    """`g` with KVM's dirty ring of RING entries (-accel kvm,dirty-ring-size)."""
+    gr = copy.copy(g)
+    if "-accel" in g.base:
+        i = g.base.index("-accel")
+        gr.base = g.base[:i + 1] + [f"{g.base[i + 1]},dirty-ring-size={RING}"] + g.base[i + 2:]
+    else:
+        gr.base = list(g.base) + ["-accel", f"kvm,dirty-ring-size={RING}"]
+    return gr
+
+
+@contextlib.contextmanager
+def ring_source_and_destination(g, snap, wd, settle_s):
+    """miglib's source_and_destination (loopback) with the dirty ring on the
+    source only."""
+    src = start_from(with_ring(g), "src", snap, wd, settle_s=settle_s)
+    dst = None
     try:
-        with source_and_destination(g, snap, wd, settle_s=SETTLE_S) as (src, dst, port):
+        port = free_port()
+        dst = g.spawn("dst", wd, incoming=f"tcp:127.0.0.1:{port}")
+        dst.qmp  # noqa: B018 - connects: the destination is set up
+        yield src, dst, port
+    finally:
+        src.kill()
+        if dst:
+            dst.kill()
+
+
+def ring_warned(r):
+    return any("dirty ring overflowed" in l for l in (r.get("vmm_stderr") or {}).get("source", []))
+
+
+def vmm_lines(vm):
+    """minivmm's own stderr lines (merged into the console capture), e.g.
+    a dirty ring's overflow warning."""
+    with vm.cv:
+        return [l.decode(errors="replace") for _, l in vm.lines if l.startswith(b"minivmm:")]
+
+
+def wait_quiet(limit_s, res):
+    """Wait up to limit_s until no build, test or foreign VMM runs."""
+    t = time.monotonic()
+    busy = busy_processes()
+    while busy and time.monotonic() - t < limit_s:
+        time.sleep(5)
+        busy = busy_processes()
+    res["waited_for_quiet_s"] = round(time.monotonic() - t, 1)
+    res["busy_at_start"] = busy
+    res["load_at_start"] = open("/proc/loadavg").read().split()[:3]
+    res["started_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def one_run(g, snap, wd, mode, wait_quiet_s):
+    res = {"vmm": g.kind, "mode": mode, "status": None, "verified": False}
+    wait_quiet(wait_quiet_s, res)
+    pair = (ring_source_and_destination(g, snap, wd, SETTLE_S) if mode == "dl"
+            else source_and_destination(g, snap, wd, settle_s=SETTLE_S))
+    try:
+        with pair as (src, dst, port):
+            res["src_argv"] = src.argv
             sq, dq = src.qmp, dst.qmp
             try:
                 body(g, src, dst, sq, dq, port, mode, res)
@@ -275,6 +411,8 @@ def one_run(g, snap, wd, mode):
                         res["last_replies"][side] = f"query-migrate failed: {e2}"
                 res["tails"] = {"source": src.tail(), "destination": dst.tail()}
             res["corrupt"] = src.corrupt() + dst.corrupt()
+            res["vmm_stderr"] = {side: vmm_lines(vm) for side, vm in (("source", src),
+                                                                       ("destination", dst))}
             if res["corrupt"] and res["status"] != "failed":
                 res["status"] = "failed"
                 res["error"] = f"CORRUPT: {res['corrupt'][:3]}"
@@ -282,10 +420,18 @@ def one_run(g, snap, wd, mode):
         res["status"] = "failed"
         res["error"] = str(e)[:2000]
     res.setdefault("corrupt", [])
+    res["busy_at_end"] = busy_processes()
+    res["ended_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return res
 
 
 def log_run(label, i, r, dt):
+    q = (f"[started {r.get('started_at')}, waited {r.get('waited_for_quiet_s')} s for quiet,"
+         f" load {(r.get('load_at_start') or ['?'])[0]}; busy at start {len(r.get('busy_at_start') or [])},"
+         f" at end {len(r.get('busy_at_end') or [])}]")
+    log(f"  {label} run {i + 1} {q}")
+    for line in dict.fromkeys((r.get("busy_at_start") or []) + (r.get("busy_at_end") or [])):
+        log(f"    busy: {line}")
     rate = (f" PASS/s before {fmt(r.get('rate_before'), '', 2)}, during"
             f" {fmt(r.get('rate_during'), '', 2)}, last 10 s {fmt(r.get('rate_last10'), '', 2)}")
     if r["status"] == "failed":
@@ -312,17 +458,29 @@ def log_run(label, i, r, dt):
         + (f", raised by {r['raised_by']} at {r['raise_at_s']} s, -> completed"
            f" {r['raise_to_done_ms']} ms" if r["mode"] == "raise" else "")
         + f"; stop at {r['stop_s']} s ({r['stop_from']});{rate}; verified {r['verified']}")
+    if r["mode"] == "dl":
+        log(f"    dirty-limit keys (max): {r.get('dl_max')}; changes (ms, keys, syncs):"
+            f" {r.get('dl_steps')}; limited from {r.get('dl_from_s')} s (sync"
+            f" {r.get('dl_from_sync')}) for {r.get('dl_limited_s')} s; guest PASS/s unlimited"
+            f" {fmt(r.get('rate_unlimited'), '', 2)}, limited {fmt(r.get('rate_limited'), '', 2)}"
+            f" ({r.get('passes_limited')} PASS); query-vcpu-dirty-limit current-rate max"
+            f" {r.get('vcpu_current_rate_max')}, after {r.get('vcpu_dirty_limit_after')}")
+        for side, lines in (r.get("vmm_stderr") or {}).items():
+            for l in lines:
+                log(f"    {side}: {l}")
+        for ms, q in (r.get("vcpu_dirty_limit_samples") or [])[:12]:
+            log(f"      query-vcpu-dirty-limit at {ms} ms: {json.dumps(q)}")
     if r.get("throttle_steps"):
         log(f"    throttle (ms after migrate, %, syncs): {r['throttle_steps']}")
         log("    guest PASS/s by throttle level (%, s at it, PASS/s): "
             + ", ".join(f"{p} % {d} s {fmt(x, '', 2)}" for p, d, x in r["rate_by_throttle"]))
 
 
-def bench_mode(g, snap, wd, mode, runs, label):
+def bench_mode(g, snap, wd, mode, runs, label, wait_quiet_s):
     out = []
     for i in range(runs):
         t = time.monotonic()
-        r = one_run(g, snap, wd, mode)
+        r = one_run(g, snap, wd, mode, wait_quiet_s)
         out.append(r)
         log_run(label, i, r, time.monotonic() - t)
     return out
@@ -368,14 +526,25 @@ def print_tables(rows, a, quiet):
                       f" | {_integrity(runs)} |")
         else:
             extra = (" | raised at | raise → completed" if mode == "raise" else
+                     " | dirty-limit keys in query-migrate (polled max)"
+                     " | limit applied (s after migrate, at sync)"
+                     " | guest PASS/s: migrate → limit, while limited (s limited)"
+                     " | query-vcpu-dirty-limit highest current-rate (MB/s, per vCPU)"
+                     " | source warned of a ring overflow"
+                     if mode == "dl" else
                      " | first throttle (s after migrate, at sync) | guest PASS/s at each"
                      " throttle level (% → PASS/s)")
+            ncol = 17 if mode == "dl" else 14
             print("| VMM | completed | migrate → completed | total-time | downtime"
                   " | highest cpu-throttle-percentage | syncs | transferred"
                   f"{extra} | guest PASS/s: 10 s before → migrate to stop"
                   " | last 10 s before stop | destination verified | CORRUPT |")
-            print("|---" * 14 + "|")
+            print("|---" * ncol + "|")
             for kind, runs in mine:
+                na = [r for r in runs if r["status"] == "n/a"]
+                if na:
+                    print(f"| {kind} | n/a: {na[0]['reason']}" + " |" * (ncol - 1))
+                    continue
                 ok = [r for r in runs if r["status"] == "completed"]
                 m = lambda k: median([r.get(k) for r in ok])
                 rng = lambda k: (f" ({min(r[k] for r in ok)}-{max(r[k] for r in ok)})"
@@ -385,7 +554,34 @@ def print_tables(rows, a, quiet):
                 thr = m("max_throttle")
                 thr_s = fmt(thr, " %") if any(r.get("max_throttle") is not None for r in ok) \
                     else "not shown"
-                if mode != "raise":
+                if mode == "dl":
+                    keys = {}
+                    for r in ok:
+                        for k, v in (r.get("dl_max") or {}).items():
+                            keys.setdefault(k, []).append(v)
+                    shown = ", ".join(f"`{k}` {fmt(median(vs), '', 0)}"
+                                      + (f" ({min(vs)}-{max(vs)})" if len(set(vs)) > 1 else "")
+                                      + (f" in {len(vs)}/{len(ok)}" if len(vs) < len(ok) else "")
+                                      for k, vs in sorted(keys.items()))
+                    lim = [r for r in ok if r.get("dl_from_s") is not None]
+                    when = (f"{fmt(median([r['dl_from_s'] for r in lim]), ' s', 1)}{rng('dl_from_s') if len(lim) == len(ok) else ''},"
+                            f" sync {fmt(median([r.get('dl_from_sync') for r in lim]))}"
+                            + (f" (in {len(lim)}/{len(ok)})" if len(lim) < len(ok) else "")
+                            if lim else "never shown")
+                    cur = {}
+                    for r in ok:
+                        for c, v in (r.get("vcpu_current_rate_max") or {}).items():
+                            cur.setdefault(c, []).append(v)
+                    curs = ", ".join(f"vCPU {c}: {fmt(median(vs))}"
+                                     + (f" ({min(vs)}-{max(vs)})" if len(vs) > 1 else "")
+                                     for c, vs in sorted(cur.items()))
+                    rc = (f" | {shown or 'none'} | {when}"
+                          f" | {fmt(median([r.get('rate_unlimited') for r in lim]), '', 2)},"
+                          f" {fmt(median([r.get('rate_limited') for r in lim]), '', 2)}"
+                          f" ({fmt(median([r.get('dl_limited_s') for r in lim]), ' s', 1)})"
+                          f" | {curs or 'not shown'}"
+                          f" | {sum(1 for r in ok if ring_warned(r))}/{len(ok)}")
+                elif mode != "raise":
                     firsts = [r["throttle_steps"][0] for r in ok if r.get("throttle_steps")]
                     first = (f"{fmt(median([f[0] / 1000 for f in firsts]), ' s', 1)},"
                              f" sync {fmt(median([f[2] for f in firsts]))}" if firsts else "none")
@@ -416,36 +612,85 @@ def print_tables(rows, a, quiet):
           f" downtime-limit {DOWNTIME_LIMIT} ms; auto-converge with"
           f" {', '.join(f'{k} {v}' for k, v in QEMU_DEFAULTS.items() if k != 'cpu-throttle-tailslow')};"
           f" raise: max-bandwidth {RAISED_BANDWIDTH} at MIGRATION_PASS {RAISE_PASS} or"
-          f" {RAISE_AFTER_S:.0f} s; query-migrate polled every {POLL_S * 1000:.0f} ms;"
+          f" {RAISE_AFTER_S:.0f} s; dirty-limit: source -accel kvm,dirty-ring-size={RING},"
+          f" vcpu-dirty-limit {VCPU_DIRTY_LIMIT} MB/s, x-vcpu-dirty-limit-period"
+          f" {DIRTY_LIMIT_PERIOD} ms, query-vcpu-dirty-limit every {VCPU_LIMIT_POLL_S:.0f} s;"
+          f" query-migrate polled every {POLL_S * 1000:.0f} ms;"
           f" machine {'quiet' if quiet else 'NOT quiet, see stderr'})")
+    allr = [r for rs in rows.values() for r in rs if r.get("started_at")]
+    if allr:
+        qs = sum(1 for r in allr if not r.get("busy_at_start"))
+        qe = sum(1 for r in allr if not r.get("busy_at_end"))
+        print(f"(runs {min(r['started_at'] for r in allr)} to {max(r['ended_at'] for r in allr)}"
+              f" machine time; {qs}/{len(allr)} runs started and {qe}/{len(allr)} ended with no"
+              f" build, test or foreign VMM running (each waited up to {a.wait_quiet:.0f} s for"
+              f" that, longest wait {max(r['waited_for_quiet_s'] for r in allr):.0f} s);"
+              f" binary {a.minivmm}, sha256 {binary_info(a.minivmm)['sha256'][:16]}…)")
     if a.json:
+        b = binary_info(a.minivmm)
         with open(a.json, "w") as f:
-            json.dump([{"vmm": k, "mode": m, "runs": rs} for (k, m), rs in rows.items()], f,
-                      indent=1, default=str)
+            json.dump([{"vmm": k, "mode": m, "binary": b, "machine_quiet": quiet, "runs": rs}
+                       for (k, m), rs in rows.items()], f, indent=1, default=str)
+
+
+def binary_info(path):
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"path": path, "mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)),
+            "sha256": digest}
+
+
+def qemu_version(qemu):
+    """(major, minor) of `qemu --version`, or None."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--modes", default="none,ac,tailslow,raise",
-                    help="comma-separated: none, ac (auto-converge), tailslow, raise")
+    ap.add_argument("--modes", default="none,ac,tailslow,raise,dl",
+                    help="comma-separated: none, ac (auto-converge), tailslow, raise,"
+                    " dl (dirty-limit)")
+    ap.add_argument("--wait-quiet", type=float, default=300,
+                    help="before each run, wait up to this many s for no build/test/foreign VMM")
     common_args(ap)
     a = ap.parse_args()
+    a.modes = ",".join(ALIASES.get(m, m) for m in a.modes.split(","))
     for m in a.modes.split(","):
         if m not in MODES:
-            ap.error(f"unknown mode {m!r} (none, ac, tailslow, raise)")
+            ap.error(f"unknown mode {m!r} (none, ac, tailslow, raise, dl)")
     quiet = machine_note()
     kinds = a.vmms.split(",")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="converge-bench-") as wd:
         for kind in kinds:
             g = Guest(kind, a.minivmm, a.qemu, a.kernel, a.initrd, RATE)
+            name = "minivmm" if kind == "minivmm" else "QEMU"
+            qv = qemu_version(a.qemu) if kind != "minivmm" else None
+            todo = []
+            for mode in a.modes.split(","):
+                if mode == "dl" and kind != "minivmm" and (qv is None or qv < (8, 1)):
+                    why = (f"QEMU {qv[0]}.{qv[1]} has no dirty-limit (8.1+)" if qv
+                           else "QEMU's version unknown; dirty-limit needs 8.1+")
+                    log(f"  {name}, {MODES[mode]}: not run: {why}")
+                    rows[(name, mode)] = [{"vmm": kind, "mode": mode, "status": "n/a",
+                                           "reason": why}]
+                else:
+                    todo.append(mode)
+            if not todo:
+                continue
             snap = os.path.join(wd, f"{kind}.snap")
             make_snapshot(g, snap, wd)
-            name = "minivmm" if kind == "minivmm" else "QEMU"
-            for mode in a.modes.split(","):
+            for mode in todo:
                 rows[(name, mode)] = bench_mode(g, snap, wd, mode, a.runs,
-                                                f"{name}, {MODES[mode]}")
+                                                f"{name}, {MODES[mode]}", a.wait_quiet)
             os.unlink(snap)
     print_tables(rows, a, quiet)
 

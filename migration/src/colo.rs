@@ -383,6 +383,11 @@ fn checkpoints<W: Sink>(p: &mut Primary<'_, W>, gate: &OutputGate) -> Result<(),
             _ => false,
         })));
     p.machine.resume().map_err(MigrationError::Machine)?;
+    // The statistics exist from the start (mode, no checkpoint yet).
+    p.shared
+        .lock_info()
+        .extra
+        .insert("x-colo".into(), stats.json(Some(gate.stats())));
     loop {
         let Some(cause) = idle(p, gate)? else {
             // Leave COLO on request: tell the secondary, run alone.
@@ -863,6 +868,10 @@ fn receive_checkpoints<R: BufRead>(
     fwd: Option<&Forwarder>,
 ) -> Result<(), MigrationError> {
     let mut stats = Stats::new(fwd.is_some());
+    dest.shared
+        .lock_info()
+        .extra
+        .insert("x-colo".into(), stats.json(None));
     loop {
         let m = next_msg(r, fwd.map(|f| &f.gate))?;
         match m {
