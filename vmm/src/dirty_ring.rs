@@ -305,7 +305,7 @@ impl DirtyRings {
             while first < pages {
                 let n = (pages - first).min(64 * WORDS as u64);
                 let words = n.div_ceil(64) as usize;
-                let read = pagemap.as_ref().is_some_and(|pm| {
+                let read = pagemap.is_some_and(|pm| {
                     pm.populated(host + first * PAGE_SIZE, &mut bits[..words])
                         .is_ok()
                 });

@@ -224,9 +224,8 @@ fn arch() -> seccompiler::TargetArch {
     seccompiler::TargetArch::x86_64
 }
 
-/// A filter: `groups` of system calls each with its action, everything else
-/// allowed (a denylist) — or, with `allow_only`, those allowed and
-/// everything else killing the process.
+/// A filter: `calls` get `on_match`, every other system call `otherwise`
+/// (a denylist with `otherwise` Allow, an allowlist with it KillProcess).
 fn compile(
     what: &'static str,
     calls: &[i64],
