@@ -358,3 +358,55 @@ fn dirty_limit_holds_the_vcpus_until_it_completes() {
         json!([])
     );
 }
+
+/// Dirty-limit on a source whose dirty ring is small enough to overflow
+/// where KVM pushes past a ring's soft limit before the vCPU exits (as
+/// kvm_pvm does; 1024 entries are 4 MiB of pages per vCPU, less than the
+/// guest writes in a second before it is limited): the destination,
+/// paused, must hold the source's memory page by page, and the guest goes
+/// on intact there. An overflow loses entries and, with each, the write
+/// protection KVM would have given its page back: unless dirty logging is
+/// re-armed, the guest's later writes to such a page are never logged and
+/// never sent (#19: `CORRUPT` on the destination in 2 of 8 dirty-limit
+/// runs with 65536 entries). Where the ring never overflows (a KVM that
+/// exits in time) this is a plain ring migration, checked the same way.
+#[test]
+fn dirty_limit_on_an_overflowing_ring_keeps_memory_identical() {
+    if !kvm_available("dirty_limit_on_an_overflowing_ring_keeps_memory_identical") {
+        return;
+    }
+    let snap = snapshot(&guest("base"));
+    let mut src = guest("src")
+        .arg("-accel")
+        .arg("kvm,dirty-ring-size=1024")
+        .incoming(&format!("file:{}", snap.display()))
+        .spawn();
+    src.wait_pass_beyond(2, boot_timeout());
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("dirty-limit", true)]);
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 8_000_000, "vcpu-dirty-limit": 1,
+               "x-vcpu-dirty-limit-period": 1000}),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut dst = guest("dst")
+        .arg("-S")
+        .incoming(&format!("tcp:127.0.0.1:{port}"))
+        .spawn();
+    let mut dq = dst.qmp();
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    let r = wait_migration(&mut sq, &["completed", "failed"], mig_timeout());
+    assert_eq!(r["status"], "completed", "{r}");
+    let dr = wait_migration(&mut dq, &["completed", "failed"], mig_timeout());
+    assert_eq!(dr["status"], "completed", "{dr}");
+    eprintln!(
+        "ring overflowed: {}; {} syncs",
+        src.stderr.text().contains("overflowed"),
+        r["ram"]["dirty-sync-count"]
+    );
+    assert_same_memory(&mut src, &mut sq, &mut dst, &mut dq, 128 << 20);
+    cont_and_goes_on(&src, &dst, &mut dq);
+}

@@ -12,10 +12,14 @@
 //! ring is full leaves `KVM_RUN` (`KVM_EXIT_DIRTY_RING_FULL`) and harvests
 //! its own ring before running on. A KVM that overflows a ring (pushes past
 //! the soft limit before the vCPU exits, as kvm_pvm does: the kernel warns
-//! in `kvm_dirty_ring_push`) loses entries: a harvest that finds the ring
-//! full or out of step with KVM's indexes counts all populated RAM as dirty and
-//! resynchronises (see `DirtyRings::take`), so the mode stays correct,
-//! only slower, there. Dirty logging is on only while a
+//! in `kvm_dirty_ring_push`) loses entries, and with each entry the write
+//! protection KVM would have given its page back at the reset: that page's
+//! later writes would never be logged again. A harvest that finds the ring
+//! full or out of step with KVM's indexes resynchronises it and records
+//! the overflow (see `DirtyRings::take`); the next sync
+//! (`memory::harvest_rings`) turns dirty logging off and on again, which
+//! write-protects every page anew, and then counts all populated RAM as
+//! dirty, so the mode stays correct, only slower, there. Dirty logging is on only while a
 //! migration runs (the memslots' `KVM_MEM_LOG_DIRTY_PAGES`), so outside
 //! one the rings stay empty.
 
@@ -108,6 +112,8 @@ pub struct DirtyRings {
     rings: Vec<Mutex<Ring>>,
     /// An overflow was logged.
     warned: std::sync::atomic::AtomicBool,
+    /// An overflow not yet repaired ([`Self::take_overflow`]).
+    overflowed: std::sync::atomic::AtomicBool,
     /// Per vCPU: entries harvested so far (each user keeps its own start).
     counts: Vec<std::sync::atomic::AtomicU64>,
     vm: Arc<VmFd>,
@@ -202,6 +208,7 @@ impl DirtyRings {
         Ok(Self {
             rings,
             warned: std::sync::atomic::AtomicBool::new(false),
+            overflowed: std::sync::atomic::AtomicBool::new(false),
             pagemap: crate::memory::Pagemap::open(),
             counts: (0..vcpus.len())
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
@@ -239,8 +246,11 @@ impl DirtyRings {
     /// one is not filled: KVM fills them in order) means the ring
     /// overflowed: KVM pushed past its soft limit before it made the vCPU
     /// exit (seen on kvm_pvm, with a kernel warning), overwriting entries
-    /// whose pages are then unknown. Every populated page then counts as dirty, and
-    /// the ring is resynchronised with KVM's indexes ([`Self::resync`]).
+    /// whose pages are then unknown, and never write-protected again by a
+    /// reset. The ring is resynchronised with KVM's indexes
+    /// ([`Self::resync`]) and the overflow recorded for the next sync to
+    /// repair ([`Self::take_overflow`]); a vCPU thread harvesting its
+    /// full ring only records it, and runs on.
     ///
     /// Reading the whole ring in one go counts as an overflow too: KVM
     /// exits at its soft limit, short of that, and a ring found full may
@@ -256,12 +266,20 @@ impl DirtyRings {
         }
         if !self.warned.swap(true, Ordering::Relaxed) {
             log::warn!(
-                "vCPU {id}'s dirty ring overflowed in KVM (entries lost): all populated \
-                 guest RAM counts as dirty (each time; further overflows are not logged)"
+                "vCPU {id}'s dirty ring overflowed in KVM (entries lost): dirty logging \
+                 is re-armed and all populated guest RAM counts as dirty (each time; \
+                 further overflows are not logged)"
             );
         }
-        self.mark_all();
+        self.overflowed.store(true, Ordering::SeqCst);
         n + self.resync(r)
+    }
+
+    /// Whether a ring overflowed since the last call. The caller repairs
+    /// it: write-protect every page again (dirty logging off and on), then
+    /// [`Self::mark_all`].
+    pub fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, Ordering::SeqCst)
     }
 
     /// After an overflow: KVM's used entries start at our next entry, but
@@ -293,7 +311,7 @@ impl DirtyRings {
     /// populated one ([`crate::memory::Pagemap`]; a never-populated page
     /// still reads as zero, as the destination has it), or all of them
     /// where pagemap cannot tell.
-    fn mark_all(&self) {
+    pub fn mark_all(&self) {
         const WORDS: usize = 512; // 32 Ki pages, 256 KiB of pagemap per read
         let pagemap = self.pagemap.as_ref();
         let mut bits = vec![0u64; WORDS];

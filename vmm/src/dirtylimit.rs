@@ -190,7 +190,7 @@ impl DirtyLimit {
                 continue; // woken by a change: measure on the full period
             }
             drop(st);
-            if let Err(e) = vm.rings.harvest() {
+            if let Err(e) = memory::harvest_rings(&vm.fd, &vm.mem, &vm.rings) {
                 log::error!("dirty limit: {}", migration::error_chain(&e));
             }
             let now = vm.rings.counts();

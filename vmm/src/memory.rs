@@ -283,6 +283,30 @@ pub fn set_memslots(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result
     Ok(())
 }
 
+/// Harvest KVM's dirty rings into the VMM's bitmap and repair an overflow
+/// (see [`crate::dirty_ring`]): KVM lost entries, and the write protection
+/// of their pages with them, so dirty logging is turned off and on again
+/// for every memslot (turning it on write-protects every page), and only
+/// then is every populated page marked dirty: a write before the re-arm is
+/// covered by the marking, a write after it is logged again.
+pub fn harvest_rings(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    rings: &crate::dirty_ring::DirtyRings,
+) -> Result<(), MemoryError> {
+    rings.harvest().map_err(MemoryError::DirtyRing)?;
+    if rings.take_overflow() {
+        let users = DIRTY_LOG_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        if *users > 0 {
+            set_memslots(vm, mem, false)?;
+            set_memslots(vm, mem, true)?;
+        }
+        drop(users);
+        rings.mark_all();
+    }
+    Ok(())
+}
+
 /// A dirty-page bitmap per region (bit n = page n of the region), the union
 /// of KVM's log (which the ioctl clears) and the VMM's own writes (cleared here).
 ///
@@ -294,7 +318,7 @@ pub fn take_dirty_bitmaps(
     rings: Option<&crate::dirty_ring::DirtyRings>,
 ) -> Result<Vec<Vec<u64>>, MemoryError> {
     if let Some(r) = rings {
-        r.harvest().map_err(MemoryError::DirtyRing)?;
+        harvest_rings(vm, mem, r)?;
     }
     let mut out = Vec::with_capacity(mem.num_regions());
     for (slot, region) in mem.iter().enumerate() {
