@@ -94,6 +94,16 @@ impl Stream {
     }
 }
 
+impl std::os::fd::AsRawFd for Client {
+    /// The connection's socket (e.g. to ask a unix socket's peer who it is).
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match &self.stream {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

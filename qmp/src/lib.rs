@@ -63,4 +63,4 @@ pub use protocol::{ErrorClass, Event, QmpError, VersionInfo};
 pub use schema::{
     Command, DirtyRateMode, MigrationCapability, MigrationStatus, TimeUnit, COMMAND_NAMES,
 };
-pub use server::{BoundAddr, EventSender, Handler, Server, ServerError};
+pub use server::{BoundAddr, EventSender, Handler, MonitorMode, Server, ServerError};

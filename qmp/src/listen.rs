@@ -5,6 +5,7 @@
 //! * `unix:PATH,server=on,wait=off` (or `unix:PATH,server,nowait`)
 //! * `tcp:HOST:PORT,server=on,wait=off` (HOST may be empty for "any",
 //!   or a bracketed IPv6 address such as `[::1]`)
+//! * `stdio`: the process's standard input and output (no options)
 //!
 //! Commas inside PATH are written `,,` as in QEMU. Minivmm only listens, and
 //! never blocks start-up waiting for a client, so `server=off` (connecting
@@ -17,8 +18,8 @@ use std::path::PathBuf;
 /// Why a `-qmp` specification was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ListenSpecError {
-    /// Neither `unix:` nor `tcp:`.
-    #[error("'{0}': unsupported QMP backend, expected unix:PATH,server=on,wait=off or tcp:HOST:PORT,server=on,wait=off")]
+    /// Neither `unix:`, `tcp:` nor `stdio`.
+    #[error("'{0}': unsupported monitor backend, expected unix:PATH,server=on,wait=off, tcp:HOST:PORT,server=on,wait=off or stdio")]
     Backend(String),
     /// `unix:` with an empty path.
     #[error("'{0}': empty socket path")]
@@ -67,6 +68,8 @@ pub enum ListenSpec {
         /// Port (0 = pick one).
         port: u16,
     },
+    /// Standard input and output: one connection, there from the start.
+    Stdio,
 }
 
 impl fmt::Display for ListenSpec {
@@ -77,6 +80,7 @@ impl fmt::Display for ListenSpec {
                 write!(f, "tcp:[{host}]:{port}")
             }
             ListenSpec::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            ListenSpec::Stdio => write!(f, "stdio"),
         }
     }
 }
@@ -116,6 +120,9 @@ fn parse_bool(spec: &str, option: &str, value: &str) -> Result<bool, ListenSpecE
 impl ListenSpec {
     /// Parses a `-qmp` argument.
     pub fn parse(spec: &str) -> Result<ListenSpec, ListenSpecError> {
+        if spec == "stdio" {
+            return Ok(ListenSpec::Stdio);
+        }
         let mut parts = split_options(spec).into_iter();
         let target = parts.next().unwrap_or_default();
         let mut server = false;
@@ -229,7 +236,9 @@ mod tests {
         assert!(e("unix:/q,server=off").contains("server=on"));
         assert!(e("unix:/q,server=maybe").contains("'server=maybe'"));
         assert!(e("unix:,server").contains("empty socket path"));
-        assert!(e("stdio").contains("unsupported QMP backend"));
+        assert_eq!(ListenSpec::parse("stdio"), Ok(ListenSpec::Stdio));
+        assert!(e("stdio,server=on").contains("unsupported monitor backend"));
+        assert!(e("vc").contains("unsupported monitor backend"));
         assert!(e("tcp:localhost,server").contains("bad tcp address"));
         assert!(e("tcp:localhost:http,server").contains("bad tcp address"));
         assert!(e("tcp:::1:44,server").contains("bad tcp address"));

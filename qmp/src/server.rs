@@ -28,6 +28,18 @@
 //!    the client lets more than [`MAX_OUTPUT_BACKLOG`] bytes of replies and
 //!    events pile up unread.
 //!
+//! A monitor in readline mode ([`MonitorMode::Readline`]: `-monitor`,
+//! `-mon mode=readline`) speaks HMP instead: on connecting the client gets
+//! a banner and the prompt `(qemu) `; each line it sends (at most
+//! [`MAX_HMP_LINE`] bytes) is echoed (as QEMU's line editor does; not on a
+//! terminal, which echoes itself), run as `human-monitor-command` by the
+//! [`Handler`], and answered with the command's output (`\r\n` line ends)
+//! and the prompt again. No events reach it.
+//!
+//! [`ListenSpec::Stdio`] is one connection on the process's standard input
+//! and output, made at once (there is nothing to accept); when stdin ends,
+//! pending output is flushed and the monitor is gone.
+//!
 //! All socket I/O is non-blocking; a connection is registered for
 //! `WRITABLE` only while it has output pending. Writing to a peer that has
 //! gone away yields `EPIPE`, which closes that connection: the Rust runtime
@@ -63,6 +75,21 @@ pub const MAX_CLIENTS: usize = 256;
 /// Bytes read from one client per event, so that one client cannot starve
 /// the control loop.
 const READ_BUDGET: usize = 1 << 20;
+/// Longest HMP command line accepted, in bytes.
+pub const MAX_HMP_LINE: usize = 64 << 10;
+/// The HMP prompt, as QEMU's (scripts wait for it).
+const HMP_PROMPT: &str = "(qemu) ";
+
+/// What a monitor speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorMode {
+    /// QMP, JSON (`-qmp`, `-mon mode=control`).
+    Control,
+    /// HMP, a command per line after a prompt (`-monitor`,
+    /// `-mon mode=readline`).
+    Readline,
+}
+
 /// Bytes discarded from a client after an oversized value before giving up
 /// on a graceful close.
 const DRAIN_BUDGET: usize = 16 << 20;
@@ -126,6 +153,8 @@ pub enum BoundAddr {
     Unix(PathBuf),
     /// A TCP address (with the real port when the spec asked for port 0).
     Tcp(SocketAddr),
+    /// Standard input and output.
+    Stdio,
 }
 
 /// Events waiting for the control thread, and the socket that wakes it.
@@ -175,6 +204,7 @@ impl std::fmt::Debug for EventSender {
 enum Stream {
     Unix(mio::net::UnixStream),
     Tcp(mio::net::TcpStream),
+    Stdio(StdioPair),
 }
 
 impl Stream {
@@ -182,6 +212,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s,
             Stream::Tcp(s) => s,
+            Stream::Stdio(s) => s,
         }
     }
 
@@ -190,6 +221,7 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Write),
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Stdio(_) => Ok(()),
         };
     }
 }
@@ -199,6 +231,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Stdio(s) => s.read(buf),
         }
     }
 }
@@ -208,11 +241,133 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Stdio(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Standard input (fd 0) and output (fd 1) as one connection. Both are
+/// made non-blocking while it lives and get their previous flags back when
+/// it is dropped; neither is closed. Registered as one source: fd 0 for
+/// reading always, fd 1 for writing while output is pending.
+struct StdioPair {
+    /// fd 0's and fd 1's file status flags before.
+    saved: [libc::c_int; 2],
+    /// fd 1 is registered (for `WRITABLE`).
+    out_registered: bool,
+    /// stdin is a terminal (which echoes what is typed itself).
+    tty: bool,
+}
+
+impl StdioPair {
+    fn new() -> io::Result<Self> {
+        let mut saved = [0; 2];
+        for (fd, old) in saved.iter_mut().enumerate() {
+            let fd = fd as libc::c_int;
+            // SAFETY: F_GETFL only reads the flags of the (open) fd.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            if flags < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            *old = flags;
+        }
+        for (fd, old) in saved.iter().enumerate() {
+            // SAFETY: F_SETFL only changes the fd's status flags.
+            if unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFL, old | libc::O_NONBLOCK) } < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: isatty only inspects fd 0.
+        let tty = unsafe { libc::isatty(0) } == 1;
+        Ok(StdioPair {
+            saved,
+            out_registered: false,
+            tty,
+        })
+    }
+
+    /// Register fd 1 for `WRITABLE` (with `token`) or drop it, as `want`.
+    fn set_out(&mut self, registry: &Registry, token: Token, want: bool) -> io::Result<()> {
+        use mio::unix::SourceFd;
+        match (want, self.out_registered) {
+            (true, false) => SourceFd(&1).register(registry, token, Interest::WRITABLE)?,
+            (true, true) => SourceFd(&1).reregister(registry, token, Interest::WRITABLE)?,
+            (false, true) => SourceFd(&1).deregister(registry)?,
+            (false, false) => {}
+        }
+        self.out_registered = want;
+        Ok(())
+    }
+}
+
+impl Drop for StdioPair {
+    fn drop(&mut self) {
+        for (fd, old) in self.saved.iter().enumerate() {
+            // SAFETY: restores the flags read in `new` on the same fd.
+            unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFL, *old) };
+        }
+    }
+}
+
+impl Read for StdioPair {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reads at most buf.len() bytes into buf from fd 0.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+impl Write for StdioPair {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: writes at most buf.len() bytes from buf to fd 1.
+        let n = unsafe { libc::write(1, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for StdioPair {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&0).register(registry, token, Interest::READABLE)?;
+        self.set_out(registry, token, interests.is_writable())
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&0).reregister(registry, token, Interest::READABLE)?;
+        self.set_out(registry, token, interests.is_writable())
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        let r = mio::unix::SourceFd(&0).deregister(registry);
+        if self.out_registered {
+            mio::unix::SourceFd(&1).deregister(registry)?;
+            self.out_registered = false;
+        }
+        r
     }
 }
 
@@ -283,7 +438,10 @@ enum Phase {
 
 struct Conn {
     stream: Stream,
+    mode: MonitorMode,
     splitter: JsonSplitter,
+    /// Readline mode: the line being received.
+    line: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
     negotiated: bool,
@@ -297,10 +455,12 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: Stream) -> Self {
+    fn new(stream: Stream, mode: MonitorMode) -> Self {
         Conn {
             stream,
+            mode,
             splitter: JsonSplitter::new(MAX_INPUT),
+            line: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
             negotiated: false,
@@ -309,6 +469,11 @@ impl Conn {
             rearm: false,
             dead: false,
         }
+    }
+
+    /// A negotiated QMP client still reading requests (HMP gets none).
+    fn wants_events(&self) -> bool {
+        self.mode == MonitorMode::Control && self.negotiated && self.phase == Phase::Open
     }
 
     fn pending(&self) -> usize {
@@ -401,7 +566,7 @@ pub struct Server {
     registry: Registry,
     first_token: usize,
     next_token: usize,
-    listeners: HashMap<Token, Listener>,
+    listeners: HashMap<Token, (Listener, MonitorMode)>,
     conns: HashMap<Token, Conn>,
     version: VersionInfo,
     events: Arc<EventQueue>,
@@ -467,7 +632,7 @@ impl Server {
     pub fn bound_addrs(&self) -> Vec<BoundAddr> {
         self.listeners
             .values()
-            .filter_map(Listener::bound)
+            .filter_map(|(l, _)| l.bound())
             .collect()
     }
 
@@ -484,16 +649,48 @@ impl Server {
         t
     }
 
-    /// Starts listening on `spec` (one call per `-qmp` option).
+    /// Starts a QMP monitor on `spec` (one call per `-qmp` option); see
+    /// [`Server::listen_monitor`].
+    pub fn listen(&mut self, spec: &ListenSpec) -> Result<BoundAddr, ServerError> {
+        self.listen_monitor(spec, MonitorMode::Control)
+    }
+
+    /// Starts a monitor speaking `mode` on `spec`: a listener, or for
+    /// [`ListenSpec::Stdio`] the one connection on stdin and stdout.
     ///
     /// A stale unix socket file (nobody accepting on it) is replaced; the
     /// file is removed again when the server is dropped.
-    pub fn listen(&mut self, spec: &ListenSpec) -> Result<BoundAddr, ServerError> {
+    pub fn listen_monitor(
+        &mut self,
+        spec: &ListenSpec,
+        mode: MonitorMode,
+    ) -> Result<BoundAddr, ServerError> {
         let bind_err = |source| ServerError::Bind {
             spec: spec.to_string(),
             source,
         };
         let mut listener = match spec {
+            ListenSpec::Stdio => {
+                let pair = StdioPair::new().map_err(bind_err)?;
+                let mut conn = Conn::new(Stream::Stdio(pair), mode);
+                let token = self.alloc_token();
+                self.registry
+                    .register(conn.stream.source(), token, Interest::READABLE)
+                    .map_err(|e| {
+                        bind_err(if e.raw_os_error() == Some(libc::EPERM) {
+                            io::Error::new(
+                                e.kind(),
+                                "standard input cannot be polled (a regular file or \
+                                 /dev/null?): use a terminal, a pipe or a socket",
+                            )
+                        } else {
+                            e
+                        })
+                    })?;
+                self.welcome(&mut conn);
+                self.put_back(token, conn);
+                return Ok(BoundAddr::Stdio);
+            }
             ListenSpec::Unix(path) => {
                 remove_stale_socket(path)?;
                 let socket = mio::net::UnixListener::bind(path).map_err(bind_err)?;
@@ -535,10 +732,27 @@ impl Server {
             .map_err(ServerError::Register)?;
         let addr = listener.bound().unwrap_or_else(|| match spec {
             ListenSpec::Unix(p) => BoundAddr::Unix(p.clone()),
-            ListenSpec::Tcp { .. } => BoundAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))),
+            ListenSpec::Tcp { .. } | ListenSpec::Stdio => {
+                BoundAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))
+            }
         });
-        self.listeners.insert(token, listener);
+        self.listeners.insert(token, (listener, mode));
         Ok(addr)
+    }
+
+    /// What a new connection gets first: the QMP greeting, or the HMP
+    /// banner and prompt.
+    fn welcome(&self, conn: &mut Conn) {
+        match conn.mode {
+            MonitorMode::Control => conn.send(&encode_message(&greeting(&self.version))),
+            MonitorMode::Readline => conn.send(
+                format!(
+                    "{} monitor - type 'help' for more information\r\n{HMP_PROMPT}",
+                    self.version.package
+                )
+                .as_bytes(),
+            ),
+        }
     }
 
     /// Handles one event whose token the server [`owns`](Server::owns).
@@ -571,7 +785,7 @@ impl Server {
         self.deliver_events(None);
         let msg = Event::new(name, data).encode();
         for conn in self.conns.values_mut() {
-            if conn.negotiated && conn.phase == Phase::Open {
+            if conn.wants_events() {
                 conn.send(&msg);
             }
         }
@@ -625,7 +839,7 @@ impl Server {
             let msg = event.encode();
             let others = self.conns.values_mut();
             for conn in others.chain(current.as_deref_mut()) {
-                if conn.negotiated && conn.phase == Phase::Open {
+                if conn.wants_events() {
                     conn.send(&msg);
                 }
             }
@@ -657,9 +871,10 @@ impl Server {
 
     fn accept(&mut self, token: Token) {
         loop {
-            let Some(listener) = self.listeners.get_mut(&token) else {
+            let Some((listener, mode)) = self.listeners.get_mut(&token) else {
                 return;
             };
+            let mode = *mode;
             let stream = match listener.accept() {
                 Ok(s) => s,
                 Err(e) => match e.kind() {
@@ -670,12 +885,13 @@ impl Server {
                     _ => return,
                 },
             };
-            let mut conn = Conn::new(stream);
+            let mut conn = Conn::new(stream, mode);
             if self.conns.len() >= MAX_CLIENTS {
-                conn.send(&encode_error(
-                    &QmpError::generic("Too many QMP clients connected"),
-                    None,
-                ));
+                let e = QmpError::generic("Too many monitor clients connected");
+                match mode {
+                    MonitorMode::Control => conn.send(&encode_error(&e, None)),
+                    MonitorMode::Readline => conn.send(format!("{}\r\n", e.desc).as_bytes()),
+                }
                 continue; // dropped: closed
             }
             let conn_token = self.alloc_token();
@@ -686,7 +902,7 @@ impl Server {
             {
                 continue;
             }
-            conn.send(&encode_message(&greeting(&self.version)));
+            self.welcome(&mut conn);
             self.put_back(conn_token, conn);
         }
     }
@@ -697,7 +913,7 @@ impl Server {
         while !conn.dead && conn.phase != Phase::PeerClosed {
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
-                    if conn.phase == Phase::Open {
+                    if conn.phase == Phase::Open && conn.mode == MonitorMode::Control {
                         if let Some(rest) = conn.splitter.finish() {
                             self.dispatch(conn, &rest, handler);
                         }
@@ -735,6 +951,9 @@ impl Server {
     }
 
     fn on_input(&mut self, conn: &mut Conn, data: &[u8], handler: &mut dyn Handler) {
+        if conn.mode == MonitorMode::Readline {
+            return self.on_lines(conn, data, handler);
+        }
         let mut values = Vec::new();
         let overflow = conn.splitter.push(data, &mut values);
         for value in values {
@@ -753,6 +972,67 @@ impl Server {
                 shut: false,
             };
         }
+    }
+
+    /// Readline mode: run every complete line in `data` (after what came
+    /// before it); a line longer than [`MAX_HMP_LINE`] ends the connection
+    /// with an error.
+    fn on_lines(&mut self, conn: &mut Conn, data: &[u8], handler: &mut dyn Handler) {
+        let mut rest = data;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            if conn.dead {
+                return;
+            }
+            conn.line.extend_from_slice(&rest[..end]);
+            rest = &rest[end + 1..];
+            let line = std::mem::take(&mut conn.line);
+            if line.len() > MAX_HMP_LINE {
+                return self.line_too_long(conn);
+            }
+            let text = String::from_utf8_lossy(&line);
+            self.run_hmp(conn, text.trim_end_matches('\r'), handler);
+        }
+        conn.line.extend_from_slice(rest);
+        if conn.line.len() > MAX_HMP_LINE {
+            self.line_too_long(conn);
+        }
+    }
+
+    fn line_too_long(&mut self, conn: &mut Conn) {
+        conn.line = Vec::new();
+        conn.send(
+            format!("command line longer than {MAX_HMP_LINE} bytes; closing the monitor\r\n")
+                .as_bytes(),
+        );
+        conn.phase = Phase::Draining {
+            left: DRAIN_BUDGET,
+            shut: false,
+        };
+    }
+
+    /// One HMP line: echoed (except to a terminal), run as
+    /// `human-monitor-command`, its output and the prompt sent back.
+    fn run_hmp(&mut self, conn: &mut Conn, line: &str, handler: &mut dyn Handler) {
+        let echo = !matches!(&conn.stream, Stream::Stdio(p) if p.tty);
+        let mut out = String::new();
+        if echo {
+            out += line;
+            out += "\r\n";
+        }
+        if !line.trim().is_empty() {
+            let cmd = Command::HumanMonitorCommand(crate::schema::HumanMonitorCommandArgs {
+                command_line: line.to_string(),
+                cpu_index: None,
+            });
+            match handler.execute(cmd) {
+                Ok(Value::String(s)) => out += &s,
+                Ok(Value::Null) => {}
+                Ok(v) => out += &format!("{v}\r\n"),
+                Err(e) => out += &format!("Error: {}\r\n", e.desc),
+            }
+        }
+        out += HMP_PROMPT;
+        conn.send(out.as_bytes());
     }
 
     /// Executes one request and sends its reply.
@@ -812,7 +1092,7 @@ impl Drop for Server {
         for (_, mut conn) in self.conns.drain() {
             let _ = self.registry.deregister(conn.stream.source());
         }
-        for (_, mut listener) in self.listeners.drain() {
+        for (_, (mut listener, _)) in self.listeners.drain() {
             let _ = self.registry.deregister(listener.source());
         }
         let _ = self.registry.deregister(&mut self.wake_rx);

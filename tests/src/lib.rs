@@ -784,13 +784,64 @@ pub fn complete_lines(text: &str) -> impl DoubleEndedIterator<Item = &str> {
         .map(str::trim_end)
 }
 
+/// What the process at the other end of `c` (a unix socket) is doing,
+/// for the message of a command it did not answer: each thread's name,
+/// state and kernel wait channel.
+pub fn server_threads(c: &Client) -> String {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a `ucred` of `len` bytes, both ours and
+    // valid for the call; the fd is the client's open socket.
+    let r = unsafe {
+        libc::getsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || cred.pid <= 0 {
+        return "(server process unknown)".into();
+    }
+    let task = format!("/proc/{}/task", cred.pid);
+    let Ok(dir) = std::fs::read_dir(&task) else {
+        return format!("(process {} gone)", cred.pid);
+    };
+    let mut out = format!("process {}:", cred.pid);
+    for t in dir.flatten() {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // The state follows the name's closing parenthesis.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        out += &format!(
+            "\n  {} {} {} wchan={} {}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state,
+            read("wchan").trim(),
+            read("syscall").split_whitespace().next().unwrap_or("")
+        );
+    }
+    out
+}
+
 /// Wait for `query-migrate` to reach one of `states`; returns the reply.
 pub fn wait_migration(c: &mut Client, states: &[&str], timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let r = c
             .execute("query-migrate", json!({}))
-            .expect("query-migrate");
+            .unwrap_or_else(|e| panic!("query-migrate: {e}; {}", server_threads(c)));
         if let Some(s) = r.get("status").and_then(Value::as_str) {
             if states.contains(&s) {
                 return r;

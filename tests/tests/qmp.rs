@@ -1054,3 +1054,104 @@ fn pty_serial_console_carries_the_guest() {
     assert!(vm.serial.text().is_empty(), "stdout carries no console");
     let _ = &mut vm;
 }
+
+/// An HMP connection's output up to (and including) the next prompt.
+fn hmp_reply(s: &mut UnixStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(b"(qemu) ") {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("HMP closed after {:?}", String::from_utf8_lossy(&out)),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("HMP: {e} after {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `-qmp stdio` and `-monitor unix:...` (HMP), as QEMU: QMP on the
+/// process's stdin and stdout (greeting at once, negotiation, replies
+/// with their `id`, events), the human monitor on a socket (banner, prompt
+/// `(qemu) `, each line echoed and answered, an unknown command said so, a
+/// line too long closes only that connection), and HMP `cont` and `quit`
+/// acting, seen as `RESUME` and `SHUTDOWN` on the QMP side; the default
+/// serial console gives stdio up to the monitor.
+#[test]
+fn qmp_on_stdio_and_a_human_monitor_on_a_socket() {
+    if !kvm_available("qmp_on_stdio_and_a_human_monitor_on_a_socket") {
+        return;
+    }
+    let wd = WorkDir::new("hmp");
+    let sock = wd.path("hmp.sock");
+    let mut vm = VmmBuilder::new("stdio")
+        .without_qmp()
+        .with_stdin()
+        .arg("-S")
+        .arg("-serial")
+        .arg("none")
+        .arg("-qmp")
+        .arg("stdio")
+        .arg("-monitor")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()))
+        .spawn();
+    // stdout is QMP now.
+    vm.wait_serial("\"QMP\"", qmp_timeout());
+    vm.type_serial("{\"execute\": \"qmp_capabilities\"}\n");
+    vm.type_serial("{\"execute\": \"query-status\", \"id\": \"st1\"}\n");
+    let line = vm.wait_serial("\"st1\"", qmp_timeout());
+    let r: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    assert_eq!(r["return"]["status"], "prelaunch", "{r}");
+
+    let deadline = Instant::now() + qmp_timeout();
+    let mut h = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no HMP socket: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    h.set_read_timeout(Some(qmp_timeout())).unwrap();
+    let banner = hmp_reply(&mut h);
+    assert!(
+        banner.contains("monitor - type 'help' for more information\r\n"),
+        "{banner:?}"
+    );
+    h.write_all(b"info status\n").unwrap();
+    assert_eq!(
+        hmp_reply(&mut h),
+        "info status\r\nVM status: paused (prelaunch)\r\n(qemu) "
+    );
+    h.write_all(b"bogus 1\r\n").unwrap();
+    assert_eq!(
+        hmp_reply(&mut h),
+        "bogus 1\r\nunknown command: 'bogus'\r\n(qemu) "
+    );
+    h.write_all(b"\n").unwrap();
+    assert_eq!(hmp_reply(&mut h), "\r\n(qemu) ");
+
+    // A line too long: that connection ends with a reason, the monitor
+    // stays for the next one.
+    let mut long = UnixStream::connect(&sock).unwrap();
+    long.set_read_timeout(Some(qmp_timeout())).unwrap();
+    hmp_reply(&mut long);
+    let _ = long.write_all(&vec![b'x'; 100 << 10]);
+    let mut rest = String::new();
+    let _ = long.read_to_string(&mut rest);
+    assert!(rest.contains("command line longer than"), "{rest:?}");
+
+    h.write_all(b"cont\n").unwrap();
+    assert_eq!(hmp_reply(&mut h), "cont\r\n(qemu) ");
+    vm.wait_serial("\"RESUME\"", qmp_timeout());
+    h.write_all(b"info status\n").unwrap();
+    assert_eq!(
+        hmp_reply(&mut h),
+        "info status\r\nVM status: running\r\n(qemu) "
+    );
+    h.write_all(b"quit\n").unwrap();
+    let st = vm.wait_exit(qmp_timeout());
+    assert!(st.success(), "{st:?}: {}", vm.stderr.text());
+    vm.wait_serial("\"SHUTDOWN\"", qmp_timeout());
+    assert!(!sock.exists(), "the HMP socket was left behind");
+}

@@ -90,8 +90,10 @@ pub struct Config {
     pub cpu: CpuModel,
     /// Serial port backend.
     pub serial: SerialSpec,
-    /// QMP listen specs.
+    /// QMP monitors (`-qmp`, `-mon mode=control`): listen specs or `stdio`.
     pub qmp: Vec<String>,
+    /// Human monitors (`-monitor`, `-mon mode=readline`): the same.
+    pub hmp: Vec<String>,
     /// Incoming migration.
     pub incoming: Option<Incoming>,
     /// Start paused (`-S`).
@@ -169,8 +171,11 @@ usage: minivmm -kernel PATH [options]
   -machine [TYPE][,max-ram-below-4g=SIZE][,accel=kvm]
                         TYPE: pc, microvm or minivmm (all the same machine)
   -serial DEV           stdio (default), file:PATH, pty, none
-  -qmp SPEC             QMP server: unix:PATH,server=on,wait=off or
-                        tcp:HOST:PORT,server=on,wait=off (repeatable)
+  -qmp SPEC             QMP server: unix:PATH,server=on,wait=off,
+                        tcp:HOST:PORT,server=on,wait=off or stdio (repeatable)
+  -monitor SPEC         human monitor (HMP, prompt '(qemu) ') on the same
+                        SPECs, or none; a monitor on stdio makes the default
+                        serial console none
   -incoming URI         wait for a migration: tcp:HOST:PORT, unix:PATH,
                         exec:CMD, file:PATH, or defer (then migrate-incoming)
   -mem-prealloc         back all guest RAM at start (and again before an
@@ -187,8 +192,9 @@ usage: minivmm -kernel PATH [options]
   -chardev BACKEND,id=ID[,...]
                         socket,path=P,server=on,wait=off | socket,host=H,port=N,server=on,wait=off
                         | pty | file,path=P | stdio | null: for -mon and -device isa-serial
-  -mon chardev=ID[,id=..][,mode=control]
-                        a QMP monitor on that chardev (mode=readline is refused)
+  -mon chardev=ID[,id=..][,mode=control|readline]
+                        a QMP (control) or human (readline) monitor on that
+                        chardev (a socket or stdio)
   -device isa-serial,chardev=ID[,id=..][,index=0]
                         the serial console (minivmm's one 8250 port) on that chardev
   -uuid UUID            the VM's UUID (query-uuid)
@@ -409,7 +415,7 @@ fn parse_chardev(v: &str) -> Result<(String, Chardev), CliError> {
             };
             (Some(spec), None)
         }
-        "stdio" => (None, Some(SerialSpec::Stdio)),
+        "stdio" => (Some("stdio".to_string()), Some(SerialSpec::Stdio)),
         "pty" => (None, Some(SerialSpec::Pty)),
         "null" => (None, Some(SerialSpec::None)),
         "file" => {
@@ -494,6 +500,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
     let mut cpu = CpuModel::Minivmm64;
     let mut serial = SerialSpec::Stdio;
     let mut qmp = Vec::new();
+    let mut hmp = Vec::new();
     let mut incoming = None;
     let mut start_paused = false;
     let mut name = None;
@@ -641,6 +648,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
                 }
             }
             "-qmp" => qmp.push(value(opt)?),
+            "-monitor" => {
+                let v = value(opt)?;
+                if v != "none" {
+                    qmp::ListenSpec::parse(&v).map_err(|e| bad("-monitor", &v, e.to_string()))?;
+                    hmp.push(v);
+                }
+            }
             "-incoming" => {
                 let v = value(opt)?;
                 incoming = Some(if v == "defer" {
@@ -692,22 +706,26 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
             .ok_or_else(|| bad(opt, v, format!("no -chardev with id '{id}'")))
     };
     for m in &mons {
-        if let Some(mode) = prop(m, "mode").filter(|&x| x != "control") {
-            return Err(bad(
-                "-mon",
-                m,
-                format!(
-                    "mode={mode}: minivmm has no human monitor on a chardev; use mode=control \
-                     (HMP works there through human-monitor-command)"
-                ),
-            ));
-        }
+        let to = match prop(m, "mode") {
+            None | Some("control") => &mut qmp,
+            Some("readline") => &mut hmp,
+            Some(mode) => {
+                return Err(bad(
+                    "-mon",
+                    m,
+                    format!("mode={mode}: use control (QMP) or readline (HMP)"),
+                ))
+            }
+        };
         let c = chardev("-mon", m)?;
-        qmp.push(c.monitor.ok_or_else(|| {
+        to.push(c.monitor.ok_or_else(|| {
             bad(
                 "-mon",
                 m,
-                format!("chardev '{}' cannot carry a monitor (a socket can)", c.spec),
+                format!(
+                    "chardev '{}' cannot carry a monitor (a socket or stdio can)",
+                    c.spec
+                ),
             )
         })?);
     }
@@ -741,8 +759,31 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         }
         [_, d, ..] => return Err(bad("-device", d, "minivmm has one serial port")),
     }
+    // stdio carries one thing: a monitor there takes it from the default
+    // serial console (QEMU's default console is not stdio either).
+    let stdio_monitors = qmp.iter().chain(&hmp).filter(|m| *m == "stdio").count();
+    if stdio_monitors > 1 {
+        return Err(bad("-monitor", "stdio", "stdio can carry one monitor"));
+    }
+    if stdio_monitors == 1 && serial == SerialSpec::Stdio {
+        if serial_given || !serial_devs.is_empty() {
+            return Err(bad(
+                "-serial",
+                "stdio",
+                "stdio carries a monitor: put the serial console elsewhere (file:PATH, pty, none)",
+            ));
+        }
+        serial = SerialSpec::None;
+    }
     if daemonize && serial == SerialSpec::Stdio {
         return Err(bad("-daemonize", "", "cannot be used with -serial stdio"));
+    }
+    if daemonize && stdio_monitors > 0 {
+        return Err(bad(
+            "-daemonize",
+            "",
+            "cannot be used with a monitor on stdio",
+        ));
     }
     Ok(Action::Run(Box::new(Config {
         kernel,
@@ -754,6 +795,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         cpu,
         serial,
         qmp,
+        hmp,
         incoming,
         start_paused,
         name,
@@ -883,18 +925,58 @@ mod tests {
             cfg("-kernel k").sandbox,
             crate::sandbox::SandboxSpec::default()
         );
+        // Monitors: QMP and HMP on sockets and stdio; a monitor on stdio
+        // takes it from the default serial console.
+        let c = cfg("-kernel k -qmp stdio -monitor unix:/tmp/h,server=on,wait=off -monitor none");
+        assert_eq!(c.qmp, vec!["stdio".to_string()]);
+        assert_eq!(c.hmp, vec!["unix:/tmp/h,server=on,wait=off".to_string()]);
+        assert_eq!(c.serial, SerialSpec::None);
+        let c = cfg(
+            "-kernel k -serial pty -chardev stdio,id=m -mon chardev=m,mode=readline \
+                     -chardev socket,id=q,path=/q,server=on,wait=off -mon chardev=q",
+        );
+        assert_eq!(c.hmp, vec!["stdio".to_string()]);
+        assert_eq!(c.qmp, vec!["unix:/q,server=on,wait=off".to_string()]);
+        assert_eq!(c.serial, SerialSpec::Pty);
         for (bad, why) in [
             ("-smp 2,sockets=2,cores=1,threads=1", "cores of one socket"),
             ("-smp 4,maxcpus=8", "no CPU hotplug"),
             ("-m size=1G,slots=4,maxmem=8G", "memory hotplug"),
             ("-machine pc,usb=on", "no USB"),
-            ("-mon chardev=c -chardev socket,id=c,path=/x,server=on,wait=off -mon chardev=c,mode=readline", "no human monitor"),
-            ("-chardev socket,id=c,path=/x,server=on,wait=on", "server=on,wait=off"),
-            ("-device isa-serial,chardev=nope", "no -chardev with id 'nope'"),
+            (
+                "-chardev socket,id=c,path=/x,server=on,wait=off -mon chardev=c,mode=vt100",
+                "control (QMP) or readline (HMP)",
+            ),
+            (
+                "-chardev file,id=c,path=/x -mon chardev=c",
+                "a socket or stdio can",
+            ),
+            ("-qmp stdio -monitor stdio", "one monitor"),
+            (
+                "-serial stdio -qmp stdio",
+                "put the serial console elsewhere",
+            ),
+            (
+                "-chardev stdio,id=s -device isa-serial,chardev=s -monitor stdio",
+                "put the serial console elsewhere",
+            ),
+            ("-daemonize -serial none -qmp stdio", "monitor on stdio"),
+            ("-monitor vc", "unsupported monitor backend"),
+            (
+                "-chardev socket,id=c,path=/x,server=on,wait=on",
+                "server=on,wait=off",
+            ),
+            (
+                "-device isa-serial,chardev=nope",
+                "no -chardev with id 'nope'",
+            ),
             ("-rtc base=localtime", "base=utc"),
             ("-sandbox on,elevateprivileges=children", "allow or deny"),
             ("-uuid 1234", "not a UUID"),
-            ("-serial stdio -chardev stdio,id=s -device isa-serial,chardev=s", "one serial port"),
+            (
+                "-serial stdio -chardev stdio,id=s -device isa-serial,chardev=s",
+                "one serial port",
+            ),
         ] {
             let e = p(&format!("-kernel k {bad}")).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

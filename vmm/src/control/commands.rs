@@ -109,6 +109,10 @@ impl Control {
                 self.execute(Command::Cont)?;
                 String::new()
             }
+            ["quit" | "q"] => {
+                self.execute(Command::Quit)?;
+                String::new()
+            }
             [] => String::new(),
             [cmd, ..] => format!("unknown command: '{cmd}'\r\n"),
         };
@@ -206,7 +210,7 @@ impl Control {
             "filename": serial,
             "frontend-open": true,
         })];
-        for (i, q) in self.config.qmp.iter().enumerate() {
+        for (i, q) in self.config.qmp.iter().chain(&self.config.hmp).enumerate() {
             out.push(json!({
                 "label": format!("compat_monitor{i}"),
                 "filename": q,
@@ -663,6 +667,7 @@ info name -- show the current VM name
 info registers -- show the cpu registers
 info status -- show the current VM status (running|paused)
 info version -- show the version of QEMU
+q|quit -- quit the emulator
 stop -- stop emulation
 ";
 

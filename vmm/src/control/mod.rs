@@ -431,12 +431,20 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     migration::prefer_this_thread();
 
     let mut server = qmp::Server::new(poll.registry(), QMP_TOKENS).map_err(ControlError::Qmp)?;
-    for spec in &config.qmp {
+    let monitors = (config.qmp.iter().map(|s| (s, qmp::MonitorMode::Control)))
+        .chain(config.hmp.iter().map(|s| (s, qmp::MonitorMode::Readline)));
+    for (spec, mode) in monitors {
         let spec = qmp::ListenSpec::parse(spec).map_err(ControlError::QmpSpec)?;
         if let qmp::ListenSpec::Tcp { host, .. } = &spec {
-            warn_if_open("QMP monitor", &spec.to_string(), host);
+            let what = match mode {
+                qmp::MonitorMode::Control => "QMP monitor",
+                qmp::MonitorMode::Readline => "human monitor",
+            };
+            warn_if_open(what, &spec.to_string(), host);
         }
-        server.listen(&spec).map_err(ControlError::Qmp)?;
+        server
+            .listen_monitor(&spec, mode)
+            .map_err(ControlError::Qmp)?;
     }
     let events = server.event_sender();
 
