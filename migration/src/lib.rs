@@ -31,6 +31,7 @@ pub mod sched;
 pub mod session;
 pub mod status;
 pub mod stream;
+pub mod tls;
 pub mod transport;
 
 pub use machine::{

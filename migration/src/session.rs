@@ -127,7 +127,8 @@ fn outgoing(
     run_sent: &AtomicBool,
 ) -> Result<(), MigrationError> {
     let start = Instant::now();
-    let mut chan: Channel = transport::connect(&o.uri, o.params.peer_timeout())?;
+    let mut chan: Channel =
+        transport::connect(&o.uri, o.params.peer_timeout(), o.shared.tls().as_ref())?;
     o.shared.set_closer(Some(chan.closer.clone()));
     if o.shared.cancelled() {
         return Err(MigrationError::Cancelled);
@@ -165,6 +166,7 @@ fn outgoing(
             preempt = Some(crate::postcopy::connect_preempt(
                 &o.uri,
                 o.params.peer_timeout(),
+                o.shared.tls().as_ref(),
                 &mut w,
                 rpath,
             )?);
@@ -357,9 +359,12 @@ pub struct Incoming {
 /// its reason in `error-desc`. Returns the final status.
 pub fn accept_and_run_incoming(inc: Incoming, listener: Listener) -> Status {
     // The bound as set when the source connects (see Shared::peer_timeout).
-    let accepted = listener
-        .wait_for_peer(None)
-        .and_then(|_| listener.accept(inc.shared.peer_timeout()));
+    let accepted = listener.wait_for_peer(None).and_then(|_| {
+        listener.accept(
+            inc.shared.peer_timeout(),
+            inc.shared.tls_server().as_deref(),
+        )
+    });
     match accepted {
         Ok(chan) => run_incoming(inc, chan, Some(&listener)),
         Err(e) => {
@@ -699,7 +704,8 @@ impl Dest<'_> {
             .chan
             .peer_timeout
             .unwrap_or(self.inc.shared.peer_timeout());
-        self.preempt = Some(crate::postcopy::accept_preempt(l, bound)?);
+        let tls = self.inc.shared.tls_server();
+        self.preempt = Some(crate::postcopy::accept_preempt(l, bound, tls.as_deref())?);
         Ok(())
     }
 
@@ -805,7 +811,11 @@ mod tests {
             events: Arc::new(|_| {}),
         };
         let dthread = std::thread::spawn(move || {
-            run_incoming(inc, listener.accept(Duration::from_secs(20)).unwrap(), None)
+            run_incoming(
+                inc,
+                listener.accept(Duration::from_secs(20), None).unwrap(),
+                None,
+            )
         });
 
         let stopped = Arc::new(Mutex::new(false));
@@ -901,7 +911,11 @@ mod tests {
             events: Arc::new(|_| {}),
         };
         let dthread = std::thread::spawn(move || {
-            run_incoming(inc, listener.accept(Duration::from_secs(20)).unwrap(), None)
+            run_incoming(
+                inc,
+                listener.accept(Duration::from_secs(20), None).unwrap(),
+                None,
+            )
         });
         let src = Arc::new(VecRam::new(&[64 * 4096]));
         let shared = Arc::new(Shared::default());
@@ -942,7 +956,7 @@ mod tests {
         let listener = transport::Listener::bind(&uri).unwrap();
         // Accept, then neither read nor write until the source has given up.
         let frozen = std::thread::spawn(move || {
-            let c = listener.accept(Duration::from_secs(60)).unwrap();
+            let c = listener.accept(Duration::from_secs(60), None).unwrap();
             std::thread::sleep(Duration::from_secs(6));
             drop(c);
         });
@@ -990,7 +1004,7 @@ mod tests {
             events: Arc::new(|_| {}),
         };
         let dthread = std::thread::spawn(move || accept_and_run_incoming(inc, listener));
-        let mut c = transport::connect(&uri, Duration::from_secs(60)).unwrap();
+        let mut c = transport::connect(&uri, Duration::from_secs(60), None).unwrap();
         let mut w = Writer::new(&mut c.writer);
         stream::write_header(&mut w).unwrap();
         w.flush().unwrap();

@@ -2,7 +2,7 @@
 //! that `query-migrate` and friends report and that the engines update.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -169,6 +169,15 @@ pub struct Parameters {
     /// to (empty: dropped, as QEMU drops the secondary's network output):
     /// `x-colo-secondary-log`.
     pub x_colo_secondary_log: String,
+    /// The id of the `tls-creds-x509` object the migration's connections
+    /// use ("": plain): `tls-creds`.
+    pub tls_creds: String,
+    /// The name the destination's certificate must carry ("": the host of
+    /// the URI): `tls-hostname`.
+    pub tls_hostname: String,
+    /// `tls-authz`: always "" (authorization objects are not supported;
+    /// a destination with verify-peer admits the clients its CA signed).
+    pub tls_authz: String,
 }
 
 impl Default for Parameters {
@@ -190,6 +199,9 @@ impl Default for Parameters {
             x_colo_periodic: false,
             x_colo_compare_timeout_ms: DEFAULT_COMPARE_TIMEOUT_MS,
             x_colo_secondary_log: String::new(),
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
+            tls_authz: String::new(),
         }
     }
 }
@@ -222,6 +234,9 @@ impl Parameters {
             "x-colo-periodic": self.x_colo_periodic,
             "x-colo-compare-timeout": self.x_colo_compare_timeout_ms,
             "x-colo-secondary-log": self.x_colo_secondary_log,
+            "tls-creds": self.tls_creds,
+            "tls-hostname": self.tls_hostname,
+            "tls-authz": self.tls_authz,
         })
     }
 
@@ -396,6 +411,13 @@ pub struct Shared {
     continue_cv: Condvar,
     recover: Mutex<Option<Recover>>,
     recover_cv: Condvar,
+    /// `tls-creds` of an outgoing migration: every connection it makes
+    /// (main, preempt, recovery) speaks TLS with these.
+    tls: Mutex<Option<crate::tls::TlsClient>>,
+    /// `tls-creds` of an incoming migration: every connection it accepts
+    /// (main, preempt, recovery) must speak TLS with these (read when it
+    /// comes, as QEMU).
+    tls_server: Mutex<Option<Arc<crate::tls::TlsCreds>>>,
 }
 
 impl Shared {
@@ -618,6 +640,30 @@ impl Shared {
     /// Set `x-peer-timeout` for connections made from now on.
     pub fn set_peer_timeout_ms(&self, ms: u64) {
         self.peer_timeout_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// The TLS credentials the source's connections use (`None`: none).
+    pub fn set_tls(&self, tls: Option<crate::tls::TlsClient>) {
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = tls;
+    }
+
+    /// See [`Shared::set_tls`].
+    pub fn tls(&self) -> Option<crate::tls::TlsClient> {
+        self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The TLS credentials (a server endpoint) the destination's
+    /// connections must use from now on (`None`: plain).
+    pub fn set_tls_server(&self, tls: Option<Arc<crate::tls::TlsCreds>>) {
+        *self.tls_server.lock().unwrap_or_else(|e| e.into_inner()) = tls;
+    }
+
+    /// See [`Shared::set_tls_server`].
+    pub fn tls_server(&self) -> Option<Arc<crate::tls::TlsCreds>> {
+        self.tls_server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Set `x-postcopy-auto-recover` (ms, 0: off) for a postcopy pausing

@@ -23,6 +23,13 @@
 //! so only a dead, frozen or unreachable peer trips the bound. Channels
 //! that idle by design (the postcopy preempt channel's reading side) lift
 //! the read bound ([`Closer::unbound_reads`]).
+//!
+//! **TLS.** With credentials (a [`TlsClient`] to [`connect`], a server
+//! endpoint to [`Listener::accept`]), a socket runs the TLS
+//! handshake before anything else and the channel is the engines' end of
+//! the session's pump ([`crate::tls`]): the same reads, writes, bounds and
+//! closing, over a unix socket pair (no read batching there). Pipes and
+//! files refuse TLS.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -33,6 +40,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::tls::{TlsClient, TlsCreds, TlsError};
 
 /// A parsed migration URI.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +92,18 @@ pub enum TransportError {
     /// The transport has no room for a second connection.
     #[error("'{0}' cannot carry a second channel")]
     OneChannel(String),
+    /// TLS asked for on a pipe or file.
+    #[error("'{0}' cannot carry TLS (tls-creds needs tcp: or unix:)")]
+    NoTls(String),
+    /// The TLS handshake or session set-up failed.
+    #[error("TLS on '{uri}'")]
+    Tls {
+        /// Where.
+        uri: String,
+        /// Why.
+        #[source]
+        source: Box<TlsError>,
+    },
 }
 
 /// The peer made no progress for the peer timeout: nothing came, nothing
@@ -363,13 +384,59 @@ fn connect_tcp(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     }))
 }
 
-/// Open the outgoing side. On sockets, the peer must make progress at
-/// least every `peer_timeout` (see the module doc).
-pub fn connect(uri: &Uri, peer_timeout: Duration) -> Result<Channel, TransportError> {
+/// The engines' end of a TLS session over `s` (already bounded), as a
+/// channel; `handshake` runs the client or server side.
+fn tls_channel<S>(
+    s: S,
+    uri: &Uri,
+    peer_timeout: Duration,
+    handshake: impl FnOnce(S) -> Result<(UnixStream, crate::tls::Failure), TlsError>,
+) -> Result<Channel, TransportError> {
+    let (local, failure) = handshake(s).map_err(|source| TransportError::Tls {
+        uri: uri.to_string(),
+        source: Box::new(source),
+    })?;
+    let mut chan = socket_channel(
+        local,
+        peer_timeout,
+        bound_unix,
+        Closer::Unix,
+        UnixStream::try_clone,
+    )
+    .map_err(io("cannot use socket", uri))?;
+    // A failed session names itself in the errors the engines get.
+    let reader = std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
+    chan.reader = Box::new(crate::tls::Named {
+        inner: reader,
+        failure: failure.clone(),
+    });
+    let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
+    chan.writer = Box::new(crate::tls::Named {
+        inner: writer,
+        failure,
+    });
+    Ok(chan)
+}
+
+/// Open the outgoing side, over TLS with `tls`. On sockets, the peer must
+/// make progress at least every `peer_timeout` (see the module doc).
+pub fn connect(
+    uri: &Uri,
+    peer_timeout: Duration,
+    tls: Option<&TlsClient>,
+) -> Result<Channel, TransportError> {
+    if tls.is_some() && !uri.duplex() {
+        return Err(TransportError::NoTls(uri.to_string()));
+    }
     match uri {
         Uri::Tcp(addr) => {
             let s = connect_tcp(addr, peer_timeout).map_err(io("cannot connect to", uri))?;
             let _ = s.set_nodelay(true);
+            if let Some(t) = tls {
+                bound_tcp(&s, peer_timeout).map_err(io("cannot use socket", uri))?;
+                let peer = uri.to_string();
+                return tls_channel(s, uri, peer_timeout, |s| crate::tls::client(s, t, &peer));
+            }
             socket_channel(
                 s,
                 peer_timeout,
@@ -381,6 +448,11 @@ pub fn connect(uri: &Uri, peer_timeout: Duration) -> Result<Channel, TransportEr
         }
         Uri::Unix(path) => {
             let s = UnixStream::connect(path).map_err(io("cannot connect to", uri))?;
+            if let Some(t) = tls {
+                bound_unix(&s, peer_timeout).map_err(io("cannot use socket", uri))?;
+                let peer = uri.to_string();
+                return tls_channel(s, uri, peer_timeout, |s| crate::tls::client(s, t, &peer));
+            }
             socket_channel(
                 s,
                 peer_timeout,
@@ -579,8 +651,13 @@ impl Read for BatchedReads {
     }
 }
 
-/// The incoming side, bound at start-up so that a source can connect at once.
-pub enum Listener {
+/// The incoming side, bound at start-up so that a source can connect at
+/// once.
+pub struct Listener {
+    kind: Kind,
+}
+
+enum Kind {
     /// Bound TCP socket.
     Tcp(TcpListener, Uri),
     /// Bound unix socket (removed on drop).
@@ -594,6 +671,85 @@ pub enum Listener {
 impl Listener {
     /// Bind (sockets) or just remember (exec, file).
     pub fn bind(uri: &Uri) -> Result<Self, TransportError> {
+        Ok(Self {
+            kind: Kind::bind(uri)?,
+        })
+    }
+
+    /// The URI it listens on.
+    pub fn uri(&self) -> &Uri {
+        self.kind.uri()
+    }
+
+    /// The actual TCP address (useful with port 0).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.kind {
+            Kind::Tcp(l, _) => l.local_addr().ok(),
+            _ => None,
+        }
+    }
+
+    /// Wait until a connection is there to accept: up to `timeout`, or
+    /// without bound (`None`). Whether one came. Pipes and files are
+    /// always ready.
+    pub fn wait_for_peer(&self, timeout: Option<Duration>) -> Result<bool, TransportError> {
+        self.kind.wait_for_peer(timeout)
+    }
+
+    /// Accept one more connection (the postcopy preempt channel) if one
+    /// comes within `timeout`; its peer bound is `peer_timeout`; TLS with
+    /// `tls`.
+    pub fn accept_within(
+        &self,
+        timeout: Duration,
+        peer_timeout: Duration,
+        tls: Option<&TlsCreds>,
+    ) -> Result<Channel, TransportError> {
+        let uri = match &self.kind {
+            Kind::Tcp(_, uri) | Kind::Unix(_, _, uri) => uri,
+            Kind::Exec(_, uri) | Kind::File(_, uri) => {
+                return Err(TransportError::OneChannel(uri.to_string()))
+            }
+        };
+        if !self.wait_for_peer(Some(timeout))? {
+            return Err(TransportError::NoSecondChannel(uri.to_string(), timeout));
+        }
+        self.accept(peer_timeout, tls)
+    }
+
+    /// Wait for the source and return the channel (reader = stream, writer
+    /// = return path). Waiting for a source has no bound (as `-incoming`);
+    /// once connected, the source must make progress at least every
+    /// `peer_timeout` (see the module doc); with `tls` (a server
+    /// endpoint), the TLS handshake first.
+    pub fn accept(
+        &self,
+        peer_timeout: Duration,
+        tls: Option<&TlsCreds>,
+    ) -> Result<Channel, TransportError> {
+        let Some(creds) = tls else {
+            return self.kind.accept(peer_timeout);
+        };
+        let peer = "the source";
+        match &self.kind {
+            Kind::Tcp(l, uri) => {
+                let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
+                let _ = s.set_nodelay(true);
+                bound_tcp(&s, peer_timeout).map_err(io("cannot use socket", uri))?;
+                tls_channel(s, uri, peer_timeout, |s| crate::tls::server(s, creds, peer))
+            }
+            Kind::Unix(l, _, uri) => {
+                let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
+                bound_unix(&s, peer_timeout).map_err(io("cannot use socket", uri))?;
+                tls_channel(s, uri, peer_timeout, |s| crate::tls::server(s, creds, peer))
+            }
+            Kind::Exec(_, uri) | Kind::File(_, uri) => Err(TransportError::NoTls(uri.to_string())),
+        }
+    }
+}
+
+impl Kind {
+    fn bind(uri: &Uri) -> Result<Self, TransportError> {
         Ok(match uri {
             Uri::Tcp(addr) => Self::Tcp(
                 TcpListener::bind(addr).map_err(io("cannot listen on", uri))?,
@@ -615,8 +771,7 @@ impl Listener {
         })
     }
 
-    /// The URI it listens on.
-    pub fn uri(&self) -> &Uri {
+    fn uri(&self) -> &Uri {
         match self {
             Self::Tcp(_, uri) | Self::Unix(_, _, uri) | Self::Exec(_, uri) | Self::File(_, uri) => {
                 uri
@@ -624,18 +779,7 @@ impl Listener {
         }
     }
 
-    /// The actual TCP address (useful with port 0).
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        match self {
-            Self::Tcp(l, _) => l.local_addr().ok(),
-            _ => None,
-        }
-    }
-
-    /// Wait until a connection is there to accept: up to `timeout`, or
-    /// without bound (`None`). Whether one came. Pipes and files are
-    /// always ready.
-    pub fn wait_for_peer(&self, timeout: Option<Duration>) -> Result<bool, TransportError> {
+    fn wait_for_peer(&self, timeout: Option<Duration>) -> Result<bool, TransportError> {
         let (fd, uri) = match self {
             Self::Tcp(l, uri) => (l.as_raw_fd(), uri),
             Self::Unix(l, _, uri) => (l.as_raw_fd(), uri),
@@ -660,30 +804,7 @@ impl Listener {
         }
     }
 
-    /// Accept one more connection (the postcopy preempt channel) if one
-    /// comes within `timeout`; its peer bound is `peer_timeout`.
-    pub fn accept_within(
-        &self,
-        timeout: Duration,
-        peer_timeout: Duration,
-    ) -> Result<Channel, TransportError> {
-        let uri = match self {
-            Self::Tcp(_, uri) | Self::Unix(_, _, uri) => uri,
-            Self::Exec(_, uri) | Self::File(_, uri) => {
-                return Err(TransportError::OneChannel(uri.to_string()))
-            }
-        };
-        if !self.wait_for_peer(Some(timeout))? {
-            return Err(TransportError::NoSecondChannel(uri.to_string(), timeout));
-        }
-        self.accept(peer_timeout)
-    }
-
-    /// Wait for the source and return the channel (reader = stream, writer
-    /// = return path). Waiting for a source has no bound (as `-incoming`);
-    /// once connected, the source must make progress at least every
-    /// `peer_timeout` (see the module doc).
-    pub fn accept(&self, peer_timeout: Duration) -> Result<Channel, TransportError> {
+    fn accept(&self, peer_timeout: Duration) -> Result<Channel, TransportError> {
         match self {
             Self::Tcp(l, uri) => {
                 let (s, _) = l.accept().map_err(io("cannot accept on", uri))?;
@@ -763,7 +884,7 @@ impl Listener {
     }
 }
 
-impl Drop for Listener {
+impl Drop for Kind {
     fn drop(&mut self) {
         if let Self::Unix(_, path, _) = self {
             let _ = std::fs::remove_file(path);
@@ -851,7 +972,7 @@ mod tests {
             assert_eq!(&a, b"pong");
             s.write_all(&vec![9u8; 1 << 20]).unwrap();
         });
-        let mut c = l.accept(Duration::from_secs(20)).unwrap();
+        let mut c = l.accept(Duration::from_secs(20), None).unwrap();
         c.batching.allow();
         std::thread::sleep(std::time::Duration::from_millis(100));
         let mut got = vec![0u8; 1 << 20];
@@ -879,13 +1000,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("s");
         let uri = Uri::parse(&format!("exec:cat > {}", f.display())).unwrap();
-        let mut c = connect(&uri, Duration::from_secs(5)).unwrap();
+        let mut c = connect(&uri, Duration::from_secs(5), None).unwrap();
         c.writer.write_all(b"hello").unwrap();
         drop(std::mem::replace(&mut c.writer, Box::new(std::io::sink())));
         c.finish().unwrap();
         let l = Listener::bind(&Uri::parse(&format!("file:{}", f.display())).unwrap()).unwrap();
         let mut s = String::new();
-        l.accept(Duration::from_secs(5))
+        l.accept(Duration::from_secs(5), None)
             .unwrap()
             .reader
             .read_to_string(&mut s)

@@ -70,6 +70,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "query-uuid",
     "query-memory-size-summary",
     "query-chardev",
+    "object-add",
+    "object-del",
 ];
 
 /// The `query-qmp-schema` reply: every command of [`COMMAND_NAMES`] with
@@ -92,6 +94,8 @@ pub fn qmp_schema_reply() -> Value {
             "query-dirty-rate" => s.command::<QueryDirtyRateArgs>(name),
             "set-vcpu-dirty-limit" => s.command::<SetVcpuDirtyLimitArgs>(name),
             "cancel-vcpu-dirty-limit" => s.command::<CancelVcpuDirtyLimitArgs>(name),
+            "object-add" => s.command::<ObjectAddArgs>(name),
+            "object-del" => s.command::<ObjectDelArgs>(name),
             _ => s.command::<NoArgs>(name),
         }
     }
@@ -171,6 +175,10 @@ pub enum Command {
     QueryHotpluggableCpus,
     /// `query-uuid`.
     QueryUuid,
+    /// `object-add`: TLS credentials.
+    ObjectAdd(ObjectAddArgs),
+    /// `object-del`.
+    ObjectDel(ObjectDelArgs),
     /// `query-memory-size-summary`.
     QueryMemorySizeSummary,
     /// `query-chardev`.
@@ -183,7 +191,7 @@ pub enum Command {
     /// `query-migrate-capabilities`.
     QueryMigrateCapabilities,
     /// `migrate-set-parameters`.
-    MigrateSetParameters(MigrateSetParameters),
+    MigrateSetParameters(Box<MigrateSetParameters>),
     /// `query-migrate-parameters`.
     QueryMigrateParameters,
     /// `query-migrate`.
@@ -233,6 +241,23 @@ impl Command {
                 Ok(Command::Memsave(a))
             }
             "human-monitor-command" => from_arguments(arguments).map(Command::HumanMonitorCommand),
+            "object-add" => {
+                let a: ObjectAddArgs = from_arguments(arguments)?;
+                if a.qom_type != "tls-creds-x509" {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'qom-type' does not accept value '{}' (minivmm has \
+                         tls-creds-x509 objects only)",
+                        a.qom_type
+                    )));
+                }
+                if !matches!(a.endpoint.as_deref(), None | Some("client" | "server")) {
+                    return Err(QmpError::generic(
+                        "Parameter 'endpoint' does not accept value (client or server)",
+                    ));
+                }
+                Ok(Command::ObjectAdd(a))
+            }
+            "object-del" => from_arguments(arguments).map(Command::ObjectDel),
             "migrate" => {
                 let raw: RawMigrateArgs = from_arguments(arguments)?;
                 Ok(Command::Migrate(MigrateArgs {
@@ -258,7 +283,7 @@ impl Command {
             "migrate-set-parameters" => {
                 let p: MigrateSetParameters = from_arguments(arguments)?;
                 p.check()?;
-                Ok(Command::MigrateSetParameters(p))
+                Ok(Command::MigrateSetParameters(Box::new(p)))
             }
             "query-migrate-parameters" => none(arguments, Command::QueryMigrateParameters),
             "query-migrate" => none(arguments, Command::QueryMigrate),
@@ -338,6 +363,8 @@ impl Command {
             Command::QueryUuid => "query-uuid",
             Command::QueryMemorySizeSummary => "query-memory-size-summary",
             Command::QueryChardev => "query-chardev",
+            Command::ObjectAdd(_) => "object-add",
+            Command::ObjectDel(_) => "object-del",
         }
     }
 }
@@ -357,6 +384,31 @@ pub struct QmpCapabilitiesArgs {
     /// Capabilities to enable. Minivmm offers none, so any entry is an
     /// error ("Capability 'oob' not available").
     pub enable: Option<Vec<QmpCapability>>,
+}
+
+/// `object-add {qom-type, id, ...}`: minivmm's objects are TLS
+/// credentials, `tls-creds-x509` with QEMU's properties.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectAddArgs {
+    /// The object's type: `tls-creds-x509`.
+    pub qom_type: String,
+    /// Its id.
+    pub id: String,
+    /// The credentials' directory.
+    pub dir: Option<String>,
+    /// `client` (the default) or `server`.
+    pub endpoint: Option<String>,
+    /// Verify the peer (default on).
+    pub verify_peer: Option<bool>,
+}
+
+/// `object-del {id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectDelArgs {
+    /// The object's id.
+    pub id: String,
 }
 
 /// `pmemsave {val, size, filename}`: guest-physical range `[val, val+size)`.
@@ -983,6 +1035,17 @@ pub struct MigrateSetParameters {
     /// output to while it runs beside the primary ("": dropped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub x_colo_secondary_log: Option<String>,
+    /// The `tls-creds-x509` object the migration's connections use ("":
+    /// none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// The name the destination's certificate must carry ("": the URI's
+    /// host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
+    /// An authorization object: refused unless "" (not supported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
 }
 
 /// Allowed `x-colo-compare-timeout`, ms: 1 ms to 1 h.
@@ -1079,6 +1142,12 @@ impl MigrateSetParameters {
             ));
         }
         // Known to QEMU, without effect here: refused rather than ignored.
+        if self.tls_authz.as_deref().is_some_and(|a| !a.is_empty()) {
+            return Err(QmpError::generic(
+                "Parameter 'tls-authz' is not supported: minivmm has no authorization \
+                 objects (a destination with verify-peer=on admits every client its CA signed)",
+            ));
+        }
         if self.multifd_channels.is_some() {
             return Err(QmpError::generic(
                 "Parameter 'multifd-channels' is not supported: minivmm has no multifd",

@@ -755,6 +755,17 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what each of its VMMs said.
+            let status = self
+                .exited()
+                .map_or("running".to_string(), |s| format!("{s}"));
+            eprintln!(
+                "--- {} ({status}): stderr (tail) ---\n{}",
+                self.name,
+                tail(&self.stderr.text(), 3000)
+            );
+        }
         self.kill();
     }
 }
@@ -1424,12 +1435,15 @@ pub fn assert_same_memory(
     if !diff.is_empty() {
         // Which pages may differ: those the kvmclock MSRs point at.
         let file = src.dir.path("state.qevm");
-        // A save is one-way: postcopy, if it was on, must be off for it.
+        // A save is one-way: postcopy, if it was on, must be off for it,
+        // and a file carries no TLS.
         sq.execute(
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "postcopy-ram", "state": false}]}),
         )
         .expect("migrate-set-capabilities");
+        sq.execute("migrate-set-parameters", json!({"tls-creds": ""}))
+            .expect("migrate-set-parameters");
         sq.execute(
             "migrate",
             json!({"uri": format!("file:{}", file.display())}),
@@ -1514,4 +1528,40 @@ pub fn cont_and_goes_on(src: &Vmm, dst: &Vmm, dq: &mut Client) {
     dst.wait_pass_beyond(last + 1, boot_timeout());
     dst.assert_no_corrupt();
     src.assert_no_corrupt();
+}
+
+/// TLS credentials made for a test by `tools/tls-certs.sh` (a new CA, a
+/// server certificate for `localhost` and 127.0.0.1, a client
+/// certificate), in a directory removed on drop.
+pub struct TlsDir(WorkDir);
+
+impl TlsDir {
+    /// Fresh credentials (openssl is installed by `./setup.sh`).
+    pub fn new(name: &str) -> Self {
+        let d = WorkDir::new(name);
+        let out = Command::new("sh")
+            .arg(root().join("tools/tls-certs.sh"))
+            .arg(d.path(""))
+            .output()
+            .expect("run tools/tls-certs.sh");
+        assert!(
+            out.status.success(),
+            "tools/tls-certs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(d)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> PathBuf {
+        self.0.path("")
+    }
+
+    /// `-object` value for credentials `tls0` with this directory.
+    pub fn object(&self, endpoint: &str) -> String {
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
+            self.dir().display()
+        )
+    }
 }

@@ -125,6 +125,8 @@ pub struct Config {
     pub serial_label: String,
     /// `-sandbox` (on by default).
     pub sandbox: crate::sandbox::SandboxSpec,
+    /// `-object tls-creds-x509,...`: TLS credentials for migrations.
+    pub tls_creds: Vec<TlsCredsSpec>,
 }
 
 /// What the command line asks for.
@@ -208,6 +210,9 @@ usage: minivmm -kernel PATH [options]
   -sandbox on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny]
            [,spawn=allow|deny][,resourcecontrol=allow|deny]
                         seccomp filters (on by default; see docs/security.md)
+  -object tls-creds-x509,id=ID,dir=DIR,endpoint=client|server[,verify-peer=on|off]
+                        TLS credentials (QEMU's file names in DIR) for a
+                        migration with migrate-set-parameters tls-creds=ID
   -nographic, -display none, -enable-kvm, -no-user-config, -boot strict=on|off,
   -overcommit mem-lock=off
                         accepted: no-ops for this machine, as in QEMU
@@ -248,6 +253,57 @@ pub fn machine_type_ok(t: &str) -> bool {
 }
 
 /// An on/off switch value as QEMU spells them.
+/// `-object tls-creds-x509,id=ID,dir=DIR,endpoint=client|server[,verify-peer=on|off]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsCredsSpec {
+    /// The object's id (`tls-creds` names it).
+    pub id: String,
+    /// The credentials directory (QEMU's file names).
+    pub dir: PathBuf,
+    /// Which side it is for.
+    pub endpoint: migration::tls::Endpoint,
+    /// Verify the peer (default on, as QEMU).
+    pub verify_peer: bool,
+}
+
+/// `-object TYPE,...`: only `tls-creds-x509`.
+fn parse_object(v: &str) -> Result<TlsCredsSpec, CliError> {
+    let mut parts = v.split(',');
+    let kind = parts.next().unwrap_or("");
+    let kind = kind.strip_prefix("qom-type=").unwrap_or(kind);
+    if kind != "tls-creds-x509" {
+        return Err(bad(
+            "-object",
+            v,
+            format!("type '{kind}' is not supported (tls-creds-x509 is)"),
+        ));
+    }
+    let (mut id, mut dir, mut endpoint, mut verify_peer) = (None, None, None, true);
+    for p in parts {
+        match p.split_once('=') {
+            Some(("id", x)) => id = Some(x.to_string()),
+            Some(("dir", x)) => dir = Some(PathBuf::from(x)),
+            Some(("endpoint", "client")) => endpoint = Some(migration::tls::Endpoint::Client),
+            Some(("endpoint", "server")) => endpoint = Some(migration::tls::Endpoint::Server),
+            Some(("endpoint", x)) => {
+                return Err(bad(
+                    "-object",
+                    v,
+                    format!("endpoint '{x}': client or server"),
+                ))
+            }
+            Some(("verify-peer", x)) => verify_peer = on_off("-object", v, x)?,
+            _ => return Err(bad("-object", v, format!("unsupported property '{p}'"))),
+        }
+    }
+    Ok(TlsCredsSpec {
+        id: id.ok_or_else(|| bad("-object", v, "no id"))?,
+        dir: dir.ok_or_else(|| bad("-object", v, "no dir (the credentials' directory)"))?,
+        endpoint: endpoint.unwrap_or(migration::tls::Endpoint::Client),
+        verify_peer,
+    })
+}
+
 fn on_off(option: &str, v: &str, val: &str) -> Result<bool, CliError> {
     match val {
         "on" | "yes" | "true" => Ok(true),
@@ -519,6 +575,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
     let mut chardevs: Vec<(String, Chardev)> = Vec::new();
     let mut mons: Vec<String> = Vec::new();
     let mut serial_devs: Vec<String> = Vec::new();
+    let mut tls_creds = Vec::new();
 
     while let Some(arg) = it.next() {
         let mut value = |o: &str| {
@@ -583,6 +640,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
                     ));
                 }
                 serial_devs.push(v);
+            }
+            "-object" => {
+                let o = parse_object(&value(opt)?)?;
+                if tls_creds.iter().any(|t: &TlsCredsSpec| t.id == o.id) {
+                    return Err(bad("-object", &o.id, "duplicate id"));
+                }
+                tls_creds.push(o);
             }
             "-uuid" => {
                 let v = value(opt)?;
@@ -810,6 +874,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         msg_timestamp,
         serial_label,
         sandbox,
+        tls_creds,
     })))
 }
 
@@ -879,9 +944,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("minivmm has no device 'virtio-net'"));
-        assert!(
-            matches!(p("-kernel k -object x"), Err(CliError::Unsupported(o)) if o == "-object")
-        );
+        assert!(p("-kernel k -object authz-simple,id=a,identity=x")
+            .unwrap_err()
+            .to_string()
+            .contains("'authz-simple' is not supported"));
         assert!(matches!(p("-kernel"), Err(CliError::MissingValue(_))));
         assert!(matches!(p("-m 12"), Err(CliError::Missing(_))));
         assert!(p("-kernel k -m 1X").is_err());
@@ -925,6 +991,28 @@ mod tests {
             cfg("-kernel k").sandbox,
             crate::sandbox::SandboxSpec::default()
         );
+        // TLS credentials objects.
+        let c = cfg(
+            "-kernel k -object tls-creds-x509,id=t0,dir=/c,endpoint=server,verify-peer=off \
+                     -object tls-creds-x509,id=t1,dir=/d",
+        );
+        assert_eq!(
+            c.tls_creds,
+            vec![
+                TlsCredsSpec {
+                    id: "t0".into(),
+                    dir: "/c".into(),
+                    endpoint: migration::tls::Endpoint::Server,
+                    verify_peer: false
+                },
+                TlsCredsSpec {
+                    id: "t1".into(),
+                    dir: "/d".into(),
+                    endpoint: migration::tls::Endpoint::Client,
+                    verify_peer: true
+                }
+            ]
+        );
         // Monitors: QMP and HMP on sockets and stdio; a monitor on stdio
         // takes it from the default serial console.
         let c = cfg("-kernel k -qmp stdio -monitor unix:/tmp/h,server=on,wait=off -monitor none");
@@ -962,6 +1050,20 @@ mod tests {
             ),
             ("-daemonize -serial none -qmp stdio", "monitor on stdio"),
             ("-monitor vc", "unsupported monitor backend"),
+            ("-object tls-creds-x509,id=t,endpoint=server", "no dir"),
+            ("-object tls-creds-x509,dir=/c", "no id"),
+            (
+                "-object tls-creds-x509,id=t,dir=/c,endpoint=both",
+                "client or server",
+            ),
+            (
+                "-object tls-creds-psk,id=t,dir=/c",
+                "'tls-creds-psk' is not supported",
+            ),
+            (
+                "-object tls-creds-x509,id=t,dir=/c -object tls-creds-x509,id=t,dir=/d",
+                "duplicate id",
+            ),
             (
                 "-chardev socket,id=c,path=/x,server=on,wait=on",
                 "server=on,wait=off",

@@ -218,10 +218,11 @@ pub(crate) struct Preempt {
 pub(crate) fn connect_preempt<W: Sink>(
     uri: &Uri,
     peer_timeout: std::time::Duration,
+    tls: Option<&crate::tls::TlsClient>,
     w: &mut Writer<W>,
     rpath: &mut ReturnPath,
 ) -> Result<Preempt, MigrationError> {
-    let mut chan = crate::transport::connect(uri, peer_timeout)?;
+    let mut chan = crate::transport::connect(uri, peer_timeout, tls)?;
     chan.closer.unbound_reads();
     let writer = std::mem::replace(&mut chan.writer, Box::new(std::io::sink()));
     let reader: Box<dyn Read + Send> =
@@ -521,7 +522,8 @@ fn pause_and_recover(
                 Some(Recover::Listen(_)) => continue,
             },
         };
-        let chan = match crate::transport::connect(&uri, p.params.peer_timeout()) {
+        let tls = p.shared.tls();
+        let chan = match crate::transport::connect(&uri, p.params.peer_timeout(), tls.as_ref()) {
             Ok(c) => c,
             Err(e) if automatic => {
                 log::debug!("postcopy: automatic recovery: {e}");
@@ -624,6 +626,7 @@ fn reconnect(
         Some(connect_preempt(
             uri,
             p.params.peer_timeout(),
+            p.shared.tls().as_ref(),
             &mut w,
             &mut rpath,
         )?)

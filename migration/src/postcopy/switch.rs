@@ -37,8 +37,9 @@ const PREEMPT_ACCEPT: Duration = Duration::from_secs(10);
 pub(crate) fn accept_preempt(
     l: &Listener,
     peer_timeout: Duration,
+    tls: Option<&crate::tls::TlsCreds>,
 ) -> Result<PreemptIn, MigrationError> {
-    let mut chan = l.accept_within(PREEMPT_ACCEPT, peer_timeout)?;
+    let mut chan = l.accept_within(PREEMPT_ACCEPT, peer_timeout, tls)?;
     chan.closer.unbound_reads();
     let reader: Box<dyn Read + Send> =
         std::mem::replace(&mut chan.reader, Box::new(std::io::empty()));
@@ -416,7 +417,8 @@ fn pause_and_recover(
         if !l.wait_for_peer(Some(Duration::ZERO)).unwrap_or(false) {
             continue;
         }
-        let chan = match l.accept(dest.shared.peer_timeout()) {
+        let tls = dest.shared.tls_server();
+        let chan = match l.accept(dest.shared.peer_timeout(), tls.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 paused.again(dest.shared, dest.events, &e.into());
@@ -491,7 +493,11 @@ fn handshake(
     match stream::read_command(&mut r)? {
         Command::PostcopyResume => {}
         Command::PostcopyPreempt => {
-            preempt = Some(accept_preempt(l, dest.shared.peer_timeout())?);
+            preempt = Some(accept_preempt(
+                l,
+                dest.shared.peer_timeout(),
+                dest.shared.tls_server().as_deref(),
+            )?);
             expect_command(
                 &mut r,
                 &Command::Ping(stream::ping::PREEMPT),

@@ -309,6 +309,44 @@ impl Control {
                     })
                     .collect(),
             )),
+            Command::ObjectAdd(a) => {
+                if self.tls_creds.iter().any(|c| c.id == a.id) {
+                    return Err(generic(format!(
+                        "attempt to add duplicate property '{}' to object (type 'container')",
+                        a.id
+                    )));
+                }
+                let dir = a
+                    .dir
+                    .ok_or_else(|| generic("Parameter 'dir' is missing"))?;
+                let endpoint = match a.endpoint.as_deref() {
+                    Some("server") => migration::tls::Endpoint::Server,
+                    _ => migration::tls::Endpoint::Client,
+                };
+                let c = migration::tls::TlsCreds::load(
+                    &a.id,
+                    std::path::Path::new(&dir),
+                    endpoint,
+                    a.verify_peer.unwrap_or(true),
+                )
+                .map_err(|e| generic(migration::error_chain(&e)))?;
+                self.tls_creds.push(std::sync::Arc::new(c));
+                Ok(json!({}))
+            }
+            Command::ObjectDel(a) => {
+                if a.id == self.mig.params.tls_creds && self.mig.active() {
+                    return Err(generic(format!(
+                        "object '{}' is in use, can not be deleted",
+                        a.id
+                    )));
+                }
+                let n = self.tls_creds.len();
+                self.tls_creds.retain(|c| c.id != a.id);
+                if self.tls_creds.len() == n {
+                    return Err(generic(format!("object '{}' not found", a.id)));
+                }
+                Ok(json!({}))
+            }
             Command::QueryUuid => Ok(json!({
                 "UUID": self.config.uuid.as_deref().unwrap_or("00000000-0000-0000-0000-000000000000")
             })),
@@ -429,6 +467,7 @@ impl Control {
             }
             Command::QueryMigrateCapabilities => Ok(self.mig.caps.to_json()),
             Command::MigrateSetParameters(p) => {
+                let p = *p;
                 let mut n = self.mig.params.clone();
                 if let Some(v) = p.downtime_limit {
                     n.downtime_limit_ms = v;
@@ -515,6 +554,23 @@ impl Control {
                         out.set_compare_timeout_ms(v);
                     }
                 }
+                if let Some(v) = p.tls_creds {
+                    if !v.is_empty() && !self.tls_creds.iter().any(|c| c.id == v) {
+                        return Err(generic(format!("No TLS credentials with id '{v}'")));
+                    }
+                    if v != n.tls_creds && self.mig.outgoing.is_some() {
+                        return Err(generic(
+                            "tls-creds cannot be changed while a migration runs",
+                        ));
+                    }
+                    n.tls_creds = v;
+                }
+                if let Some(v) = p.tls_hostname {
+                    n.tls_hostname = v;
+                }
+                if let Some(v) = p.tls_authz {
+                    n.tls_authz = v;
+                }
                 if let Some(v) = p.x_postcopy_auto_recover {
                     n.x_postcopy_auto_recover_ms = v;
                     // Read when a postcopy pauses: a running one takes it.
@@ -524,6 +580,16 @@ impl Control {
                     {
                         s.set_auto_recover_ms(v);
                     }
+                }
+                // An incoming migration waiting for its source takes the
+                // credentials when the source connects (as QEMU).
+                if let Some(inc) = self
+                    .mig
+                    .incoming
+                    .as_ref()
+                    .filter(|i| i.status() == Status::Setup)
+                {
+                    inc.set_tls_server(self.server_tls(&n.tls_creds).map_err(generic)?);
                 }
                 self.mig.params = n;
                 Ok(json!({}))

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use migration::output::OutputGate;
 use migration::status::{Capabilities, Parameters, Shared, Status};
 use migration::stream::DeviceBlob;
+use migration::tls::{Endpoint, TlsClient, TlsCreds};
 use migration::transport::{Listener, TransportError, Uri};
 use migration::{Event as MigEvent, ExitReason, IncomingMachine, Machine, MachineError, Stopped};
 use qmp::QmpError;
@@ -545,6 +546,56 @@ impl Control {
         Arc::new(move |event| tx.send(CtlMsg::Migration { incoming, event }))
     }
 
+    /// The `tls-creds` object `id` names, for a destination ("": none).
+    pub(super) fn server_tls(&self, id: &str) -> Result<Option<Arc<TlsCreds>>, String> {
+        self.tls_for(id, Endpoint::Server)
+    }
+
+    fn tls_for(&self, id: &str, endpoint: Endpoint) -> Result<Option<Arc<TlsCreds>>, String> {
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let c = self
+            .tls_creds
+            .iter()
+            .find(|c| c.id == id)
+            .ok_or_else(|| format!("No TLS credentials with id '{id}'"))?;
+        if c.endpoint != endpoint {
+            return Err(format!(
+                "Expecting TLS credentials with a {} endpoint",
+                match endpoint {
+                    Endpoint::Client => "client",
+                    Endpoint::Server => "server",
+                }
+            ));
+        }
+        Ok(Some(c.clone()))
+    }
+
+    /// What a source migrating to `uri` uses for TLS (`tls-creds`,
+    /// `tls-hostname` or the URI's host).
+    fn client_tls(&self, uri: &Uri) -> Result<Option<TlsClient>, String> {
+        let Some(creds) = self.tls_for(&self.mig.params.tls_creds, Endpoint::Client)? else {
+            return Ok(None);
+        };
+        if !uri.duplex() {
+            return Err(format!(
+                "'{uri}' cannot carry TLS (tls-creds needs tcp: or unix:)"
+            ));
+        }
+        let host = match (&self.mig.params.tls_hostname, uri) {
+            (h, _) if !h.is_empty() => h.clone(),
+            (_, Uri::Tcp(addr)) => {
+                let h = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                h.trim_start_matches('[').trim_end_matches(']').to_string()
+            }
+            _ => return Err("No hostname available for TLS: set tls-hostname".into()),
+        };
+        TlsClient::new(creds, &host)
+            .map(Some)
+            .map_err(|e| migration::error_chain(&e))
+    }
+
     /// Listen for an incoming migration on `uri` and start its thread.
     pub(super) fn start_incoming(&mut self, uri: &str) -> Result<(), IncomingStartError> {
         let spec = uri;
@@ -564,7 +615,16 @@ impl Control {
             self.vm.memory().clone(),
             self.vm.dirty_rings().cloned(),
         ));
+        let tls = self
+            .server_tls(&self.mig.params.tls_creds)
+            .map_err(IncomingStartError::Other)?;
+        if tls.is_some() && !uri.duplex() {
+            return Err(IncomingStartError::Other(format!(
+                "'{uri}' cannot carry TLS (tls-creds needs tcp: or unix:)"
+            )));
+        }
         let shared = Arc::new(Shared::starting());
+        shared.set_tls_server(tls);
         shared.set_peer_timeout_ms(self.mig.params.x_peer_timeout_ms);
         shared.set_auto_recover_ms(self.mig.params.x_postcopy_auto_recover_ms);
         self.mig.last_incoming = shared.clone();
@@ -619,12 +679,14 @@ impl Control {
             return Err(generic("x-colo and postcopy-ram cannot be used together"));
         }
         let uri = Uri::parse(uri).map_err(|e| generic(e.to_string()))?;
+        let tls = self.client_tls(&uri).map_err(generic)?;
         let ram = Arc::new(KvmRam::new(
             self.vm.fd().clone(),
             self.vm.memory().clone(),
             self.vm.dirty_rings().cloned(),
         ));
         let shared = Arc::new(Shared::starting());
+        shared.set_tls(tls);
         self.mig.last_outgoing = shared.clone();
         self.mig.outgoing = Some(shared.clone());
         self.mig.seen[0] = Status::None;

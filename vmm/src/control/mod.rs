@@ -76,6 +76,9 @@ pub enum ControlError {
     /// A bad `-qmp` value.
     #[error("-qmp")]
     QmpSpec(#[source] qmp::ListenSpecError),
+    /// TLS credentials could not be loaded.
+    #[error("-object tls-creds-x509")]
+    Tls(#[source] migration::tls::TlsError),
     /// A bad `-incoming` value.
     #[error("-incoming")]
     Incoming(#[source] migration::transport::TransportError),
@@ -448,8 +451,17 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     }
     let events = server.event_sender();
 
+    let tls_creds = config
+        .tls_creds
+        .iter()
+        .map(|t| {
+            migration::tls::TlsCreds::load(&t.id, &t.dir, t.endpoint, t.verify_peer).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ControlError::Tls)?;
     let mut ctl = Control {
         vm,
+        tls_creds,
         runstate: RunState::initial(config.start_paused),
         ctl_tx,
         rx,
@@ -514,6 +526,8 @@ struct Control {
     events: qmp::EventSender,
     /// This process's migrations.
     mig: Migrations,
+    /// `-object tls-creds-x509` objects, loaded.
+    tls_creds: Vec<Arc<migration::tls::TlsCreds>>,
     /// `calc-dirty-rate`'s measurement.
     dirty_rate: DirtyRate,
     /// The vCPUs' dirty page limits.
