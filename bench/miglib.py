@@ -494,9 +494,10 @@ def make_snapshot(g, path, workdir, after_pass=1, boot_timeout=300):
     return dt
 
 
-def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120, side=None):
-    """A VM restored from `snap`, running; waits `settle_s` after it runs."""
-    vm = g.spawn(name, workdir, incoming=g.load_uri(snap), side=side)
+def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120, side=None, extra=()):
+    """A VM restored from `snap` (`extra`: more options for it), running;
+    waits `settle_s` after it runs."""
+    vm = g.spawn(name, workdir, incoming=g.load_uri(snap), extra=extra, side=side)
     q = vm.qmp
     deadline = time.monotonic() + timeout
     while True:
@@ -511,14 +512,19 @@ def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120, side=None):
 
 
 @contextlib.contextmanager
-def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0, dst_extra=()):
+def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0, dst_extra=(),
+                           src_extra=(), dst_tls_creds=None):
     """A source restored from `snap` and running, and a destination
-    (`dst_extra`: more options for it) listening on a free tcp port (or,
-    while a `Net` is active, each in its host's namespace, the destination
-    on the link): yields (source, destination, port; migrate to
-    `mig_uri(port)`) and kills both at the end, whatever
-    happened. The destination's QMP is up (so it listens) when this yields."""
-    src = start_from(g, names[0], snap, wd, settle_s=settle_s, side="src")
+    (`dst_extra`, `src_extra`: more options for them) listening on a free
+    tcp port (or, while a `Net` is active, each in its host's namespace,
+    the destination on the link): yields (source, destination, port;
+    migrate to `mig_uri(port)`) and kills both at the end, whatever
+    happened. The destination's QMP is up (so it listens) when this yields.
+    `dst_tls_creds` (an object id): the destination's tls-creds, set before
+    it can be connected to (QEMU: -incoming defer, migrate-set-parameters,
+    migrate-incoming; minivmm: set right after it starts, before any source
+    connects)."""
+    src = start_from(g, names[0], snap, wd, settle_s=settle_s, side="src", extra=src_extra)
     dst = None
     try:
         if NET:
@@ -527,8 +533,15 @@ def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0, dst_
         else:
             port = free_port()
             incoming = f"tcp:127.0.0.1:{port}"
-        dst = g.spawn(names[1], wd, incoming=incoming, extra=dst_extra, side="dst")
-        dst.qmp  # noqa: B018 - connects: the destination is set up
+        if dst_tls_creds and g.kind == "qemu":
+            dst = g.spawn(names[1], wd, incoming="defer", extra=dst_extra, side="dst")
+            dst.qmp.cmd("migrate-set-parameters", {"tls-creds": dst_tls_creds})
+            dst.qmp.cmd("migrate-incoming", {"uri": incoming})
+        else:
+            dst = g.spawn(names[1], wd, incoming=incoming, extra=dst_extra, side="dst")
+            dst.qmp  # noqa: B018 - connects: the destination is set up
+            if dst_tls_creds:
+                dst.qmp.cmd("migrate-set-parameters", {"tls-creds": dst_tls_creds})
         yield src, dst, port
     finally:
         src.kill()

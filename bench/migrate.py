@@ -12,6 +12,13 @@ Scenarios (--scenarios, comma-separated):
            the destination gets `cont` after completion
 --dst-prealloc starts every destination with -mem-prealloc (both VMMs), so
 the destination writes into memory the host already backs.
+--tls migrates over TLS: credentials made once (tools/tls-certs.sh, in the
+run's temporary directory), `-object tls-creds-x509,id=tls0,...` on every
+restored source (endpoint=client) and destination (endpoint=server), and
+tls-creds=tls0 set on the destination before the source can connect (QEMU:
+-incoming defer, then migrate-incoming) and on the source with the other
+parameters right before `migrate` (never while saving or restoring over
+file:/exec:, which refuse it). Snapshots are the same as without TLS.
 For each VMM and scenario: boot once, save the guest after its first full
 PASS, then RUNS times: restore a source from the save, let it run, start a
 destination on tcp loopback, `migrate` with the same downtime-limit and
@@ -35,6 +42,7 @@ also gives the run's page data rate over each of these.
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,9 +51,26 @@ from miglib import (mig_uri, MIB, Guest, common_args, fmt, log, machine_note, ma
                     source_and_destination, tcp_counters, tcp_delta)
 
 
-def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False, prealloc=False):
-    dst_extra = ["-mem-prealloc"] if prealloc else []
-    with source_and_destination(g, snap, wd, dst_extra=dst_extra) as (src, dst, port):
+TLS_ID = "tls0"
+
+
+def tls_args(tls_dir, endpoint):
+    """-object for the credentials in `tls_dir` (None: no TLS, no options)."""
+    if not tls_dir:
+        return []
+    return ["-object", f"tls-creds-x509,id={TLS_ID},dir={tls_dir},endpoint={endpoint}"]
+
+
+def endpoints(prealloc, tls_dir):
+    """source_and_destination's options for a run (and its baselines)."""
+    return {"dst_extra": (["-mem-prealloc"] if prealloc else []) + tls_args(tls_dir, "server"),
+            "src_extra": tls_args(tls_dir, "client"),
+            "dst_tls_creds": TLS_ID if tls_dir else None}
+
+
+def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False, prealloc=False,
+            tls_dir=None):
+    with source_and_destination(g, snap, wd, **endpoints(prealloc, tls_dir)) as (src, dst, port):
         dq = dst.qmp
         sq = src.qmp
         sq.cmd("migrate-set-capabilities",
@@ -53,6 +78,8 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False,
         params = {"downtime-limit": downtime_limit}
         if max_bandwidth:
             params["max-bandwidth"] = max_bandwidth
+        if tls_dir:
+            params["tls-creds"] = TLS_ID
         sq.cmd("migrate-set-parameters", params)
         if stopped:
             sq.cmd("stop")
@@ -72,6 +99,7 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False,
             "corrupt": [],
             "verified": False,
             "tcp": tcp,
+            "tls_creds": sq.cmd("query-migrate-parameters").get("tls-creds"),
         }
         if r.get("status") == "completed":
             dr = dq.wait_status(("completed", "failed"), 120)
@@ -161,12 +189,11 @@ def fresh_write_mib_s(size=512 << 20):
     return size / dt / MIB
 
 
-def same_state_baseline(g, snap, wd, stopped, prealloc, measure):
+def same_state_baseline(g, snap, wd, stopped, prealloc, measure, tls_dir=None):
     """`measure()` with a source and destination up and settled as for a
     run, nothing migrated: the host's memory and caches as the migration
     finds them."""
-    dst_extra = ["-mem-prealloc"] if prealloc else []
-    with source_and_destination(g, snap, wd, dst_extra=dst_extra) as (src, dst, _port):
+    with source_and_destination(g, snap, wd, **endpoints(prealloc, tls_dir)) as (src, dst, _port):
         dst.qmp
         if stopped:
             src.qmp.cmd("stop")
@@ -192,11 +219,20 @@ def main():
                     help="also measure loopback and PAGESTREAM with the VMs up (see above)")
     ap.add_argument("--dst-prealloc", action="store_true",
                     help="start destinations with -mem-prealloc")
+    ap.add_argument("--tls", action="store_true",
+                    help="migrate over TLS (x509 credentials of tools/tls-certs.sh, see above)")
     common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
     rows = []
     with tempfile.TemporaryDirectory(prefix="migrate-bench-") as wd:
+        tls_dir = None
+        if a.tls:
+            tls_dir = os.path.join(wd, "tls")
+            certs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools",
+                                 "tls-certs.sh")
+            subprocess.run(["sh", certs, tls_dir], check=True, stdout=sys.stderr)
+            log(f"# TLS: credentials in {tls_dir} (tools/tls-certs.sh), tls-creds={TLS_ID}")
         for name in a.scenarios.split(","):
             label, mem, wl_mem, rate, stopped = SCENARIOS[name]
             for kind in a.vmms.split(","):
@@ -221,12 +257,12 @@ def main():
                     if a.same_state:
                         same["lb_same"] = same_state_baseline(
                             g, snap, wd, stopped, a.dst_prealloc,
-                            lambda: loopback_tcp_mib_s(total=1 << 30))
+                            lambda: loopback_tcp_mib_s(total=1 << 30), tls_dir)
                         same["ps_same"] = same_state_baseline(
                             g, snap, wd, stopped, a.dst_prealloc,
-                            lambda: pagestream_mib_s(a.same_state))
+                            lambda: pagestream_mib_s(a.same_state), tls_dir)
                     r = one_run(g, snap, wd, a.downtime_limit, not a.no_verify, a.max_bandwidth,
-                                stopped, a.dst_prealloc)
+                                stopped, a.dst_prealloc, tls_dir)
                     r["loopback_mib_s"] = lb
                     r.update(same)
                     runs.append(r)
@@ -236,6 +272,7 @@ def main():
                         f" syncs {r['syncs']} loopback {lb:.0f} MiB/s"
                         + "".join(f" {k} {v:.0f} MiB/s" for k, v in same.items()) +
                         f" verified={r['verified']} corrupt={len(r['corrupt'])}"
+                        f" tls-creds={r['tls_creds']!r}"
                         f" tcp {r['tcp']} ({time.monotonic() - t0:.0f} s)"
                         + (f" error: {r['error']}" if r['error'] else ""))
                     for c in r["corrupt"][:5]:
@@ -262,7 +299,7 @@ def main():
         def of(key):
             xs = [100.0 * x / r[key] for x, r in zip(rate, timed) if r.get(key)]
             return f" | {fmt(median(xs), ' %')}" + (f" ({min(xs):.0f}-{max(xs):.0f})" if xs else "")
-        print(f"| {kind} | {label}"
+        print(f"| {kind}{' + TLS' if a.tls else ''} | {label}"
               f" | {fmt(median([r['total_ms'] for r in ok]), ' ms')}{rng('total_ms')}"
               f" | {fmt(median([r['downtime_ms'] for r in ok]), ' ms')}{rng('downtime_ms')}"
               f" | {fmt(median([r['setup_ms'] for r in ok]), ' ms')}"
@@ -276,7 +313,8 @@ def main():
               f" | {'yes: ' + str(sum(len(r['corrupt']) for r in runs)) + ' lines' if any(r['corrupt'] for r in runs) else 'no'}"
               f"{'' if all(r['verified'] for r in ok) else ' (not all verified)'} |")
     mb = a.max_bandwidth
-    print(f"\n(median of {a.runs} runs, min-max in brackets; tcp loopback,"
+    print(f"\n(median of {a.runs} runs, min-max in brackets; tcp loopback"
+          f"{' over TLS (tls-creds-x509, tools/tls-certs.sh; tls-creds on both sides)' if a.tls else ''},"
           f" downtime-limit {a.downtime_limit} ms, max-bandwidth"
           f" {f'{mb} B/s' if mb else 'at its default (128 MiB/s in both)'};"
           f" page data rate = page bytes / (total-time - setup-time);"
@@ -289,7 +327,8 @@ def main():
     print(f"destinations {'with' if a.dst_prealloc else 'without'} -mem-prealloc")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump([{"vmm": k, "guest": g, "runs": rs} for k, g, rs in rows], f, indent=1)
+            json.dump([{"vmm": k, "guest": g, "tls": a.tls, "runs": rs} for k, g, rs in rows], f,
+                      indent=1)
 
 
 if __name__ == "__main__":

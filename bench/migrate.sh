@@ -20,7 +20,13 @@
 # BENCH_SNAPSHOTS=DIR keeps the booted guests there for later runs (the
 # 512 MiB guest takes minutes to boot and fill); BENCH_SAME_STATE=1 builds
 # bench/pagestream.c and measures loopback and that page stream with the
-# VMs up before each run (migrate.py --same-state). Run it on an otherwise idle machine (~10 minutes).
+# VMs up before each run (migrate.py --same-state); BENCH_TLS=1 migrates
+# over TLS (migrate.py --tls: credentials of tools/tls-certs.sh in a temp
+# dir, -object tls-creds-x509 on both sides, tls-creds set on the
+# destination before the source connects, QEMU with -incoming defer, and on
+# the source right before `migrate`; snapshots and restores stay plain;
+# rows read "VMM + TLS"); BENCH_JSON=FILE also writes the runs there as
+# JSON. Run it on an otherwise idle machine (~10 minutes).
 set -euo pipefail
 
 NAME=migrate.sh
@@ -32,6 +38,8 @@ MAXBW=${BENCH_MAX_BANDWIDTH:-10737418240}
 OPTS=()
 [ "${BENCH_DST_PREALLOC:-0}" = 1 ] && OPTS=(--dst-prealloc)
 [ -n "${BENCH_SNAPSHOTS:-}" ] && OPTS+=(--snapshot-dir "$BENCH_SNAPSHOTS")
+[ "${BENCH_TLS:-0}" = 1 ] && OPTS+=(--tls)
+[ -z "${BENCH_JSON:-}" ] || OPTS+=(--json "$BENCH_JSON")
 if [ "${BENCH_SAME_STATE:-0}" = 1 ]; then
     psdir=$(mktemp -d)
     trap 'rc=$?; rm -rf "$psdir"; [ -z "$PY" ] || kill "$PY" 2>/dev/null || true; exit $rc' EXIT
