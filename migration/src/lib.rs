@@ -21,6 +21,7 @@
 //! ```
 
 pub mod colo;
+pub mod confine;
 pub mod machine;
 pub mod output;
 pub mod postcopy;

@@ -268,12 +268,14 @@ fn matching_output_is_released_before_the_checkpoint() {
         p, mut pq, s: _s, ..
     } = start_colo(Opts {
         detout: true,
-        delay_ms: 3000,
+        // 3 s, longer on a slower machine (a busy one ran 3 periods
+        // while two lines came).
+        delay_ms: scaled(Duration::from_secs(3)).as_millis() as u64,
         ..Opts::default()
     });
     let before = p.passes().last().copied().unwrap_or(0);
-    // Two lines released between checkpoints 1 and 2 (3 s apart; a pass
-    // takes about 1 s at 16 MiB/s).
+    // Two lines released between checkpoints 1 and 2 (3 s apart or more;
+    // a pass takes about 1 s at 16 MiB/s).
     wait_checkpoints(&mut pq, 1);
     let n = p.passes().last().copied().unwrap_or(0).max(before);
     p.wait_pass_beyond(n + 1, boot_timeout());

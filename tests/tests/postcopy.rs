@@ -949,3 +949,35 @@ fn four_gib_guest_postcopy() {
     assert_eq!(r["ram"]["total"], 4u64 << 30, "{r}");
     assert_continues(&src, &dst);
 }
+
+/// The postcopy fault thread runs under its own seccomp allowlist: a
+/// system call it never makes (a test hook makes one right after its
+/// filter is installed, when the destination starts listening for
+/// faults) kills the destination with SIGSYS instead of succeeding. The
+/// source then reports the destination's loss: failed with its guest
+/// running again if the switch had not completed, or paused after it
+/// (postcopy's window: the guest was on the destination).
+#[test]
+fn forbidden_call_on_the_fault_thread_kills_the_destination() {
+    use std::os::unix::process::ExitStatusExt;
+    if !kvm_available("forbidden_call_on_the_fault_thread_kills_the_destination") {
+        return;
+    }
+    let src = running_source(guest("src"), &guest("base"));
+    let (mut dst, _dq, port) = postcopy_destination(
+        guest("dst").env("MINIVMM_TEST_FAULT_FORBIDDEN_SYSCALL", "1"),
+        false,
+    );
+    let mut src = src;
+    let mut sq = src.qmp();
+    set_caps(&mut sq, &[("postcopy-ram", true)]);
+    sq.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .unwrap();
+    sq.execute("migrate-start-postcopy", json!({})).unwrap();
+    let st = dst.wait_exit(mig_timeout());
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}");
+    let r = wait_migration(&mut sq, &["failed", "postcopy-paused"], mig_timeout());
+    if r["status"] == "failed" {
+        assert_eq!(run_state(&mut sq), "running", "{r}");
+    }
+}

@@ -220,6 +220,45 @@ const VCPU: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// What the postcopy fault thread may do: wait on userfaultfd and its stop
+/// event, read faults, zero or wake pages (ioctl), write page requests to
+/// the return path (a socket), log, allocate, and end.
+const POSTCOPY_FAULT: &[i64] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_ioctl,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_restart_syscall,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
 fn arch() -> seccompiler::TargetArch {
     seccompiler::TargetArch::x86_64
 }
@@ -239,12 +278,14 @@ fn compile(
 }
 
 static VCPU_FILTER: OnceLock<Option<BpfProgram>> = OnceLock::new();
+static FAULT_FILTER: OnceLock<Option<BpfProgram>> = OnceLock::new();
 
 /// Install the process-wide filters (every thread, now and later) and
 /// prepare the vCPU filter, as `spec` says. Call before any thread starts.
 pub fn install(spec: SandboxSpec) -> Result<(), SandboxError> {
     if !spec.on {
         let _ = VCPU_FILTER.set(None);
+        let _ = FAULT_FILTER.set(None);
         return Ok(());
     }
     let eperm = SeccompAction::Errno(libc::EPERM as u32);
@@ -269,6 +310,14 @@ pub fn install(spec: SandboxSpec) -> Result<(), SandboxError> {
         SeccompAction::KillProcess,
     )?;
     let _ = VCPU_FILTER.set(Some(vcpu));
+    let fault = compile(
+        "postcopy fault",
+        POSTCOPY_FAULT,
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+    )?;
+    let _ = FAULT_FILTER.set(Some(fault));
+    migration::confine::set_hook(confine_thread);
     let kill = compile(
         "process",
         &kill,
@@ -302,3 +351,29 @@ pub fn confine_vcpu(id: u8) -> Result<(), SandboxError> {
 /// Environment variable that makes vCPU 0 make a forbidden system call
 /// right after its filter is installed (tests).
 pub const FORBIDDEN_TEST_ENV: &str = "MINIVMM_TEST_VCPU_FORBIDDEN_SYSCALL";
+
+/// The migration crate's threads of `kind`, before their work: confine
+/// them (see `migration::confine`). A filter that cannot be installed
+/// ends the process: the sandbox is never on in name only.
+fn confine_thread(kind: migration::confine::ThreadKind) {
+    use migration::confine::ThreadKind;
+    let (what, filter) = match kind {
+        ThreadKind::PostcopyFault => ("postcopy fault", &FAULT_FILTER),
+    };
+    if let Some(Some(f)) = filter.get() {
+        if let Err(e) = seccompiler::apply_filter(f) {
+            log::error!("sandbox: cannot confine the {what} thread: {e}");
+            std::process::abort();
+        }
+        // Test hook: a system call this thread never makes must kill us.
+        if std::env::var_os(FAULT_FORBIDDEN_TEST_ENV).is_some() {
+            // SAFETY: socket() with constant arguments; under the filter it
+            // does not return.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        }
+    }
+}
+
+/// Environment variable that makes the postcopy fault thread make a
+/// forbidden system call right after its filter is installed (tests).
+pub const FAULT_FORBIDDEN_TEST_ENV: &str = "MINIVMM_TEST_FAULT_FORBIDDEN_SYSCALL";

@@ -339,6 +339,7 @@ impl DestPostcopy {
     /// The fault thread: read faults, ask the source for missing pages.
     fn fault_loop(&self) {
         crate::sched::fault_path_thread();
+        crate::confine::enter(crate::confine::ThreadKind::PostcopyFault);
         let mut last_block = None;
         loop {
             let mut fds = [
