@@ -389,7 +389,7 @@ fn checkpoints<W: Sink>(p: &mut Primary<'_, W>, gate: &OutputGate) -> Result<(),
         .extra
         .insert("x-colo".into(), stats.json(Some(gate.stats())));
     loop {
-        let Some(cause) = idle(p, gate)? else {
+        let Some(cause) = idle(p, gate, &stats)? else {
             // Leave COLO on request: tell the secondary, run alone.
             let _ = p.w.be32(msg::PRIMARY_EXIT).and_then(|()| p.w.flush());
             return Ok(());
@@ -412,9 +412,12 @@ fn checkpoints<W: Sink>(p: &mut Primary<'_, W>, gate: &OutputGate) -> Result<(),
 /// waited x-colo-compare-timeout ms. Meanwhile the secondary hears how much
 /// of its output was released (RELEASED) and, every keepalive interval, a
 /// heartbeat; a secondary that reported an error or went silent ends COLO.
+/// `query-migrate`'s `x-colo` follows each release (`stats`: the
+/// checkpoints so far).
 fn idle<W: Sink>(
     p: &mut Primary<'_, W>,
     gate: &OutputGate,
+    stats: &Stats,
 ) -> Result<Option<Cause>, MigrationError> {
     let start = Instant::now();
     let mut matched_sent = 0;
@@ -441,6 +444,11 @@ fn idle<W: Sink>(
             p.w.flush()?;
             matched_sent = matched;
             last_write = now;
+            // The output figures move between checkpoints: show them.
+            p.shared
+                .lock_info()
+                .extra
+                .insert("x-colo".into(), stats.json(Some(gate.stats())));
         }
         let keepalive = p.rpath.keepalive();
         if let Some(k) = keepalive {

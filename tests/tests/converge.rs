@@ -3,9 +3,10 @@
 //! `auto-converge` (the vCPUs throttled until the dirty rate fits the
 //! link).
 //!
-//! The guest rewrites 16 MiB at 16 MiB/s; `max-bandwidth` holds the link to
-//! 4 MB/s, a quarter of that, so every round finds the whole working set
-//! dirty again. No test asserts a speed: "does not converge" is "still
+//! The guest rewrites 16 MiB at 16 MiB/s (less on a slow or busy
+//! machine: `calc-dirty-rate` measures it first); `max-bandwidth` holds
+//! the link to a quarter of that, so every round finds the whole working
+//! set dirty again. No test asserts a speed: "does not converge" is "still
 //! `active` after a number of rounds", and each migration that completes
 //! is checked by the guest's own integrity pass on the destination.
 
@@ -23,8 +24,12 @@ fn guest(name: &str) -> VmmBuilder {
 }
 
 /// A running source (restored from the shared snapshot), a destination
-/// listening on a fresh port, and the source migrating to it at 4 MB/s
-/// with `params` (and `caps`) set first. Returns both and their clients.
+/// listening on a fresh port, and the source migrating to it at a quarter
+/// of the rate the guest dirties memory on this machine (measured with
+/// `calc-dirty-rate`; at most 4 MB/s, a quarter of the workload's 16 MiB/s:
+/// a slow or busy machine's guest dirties less, and a link it does not
+/// outpace converges by itself) with `params` (and `caps`) set first.
+/// Returns both and their clients.
 fn slow_migration(caps: &[(&str, bool)], params: serde_json::Value) -> (Vmm, Client, Vmm, Client) {
     let snap = snapshot(&guest("base"));
     let mut src = guest("src")
@@ -40,9 +45,14 @@ fn slow_migration(caps: &[(&str, bool)], params: serde_json::Value) -> (Vmm, Cli
     let mut caps = caps.to_vec();
     caps.push(("events", true));
     set_caps(&mut sq, &caps);
+    sq.execute("calc-dirty-rate", json!({"calc-time": 2}))
+        .unwrap();
+    let rate = measured(&mut sq)["dirty-rate"].as_u64().unwrap_or(16);
+    let link = ((rate << 20) / 4).clamp(250_000, 4_000_000);
+    eprintln!("the guest dirties {rate} MiB/s here: the link is {link} B/s");
     sq.execute(
         "migrate-set-parameters",
-        json!({"max-bandwidth": 4_000_000, "downtime-limit": 300}),
+        json!({"max-bandwidth": link, "downtime-limit": 300}),
     )
     .unwrap();
     sq.execute("migrate-set-parameters", params).unwrap();
@@ -238,14 +248,18 @@ fn calc_dirty_rate_measures_the_guest() {
         .spawn();
     rvm.wait_pass_beyond(2, boot_timeout());
     let mut rq = rvm.qmp();
+    // 1.5 s, longer on a slower machine: the rate is whole MiB/s, and a
+    // workload starved for the whole window (a busy machine) left only
+    // the kernel's few pages, 0 MiB/s.
+    let ms = scaled(Duration::from_millis(1500)).as_millis() as u64;
     rq.execute(
         "calc-dirty-rate",
-        json!({"calc-time": 1500, "calc-time-unit": "millisecond"}),
+        json!({"calc-time": ms, "calc-time-unit": "millisecond"}),
     )
     .unwrap();
     let r = measured(&mut rq);
     assert_eq!(r["mode"], "dirty-ring", "{r}");
-    assert_eq!(r["calc-time"], 1500, "{r}");
+    assert_eq!(r["calc-time"], ms, "{r}");
     assert!(r["dirty-rate"].as_i64() > Some(0), "{r}");
     let per = r["vcpu-dirty-rate"].as_array().cloned().unwrap_or_default();
     assert_eq!(per.len(), 2, "{r}");
