@@ -268,20 +268,22 @@ fn matching_output_is_released_before_the_checkpoint() {
         p, mut pq, s: _s, ..
     } = start_colo(Opts {
         detout: true,
-        // 3 s, longer on a slower machine (a busy one ran 3 periods
-        // while two lines came).
+        // 3 s, longer on a slower machine.
         delay_ms: scaled(Duration::from_secs(3)).as_millis() as u64,
         ..Opts::default()
     });
     let before = p.passes().last().copied().unwrap_or(0);
-    // Two lines released between checkpoints 1 and 2 (3 s apart or more;
-    // a pass takes about 1 s at 16 MiB/s).
+    // Two lines released after checkpoint 1, matched.
     wait_checkpoints(&mut pq, 1);
     let n = p.passes().last().copied().unwrap_or(0).max(before);
     p.wait_pass_beyond(n + 1, boot_timeout());
     let st = colo_stats(&mut pq);
     eprintln!("primary: {st}");
-    assert!(stat(&st, "checkpoints") <= 2, "a checkpoint per line: {st}");
+    // No checkpoint for a line: none for differing output or a compare
+    // timeout (how many periodic ones fall in two lines depends on how
+    // fast this machine runs two guests: 4 were seen on a busy one).
+    assert_eq!(stat(&st, "checkpoints-output-differed"), 0, "{st}");
+    assert_eq!(stat(&st, "checkpoints-compare-timeout"), 0, "{st}");
     assert!(stat(&st, "output-matched-bytes") > 0, "{st}");
     let st = wait_checkpoints(&mut pq, 3)["x-colo"].clone();
     eprintln!("primary after 3 checkpoints: {st}");
