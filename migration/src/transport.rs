@@ -229,6 +229,22 @@ impl Uri {
     pub fn duplex(&self) -> bool {
         matches!(self, Self::Tcp(_) | Self::Unix(_))
     }
+
+    /// Can this transport carry TLS (sockets only)?
+    pub fn check_tls(&self) -> Result<(), TransportError> {
+        if self.duplex() {
+            Ok(())
+        } else {
+            Err(TransportError::NoTls(self.to_string()))
+        }
+    }
+
+    /// A `tcp:` URI's host, without an IPv6 address's brackets.
+    pub fn tcp_host(&self) -> Option<&str> {
+        let Self::Tcp(addr) = self else { return None };
+        let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
+        Some(host.trim_start_matches('[').trim_end_matches(']'))
+    }
 }
 
 /// Closes a channel from another thread (cancel, failover).
@@ -425,8 +441,8 @@ pub fn connect(
     peer_timeout: Duration,
     tls: Option<&TlsClient>,
 ) -> Result<Channel, TransportError> {
-    if tls.is_some() && !uri.duplex() {
-        return Err(TransportError::NoTls(uri.to_string()));
+    if tls.is_some() {
+        uri.check_tls()?;
     }
     match uri {
         Uri::Tcp(addr) => {

@@ -732,9 +732,8 @@ impl Server {
             .map_err(ServerError::Register)?;
         let addr = listener.bound().unwrap_or_else(|| match spec {
             ListenSpec::Unix(p) => BoundAddr::Unix(p.clone()),
-            ListenSpec::Tcp { .. } | ListenSpec::Stdio => {
-                BoundAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))
-            }
+            ListenSpec::Tcp { .. } => BoundAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))),
+            ListenSpec::Stdio => BoundAddr::Stdio,
         });
         self.listeners.insert(token, (listener, mode));
         Ok(addr)

@@ -1500,6 +1500,39 @@ pub fn assert_continues(src: &Vmm, dst: &Vmm) {
     dst.assert_no_corrupt();
 }
 
+/// The last whole `PASS k` line's k in `text` (0: none).
+pub fn last_pass(text: &str) -> u64 {
+    complete_lines(text)
+        .rev()
+        .find_map(pass_number)
+        .unwrap_or(0)
+}
+
+/// COLO: wait until `c`'s `x-colo` counts `n` checkpoints (the migration
+/// staying in `colo` meanwhile); returns that `query-migrate` reply.
+pub fn wait_colo_checkpoints(c: &mut Client, n: u64, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = c
+            .execute("query-migrate", json!({}))
+            .expect("query-migrate");
+        if r["x-colo"]["checkpoints"].as_u64().unwrap_or(0) >= n {
+            return r;
+        }
+        assert_eq!(r["status"], "colo", "{r}");
+        assert!(Instant::now() < deadline, "fewer than {n} checkpoints: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// COLO after failover: the secondary `s` prints two PASS lines past the
+/// last one the primary `released`, and the output continues as
+/// [`assert_output_continues`] says.
+pub fn assert_takes_over(released: &str, s: &Vmm) {
+    s.wait_pass_beyond(last_pass(released) + 2, boot_timeout());
+    assert_output_continues(released, &s.serial.text());
+}
+
 /// COLO: the console output of the primary (what it released) followed by
 /// the secondary's (after takeover) must count PASS 1, 2, 3 ... with no
 /// gap and no repeat (output commit at work), and no CORRUPT.

@@ -140,16 +140,7 @@ fn checkpoints(c: &mut Client) -> u64 {
 }
 
 fn wait_checkpoints(c: &mut Client, n: u64) -> Value {
-    let deadline = Instant::now() + mig_timeout();
-    loop {
-        let r = c.execute("query-migrate", json!({})).unwrap();
-        if r["x-colo"]["checkpoints"].as_u64().unwrap_or(0) >= n {
-            return r;
-        }
-        assert_eq!(r["status"], "colo", "{r}");
-        assert!(Instant::now() < deadline, "fewer than {n} checkpoints: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_colo_checkpoints(c, n, mig_timeout())
 }
 
 /// COLO reaches `colo`, checkpoints a dirtying guest 5+ times; the primary
@@ -224,12 +215,7 @@ fn primary_killed_secondary_takes_over(o: Opts) {
         "secondary after takeover"
     );
     let released = p.serial.text();
-    let last = complete_lines(&released)
-        .rev()
-        .find_map(pass_number)
-        .unwrap_or(0);
-    s.wait_pass_beyond(last + 2, boot_timeout());
-    assert_output_continues(&released, &s.serial.text());
+    assert_takes_over(&released, &s);
     s.assert_no_corrupt();
 }
 
@@ -323,11 +309,7 @@ fn differing_output_checkpoints_follow_the_differences() {
     // checkpoint the rest of the line causes.
     assert!(stat(&st, "output-matched-bytes") >= 10, "{st}");
     let released = p.serial.text();
-    let last = complete_lines(&released)
-        .rev()
-        .find_map(pass_number)
-        .unwrap_or(0);
-    p.wait_pass_beyond(last + 1, boot_timeout());
+    p.wait_pass_beyond(last_pass(&released) + 1, boot_timeout());
     p.assert_no_corrupt();
 }
 
@@ -494,12 +476,7 @@ fn link_cut_mid_checkpoint_secondary_uses_previous_checkpoint() {
     sq.wait_event("COLO_EXIT", |_| true, mig_timeout()).unwrap();
     assert_eq!(run_state(&mut sq), "running");
     let released = p.serial.text();
-    let last = complete_lines(&released)
-        .rev()
-        .find_map(pass_number)
-        .unwrap_or(0);
-    s.wait_pass_beyond(last + 2, boot_timeout());
-    assert_output_continues(&released, &s.serial.text());
+    assert_takes_over(&released, &s);
     s.assert_no_corrupt();
     // The primary waits for the command too, guest stopped, output held.
     let r = pq.execute("query-migrate", json!({})).unwrap();

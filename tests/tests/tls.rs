@@ -7,7 +7,7 @@
 //! source without a client certificate where the destination verifies
 //! its peers.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::*;
@@ -146,25 +146,11 @@ fn colo_over_tls_checkpoints_and_fails_over() {
         let r = wait_migration(c, &["colo", "failed", "completed"], mig_timeout());
         assert_eq!(r["status"], "colo", "{r}");
     }
-    let deadline = Instant::now() + mig_timeout();
-    loop {
-        let r = pq.execute("query-migrate", json!({})).unwrap();
-        if r["x-colo"]["checkpoints"].as_u64().unwrap_or(0) >= 3 {
-            break;
-        }
-        assert_eq!(r["status"], "colo", "{r}");
-        assert!(Instant::now() < deadline, "fewer than 3 checkpoints: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_colo_checkpoints(&mut pq, 3, mig_timeout());
     p.kill();
     let released = p.serial.text();
     sq.execute("x-colo-lost-heartbeat", json!({})).unwrap();
-    let last = complete_lines(&released)
-        .rev()
-        .find_map(pass_number)
-        .unwrap_or(0);
-    s.wait_pass_beyond(last + 2, boot_timeout());
-    assert_output_continues(&released, &s.serial.text());
+    assert_takes_over(&released, &s);
 }
 
 /// What a TLS destination refuses, each time with its reason on both

@@ -186,13 +186,10 @@ const RESOURCE_CONTROL: &[i64] = &[
     libc::SYS_set_mempolicy,
 ];
 
-/// What a running vCPU thread may do.
-const VCPU: &[i64] = &[
-    libc::SYS_ioctl,
-    libc::SYS_read,
-    libc::SYS_pread64,
-    libc::SYS_write,
-    libc::SYS_writev,
+/// What every confined thread may do: allocate, wait, take and return
+/// from signals (a panic's abort included), read the time, sleep, yield,
+/// and end.
+const THREAD_BASICS: &[i64] = &[
     libc::SYS_close,
     libc::SYS_futex,
     libc::SYS_mmap,
@@ -203,7 +200,6 @@ const VCPU: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
     libc::SYS_tgkill,
     libc::SYS_getpid,
@@ -220,9 +216,20 @@ const VCPU: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// What the postcopy fault thread may do: wait on userfaultfd and its stop
-/// event, read faults, zero or wake pages (ioctl), write page requests to
-/// the return path (a socket), log, allocate, and end.
+/// What a running vCPU thread may do besides [`THREAD_BASICS`]: KVM's
+/// ioctls, its own fds, signal handlers (the kick).
+const VCPU: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_rt_sigaction,
+];
+
+/// What the postcopy fault thread may do besides [`THREAD_BASICS`]: wait
+/// on userfaultfd and its stop event, read faults, zero or wake pages
+/// (ioctl), write page requests to the return path (a socket) and log.
 const POSTCOPY_FAULT: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_ppoll,
@@ -232,32 +239,19 @@ const POSTCOPY_FAULT: &[i64] = &[
     libc::SYS_writev,
     libc::SYS_sendto,
     libc::SYS_sendmsg,
-    libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_tgkill,
-    libc::SYS_getpid,
-    libc::SYS_gettid,
     libc::SYS_getrandom,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_restart_syscall,
-    libc::SYS_rseq,
-    libc::SYS_set_robust_list,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
 ];
+
+/// An allowlist: [`THREAD_BASICS`] and `extra`.
+fn allowlist(what: &'static str, extra: &[i64]) -> Result<BpfProgram, SandboxError> {
+    let calls: Vec<i64> = THREAD_BASICS.iter().chain(extra).copied().collect();
+    compile(
+        what,
+        &calls,
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+    )
+}
 
 fn arch() -> seccompiler::TargetArch {
     seccompiler::TargetArch::x86_64
@@ -303,20 +297,8 @@ pub fn install(spec: SandboxSpec) -> Result<(), SandboxError> {
     if spec.deny_resource_control {
         refuse.extend_from_slice(RESOURCE_CONTROL);
     }
-    let vcpu = compile(
-        "vCPU",
-        VCPU,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-    )?;
-    let _ = VCPU_FILTER.set(Some(vcpu));
-    let fault = compile(
-        "postcopy fault",
-        POSTCOPY_FAULT,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-    )?;
-    let _ = FAULT_FILTER.set(Some(fault));
+    let _ = VCPU_FILTER.set(Some(allowlist("vCPU", VCPU)?));
+    let _ = FAULT_FILTER.set(Some(allowlist("postcopy fault", POSTCOPY_FAULT)?));
     migration::confine::set_hook(confine_thread);
     let kill = compile(
         "process",

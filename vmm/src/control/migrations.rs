@@ -578,20 +578,13 @@ impl Control {
         let Some(creds) = self.tls_for(&self.mig.params.tls_creds, Endpoint::Client)? else {
             return Ok(None);
         };
-        if !uri.duplex() {
-            return Err(format!(
-                "'{uri}' cannot carry TLS (tls-creds needs tcp: or unix:)"
-            ));
-        }
-        let host = match (&self.mig.params.tls_hostname, uri) {
-            (h, _) if !h.is_empty() => h.clone(),
-            (_, Uri::Tcp(addr)) => {
-                let h = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-                h.trim_start_matches('[').trim_end_matches(']').to_string()
-            }
-            _ => return Err("No hostname available for TLS: set tls-hostname".into()),
+        uri.check_tls().map_err(|e| e.to_string())?;
+        let host = match (self.mig.params.tls_hostname.as_str(), uri.tcp_host()) {
+            ("", Some(h)) => h,
+            ("", None) => return Err("No hostname available for TLS: set tls-hostname".into()),
+            (h, _) => h,
         };
-        TlsClient::new(creds, &host)
+        TlsClient::new(creds, host)
             .map(Some)
             .map_err(|e| migration::error_chain(&e))
     }
@@ -600,8 +593,14 @@ impl Control {
     pub(super) fn start_incoming(&mut self, uri: &str) -> Result<(), IncomingStartError> {
         let spec = uri;
         let uri = Uri::parse(uri).map_err(IncomingStartError::Transport)?;
-        if let Uri::Tcp(addr) = &uri {
-            let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
+        // Checked before anything changes (RAM discarded, run state).
+        let tls = self
+            .server_tls(&self.mig.params.tls_creds)
+            .map_err(IncomingStartError::Other)?;
+        if tls.is_some() {
+            uri.check_tls().map_err(IncomingStartError::Transport)?;
+        }
+        if let Some(host) = uri.tcp_host() {
             super::warn_if_open("migration listener", spec, host);
         }
         let listener = Listener::bind(&uri).map_err(IncomingStartError::Transport)?;
@@ -615,14 +614,6 @@ impl Control {
             self.vm.memory().clone(),
             self.vm.dirty_rings().cloned(),
         ));
-        let tls = self
-            .server_tls(&self.mig.params.tls_creds)
-            .map_err(IncomingStartError::Other)?;
-        if tls.is_some() && !uri.duplex() {
-            return Err(IncomingStartError::Other(format!(
-                "'{uri}' cannot carry TLS (tls-creds needs tcp: or unix:)"
-            )));
-        }
         let shared = Arc::new(Shared::starting());
         shared.set_tls_server(tls);
         shared.set_peer_timeout_ms(self.mig.params.x_peer_timeout_ms);
