@@ -37,8 +37,9 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 #   qemu-system-x86            QEMU side of the benchmarks
 #   iproute2                   ss: bytes per COLO checkpoint (bench/colo.sh)
 #   openssl                    TLS credentials for migrations (tools/tls-certs.sh, tests)
+#   gdb                        backtraces of a VMM that stops answering (tests' diagnostics)
 # guest-images/build.sh installs its own (linux-source-6.1, busybox-static, ...).
-APT_PACKAGES=(build-essential libclang-dev socat python3 python3-venv qemu-system-x86 iproute2 openssl)
+APT_PACKAGES=(build-essential libclang-dev socat python3 python3-venv qemu-system-x86 iproute2 openssl gdb)
 
 ensure_packages() {
     local missing=() p

@@ -216,6 +216,14 @@ pub trait IncomingMachine: Send {
     /// Load all device state (the VM is stopped; in postcopy RAM is still
     /// arriving) and start the guest unless it is to stay paused.
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError>;
+    /// Guest-physical addresses of the guest pages that loading `blobs`
+    /// writes by itself (paravirtual areas named in vCPU state, which KVM
+    /// writes as the state is set): a postcopy destination brings them in
+    /// before [`IncomingMachine::load_devices`]. A guess from blobs that
+    /// do not decode is harmless (the load reports them).
+    fn pages_written_on_load(&mut self, _blobs: &[DeviceBlob]) -> Vec<u64> {
+        Vec::new()
+    }
     /// The device sections this machine's state is made of, with the
     /// longest state each may have: an incoming stream may send nothing
     /// else ([`crate::stream::DeviceCatalog`]).

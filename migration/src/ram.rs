@@ -77,6 +77,11 @@ pub trait GuestRam: Send + Sync {
     fn sync_dirty_log(&self, bitmaps: &mut [Bitmap]) -> Result<(), RamError>;
     /// Stop logging.
     fn stop_dirty_log(&self) -> Result<(), RamError>;
+    /// The block and page holding guest-physical address `gpa`, if it is
+    /// in guest RAM (`None` also where the machine does not say).
+    fn page_at(&self, _gpa: u64) -> Option<(usize, u64)> {
+        None
+    }
     /// Host address and length of a block's anonymous mapping, for
     /// userfaultfd on a postcopy destination; `None` if RAM is not mapped
     /// that way (postcopy is then refused at advise).

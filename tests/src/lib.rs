@@ -842,6 +842,35 @@ pub fn server_threads(c: &Client) -> String {
             read("wchan").trim(),
             read("syscall").split_whitespace().next().unwrap_or("")
         );
+        // The kernel's stack (root only): a thread blocked in the kernel,
+        // on a missing page for instance, cannot be stopped for gdb.
+        for line in read("stack").lines().take(16) {
+            out += &format!("\n      {}", line.trim());
+        }
+    }
+    // Where each thread is, in the program (gdb, installed by setup.sh;
+    // symbols are in the release binary). Bounded: gdb waits for every
+    // thread to stop, and one blocked in the kernel never does.
+    match std::process::Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            "30",
+            "gdb",
+            "-batch",
+            "-nx",
+            "-p",
+            &cred.pid.to_string(),
+        ])
+        .args(["-ex", "thread apply all bt 30"])
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(o) => {
+            out += "\n";
+            out += &String::from_utf8_lossy(&o.stdout);
+        }
+        Err(e) => out += &format!("\n(no backtraces: timeout gdb: {e})"),
     }
     out
 }

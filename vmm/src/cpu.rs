@@ -420,6 +420,37 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
         .map_err(|e| CpuError::Kvm("KVM_SET_LAPIC", e))
 }
 
+/// KVM's paravirtual MSRs that name a guest area (`MSR_KVM_*`): the wall
+/// clock (written as it is set), and, enabled by bit 0, the system time
+/// (kvmclock), async page faults, steal time and PV EOI.
+const MSR_KVM_WALL_CLOCK: [u32; 2] = [0x11, 0x4b56_4d00];
+const MSR_KVM_ENABLED_AREAS: [u32; 5] = [0x12, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03, 0x4b56_4d04];
+/// The largest of those areas (steal time, 64 bytes).
+const PV_AREA_MAX: u64 = 64;
+
+/// Guest-physical addresses of the pages KVM writes by itself when a
+/// vCPU's `msrs` are restored or soon after (the areas its paravirtual
+/// MSRs point at: setting the kvmclock MSR maps and writes its page in
+/// the ioctl), each page of an area that crosses one.
+pub fn pages_written_on_restore(msrs: &[kvm_msr_entry]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for m in msrs {
+        let gpa = if MSR_KVM_WALL_CLOCK.contains(&m.index) && m.data != 0 {
+            m.data
+        } else if MSR_KVM_ENABLED_AREAS.contains(&m.index) && m.data & 1 != 0 {
+            m.data & !0x3f
+        } else {
+            continue;
+        };
+        out.push(gpa & !0xfff);
+        let last = gpa.saturating_add(PV_AREA_MAX - 1) & !0xfff;
+        if last != gpa & !0xfff {
+            out.push(last);
+        }
+    }
+    out
+}
+
 /// Everything KVM holds for one vCPU, in restore order.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
@@ -526,5 +557,26 @@ mod tests {
         assert_eq!(s.present, 1);
         assert_eq!(CpuModel::parse("host").unwrap(), CpuModel::Host);
         assert!(CpuModel::parse("pentium").is_err());
+    }
+
+    #[test]
+    fn paravirtual_areas_name_their_pages() {
+        let msr = |index, data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let msrs = [
+            msr(0x10, 0x1234_5678),        // TSC: no area
+            msr(0x4b56_4d01, 0x0012_3001), // kvmclock, enabled
+            msr(0x4b56_4d03, 0x0045_6fc0), // steal time, off
+            msr(0x4b56_4d00, 0x0078_9ff8), // wall clock, crosses a page
+            msr(0x4b56_4d02, 0x0001_0031), // async PF, enabled with flags
+            msr(0x4b56_4d04, 0),           // PV EOI, off
+        ];
+        assert_eq!(
+            pages_written_on_restore(&msrs),
+            [0x12_3000, 0x78_9000, 0x78_a000, 0x1_0000]
+        );
     }
 }

@@ -146,6 +146,14 @@ impl GuestRam for KvmRam {
         memory::dirty_log_release(&self.fd, &self.mem).map_err(|e| RamError::DirtyLog(Box::new(e)))
     }
 
+    fn page_at(&self, gpa: u64) -> Option<(usize, u64)> {
+        self.starts
+            .iter()
+            .zip(&self.blocks)
+            .position(|(&s, b)| gpa >= s && gpa - s < b.size)
+            .map(|i| (i, (gpa - self.starts[i]) / PAGE_SIZE))
+    }
+
     fn host_mapping(&self, block: usize) -> Option<(*mut u8, usize)> {
         let r = self.mem.iter().nth(block)?;
         Some((r.as_ptr(), r.len() as usize))
@@ -315,6 +323,23 @@ fn take<T: for<'de> Deserialize<'de>>(
             source,
         }),
     }
+}
+
+/// Guest-physical addresses of the pages that loading the vCPU state in
+/// `blobs` (`vcpus` of them) makes KVM write (see
+/// [`crate::cpu::pages_written_on_restore`]); blobs that do not decode
+/// name none (the load reports them).
+pub fn pages_written_on_load(blobs: &[DeviceBlob], vcpus: u8) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for b in blobs {
+        if b.name != "cpu" || b.instance >= u32::from(vcpus) || b.version != DEVICE_VERSION {
+            continue;
+        }
+        if let Ok((st, [])) = postcard::take_from_bytes::<crate::cpu::VcpuState>(&b.data) {
+            pages.extend(crate::cpu::pages_written_on_restore(&st.msrs));
+        }
+    }
+    pages
 }
 
 /// Device blobs to machine state; also says whether the source was running.

@@ -220,6 +220,45 @@ impl DestPostcopy {
         self.maps[block].0 + (page as usize) * PAGE_SIZE
     }
 
+    /// Make the pages at guest-physical addresses `gpas` present: a helper
+    /// thread reads a byte of each one missing, and its faults go the way
+    /// a vCPU's do (the fault thread asks the source, the page's arrival
+    /// wakes it; released, userfaultfd lets it read zeros). `None`: all
+    /// there already. For what must not wait on a page itself
+    /// ([`crate::postcopy::switch`], before the devices load).
+    pub(super) fn fetch(
+        self: &Arc<Self>,
+        gpas: &[u64],
+    ) -> Result<Option<std::thread::JoinHandle<()>>, PostcopyError> {
+        let mut missing: Vec<usize> = gpas
+            .iter()
+            .filter_map(|&g| self.ram.page_at(g))
+            .filter(|&(b, p)| !self.received[b].test(p))
+            .map(|(b, p)| self.addr(b, p))
+            .collect();
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let post = self.clone();
+        std::thread::Builder::new()
+            .name("postcopy-fetch".into())
+            .spawn(move || {
+                for a in missing {
+                    // SAFETY: `a` is the start of a page inside a RAM
+                    // block's mapping (`page_at` checked the block and
+                    // page), which the VMM keeps for the life of the
+                    // process; a volatile read of one byte, racing only
+                    // with userfaultfd placing the page.
+                    unsafe { std::ptr::read_volatile(a as *const u8) };
+                }
+                drop(post);
+            })
+            .map(Some)
+            .map_err(|e| PostcopyError::Protocol(format!("cannot start the fetch thread: {e}")))
+    }
+
     /// Note a page placed during the precopy phase.
     pub fn mark_received(&self, block: usize, page: u64) {
         if let Some(b) = self.received.get(block) {

@@ -30,7 +30,9 @@
 //!   LISTEN                                       every missing page dropped, RAM registered
 //!                                                with userfaultfd, fault + listen threads run
 //!   FULL ... (device state)
-//!   RUN                                          devices loaded, guest started
+//!   RUN                                   <----  REQ_PAGES for the pages loading the
+//!                                                devices writes (kvmclock areas), if
+//!                                                missing; then devices loaded, guest started
 //!   PING 2                                <----  PONG 2          (end of the downtime)
 //!   EOF
 //! PART ... requested pages first, then the background scan
@@ -56,9 +58,10 @@
 //! source shuts the channel's reading side, the urgent thread ends the
 //! channel with EOF, and only then does END go on the main stream.
 //!
-//! After RUN, the guest exists on the destination only. If the connection
-//! breaks then (a reset, a side silent for `x-peer-timeout`, EOF,
-//! `migrate-pause`), both sides enter `postcopy-paused` ([`Pause`]): the
+//! Once the package is sent, the guest exists on the destination only. If
+//! the connection breaks then (a reset, a side silent for `x-peer-timeout`,
+//! EOF, `migrate-pause`), also while RUN waits for its pages, both sides
+//! enter `postcopy-paused` ([`Pause`]): the
 //! source keeps its copy stopped and every page not yet sent; the
 //! destination's guest runs on, a vCPU that faults on a missing page waits,
 //! and its request is kept. A stream that was wrong (a bad CRC, a protocol

@@ -103,6 +103,7 @@ pub(crate) fn dest_package<'a, R: BufRead + Send + 'static>(
         urgent: None,
         fault: None,
         ran: false,
+        listen_done: false,
     };
     let res = s.read_package(&pkg);
     s.finish(res)
@@ -136,6 +137,9 @@ struct Switch<'a, R> {
     fault: Option<std::thread::JoinHandle<()>>,
     /// RUN came: the guest runs here.
     ran: bool,
+    /// The listen and preempt threads ended well (joined early, by
+    /// [`Switch::fetch_for_load`]).
+    listen_done: bool,
 }
 
 impl<R: BufRead + Send + 'static> Switch<'_, R> {
@@ -150,12 +154,13 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
                     Command::PostcopyListen => self.listen(at)?,
                     Command::PostcopyRun => self.run(at)?,
                     Command::Ping(v) => {
-                        send_rp(&self.post.rp, rp::PONG, &v.to_be_bytes()).map_err(|e| {
-                            StreamError::Io {
-                                offset: at,
-                                source: e,
-                            }
-                        })?;
+                        // A return path that broke is the link's failure:
+                        // shut, the main stream fails in the listen
+                        // thread too, and the postcopy pauses there (the
+                        // package itself is here whole).
+                        if send_rp(&self.post.rp, rp::PONG, &v.to_be_bytes()).is_err() {
+                            self.closer.close();
+                        }
                     }
                     other => {
                         return Err(StreamError::invalid(
@@ -213,6 +218,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
         if self.listen.is_none() || self.ran {
             return Err(StreamError::invalid(at, "POSTCOPY_RUN before LISTEN or twice").into());
         }
+        self.fetch_for_load()?;
         self.dest
             .machine
             .load_devices(std::mem::take(&mut self.devices))
@@ -220,6 +226,44 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
         // The guest runs: the switch is over.
         self.switch.take();
         self.ran = true;
+        Ok(())
+    }
+
+    /// Before RUN loads the devices: bring in the guest pages the load
+    /// writes (KVM writes its paravirtual clock areas as the vCPUs' MSRs
+    /// are set). Loaded with one missing, the control thread that loads
+    /// would wait on the page, and with a link that broke just then it
+    /// would wait until a recovery that the monitor, behind it, could no
+    /// longer be asked for. A helper thread faults on them instead, as a
+    /// vCPU would (the fault thread asks the source); meanwhile a broken
+    /// link pauses the postcopy here and waits for its recovery.
+    fn fetch_for_load(&mut self) -> Result<(), MigrationError> {
+        let gpas = self.dest.machine.pages_written_on_load(&self.devices);
+        let Some(helper) = self.post.fetch(&gpas)? else {
+            return Ok(());
+        };
+        while !helper.is_finished() {
+            if self.dest.shared.cancelled() {
+                // Released at the end (finish), the page reads as zeros
+                // and the helper ends.
+                return Err(MigrationError::Cancelled);
+            }
+            if self.listen.as_ref().is_some_and(|l| l.is_finished()) {
+                match join_threads(self.listen.take(), self.urgent.take()) {
+                    // Every page came: so did these.
+                    Ok(()) => self.listen_done = true,
+                    Err(e) if e.is_link_failure() => {
+                        let (listen, urgent) =
+                            pause_and_recover(&self.dest, &self.post, &e, self.listener)?;
+                        self.listen = Some(listen);
+                        self.urgent = urgent;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            std::thread::sleep(FETCH_POLL);
+        }
+        let _ = helper.join();
         Ok(())
     }
 
@@ -241,6 +285,7 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
             urgent,
             fault,
             ran,
+            listen_done,
         } = self;
         if res.is_err() {
             // Unblock the listen and preempt threads' reads.
@@ -249,7 +294,11 @@ impl<R: BufRead + Send + 'static> Switch<'_, R> {
                 c.close();
             }
         }
-        let mut listened = join_threads(listen, urgent);
+        let mut listened = if listen_done {
+            Ok(())
+        } else {
+            join_threads(listen, urgent)
+        };
         // After RUN the guest runs here: a broken connection pauses the
         // postcopy until the user recovers it (or for good).
         if res.is_ok() && ran {
@@ -341,6 +390,10 @@ fn spawn_listen<R: BufRead + Send + 'static>(
         })
         .map_err(|e| PostcopyError::Protocol(format!("cannot start the listen thread: {e}")))?)
 }
+
+/// How often the incoming thread, waiting for the pages the device load
+/// writes, looks at the listen thread and for a cancel.
+const FETCH_POLL: Duration = Duration::from_millis(1);
 
 /// How often a paused destination waiting for its source looks for a newer
 /// `migrate-recover` (or a cancel).

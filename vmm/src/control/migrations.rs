@@ -91,6 +91,9 @@ impl IncomingMachine for ProxyMachine {
     fn load_devices(&mut self, blobs: Vec<DeviceBlob>) -> Result<(), MachineError> {
         self.0.request(|tx| MachineRequest::Load(blobs, tx))
     }
+    fn pages_written_on_load(&mut self, blobs: &[DeviceBlob]) -> Vec<u64> {
+        migrate::pages_written_on_load(blobs, self.2)
+    }
     fn capabilities(&mut self) -> Capabilities {
         self.0.request(MachineRequest::Caps).unwrap_or_default()
     }
@@ -243,6 +246,21 @@ impl Migrations {
                 .incoming
                 .as_ref()
                 .is_some_and(|s| s.status() != Status::Setup)
+    }
+
+    /// A migration on this side has connections made with the current
+    /// `x-peer-timeout`: any outgoing one (a paused postcopy's source
+    /// reconnects with the bounds it started with), an incoming one past
+    /// waiting for its source, unless a paused postcopy (its recovery
+    /// accepts with the current value).
+    pub fn connected(&self) -> bool {
+        self.outgoing.is_some()
+            || self.incoming.as_ref().is_some_and(|s| {
+                !matches!(
+                    s.status(),
+                    Status::None | Status::Setup | Status::PostcopyPaused
+                )
+            })
     }
 
     /// `query-migrate`: the destination shows its incoming migration, the
