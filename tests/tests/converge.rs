@@ -108,6 +108,25 @@ fn raising_max_bandwidth_lets_it_complete() {
     }
     let (src, mut sq, dst, mut dq) = slow_migration(&[], json!({}));
     still_active_at_pass(&mut sq, 4);
+    // x-peer-timeout bounds a connection as it is made: refused on both
+    // connected sides, whole (the bandwidth in the same request is not
+    // taken either), the value shown unchanged.
+    for (side, c) in [("source", &mut sq), ("destination", &mut dq)] {
+        let before = c.execute("query-migrate-parameters", json!({})).unwrap();
+        let e = c
+            .execute(
+                "migrate-set-parameters",
+                json!({"x-peer-timeout": 5000, "max-bandwidth": 1_000_000_000}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x-peer-timeout cannot be changed"),
+            "{side}: {e}"
+        );
+        let after = c.execute("query-migrate-parameters", json!({})).unwrap();
+        assert_eq!(before, after, "{side}");
+    }
     sq.execute(
         "migrate-set-parameters",
         json!({"max-bandwidth": 1_000_000_000}),

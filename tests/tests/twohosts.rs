@@ -358,6 +358,16 @@ fn final_stop_source_frozen() {
     final_stop("final_stop_source_frozen", Fault::FreezeSource);
 }
 
+#[test]
+fn final_stop_destination_killed() {
+    final_stop("final_stop_destination_killed", Fault::KillDestination);
+}
+
+#[test]
+fn final_stop_source_killed() {
+    final_stop("final_stop_source_killed", Fault::KillSource);
+}
+
 /// Fault after the postcopy switch (background stream at 1 MB/s, so
 /// postcopy lasts): each surviving side pauses within the bound
 /// (`postcopy-paused`, saying why; the destination's guest stays up, the
@@ -441,6 +451,16 @@ fn postcopy_destination_frozen() {
 #[test]
 fn postcopy_source_frozen() {
     postcopy_fault("postcopy_source_frozen", Fault::FreezeSource);
+}
+
+#[test]
+fn postcopy_destination_killed() {
+    postcopy_fault("postcopy_destination_killed", Fault::KillDestination);
+}
+
+#[test]
+fn postcopy_source_killed() {
+    postcopy_fault("postcopy_source_killed", Fault::KillSource);
 }
 
 /// A link flap during postcopy with `x-postcopy-auto-recover` on both
@@ -622,6 +642,16 @@ fn colo_idle_secondary_frozen() {
 #[test]
 fn colo_idle_primary_frozen() {
     colo_fault("colo_idle_primary_frozen", Fault::FreezeSource, true);
+}
+
+#[test]
+fn colo_idle_secondary_killed() {
+    colo_fault("colo_idle_secondary_killed", Fault::KillDestination, true);
+}
+
+#[test]
+fn colo_idle_primary_killed() {
+    colo_fault("colo_idle_primary_killed", Fault::KillSource, true);
 }
 
 #[test]

@@ -469,6 +469,25 @@ impl Control {
             Command::MigrateSetParameters(p) => {
                 let p = *p;
                 let mut n = self.mig.params.clone();
+                // Refusals first: a refused request changes nothing.
+                if p.x_colo_periodic.is_some_and(|v| v != n.x_colo_periodic) && self.mig.active() {
+                    // Chosen when COLO starts (the secondary follows the
+                    // primary): not while one runs.
+                    return Err(generic(
+                        "x-colo-periodic cannot be changed while a migration or COLO runs",
+                    ));
+                }
+                if p.x_peer_timeout.is_some_and(|v| v != n.x_peer_timeout_ms)
+                    && self.mig.connected()
+                {
+                    // Each socket takes its bounds (and each keepalive its
+                    // period) as it is made.
+                    return Err(generic(
+                        "x-peer-timeout cannot be changed while a migration is connected: \
+                         it bounds a connection as it is made (set it before migrate or \
+                         migrate-incoming, or while a postcopy is paused on the destination)",
+                    ));
+                }
                 if let Some(v) = p.downtime_limit {
                     n.downtime_limit_ms = v;
                 }
@@ -521,13 +540,6 @@ impl Control {
                     }
                 }
                 if let Some(v) = p.x_colo_periodic {
-                    // Chosen when COLO starts (the secondary follows the
-                    // primary): not while one runs.
-                    if v != n.x_colo_periodic && self.mig.active() {
-                        return Err(generic(
-                            "x-colo-periodic cannot be changed while a migration or COLO runs",
-                        ));
-                    }
                     n.x_colo_periodic = v;
                 }
                 if let Some(v) = p.x_colo_secondary_log {
