@@ -65,6 +65,7 @@ pub struct Outgoing {
 
 /// Source side: runs to completion, failure or cancel. Returns the final status.
 pub fn run_outgoing(mut o: Outgoing) -> Status {
+    crate::confine::enter(crate::confine::ThreadKind::Migration);
     // The rounds copy in bulk beside the running guest: no priority over
     // it (postcopy and COLO raise it where the guest waits on this thread).
     crate::sched::normal_priority();
@@ -358,6 +359,7 @@ pub struct Incoming {
 /// migration ([`run_incoming`]). A failed accept fails the migration, with
 /// its reason in `error-desc`. Returns the final status.
 pub fn accept_and_run_incoming(inc: Incoming, listener: Listener) -> Status {
+    crate::confine::enter(crate::confine::ThreadKind::Migration);
     // The bound as set when the source connects (see Shared::peer_timeout).
     let accepted = listener.wait_for_peer(None).and_then(|_| {
         listener.accept(

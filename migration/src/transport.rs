@@ -479,12 +479,9 @@ pub fn connect(
             .map_err(io("cannot use socket", uri))
         }
         Uri::Exec(cmd) => {
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(cmd)
-                .stdin(Stdio::piped())
-                .spawn()
-                .map_err(io("cannot run", uri))?;
+            let mut sh = Command::new("/bin/sh");
+            sh.arg("-c").arg(cmd).stdin(Stdio::piped());
+            let mut child = crate::confine::spawn(sh).map_err(io("cannot run", uri))?;
             let stdin = child
                 .stdin
                 .take()
@@ -863,12 +860,9 @@ impl Kind {
                 .map_err(io("cannot use socket", uri))
             }
             Self::Exec(cmd, uri) => {
-                let mut child = Command::new("/bin/sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .map_err(io("cannot run", uri))?;
+                let mut sh = Command::new("/bin/sh");
+                sh.arg("-c").arg(cmd).stdout(Stdio::piped());
+                let mut child = crate::confine::spawn(sh).map_err(io("cannot run", uri))?;
                 let out = child
                     .stdout
                     .take()

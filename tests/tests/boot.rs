@@ -502,9 +502,11 @@ fn pidfile_removed_after_sigterm() {
 }
 
 /// The seccomp sandbox is on by default: every thread filtered, vCPU
-/// threads by their own allowlist too, `NoNewPrivs` set; a system call no
-/// vCPU thread makes kills the process (SIGSYS) instead of succeeding;
-/// `-sandbox off` installs nothing.
+/// threads and the control thread by their own allowlists too (the
+/// spawner, which starts `exec:` programs, by the process filters only),
+/// `NoNewPrivs` set; a system call no vCPU thread makes, or a program
+/// executed by the control thread, kills the process (SIGSYS) instead of
+/// succeeding; `-sandbox off` installs nothing.
 #[test]
 fn sandbox_filters_every_thread_and_kills_a_forbidden_vcpu_call() {
     use std::os::unix::process::ExitStatusExt;
@@ -524,28 +526,43 @@ fn sandbox_filters_every_thread_and_kills_a_forbidden_vcpu_call() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
-    let mut vcpus = 0;
+    let (mut vcpus, mut control, mut spawner) = (0, 0, 0);
     for t in std::fs::read_dir(format!("/proc/{}/task", vm.pid()))
         .unwrap()
         .flatten()
     {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
         let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
         assert!(st.contains("Seccomp:\t2"), "thread {comm} unfiltered: {st}");
-        if comm.starts_with("vcpu") && comm.trim() != "vcpu-throttle" {
+        if comm.starts_with("vcpu") && comm != "vcpu-throttle" {
             vcpus += 1;
             // The process filters and the vCPU allowlist.
             assert!(st.contains("Seccomp_filters:\t3"), "{comm}: {st}");
+        } else if t.file_name().to_string_lossy() == vm.pid().to_string() {
+            control += 1;
+            // The process filters and the control thread's allowlist.
+            assert!(st.contains("Seccomp_filters:\t3"), "control: {st}");
+        } else if comm == "spawner" {
+            spawner += 1;
+            // The process filters only: what it starts must run.
+            assert!(st.contains("Seccomp_filters:\t2"), "spawner: {st}");
         }
     }
-    assert_eq!(vcpus, 2);
+    assert_eq!((vcpus, control, spawner), (2, 1, 1));
     vm.kill();
 
-    let mut bad = VmmBuilder::new("forbidden")
-        .env("MINIVMM_TEST_VCPU_FORBIDDEN_SYSCALL", "1")
-        .spawn();
-    let st = bad.wait_exit(boot_timeout());
-    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}");
+    for (name, env) in [
+        ("forbidden-vcpu", "MINIVMM_TEST_VCPU_FORBIDDEN_SYSCALL"),
+        (
+            "forbidden-control",
+            "MINIVMM_TEST_CONTROL_FORBIDDEN_SYSCALL",
+        ),
+    ] {
+        let mut bad = VmmBuilder::new(name).env(env, "1").spawn();
+        let st = bad.wait_exit(boot_timeout());
+        assert_eq!(st.signal(), Some(libc::SIGSYS), "{name}: {st:?}");
+    }
 
     let mut off = VmmBuilder::new("unsandboxed")
         .arg("-sandbox")

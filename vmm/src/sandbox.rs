@@ -14,11 +14,23 @@
 //!   fail with that error); `resourcecontrol=deny` makes scheduler and
 //!   NUMA policy calls fail with `EPERM` (minivmm then runs its threads at
 //!   the default priority).
-//! - **vCPU threads**: an allowlist of what a vCPU thread does once it runs
-//!   (KVM ioctls, console writes, futexes, memory for its buffers, the
-//!   throttle's sleeps, signals for kicks); anything else kills the
-//!   process. Installed by each vCPU thread before it first enters the
-//!   guest.
+//! - **Allowlists per thread kind** (anything else kills the process), each
+//!   installed by the thread itself and inherited by the threads it starts:
+//!   - **vCPU threads**, before they first enter the guest: KVM ioctls,
+//!     console writes, futexes, memory for buffers, the throttle's sleeps,
+//!     signals for kicks;
+//!   - **the control thread**, once the VM is built: the monitor, the VM's
+//!     ioctls, sockets, files, threads, and what migration threads need
+//!     (they start from it); no programs;
+//!   - **migration threads** (engine threads and all they start), at their
+//!     start: sockets, files, userfaultfd, dirty logs, threads; no
+//!     programs, no listening sockets of their own;
+//!   - **the postcopy fault thread**: userfaultfd, page requests, log.
+//! - **The spawner thread** starts the programs of `exec:` migrations for
+//!   the migration threads: started before the control thread confines
+//!   itself, it has the process-wide filters only, and so have the
+//!   programs (a program inherits the filters of the thread that starts
+//!   it).
 //!
 //! Installing a filter sets `NoNewPrivs`.
 
@@ -101,6 +113,9 @@ pub enum SandboxError {
     /// The kernel refused it.
     #[error("installing the {0} seccomp filter")]
     Install(&'static str, #[source] seccompiler::Error),
+    /// The thread that starts programs could not start.
+    #[error("starting the spawner thread")]
+    Spawner(#[source] std::io::Error),
 }
 
 /// Always denied: the process is killed.
@@ -242,16 +257,129 @@ const POSTCOPY_FAULT: &[i64] = &[
     libc::SYS_getrandom,
 ];
 
-/// An allowlist: [`THREAD_BASICS`] and `extra`.
-fn allowlist(what: &'static str, extra: &[i64]) -> Result<BpfProgram, SandboxError> {
-    let calls: Vec<i64> = THREAD_BASICS.iter().chain(extra).copied().collect();
-    compile(
-        what,
-        &calls,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-    )
+/// What a migration's threads may do besides [`THREAD_BASICS`] (the
+/// engine threads, their return-path, keepalive, listen, preempt, COLO and
+/// TLS threads): sockets and files (the stream, `file:` migrations),
+/// polling, userfaultfd and KVM's dirty logs (ioctl), starting threads and
+/// setting their priority, signalling and reaping an `exec:` program (it
+/// is started by the spawner), log. No programs, no new listeners of
+/// their own but a postcopy recovery's (bound by the control thread).
+const MIGRATION: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_pread64,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_ioctl,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_ftruncate,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_eventfd2,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_shutdown,
+    libc::SYS_userfaultfd,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_prctl,
+    // A thread started from here installs its own, narrower, filter.
+    libc::SYS_seccomp,
+    libc::SYS_sched_setattr,
+    libc::SYS_sched_getattr,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_getparam,
+    libc::SYS_setpriority,
+    libc::SYS_getpriority,
+    libc::SYS_kill,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_getrandom,
+    libc::SYS_uname,
+    // What the C library and std do on the way (name resolution, a
+    // panic's backtrace and abort, copies between descriptors).
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_rt_sigaction,
+    libc::SYS_fallocate,
+    libc::SYS_copy_file_range,
+    libc::SYS_sendfile,
+    libc::SYS_splice,
+    libc::SYS_set_tid_address,
+    libc::SYS_prlimit64,
+    libc::SYS_membarrier,
+];
+
+/// What the control thread may do besides [`THREAD_BASICS`] once the VM
+/// is built: everything a migration thread may (it starts them, and they
+/// inherit its filter) and the monitor's and the VM's own: epoll, signalfd
+/// and eventfd, listening sockets (QMP clients, `migrate-incoming`,
+/// `migrate-recover`), the console's terminal, KVM's VM and vCPU ioctls,
+/// files (`pmemsave`, credentials, logs), removing its pidfile and socket
+/// files at exit. No programs: `exec:` migrations are started by the
+/// spawner thread.
+const CONTROL: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_signalfd4,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_pipe2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_getdents64,
+    libc::SYS_getcwd,
+];
+
+/// An allowlist: [`THREAD_BASICS`] and each of `extra`. What is not on it
+/// kills the process, or with [`AUDIT_ENV`] set is logged by the kernel
+/// (`type=1326` in its log, with the thread's name and the call's number)
+/// and allowed: how to find what a new code path needs.
+fn allowlist(what: &'static str, extra: &[&[i64]]) -> Result<BpfProgram, SandboxError> {
+    let calls: Vec<i64> = THREAD_BASICS
+        .iter()
+        .chain(extra.iter().flat_map(|e| e.iter()))
+        .copied()
+        .collect();
+    let otherwise = if std::env::var_os(AUDIT_ENV).is_some() {
+        SeccompAction::Log
+    } else {
+        SeccompAction::KillProcess
+    };
+    compile(what, &calls, SeccompAction::Allow, otherwise)
 }
+
+/// Environment variable that turns the allowlists' kill into the kernel's
+/// log (development: see [`allowlist`]).
+pub const AUDIT_ENV: &str = "MINIVMM_SANDBOX_AUDIT";
 
 fn arch() -> seccompiler::TargetArch {
     seccompiler::TargetArch::x86_64
@@ -273,13 +401,62 @@ fn compile(
 
 static VCPU_FILTER: OnceLock<Option<BpfProgram>> = OnceLock::new();
 static FAULT_FILTER: OnceLock<Option<BpfProgram>> = OnceLock::new();
+static MIGRATION_FILTER: OnceLock<Option<BpfProgram>> = OnceLock::new();
+static CONTROL_FILTER: OnceLock<Option<BpfProgram>> = OnceLock::new();
+
+/// A program to start, and where its result goes.
+type SpawnRequest = (
+    std::process::Command,
+    std::sync::mpsc::Sender<std::io::Result<std::process::Child>>,
+);
+
+/// The spawner thread's queue: it starts the programs of `exec:`
+/// migrations under the process-wide filters only (a program inherits
+/// the filters of the thread that starts it, and the control and
+/// migration threads may not execute one).
+static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+
+/// Start the spawner thread (see [`SPAWNER`]).
+fn start_spawner() -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+    std::thread::Builder::new()
+        .name("spawner".into())
+        .spawn(move || {
+            for (mut cmd, reply) in rx {
+                let _ = reply.send(cmd.spawn());
+            }
+        })?;
+    let _ = SPAWNER.set(std::sync::Mutex::new(tx));
+    migration::confine::set_spawner(spawn);
+    Ok(())
+}
+
+/// `cmd` started by the spawner thread.
+fn spawn(cmd: std::process::Command) -> std::io::Result<std::process::Child> {
+    let gone = || std::io::Error::other("the spawner thread is gone");
+    let (tx, rx) = std::sync::mpsc::channel();
+    SPAWNER
+        .get()
+        .ok_or_else(gone)?
+        .lock()
+        .map_err(|_| gone())?
+        .send((cmd, tx))
+        .map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
 
 /// Install the process-wide filters (every thread, now and later) and
 /// prepare the vCPU filter, as `spec` says. Call before any thread starts.
 pub fn install(spec: SandboxSpec) -> Result<(), SandboxError> {
     if !spec.on {
-        let _ = VCPU_FILTER.set(None);
-        let _ = FAULT_FILTER.set(None);
+        for f in [
+            &VCPU_FILTER,
+            &FAULT_FILTER,
+            &MIGRATION_FILTER,
+            &CONTROL_FILTER,
+        ] {
+            let _ = f.set(None);
+        }
         return Ok(());
     }
     let eperm = SeccompAction::Errno(libc::EPERM as u32);
@@ -297,8 +474,10 @@ pub fn install(spec: SandboxSpec) -> Result<(), SandboxError> {
     if spec.deny_resource_control {
         refuse.extend_from_slice(RESOURCE_CONTROL);
     }
-    let _ = VCPU_FILTER.set(Some(allowlist("vCPU", VCPU)?));
-    let _ = FAULT_FILTER.set(Some(allowlist("postcopy fault", POSTCOPY_FAULT)?));
+    let _ = VCPU_FILTER.set(Some(allowlist("vCPU", &[VCPU])?));
+    let _ = FAULT_FILTER.set(Some(allowlist("postcopy fault", &[POSTCOPY_FAULT])?));
+    let _ = MIGRATION_FILTER.set(Some(allowlist("migration", &[MIGRATION])?));
+    let _ = CONTROL_FILTER.set(Some(allowlist("control", &[MIGRATION, CONTROL])?));
     migration::confine::set_hook(confine_thread);
     let kill = compile(
         "process",
@@ -313,8 +492,33 @@ pub fn install(spec: SandboxSpec) -> Result<(), SandboxError> {
         seccompiler::apply_filter_all_threads(&refuse)
             .map_err(|e| SandboxError::Install("process (EPERM)", e))?;
     }
+    // After the process-wide filters, before the control thread's.
+    start_spawner().map_err(SandboxError::Spawner)?;
     Ok(())
 }
+
+/// The control thread, its VM built, before it serves the monitor:
+/// confine it (and so every thread it starts from now on).
+pub fn confine_control() -> Result<(), SandboxError> {
+    if let Some(Some(f)) = CONTROL_FILTER.get() {
+        seccompiler::apply_filter(f).map_err(|e| SandboxError::Install("control", e))?;
+        // Test hook: the control thread may not execute a program.
+        if std::env::var_os(CONTROL_FORBIDDEN_TEST_ENV).is_some() {
+            let prog = c"/bin/true";
+            let argv = [prog.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: a NUL-terminated path and NULL-terminated argument
+            // and environment arrays that outlive the call; under the
+            // filter it does not return.
+            unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        }
+    }
+    Ok(())
+}
+
+/// Environment variable that makes the control thread execute a program
+/// right after its filter is installed (tests).
+pub const CONTROL_FORBIDDEN_TEST_ENV: &str = "MINIVMM_TEST_CONTROL_FORBIDDEN_SYSCALL";
 
 /// A vCPU thread, before it first runs the guest: confine it.
 pub fn confine_vcpu(id: u8) -> Result<(), SandboxError> {
@@ -340,6 +544,7 @@ pub const FORBIDDEN_TEST_ENV: &str = "MINIVMM_TEST_VCPU_FORBIDDEN_SYSCALL";
 fn confine_thread(kind: migration::confine::ThreadKind) {
     use migration::confine::ThreadKind;
     let (what, filter) = match kind {
+        ThreadKind::Migration => ("migration", &MIGRATION_FILTER),
         ThreadKind::PostcopyFault => ("postcopy fault", &FAULT_FILTER),
     };
     if let Some(Some(f)) = filter.get() {
@@ -348,7 +553,8 @@ fn confine_thread(kind: migration::confine::ThreadKind) {
             std::process::abort();
         }
         // Test hook: a system call this thread never makes must kill us.
-        if std::env::var_os(FAULT_FORBIDDEN_TEST_ENV).is_some() {
+        if kind == ThreadKind::PostcopyFault && std::env::var_os(FAULT_FORBIDDEN_TEST_ENV).is_some()
+        {
             // SAFETY: socket() with constant arguments; under the filter it
             // does not return.
             unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };

@@ -499,6 +499,8 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     if ctl.runstate == RunState::Running {
         ctl.vm.resume()?;
     }
+    // From here on the control thread only serves: its allowlist.
+    crate::sandbox::confine_control().map_err(ControlError::Sandbox)?;
     if let Some(d) = daemon {
         d.ready();
     }
