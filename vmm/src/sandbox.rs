@@ -416,8 +416,9 @@ type SpawnRequest = (
 /// migration threads may not execute one).
 static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = OnceLock::new();
 
-/// Start the spawner thread (see [`SPAWNER`]).
-fn start_spawner() -> std::io::Result<()> {
+/// Start the spawner thread (see [`SPAWNER`]); Rust resets the signal
+/// mask of each program it starts.
+fn spawner_thread() -> std::io::Result<()> {
     let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
     std::thread::Builder::new()
         .name("spawner".into())
@@ -492,8 +493,17 @@ pub fn install(spec: SandboxSpec) -> Result<(), SandboxError> {
         seccompiler::apply_filter_all_threads(&refuse)
             .map_err(|e| SandboxError::Install("process (EPERM)", e))?;
     }
-    // After the process-wide filters, before the control thread's.
-    start_spawner().map_err(SandboxError::Spawner)?;
+    Ok(())
+}
+
+/// Start the spawner thread, if the sandbox is on: after the process-wide
+/// filters and the control thread's signal mask (the thread inherits it:
+/// SIGTERM and the like go to the signalfd, never to it), before
+/// [`confine_control`].
+pub fn start_spawner() -> Result<(), SandboxError> {
+    if let Some(Some(_)) = CONTROL_FILTER.get() {
+        spawner_thread().map_err(SandboxError::Spawner)?;
+    }
     Ok(())
 }
 

@@ -244,8 +244,10 @@ impl Daemon {
             .open("/dev/null")
         {
             for fd in 0..3 {
-                // SAFETY: dup2 onto the standard descriptors, which we own.
-                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                // SAFETY: dup3 onto the standard descriptors, which we own
+                // (dup3, not dup2: the control thread's allowlist has only
+                // dup3; /dev/null's descriptor is above 2, so they differ).
+                unsafe { libc::dup3(null.as_raw_fd(), fd, 0) };
             }
         }
     }
@@ -383,6 +385,7 @@ pub fn run(config: Config) -> Result<u8, ControlError> {
     let signals = SignalFd::new().map_err(|e| ControlError::File("signalfd".into(), e))?;
     vcpu::install_kick_handler()
         .map_err(|e| ControlError::File("signal handler".into(), e.into()))?;
+    crate::sandbox::start_spawner().map_err(ControlError::Sandbox)?;
     std::fs::metadata(&config.kernel).map_err(|e| {
         ControlError::File(format!("cannot read kernel {}", config.kernel.display()), e)
     })?;
