@@ -34,6 +34,12 @@ include the checkpoint pauses; not for deterministic lines, which carry no
 time) and in host time (console arrival times of the primary's released
 output; released at checkpoints or when matched, which shifts lines by up
 to one hold time: over the window a small error).
+
+--tls runs the COLO connection over TLS (the checkpoints and the return
+path): see bench/miglib.py (credentials of tools/tls-certs.sh, tls-creds on
+the secondary before the primary connects and on the primary before
+`migrate`; snapshots and the runs without COLO stay plain); rows read
+"VMM + TLS", and the bytes per checkpoint (`ss`) then count TLS records.
 """
 
 import argparse
@@ -46,8 +52,9 @@ import threading
 import time
 
 import miglib
-from miglib import (in_source_ns, mig_uri, Guest, Vm, common_args, fmt, free_port, log, machine_note,
-                    make_snapshot, median, pct, source_and_destination, start_from)
+from miglib import (in_source_ns, mig_uri, Guest, Vm, add_tls_arg, common_args, fmt, free_port, log,
+                    machine_note, make_snapshot, median, pct, source_and_destination, start_from,
+                    tls_credentials, tls_endpoints, tls_label, tls_object, tls_params)
 
 BYTES_RE = re.compile(r"bytes_sent:(\d+)")
 # Timed (`PASS k ms=UPTIME`) and deterministic (`PASS k`) lines.
@@ -178,10 +185,12 @@ class ConsoleVm(Vm):
         return s
 
 
-def restore(g, name, snap, wd, detout=False, settle_s=1.0, timeout=120):
-    """A minivmm restored from `snap`, running (with deterministic PASS
-    lines when `detout`: typed on its console), `settle_s` after that."""
-    vm = ConsoleVm(name, list(g.base) + ["-incoming", g.load_uri(snap)], wd, stdin=True)
+def restore(g, name, snap, wd, detout=False, settle_s=1.0, timeout=120, extra=()):
+    """A minivmm restored from `snap` (`extra`: more options for it),
+    running (with deterministic PASS lines when `detout`: typed on its
+    console), `settle_s` after that."""
+    vm = ConsoleVm(name, list(g.base) + list(extra) + ["-incoming", g.load_uri(snap)], wd,
+                   stdin=True)
     q = vm.qmp
     deadline = time.monotonic() + timeout
     while q.cmd("query-status").get("status") != "running":
@@ -364,19 +373,24 @@ def failover(p, s, sq, interval_ms):
     return out
 
 
-def colo_minivmm(g, snap, wd, window, mode, delay, failover_interval=None):
+def colo_minivmm(g, snap, wd, window, mode, delay, failover_interval=None, tls_dir=None):
     periodic, detout = MODES[mode]
-    p = restore(g, "primary", snap, wd, detout=detout)
+    p = restore(g, "primary", snap, wd, detout=detout, extra=tls_object(tls_dir, "client"))
     s = None
     try:
         port = free_port()
-        s = ConsoleVm("secondary", list(g.base) + ["-incoming", f"tcp:127.0.0.1:{port}"], wd)
+        s = ConsoleVm("secondary", list(g.base) + tls_object(tls_dir, "server")
+                      + ["-incoming", f"tcp:127.0.0.1:{port}"], wd)
         sq, pq = s.qmp, p.qmp
+        if tls_dir:
+            # Before the primary can connect (as source_and_destination does).
+            sq.cmd("migrate-set-parameters", tls_params(tls_dir))
         caps = {"capabilities": [{"capability": "x-colo", "state": True},
                                  {"capability": "events", "state": True}]}
         sq.cmd("migrate-set-capabilities", caps)
         pq.cmd("migrate-set-capabilities", caps)
-        pq.cmd("migrate-set-parameters", {"x-checkpoint-delay": delay, "x-colo-periodic": periodic})
+        pq.cmd("migrate-set-parameters", {"x-checkpoint-delay": delay, "x-colo-periodic": periodic,
+                                          **tls_params(tls_dir)})
         params = pq.cmd("query-migrate-parameters")
         t_mig = time.monotonic()
         pq.cmd("migrate", {"uri": mig_uri(port)})
@@ -390,7 +404,8 @@ def colo_minivmm(g, snap, wd, window, mode, delay, failover_interval=None):
         res["mode"] = mode
         res["delay_ms"] = delay
         res["params"] = {k: params.get(k) for k in ("x-checkpoint-delay", "x-colo-periodic",
-                                                    "x-colo-compare-timeout", "x-peer-timeout")}
+                                                    "x-colo-compare-timeout", "x-peer-timeout")
+                         + (("tls-creds",) if tls_dir else ())}
         if failover_interval:
             res["failover"] = failover(p, s, sq, failover_interval)
         res["logs"] = {"primary": [l for _, l in p.log_lines][-10:],
@@ -402,16 +417,18 @@ def colo_minivmm(g, snap, wd, window, mode, delay, failover_interval=None):
             s.kill()
 
 
-def colo_qemu(g, snap, wd, window, delay):
+def colo_qemu(g, snap, wd, window, delay, tls_dir=None):
     """QEMU: periodic checkpoints to a paused secondary (no colo-compare)."""
-    with source_and_destination(g, snap, wd, ("primary", "secondary"), 1.0) as (p, s, port):
+    with source_and_destination(g, snap, wd, ("primary", "secondary"), 1.0,
+                                **tls_endpoints(tls_dir)) as (p, s, port):
         sq = s.qmp
         pq = p.qmp
         caps = {"capabilities": [{"capability": "x-colo", "state": True},
                                  {"capability": "events", "state": True}]}
         sq.cmd("migrate-set-capabilities", caps)
         pq.cmd("migrate-set-capabilities", caps)
-        pq.cmd("migrate-set-parameters", {"x-checkpoint-delay": delay})
+        pq.cmd("migrate-set-parameters", {"x-checkpoint-delay": delay, **tls_params(tls_dir)})
+        params = pq.cmd("query-migrate-parameters")
         t_mig = time.monotonic()
         pq.cmd("migrate", {"uri": mig_uri(port)})
         r = pq.wait_status(("colo", "failed", "completed"), 180)
@@ -423,6 +440,8 @@ def colo_qemu(g, snap, wd, window, delay):
         res["to_colo_s"] = to_colo
         res["mode"] = "periodic"
         res["delay_ms"] = delay
+        if tls_dir:
+            res["params"] = {"tls-creds": params.get("tls-creds")}
         return res
 
 
@@ -446,7 +465,8 @@ def log_point(kind, rate, mode, dt, window, b, c):
         f" PASS {fmt(c['guest_ms'])} ms guest / {fmt(c['host_ms'])} ms host"
         f" ({c['passes']} lines); COLO up after {c['to_colo_s']:.1f} s;"
         f" end {c['status_end']} {c['errors'] or ''}"
-        f" corrupt {len(b['corrupt']) + len(c['corrupt'])}")
+        + (f" tls-creds={c['params']['tls-creds']!r}" if "tls-creds" in (c.get("params") or {}) else "")
+        + f" corrupt {len(b['corrupt']) + len(c['corrupt'])}")
     for line in (b["corrupt"] + c["corrupt"])[:5]:
         log(f"    {line}")
     f = c.get("failover")
@@ -480,6 +500,7 @@ def main():
                     help="window with a running secondary (fewer checkpoints), s")
     ap.add_argument("--failover-rate", type=int, default=10,
                     help="rate whose points end with a failover (-1: none)")
+    add_tls_arg(ap)
     common_args(ap, vmms="minivmm")
     a = ap.parse_args()
     quiet = machine_note()
@@ -487,6 +508,7 @@ def main():
     rows = []
     modes = a.modes.split(",")
     with tempfile.TemporaryDirectory(prefix="colo-bench-") as wd:
+        tls_dir = tls_credentials(wd, a.tls)
         for kind in a.vmms.split(","):
             for rate in (int(x) for x in a.rates.split(",")):
                 g = Guest(kind, a.minivmm, a.qemu, a.kernel, a.initrd, rate)
@@ -506,9 +528,9 @@ def main():
                     delay = a.running_delay if running else a.delay
                     if kind == "minivmm":
                         fo = b["host_ms"] if rate == a.failover_rate and b["host_ms"] else None
-                        c = colo_minivmm(g, snap, wd, window, mode, delay, fo)
+                        c = colo_minivmm(g, snap, wd, window, mode, delay, fo, tls_dir)
                     else:
-                        c = colo_qemu(g, snap, wd, window, delay)
+                        c = colo_qemu(g, snap, wd, window, delay, tls_dir)
                     log_point(kind, rate, mode, time.monotonic() - t, window, b, c)
                     rows.append((kind, rate, mode, window, b, c))
                 os.unlink(snap)
@@ -516,7 +538,9 @@ def main():
     print()
     print(f"(started {started}; x-checkpoint-delay {a.delay} ms periodic, {a.running_delay} ms with a"
           f" running secondary; x-colo-compare-timeout default; tcp loopback; windows {a.window:.0f} s"
-          f" periodic, {a.running_window:.0f} s running (longer where a PASS takes longer); machine"
+          f" periodic, {a.running_window:.0f} s running (longer where a PASS takes longer);"
+          f"{' COLO over TLS (tls-creds-x509, tools/tls-certs.sh; tls-creds on both sides);' if a.tls else ''}"
+          f" machine"
           f" {'quiet' if quiet else 'NOT quiet, see stderr'})")
     print()
     print("| VMM | mode | guest dirty rate | checkpoints/s: periodic / output differed / compare timeout"
@@ -532,7 +556,7 @@ def main():
                   else f"{c['checkpoints'] / ws:.2f} / – / –")
         hold = (f"{fmt(c.get('hold_p50_ms'), '', 1)} / {fmt(c.get('hold_p99_ms'), ' ms', 1)}"
                 if c.get("hold_p50_ms") is not None else "n/a")
-        print(f"| {kind} | {MODE_LABEL[mode] if kind == 'minivmm' else 'periodic'}"
+        print(f"| {kind}{tls_label(a.tls)} | {MODE_LABEL[mode] if kind == 'minivmm' else 'periodic'}"
               f" ({c['delay_ms']} ms) | {rate} MiB/s"
               f" | {causes}"
               f" | {fmt(c['pause_avg'], ' ms', 1)}"
@@ -562,7 +586,7 @@ def main():
                   f" | {'yes' if f['corrupt'] else 'no'} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"started": started, "quiet": quiet, "binary": a.minivmm,
+            json.dump({"started": started, "quiet": quiet, "binary": a.minivmm, "tls": a.tls,
                        "delay_ms": a.delay, "running_delay_ms": a.running_delay,
                        "points": [{"vmm": k, "rate": r, "mode": m, "window": w, "alone": b, "colo": c}
                                   for k, r, m, w, b, c in rows]},

@@ -32,7 +32,12 @@
 # modes, BENCH_WINDOW / BENCH_RUNNING_WINDOW the seconds measured,
 # BENCH_RUNNING_DELAY the running modes' x-checkpoint-delay,
 # BENCH_FAILOVER_RATE the rate with failovers (-1: none), BENCH_JSON a file
-# for the raw data. Run it on an otherwise idle machine.
+# for the raw data. BENCH_TLS=1 runs the COLO connection over TLS (colo.py
+# --tls, as migrate.sh's BENCH_TLS: credentials of tools/tls-certs.sh in a
+# temp dir, -object tls-creds-x509 on both sides, tls-creds set on the
+# secondary before the primary connects, QEMU's secondary with -incoming
+# defer; shared in bench/miglib.py; rows read "VMM + TLS", bytes per
+# checkpoint then include TLS records). Run it on an otherwise idle machine.
 set -euo pipefail
 
 NAME=colo.sh
@@ -44,4 +49,5 @@ args=(--rates "$RATES" --modes "${BENCH_MODES:-periodic,match,differ}"
       --window "${BENCH_WINDOW:-10}" --running-window "${BENCH_RUNNING_WINDOW:-30}"
       --running-delay "${BENCH_RUNNING_DELAY:-2000}" --failover-rate "${BENCH_FAILOVER_RATE:-10}")
 [ -z "${BENCH_JSON:-}" ] || args+=(--json "$BENCH_JSON")
+[ "${BENCH_TLS:-0}" = 1 ] && args+=(--tls)
 run_py colo.py "${args[@]}"

@@ -511,6 +511,65 @@ def start_from(g, name, snap, workdir, settle_s=2.0, timeout=120, side=None, ext
     return vm
 
 
+# ---------------------------------------------------------------------- TLS
+#
+# Migration over TLS, the same way in every benchmark (--tls): credentials
+# made once per run by tools/tls-certs.sh in the run's temporary directory,
+# `-object tls-creds-x509,id=tls0,dir=...` on every source (endpoint=client)
+# and destination (endpoint=server), tls-creds=tls0 set on the destination
+# before a source can connect (source_and_destination; QEMU: -incoming
+# defer, then migrate-incoming) and on the source right before `migrate`
+# (tls_params; never while saving or restoring over file:/exec:, which
+# refuse it: snapshots stay plain).
+
+TLS_ID = "tls0"
+
+
+def add_tls_arg(ap):
+    ap.add_argument("--tls", action="store_true",
+                    help="migrate over TLS (x509 credentials of tools/tls-certs.sh, tls-creds"
+                         f" {TLS_ID} on both sides; see bench/miglib.py)")
+
+
+def tls_credentials(wd, enabled):
+    """With `enabled`: make the credentials in `wd`/tls and return that
+    directory; else None (no TLS: every helper below then adds nothing)."""
+    if not enabled:
+        return None
+    tls_dir = os.path.join(wd, "tls")
+    certs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "tls-certs.sh")
+    subprocess.run(["sh", certs, tls_dir], check=True, stdout=sys.stderr)
+    log(f"# TLS: credentials in {tls_dir} (tools/tls-certs.sh), tls-creds={TLS_ID}")
+    return tls_dir
+
+
+def tls_object(tls_dir, endpoint):
+    """-object for the credentials in `tls_dir` ("client" on a source,
+    "server" on a destination); None: no options."""
+    if not tls_dir:
+        return []
+    return ["-object", f"tls-creds-x509,id={TLS_ID},dir={tls_dir},endpoint={endpoint}"]
+
+
+def tls_endpoints(tls_dir, dst_extra=(), src_extra=()):
+    """source_and_destination's options: `dst_extra`/`src_extra` plus the
+    credentials, and the destination's tls-creds (None: plain)."""
+    return {"dst_extra": list(dst_extra) + tls_object(tls_dir, "server"),
+            "src_extra": list(src_extra) + tls_object(tls_dir, "client"),
+            "dst_tls_creds": TLS_ID if tls_dir else None}
+
+
+def tls_params(tls_dir):
+    """migrate-set-parameters' part for TLS (both sides): tls-creds, or
+    nothing without TLS."""
+    return {"tls-creds": TLS_ID} if tls_dir else {}
+
+
+def tls_label(tls_dir):
+    """What a table row's VMM name gets appended."""
+    return " + TLS" if tls_dir else ""
+
+
 @contextlib.contextmanager
 def source_and_destination(g, snap, wd, names=("src", "dst"), settle_s=3.0, dst_extra=(),
                            src_extra=(), dst_tls_creds=None):

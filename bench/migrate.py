@@ -42,30 +42,17 @@ also gives the run's page data rate over each of these.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
-from miglib import (mig_uri, MIB, Guest, common_args, fmt, log, machine_note, make_snapshot, median,
-                    source_and_destination, tcp_counters, tcp_delta)
-
-
-TLS_ID = "tls0"
-
-
-def tls_args(tls_dir, endpoint):
-    """-object for the credentials in `tls_dir` (None: no TLS, no options)."""
-    if not tls_dir:
-        return []
-    return ["-object", f"tls-creds-x509,id={TLS_ID},dir={tls_dir},endpoint={endpoint}"]
+from miglib import (mig_uri, MIB, Guest, add_tls_arg, common_args, fmt, log, machine_note,
+                    make_snapshot, median, source_and_destination, tcp_counters, tcp_delta,
+                    tls_credentials, tls_endpoints, tls_label, tls_params)
 
 
 def endpoints(prealloc, tls_dir):
     """source_and_destination's options for a run (and its baselines)."""
-    return {"dst_extra": (["-mem-prealloc"] if prealloc else []) + tls_args(tls_dir, "server"),
-            "src_extra": tls_args(tls_dir, "client"),
-            "dst_tls_creds": TLS_ID if tls_dir else None}
+    return tls_endpoints(tls_dir, dst_extra=["-mem-prealloc"] if prealloc else [])
 
 
 def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False, prealloc=False,
@@ -78,8 +65,7 @@ def one_run(g, snap, wd, downtime_limit, verify, max_bandwidth=0, stopped=False,
         params = {"downtime-limit": downtime_limit}
         if max_bandwidth:
             params["max-bandwidth"] = max_bandwidth
-        if tls_dir:
-            params["tls-creds"] = TLS_ID
+        params.update(tls_params(tls_dir))
         sq.cmd("migrate-set-parameters", params)
         if stopped:
             sq.cmd("stop")
@@ -219,20 +205,13 @@ def main():
                     help="also measure loopback and PAGESTREAM with the VMs up (see above)")
     ap.add_argument("--dst-prealloc", action="store_true",
                     help="start destinations with -mem-prealloc")
-    ap.add_argument("--tls", action="store_true",
-                    help="migrate over TLS (x509 credentials of tools/tls-certs.sh, see above)")
+    add_tls_arg(ap)
     common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
     rows = []
     with tempfile.TemporaryDirectory(prefix="migrate-bench-") as wd:
-        tls_dir = None
-        if a.tls:
-            tls_dir = os.path.join(wd, "tls")
-            certs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools",
-                                 "tls-certs.sh")
-            subprocess.run(["sh", certs, tls_dir], check=True, stdout=sys.stderr)
-            log(f"# TLS: credentials in {tls_dir} (tools/tls-certs.sh), tls-creds={TLS_ID}")
+        tls_dir = tls_credentials(wd, a.tls)
         for name in a.scenarios.split(","):
             label, mem, wl_mem, rate, stopped = SCENARIOS[name]
             for kind in a.vmms.split(","):
@@ -299,7 +278,7 @@ def main():
         def of(key):
             xs = [100.0 * x / r[key] for x, r in zip(rate, timed) if r.get(key)]
             return f" | {fmt(median(xs), ' %')}" + (f" ({min(xs):.0f}-{max(xs):.0f})" if xs else "")
-        print(f"| {kind}{' + TLS' if a.tls else ''} | {label}"
+        print(f"| {kind}{tls_label(a.tls)} | {label}"
               f" | {fmt(median([r['total_ms'] for r in ok]), ' ms')}{rng('total_ms')}"
               f" | {fmt(median([r['downtime_ms'] for r in ok]), ' ms')}{rng('downtime_ms')}"
               f" | {fmt(median([r['setup_ms'] for r in ok]), ' ms')}"

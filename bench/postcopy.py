@@ -9,6 +9,10 @@ the first PASS; per run: restore a source, destination with postcopy-ram
 after SWITCH_TIMEOUT s), then wait for completion on both sides and read
 query-migrate there. The guest must then run two more PASSes on the
 destination with no CORRUPT anywhere.
+
+--tls migrates over TLS (both streams, and the preempt channel): see
+bench/miglib.py (credentials of tools/tls-certs.sh, tls-creds on both
+sides; snapshots stay plain); rows read "VMM ... + TLS".
 """
 
 import argparse
@@ -17,8 +21,9 @@ import os
 import tempfile
 import time
 
-from miglib import (mig_uri, MIB, Guest, QmpError, common_args, fmt, log, machine_note, make_snapshot,
-                    median, source_and_destination, tcp_counters, tcp_delta)
+from miglib import (mig_uri, MIB, Guest, QmpError, add_tls_arg, common_args, fmt, log, machine_note,
+                    make_snapshot, median, source_and_destination, tcp_counters, tcp_delta,
+                    tls_credentials, tls_endpoints, tls_label, tls_params)
 
 SWITCH_PASS = 2
 SWITCH_TIMEOUT = 30.0
@@ -83,7 +88,7 @@ def latency_summary(lat):
             "latency-max-us": lat[-1], "latency-buckets-us": buckets}
 
 
-def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False):
+def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False, tls_dir=None):
     dst_extra = ["-mem-prealloc"] if prealloc else []
     trace = None
     if g.kind == "qemu":
@@ -93,7 +98,7 @@ def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False):
         for ev in QEMU_TRACE:
             dst_extra += ["-trace", ev]
         dst_extra += ["-D", trace, "-msg", "timestamp=on"]
-    with source_and_destination(g, snap, wd, dst_extra=dst_extra) as (src, dst, port):
+    with source_and_destination(g, snap, wd, **tls_endpoints(tls_dir, dst_extra)) as (src, dst, port):
         dq = dst.qmp
         sq = src.qmp
         res = {"notes": []}
@@ -107,7 +112,10 @@ def one_run(g, snap, wd, bandwidth, downtime_limit, preempt, prealloc=False):
             res["notes"].append(f"destination refuses postcopy-blocktime: {e.reply}")
         sq.cmd("migrate-set-capabilities", caps(pc + ["events"]))
         sq.cmd("migrate-set-parameters", {"max-bandwidth": bandwidth,
-                                          "downtime-limit": downtime_limit})
+                                          "downtime-limit": downtime_limit,
+                                          **tls_params(tls_dir)})
+        if tls_dir:
+            res["tls_creds"] = sq.cmd("query-migrate-parameters").get("tls-creds")
         t_mig = time.monotonic()
         tcp0 = tcp_counters()
         sq.cmd("migrate", {"uri": mig_uri(port)})
@@ -183,18 +191,20 @@ def main():
     ap.add_argument("--dst-prealloc", action="store_true",
                     default=os.environ.get("BENCH_DST_PREALLOC") == "1",
                     help="start destinations with -mem-prealloc")
+    add_tls_arg(ap)
     common_args(ap)
     a = ap.parse_args()
     quiet = machine_note()
     rows = []
     with tempfile.TemporaryDirectory(prefix="postcopy-bench-") as wd:
+        a.tls_dir = tls_credentials(wd, a.tls)
         for kind in a.vmms.split(","):
             g = Guest(kind, a.minivmm, a.qemu, a.kernel, a.initrd, 0)
             snap = os.path.join(wd, f"{kind}.snap")
             make_snapshot(g, snap, wd)
             modes = {"off": [False], "on": [True], "both": [False, True]}[a.preempt]
             for preempt in modes:
-                label = f"{kind} + postcopy-preempt" if preempt else kind
+                label = (f"{kind} + postcopy-preempt" if preempt else kind) + tls_label(a.tls)
                 rows.append((label, bench_mode(g, snap, wd, a, preempt, label)))
             os.unlink(snap)
     print_table(rows, a, quiet)
@@ -205,7 +215,7 @@ def bench_mode(g, snap, wd, a, preempt, kind):
     runs = []
     for i in range(a.runs):
         t0 = time.monotonic()
-        r = one_run(g, snap, wd, a.bandwidth, a.downtime_limit, preempt, a.dst_prealloc)
+        r = one_run(g, snap, wd, a.bandwidth, a.downtime_limit, preempt, a.dst_prealloc, a.tls_dir)
         runs.append(r)
         log(f"  {kind} run {i + 1} ({time.monotonic() - t0:.0f} s): {r['status']}/{r['dst_status']}"
             f" switch at pass {r['switched_at_pass']} after {r['precopy_s']:.1f} s"
@@ -214,7 +224,8 @@ def bench_mode(g, snap, wd, a, preempt, kind):
             f" {r['transferred_mib']:.1f} MiB, src postcopy-requests {r['src_requests']},"
             f" max PASS gap {fmt(r.get('max_pass_gap_ms'), ' ms')}"
             f" (normal {fmt(r.get('normal_pass_ms'), ' ms')}), corrupt {len(r['corrupt'])},"
-            f" TCP counters (host-wide) {r['tcp']}")
+            f" TCP counters (host-wide) {r['tcp']}"
+            + (f" tls-creds={r.get('tls_creds')!r}" if a.tls else ""))
         if r.get("qemu_trace") is not None:
             log(f"    from QEMU's trace (fault request to placement): {json.dumps(r['qemu_trace'])}")
         elif kind.startswith("minivmm") or r["faults"] is not None:
@@ -283,10 +294,13 @@ def print_table(rows, a, quiet):
     print(f"\n(median of {a.runs} runs, min-max in brackets, longest PASS gap of every run;"
           f" TCP counters host-wide, summed over the runs; workload.rate=0, max-bandwidth"
           f" {a.bandwidth} B/s, downtime-limit {a.downtime_limit} ms, postcopy started at"
-          f" MIGRATION_PASS {SWITCH_PASS}; machine {'quiet' if quiet else 'NOT quiet, see stderr'})")
+          f" MIGRATION_PASS {SWITCH_PASS}"
+          f"{'; over TLS (tls-creds-x509, tools/tls-certs.sh; tls-creds on both sides)' if a.tls else ''};"
+          f" machine {'quiet' if quiet else 'NOT quiet, see stderr'})")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump([{"vmm": k, "runs": rs} for k, rs in rows], f, indent=1, default=str)
+            json.dump([{"vmm": k, "tls": a.tls, "runs": rs} for k, rs in rows], f, indent=1,
+                      default=str)
 
 
 if __name__ == "__main__":

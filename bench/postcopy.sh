@@ -24,12 +24,18 @@
 # Each VMM runs twice: without and with postcopy-preempt on both sides
 # (requested pages on a second connection); BENCH_PREEMPT=off or on runs
 # one mode only. BENCH_VMMS=minivmm skips QEMU. BENCH_DST_PREALLOC=1 starts
-# destinations with -mem-prealloc. Run it on an otherwise
-# idle machine (~6 minutes).
+# destinations with -mem-prealloc. BENCH_TLS=1 migrates over TLS, the
+# preempt channel included (postcopy.py --tls, as migrate.sh's BENCH_TLS:
+# credentials of tools/tls-certs.sh in a temp dir, -object tls-creds-x509
+# on both sides, tls-creds set on the destination before the source
+# connects, QEMU with -incoming defer; shared in bench/miglib.py; rows read
+# "VMM + TLS"). Run it on an otherwise idle machine (~6 minutes).
 set -euo pipefail
 
 NAME=postcopy.sh
 source "$(dirname "${BASH_SOURCE[0]}")/miglib.sh"
 RUNS=${1:-5}
 
-run_py postcopy.py --runs "$RUNS"
+OPTS=()
+[ "${BENCH_TLS:-0}" = 1 ] && OPTS+=(--tls)
+run_py postcopy.py --runs "$RUNS" "${OPTS[@]}"

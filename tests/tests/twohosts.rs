@@ -676,3 +676,17 @@ fn colo_checkpoints_secondary_killed() {
         false,
     );
 }
+
+#[test]
+fn colo_checkpoints_primary_frozen() {
+    colo_fault(
+        "colo_checkpoints_primary_frozen",
+        Fault::FreezeSource,
+        false,
+    );
+}
+
+#[test]
+fn colo_checkpoints_primary_killed() {
+    colo_fault("colo_checkpoints_primary_killed", Fault::KillSource, false);
+}

@@ -302,6 +302,9 @@ const MIGRATION: &[i64] = &[
     libc::SYS_sendmmsg,
     libc::SYS_shutdown,
     libc::SYS_userfaultfd,
+    // Postcopy drops pages with process_madvise on its own pidfd.
+    libc::SYS_pidfd_open,
+    libc::SYS_process_madvise,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_prctl,
