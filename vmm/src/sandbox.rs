@@ -273,6 +273,9 @@ const MIGRATION: &[i64] = &[
     libc::SYS_pwrite64,
     libc::SYS_lseek,
     libc::SYS_openat,
+    // A unix listener's socket file goes with the listener.
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
@@ -344,8 +347,8 @@ const MIGRATION: &[i64] = &[
 /// inherit its filter) and the monitor's and the VM's own: epoll, signalfd
 /// and eventfd, listening sockets (QMP clients, `migrate-incoming`,
 /// `migrate-recover`), the console's terminal, KVM's VM and vCPU ioctls,
-/// files (`pmemsave`, credentials, logs), removing its pidfile and socket
-/// files at exit. No programs: `exec:` migrations are started by the
+/// files (`pmemsave`, credentials, logs), removing its pidfile at exit.
+/// No programs: `exec:` migrations are started by the
 /// spawner thread.
 const CONTROL: &[i64] = &[
     libc::SYS_epoll_create1,
@@ -356,8 +359,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_bind,
     libc::SYS_listen,
     libc::SYS_pipe2,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
     libc::SYS_getdents64,
     libc::SYS_getcwd,
 ];
