@@ -25,7 +25,7 @@ fi
 
 echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)," \
      "kvm: $(ls -d /sys/module/kvm_pvm >/dev/null 2>&1 && echo kvm_pvm || echo kvm)" >&2
-echo "# $("$BIN" --version) ($(stat -c %y "$BIN" | cut -d. -f1)), $("$QEMU" --version 2>/dev/null | head -n1 || echo 'no QEMU')" >&2
+echo "# $("$BIN" --version | head -n1) ($(stat -c %y "$BIN" | cut -d. -f1)), $("$QEMU" --version 2>/dev/null | head -n1 || echo 'no QEMU')" >&2
 
 # Run bench/SCRIPT with ARGS and the common options; returns its status.
 # The helper kills its VMs on exit and they die with it (PDEATHSIG); the
