@@ -303,22 +303,27 @@ fn take<T: for<'de> Deserialize<'de>>(
             name: name.into(),
             instance,
         })?;
-    let b = blobs.swap_remove(i);
+    decode(&blobs.swap_remove(i))
+}
+
+/// One blob's state: of this version, decoded whole.
+fn decode<T: for<'de> Deserialize<'de>>(b: &DeviceBlob) -> Result<T, DeviceStateError> {
+    let (name, instance) = (b.name.clone(), b.instance);
     if b.version != DEVICE_VERSION {
         return Err(DeviceStateError::Version {
-            name: name.into(),
+            name,
             version: b.version,
         });
     }
     match postcard::take_from_bytes(&b.data) {
         Ok((v, [])) => Ok(v),
         Ok((_, rest)) => Err(DeviceStateError::Trailing {
-            name: name.into(),
+            name,
             instance,
             extra: rest.len(),
         }),
         Err(source) => Err(DeviceStateError::Corrupt {
-            name: name.into(),
+            name,
             instance,
             source,
         }),
@@ -332,10 +337,10 @@ fn take<T: for<'de> Deserialize<'de>>(
 pub fn pages_written_on_load(blobs: &[DeviceBlob], vcpus: u8) -> Vec<u64> {
     let mut pages = Vec::new();
     for b in blobs {
-        if b.name != "cpu" || b.instance >= u32::from(vcpus) || b.version != DEVICE_VERSION {
+        if b.name != "cpu" || b.instance >= u32::from(vcpus) {
             continue;
         }
-        if let Ok((st, [])) = postcard::take_from_bytes::<crate::cpu::VcpuState>(&b.data) {
+        if let Ok(st) = decode::<crate::cpu::VcpuState>(b) {
             pages.extend(crate::cpu::pages_written_on_restore(&st.msrs));
         }
     }

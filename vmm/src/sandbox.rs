@@ -418,7 +418,7 @@ type SpawnRequest = (
 /// migrations under the process-wide filters only (a program inherits
 /// the filters of the thread that starts it, and the control and
 /// migration threads may not execute one).
-static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+static SPAWNER: OnceLock<std::sync::mpsc::Sender<SpawnRequest>> = OnceLock::new();
 
 /// Start the spawner thread (see [`SPAWNER`]); Rust resets the signal
 /// mask of each program it starts.
@@ -431,7 +431,7 @@ fn spawner_thread() -> std::io::Result<()> {
                 let _ = reply.send(cmd.spawn());
             }
         })?;
-    let _ = SPAWNER.set(std::sync::Mutex::new(tx));
+    let _ = SPAWNER.set(tx);
     migration::confine::set_spawner(spawn);
     Ok(())
 }
@@ -443,8 +443,6 @@ fn spawn(cmd: std::process::Command) -> std::io::Result<std::process::Child> {
     SPAWNER
         .get()
         .ok_or_else(gone)?
-        .lock()
-        .map_err(|_| gone())?
         .send((cmd, tx))
         .map_err(|_| gone())?;
     rx.recv().map_err(|_| gone())?

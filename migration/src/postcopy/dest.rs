@@ -227,7 +227,7 @@ impl DestPostcopy {
     /// there already. For what must not wait on a page itself
     /// ([`crate::postcopy::switch`], before the devices load).
     pub(super) fn fetch(
-        self: &Arc<Self>,
+        &self,
         gpas: &[u64],
     ) -> Result<Option<std::thread::JoinHandle<()>>, PostcopyError> {
         let mut missing: Vec<usize> = gpas
@@ -241,7 +241,6 @@ impl DestPostcopy {
         }
         missing.sort_unstable();
         missing.dedup();
-        let post = self.clone();
         std::thread::Builder::new()
             .name("postcopy-fetch".into())
             .spawn(move || {
@@ -253,7 +252,6 @@ impl DestPostcopy {
                     // with userfaultfd placing the page.
                     unsafe { std::ptr::read_volatile(a as *const u8) };
                 }
-                drop(post);
             })
             .map(Some)
             .map_err(|e| PostcopyError::Protocol(format!("cannot start the fetch thread: {e}")))
